@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine (no GPU, no Hub access):
+#   make repro   build .venv if needed, then run the whole DVC pipeline (embedded default)
+#   make test    build .venv if needed, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install repro test bench ui clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+repro: $(STAMP)
+	@git rev-parse HEAD >/dev/null 2>&1 || { echo "error: dvc needs a git repo with one commit"; exit 1; }
+	dvc repro
+
+test: $(STAMP)
+	python -m pytest -q
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do python $$b || exit 1; done
+
+ui: $(STAMP)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+clean:
+	rm -rf data models checkpoints reports/metrics.json reports/plots reports/samples

@@ -1,0 +1,1 @@
+"""FashionGen data: the HDF5 reader, the synthetic writer, extraction and the product split."""

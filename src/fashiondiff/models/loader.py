@@ -1,0 +1,81 @@
+"""The one loader of base (and tuned) models: a local diffusers folder or a Hub id.
+
+Everything downstream (embed, train, evaluate, generate) loads through here, so the
+embedded tiny model exercises exactly the code path of the real Kandinsky 2.1::
+
+    prior = load_prior("models/base/prior")                         # tiny, embedded
+    prior = load_prior("kandinsky-community/kandinsky-2-1-prior")   # real, from the HF cache
+
+Stages never download: a Hub id must already be in the local Hugging Face cache
+(or be a folder). Otherwise the error says how to fetch it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fashiondiff.errors import PipelineError
+
+REAL_PRIOR = "kandinsky-community/kandinsky-2-1-prior"
+REAL_DECODER = "kandinsky-community/kandinsky-2-1"
+
+
+def resolve(name: str, key: str) -> str:
+    """A local folder for ``name`` (a folder, or a Hub id in the local cache).
+
+    ``key`` is the params key that named it, for the error message.
+    """
+    if not name:
+        raise PipelineError(f"params: {key} is empty: give a model folder or a Hub id")
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise PipelineError(f"{path}: not a diffusers pipeline folder (no model_index.json) ({key})")
+        return str(path)
+    if path.exists() or name.startswith((".", "/")) or name.count("/") != 1:
+        raise PipelineError(f"{name}: no such model folder ({key})")
+    # A Hub id: look in the local cache only. Offline mode avoids 25 s of retries.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        folder = f"models/{name.split('/')[-1]}"
+        raise PipelineError(
+            f"{name}: weights not on this machine ({key}); on a connected machine run "
+            f"`hf download {name} --local-dir {folder}` and set {key}: {folder}"
+        ) from None
+
+
+def load_prior(name: str, key: str = "model.prior", torch_dtype=None):
+    """``KandinskyPriorPipeline`` from a folder or a cached Hub id."""
+    from diffusers import KandinskyPriorPipeline
+
+    return _load(KandinskyPriorPipeline, name, key, torch_dtype)
+
+
+def load_decoder(name: str, key: str = "model.decoder", torch_dtype=None, img2img: bool = False):
+    """``KandinskyPipeline`` (or ``KandinskyImg2ImgPipeline``) from a folder or a cached Hub id."""
+    from diffusers import KandinskyImg2ImgPipeline, KandinskyPipeline
+
+    cls = KandinskyImg2ImgPipeline if img2img else KandinskyPipeline
+    return _load(cls, name, key, torch_dtype)
+
+
+def _load(cls, name: str, key: str, torch_dtype):
+    folder = resolve(name, key)
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    try:
+        pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{folder}: cannot load {cls.__name__} ({key}): {_first_line(exc)}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
