@@ -25,9 +25,14 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
-class DataParams:
+class DataFiles:
     train: str = "data/synthetic/fashiongen_train.h5"
     validation: str = "data/synthetic/fashiongen_validation.h5"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    files: DataFiles = field(default_factory=DataFiles)
     caption: str = "{name}"
     chunk_size: int = 256
     workers: int = 2
@@ -70,7 +75,7 @@ class TrainParams:
     checkpoint_every: int = 200
     checkpoints_keep: int = 2
     log_every: int = 10
-    num_workers: int = 0
+    launcher: str = "python"
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,10 @@ class Params:
                "must be no, fp16 or bf16")
         _check(self.train.lr_schedule in ("constant_with_warmup", "cosine", "linear"),
                "train.lr_schedule", "must be constant_with_warmup, cosine or linear")
+        accum = self.train.gradient_accumulation_steps
+        _check(accum >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+        _check(self.train.checkpoint_every % accum == 0, "train.checkpoint_every",
+               "must be a multiple of train.gradient_accumulation_steps (resume lands on a sync step)")
         for key in ("prior.text_dropout", "decoder.text_dropout", "decoder.image_dropout"):
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)

@@ -50,24 +50,29 @@ def resolve(name: str, key: str) -> str:
         ) from None
 
 
-def load_prior(name: str, key: str = "model.prior", torch_dtype=None):
-    """``KandinskyPriorPipeline`` from a folder or a cached Hub id."""
+def load_prior(name: str, key: str = "model.prior", torch_dtype=None, **components):
+    """``KandinskyPriorPipeline`` from a folder or a cached Hub id.
+
+    ``components`` replace (or, given as None, skip loading) pipeline parts.
+    """
     from diffusers import KandinskyPriorPipeline
 
-    return _load(KandinskyPriorPipeline, name, key, torch_dtype)
+    return _load(KandinskyPriorPipeline, name, key, torch_dtype, components)
 
 
-def load_decoder(name: str, key: str = "model.decoder", torch_dtype=None, img2img: bool = False):
+def load_decoder(name: str, key: str = "model.decoder", torch_dtype=None, img2img: bool = False, **components):
     """``KandinskyPipeline`` (or ``KandinskyImg2ImgPipeline``) from a folder or a cached Hub id."""
     from diffusers import KandinskyImg2ImgPipeline, KandinskyPipeline
 
     cls = KandinskyImg2ImgPipeline if img2img else KandinskyPipeline
-    return _load(cls, name, key, torch_dtype)
+    return _load(cls, name, key, torch_dtype, components)
 
 
-def _load(cls, name: str, key: str, torch_dtype):
+def _load(cls, name: str, key: str, torch_dtype, components: dict):
     folder = resolve(name, key)
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = dict(components)
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
     try:
         pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:

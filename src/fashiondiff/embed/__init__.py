@@ -1,0 +1,1 @@
+"""The embedding cache: frozen encoders run once, training reads arrays."""

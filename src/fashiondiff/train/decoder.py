@@ -1,0 +1,60 @@
+"""The decoder's objective: 2.1's U-Net denoising MoVQ latents.
+
+The U-Net sees noised latents, the MultilingualCLIP hidden states as
+``encoder_hidden_states`` and ``added_cond_kwargs={"text_embeds": pooled,
+"image_embeds": clip_image_embeds}``, and is trained on the epsilon loss of its first
+four output channels. The other four are 2.1's learned-variance channels: the
+DDIM sampler of kandinsky-2-1 discards them (``noise_pred.split(...)``), so they
+are left out of the loss and keep their base weights' behaviour.
+
+Condition dropout follows 2.1's training: the caption becomes the empty caption
+with probability ``text_dropout``, the image embedding becomes the blank-image
+embedding (the pipeline's negative image embedding) with probability
+``image_dropout``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fashiondiff.embed.cache import Cache
+from fashiondiff.train.prior import _tensor, drop
+
+
+class DecoderTask:
+    name = "decoder"
+
+    def __init__(self, unet, scheduler, cache: Cache, text_dropout: float, image_dropout: float):
+        self.model = unet
+        self.scheduler = scheduler
+        self.cache = cache
+        self.text_dropout, self.image_dropout = text_dropout, image_dropout
+        self.uncond = {k: torch.from_numpy(cache.uncond[k]).float()
+                       for k in ("mclip_hidden", "mclip_embeds", "image_embeds")}
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def batch(self, index: np.ndarray, device) -> dict[str, torch.Tensor]:
+        a = self.cache.arrays
+        return {k: _tensor(a[k][index], device)
+                for k in ("latents", "mclip_hidden", "mclip_embeds", "image_embeds")}
+
+    def loss(self, model, batch, generator) -> torch.Tensor:
+        latents = batch["latents"]
+        device, b = latents.device, latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
+                          device=device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        no_text = torch.rand(b, generator=generator, device=device) < self.text_dropout
+        no_image = torch.rand(b, generator=generator, device=device) < self.image_dropout
+        u = {k: v.to(device) for k, v in self.uncond.items()}
+        hidden = drop(batch["mclip_hidden"], u["mclip_hidden"], no_text)
+        pooled = drop(batch["mclip_embeds"], u["mclip_embeds"], no_text)
+        image = drop(batch["image_embeds"], u["image_embeds"], no_image)
+        out = model(noisy, t, encoder_hidden_states=hidden,
+                    added_cond_kwargs={"text_embeds": pooled, "image_embeds": image}).sample
+        return F.mse_loss(out[:, : latents.shape[1]].float(), noise)

@@ -1,0 +1,68 @@
+"""The prior's objective, as Kandinsky 2.1 trained it.
+
+The PriorTransformer predicts the clean CLIP image embedding (``prediction_type
+="sample"``), normalised with the prior's own ``clip_mean``/``clip_std``, from its
+noised version, conditioned on the CLIP text embedding and hidden states (with
+mask). Captions are swapped for the empty caption with probability
+``text_dropout`` so that classifier-free guidance still works after tuning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fashiondiff.embed.cache import Cache
+
+
+def _tensor(array: np.ndarray, device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+
+
+def drop(cond: torch.Tensor, uncond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows of ``cond`` where ``mask`` is True become ``uncond`` (broadcast over the batch)."""
+    shape = (-1,) + (1,) * (cond.dim() - 1)
+    return torch.where(mask.view(shape), uncond.to(cond.dtype).expand_as(cond), cond)
+
+
+class PriorTask:
+    name = "prior"
+
+    def __init__(self, prior, scheduler, cache: Cache, text_dropout: float):
+        self.model = prior
+        self.scheduler = scheduler
+        self.cache = cache
+        self.text_dropout = text_dropout
+        # clip_mean/clip_std are Parameters of the prior, but statistics, not weights.
+        prior.clip_mean.requires_grad_(False)
+        prior.clip_std.requires_grad_(False)
+        self.uncond = {k: torch.from_numpy(cache.uncond[k]).float()
+                       for k in ("text_embeds", "text_hidden", "text_mask")}
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def batch(self, index: np.ndarray, device) -> dict[str, torch.Tensor]:
+        a = self.cache.arrays
+        return {k: _tensor(a[k][index], device)
+                for k in ("image_embeds", "text_embeds", "text_hidden", "text_mask")}
+
+    def loss(self, model, batch, generator) -> torch.Tensor:
+        prior = getattr(model, "module", model)
+        device = batch["image_embeds"].device
+        b = batch["image_embeds"].shape[0]
+        target = (batch["image_embeds"] - prior.clip_mean) / prior.clip_std
+        noise = torch.randn(target.shape, generator=generator, device=device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
+                          device=device)
+        noisy = self.scheduler.add_noise(target, noise, t)
+        dropped = torch.rand(b, generator=generator, device=device) < self.text_dropout
+        u = {k: v.to(device) for k, v in self.uncond.items()}
+        text_embeds = drop(batch["text_embeds"], u["text_embeds"], dropped)
+        hidden = drop(batch["text_hidden"], u["text_hidden"], dropped)
+        mask = drop(batch["text_mask"].float(), u["text_mask"].float(), dropped).bool()
+        pred = model(noisy, timestep=t, proj_embedding=text_embeds, encoder_hidden_states=hidden,
+                     attention_mask=mask).predicted_image_embedding
+        return F.mse_loss(pred.float(), target)

@@ -1,0 +1,160 @@
+"""What both training stages do around the loop: load, train, save, report.
+
+Usage (from a stage)::
+
+    run_training("prior", params, cache_dir=..., val_cache_dir=..., out_dir="models/prior",
+                 checkpoint_dir="checkpoints/prior", metrics_path=..., plot_path=..., tracker=t)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fashiondiff.config import Params
+from fashiondiff.embed.cache import cache_identity, open_cache
+from fashiondiff.errors import PipelineError
+from fashiondiff.io import atomic_dir, atomic_file, write_json
+from fashiondiff.train.loop import LoopConfig, TrainResult, step_generator, train
+
+KINDS = ("prior", "decoder")
+
+
+def loop_config(params: Params) -> LoopConfig:
+    t = params.train
+    return LoopConfig(
+        epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, seed=params.seed,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
+        warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, mixed_precision=t.mixed_precision,
+        ema_decay=t.ema_decay, checkpoint_every=t.checkpoint_every,
+        checkpoints_keep=t.checkpoints_keep, log_every=t.log_every,
+    )
+
+
+def set_trainable(module: torch.nn.Module, spec: str, key: str) -> int:
+    """``all``, or a comma-separated list of parameter-name prefixes; returns the count trained."""
+    if spec.strip() == "all":
+        module.requires_grad_(True)
+    else:
+        prefixes = tuple(p.strip() for p in spec.split(",") if p.strip())
+        module.requires_grad_(False)
+        for name, param in module.named_parameters():
+            if name.startswith(prefixes):
+                param.requires_grad_(True)
+    count = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if count == 0:
+        raise PipelineError(f"params: {key}={spec!r} matches no parameter of the model")
+    return count
+
+
+def make_task(kind: str, params: Params, cache):
+    """The base pipeline and the task that trains its prior or U-Net."""
+    from fashiondiff.models.loader import load_decoder, load_prior
+
+    if kind == "prior":
+        from fashiondiff.train.prior import PriorTask
+
+        pipe = load_prior(params.model.prior)
+        set_trainable(pipe.prior, params.prior.trainable, "prior.trainable")
+        return pipe, PriorTask(pipe.prior, pipe.scheduler, cache, params.prior.text_dropout)
+    from fashiondiff.train.decoder import DecoderTask
+
+    pipe = load_decoder(params.model.decoder)
+    set_trainable(pipe.unet, params.decoder.trainable, "decoder.trainable")
+    if params.decoder.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    task = DecoderTask(pipe.unet, pipe.scheduler, cache, params.decoder.text_dropout,
+                       params.decoder.image_dropout)
+    return pipe, task
+
+
+def _identity(params: Params) -> dict:
+    return cache_identity(params.model.prior, params.model.decoder, params.clip_image_size,
+                          params.model.resolution, params.embed.dtype)
+
+
+def fingerprint(kind: str, params: Params, cache_meta: dict) -> str:
+    """What a checkpoint must share with this run to be resumed."""
+    section = params.prior if kind == "prior" else params.decoder
+    blob = json.dumps({
+        "kind": kind, "loop": dataclasses.asdict(loop_config(params)),
+        "section": dataclasses.asdict(section), "cache": cache_meta["fingerprint"],
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@torch.no_grad()
+def validation_loss(task, val_cache, seed: int, batch_size: int) -> float:
+    """The task's loss on a held-out cache, with fixed noise: comparable across runs."""
+    train_cache = task.cache
+    task.cache = val_cache
+    model = task.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for i, lo in enumerate(range(0, len(val_cache), batch_size)):
+            index = np.arange(lo, min(lo + batch_size, len(val_cache)))
+            g = step_generator(seed, i, -1 % 2**31, device)
+            loss = task.loss(model, task.batch(index, device), g)
+            total, count = total + loss.item() * len(index), count + len(index)
+    finally:
+        task.cache = train_cache
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def run_training(kind: str, params: Params, cache_dir: str, val_cache_dir: str | None, out_dir: str,
+                 checkpoint_dir: str, metrics_path: str, plot_path: str, tracker) -> dict | None:
+    if kind not in KINDS:
+        raise PipelineError(f"unknown model kind {kind!r} (prior or decoder)")
+    torch.manual_seed(params.seed)
+    cache = open_cache(cache_dir, expect=_identity(params))
+    pipe, task = make_task(kind, params, cache)
+    result = train(task, loop_config(params), checkpoint_dir, fingerprint(kind, params, cache.meta),
+                   log=tracker.log_metrics)
+    if not result.is_main:
+        return None
+    summary = {
+        "loss_first_epoch": result.epoch_losses[0],
+        "loss_last_epoch": result.epoch_losses[-1],
+        "steps": result.steps,
+        "epochs": params.epochs,
+        "train_items": len(cache),
+    }
+    if val_cache_dir:
+        val = open_cache(val_cache_dir, expect=_identity(params))
+        summary["val_loss"] = validation_loss(task, val, params.seed, params.batch_size)
+    save_pipeline(pipe, out_dir, params, summary)
+    write_json(metrics_path, summary)
+    write_plot(plot_path, result)
+    tracker.log_summary({f"{kind}.{k}": float(v) for k, v in summary.items()})
+    tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share})
+    print(f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
+          f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
+          f"data {100 * result.data_share:.1f}% of step time")
+    return summary
+
+
+def save_pipeline(pipe, out_dir: str, params: Params, summary: dict) -> None:
+    """The whole tuned pipeline (tuned part + base parts), safetensors, with its resolved config."""
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_json(Path(tmp) / "fashiondiff_config.json", {"params": params.flat(), "train": summary})
+
+
+def write_plot(path: str, result: TrainResult) -> None:
+    """Loss curve as CSV (step, epoch, loss, lr) for `dvc plots`."""
+    with atomic_file(path) as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "epoch", "loss", "lr"])
+        writer.writeheader()
+        for point in result.history:
+            writer.writerow({k: point[k] for k in ("step", "epoch", "loss", "lr")})

@@ -1,0 +1,35 @@
+"""Entry point shared by the two training stages (paths come from dvc.yaml)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from fashiondiff.config import load_params
+from fashiondiff.errors import cli
+
+
+def parse_args(kind: str, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"train_{kind}",
+                                     description=f"fine-tune Kandinsky 2.1's {kind} on the embedding cache")
+    parser.add_argument("--cache", required=True, help="training embedding cache (from embed)")
+    parser.add_argument("--val-cache", default=None, help="held-out cache, for the validation loss")
+    parser.add_argument("--out", required=True, help="output pipeline folder")
+    parser.add_argument("--checkpoints", required=True, help="persistent checkpoint folder")
+    parser.add_argument("--metrics", required=True, help="JSON of final losses (DVC metrics)")
+    parser.add_argument("--plot", required=True, help="CSV of the loss curve (DVC plots)")
+    return parser.parse_args(argv)
+
+
+@cli
+def main(kind: str, argv: list[str]) -> None:
+    from fashiondiff.tracking import stage_run
+    from fashiondiff.train.run import run_training
+
+    args = parse_args(kind, argv)
+    params = load_params()
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: rank 0 alone tracks
+        os.environ["FASHIONDIFF_TRACKING"] = "off"
+    with stage_run(f"train_{kind}", params) as tracker:
+        run_training(kind, params, args.cache, args.val_cache, args.out, args.checkpoints,
+                     args.metrics, args.plot, tracker)

@@ -1,0 +1,13 @@
+"""DVC stage `train_decoder`: fine-tune Kandinsky 2.1's decoder on the embedding cache.
+
+Usage: python stages/train_decoder.py --cache DIR [--val-cache DIR] --out DIR --checkpoints DIR \
+           --metrics FILE --plot FILE
+Runs as is, or under `accelerate launch` for several processes or GPUs.
+"""
+
+import sys
+
+from fashiondiff.train.stage import main
+
+if __name__ == "__main__":
+    main("decoder", sys.argv[1:])

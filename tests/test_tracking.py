@@ -1,0 +1,289 @@
+"""fashiondiff.tracking against real MLflow (sqlite, and a real ``mlflow server``); no mocks.
+
+Stages run as separate Python processes, as under ``dvc repro``.
+Run: PYTHONPATH=src python -m pytest tests/test_tracking.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fashiondiff.config import Params
+from fashiondiff.errors import PipelineError
+from fashiondiff import tracking
+from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run
+
+# mlflow's own SQLAlchemy models trigger this; nothing of ours.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+EXPERIMENT = Params().mlflow.experiment
+
+# One "stage": a few step metrics, stage params, a summary and a small artefact.
+STAGE = textwrap.dedent("""
+    import dataclasses, sys
+    from pathlib import Path
+    from fashiondiff.config import Params
+    from fashiondiff.tracking import stage_run
+
+    stage, uri, lr = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    params = dataclasses.replace(Params(), lr=lr)
+    note = Path(f"{stage}.txt")
+    note.write_text(stage)
+    with stage_run(stage, params, tracking_uri=uri) as tracker:
+        tracker.log_params({"stage_extra": stage})
+        for step in (0, 10, 20):
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        tracker.log_summary({"loss": 0.25, "steps": 20})
+        tracker.log_artifact(note, "notes")
+""")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k != tracking.ENV_SWITCH}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH", "")]))
+    return {**env, **extra}
+
+
+def _run_stages(workdir: Path, uri: str, stages=("prepare", "train"), lr: float = 0.0005) -> None:
+    script = workdir / "stage.py"
+    script.write_text(STAGE)
+    for stage in stages:
+        out = subprocess.run([sys.executable, str(script), stage, uri, str(lr)], cwd=workdir,
+                             env=_clean_env(), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == ""  # nothing from mlflow on stdout
+        assert out.stderr.count("mlflow:") == 1, out.stderr  # one line, on stderr
+
+
+@pytest.fixture
+def local_stage(tmp_path, monkeypatch):
+    """In-process stages in a fresh cwd, outside any git repo or DVC run."""
+    for key in list(os.environ):
+        if key.startswith("DVC_"):
+            monkeypatch.delenv(key)
+    monkeypatch.delenv(tracking.ENV_SWITCH, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _client(db: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    return client, client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def _search(client, exp_id: str, flt: str, deleted: bool = False):
+    from mlflow.entities import ViewType
+
+    view = ViewType.ALL if deleted else ViewType.ACTIVE_ONLY
+    return client.search_runs([exp_id], filter_string=flt, run_view_type=view)
+
+
+PARENTS = "tags.`fashiondiff.role` = 'pipeline'"
+
+
+def _children(parent_id: str) -> str:
+    return f"tags.`mlflow.parentRunId` = '{parent_id}'"
+
+
+# -- sqlite --------------------------------------------------------------------------------
+
+
+def test_two_stage_processes_share_one_parent(local_stage):
+    tmp_path = local_stage
+    _run_stages(tmp_path, "sqlite:///mlflow.db")  # relative: resolved against the stage's cwd
+    client, exp_id = _client(tmp_path / "mlflow.db")
+
+    [parent] = _search(client, exp_id, PARENTS)
+    flat = Params().flat()
+    assert parent.data.params == {k: str(v) for k, v in flat.items()}  # > 60 params, all of them
+    assert parent.data.params["lr"] == "0.0005" and parent.data.params["data.caption"] == "{name}"
+    assert parent.data.tags["dvc.exp_name"] == "local"
+    assert parent.data.tags["mlflow.source.git.commit"] == "unknown"  # tmp_path is no git repo
+    assert parent.data.metrics == {"prepare.loss": 0.25, "prepare.steps": 20,
+                                   "train.loss": 0.25, "train.steps": 20}
+    assert parent.info.status == "FINISHED"
+
+    children = _search(client, exp_id, _children(parent.info.run_id))
+    assert sorted(c.info.run_name for c in children) == ["prepare", "train"]
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert [(m.step, m.value) for m in history] == [(0, 1.0), (10, 1 / 11), (20, 1 / 21), (20, 0.25)]
+        assert child.data.metrics["loss"] == 0.25  # the summary is the latest value
+        assert child.data.params == {"stage_extra": child.info.run_name}
+        assert child.info.status == "FINISHED"
+        art = tmp_path / "mlartifacts" / child.info.run_id / "artifacts" / "notes"
+        assert (art / f"{child.info.run_name}.txt").read_text() == child.info.run_name
+
+    with stage_run("train", dataclasses.replace(Params(), lr=0.001)):  # in-process: same cwd
+        pass
+    parents = _search(client, exp_id, PARENTS)
+    assert sorted(p.data.params["lr"] for p in parents) == ["0.0005", "0.001"]
+
+
+def test_rerun_supersedes_old_child_and_failure_is_recorded(local_stage):
+    params = Params()
+    for _ in range(2):  # dvc repro --force: the same stage again under the same key
+        with stage_run("train", params) as tracker:
+            tracker.log_metrics({"loss": 1.0}, step=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with stage_run("evaluate", params) as tracker:
+            raise RuntimeError("boom")
+
+    client, exp_id = _client(local_stage / "mlflow.db")
+    [parent] = _search(client, exp_id, PARENTS)
+    assert parent.info.run_id == tracker.parent_run_id
+    assert parent.info.status == "FAILED"  # follows the last stage
+    live = {c.info.run_name: c for c in _search(client, exp_id, _children(parent.info.run_id))}
+    assert sorted(live) == ["evaluate", "train"]
+    assert live["evaluate"].info.status == "FAILED"
+    every = _search(client, exp_id, _children(parent.info.run_id), deleted=True)
+    [old] = [c for c in every if c.info.lifecycle_stage == "deleted"]
+    assert old.data.tags["fashiondiff.superseded_by"] == live["train"].info.run_id
+
+
+def test_many_and_long_params_are_batched(local_stage):
+    extras = {f"extra.{i:03d}": i for i in range(250)} | {"long": "x" * 10_000}
+    with stage_run("embed", Params()) as tracker:
+        tracker.log_params(extras)
+        tracker.log_metrics({f"m{i}": float(i) for i in range(1001)}, step=3)
+    client, _ = _client(local_stage / "mlflow.db")
+    run = client.get_run(tracker.run_id)
+    assert len(run.data.params) == 251 and run.data.params["extra.249"] == "249"
+    assert len(run.data.params["long"]) == 6000
+    assert len(run.data.metrics) == 1001
+
+
+def test_pipeline_key(local_stage, monkeypatch):
+    base = pipeline_identity(Params())
+    assert base == pipeline_identity(Params())  # no time, no randomness
+    assert pipeline_identity(dataclasses.replace(Params(), lr=0.001))["key"] != base["key"]
+    monkeypatch.setenv("DVC_STAGE", "train_prior")
+    repro = pipeline_identity(Params())
+    assert repro["exp_name"] == "repro" and repro["key"] != base["key"]
+    monkeypatch.setenv("DVC_EXP_NAME", "sunny-lark")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    exp = pipeline_identity(Params())
+    assert (exp["exp_name"], exp["commit"]) == ("sunny-lark", "a" * 40)
+    assert exp["key"] != repro["key"]
+
+
+def test_resolve_tracking_uri(tmp_path):
+    assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
+    assert resolve_tracking_uri("http://host:5000", tmp_path) == "http://host:5000"
+
+
+def test_off_switch_is_a_no_op(local_stage, monkeypatch):
+    monkeypatch.setenv(tracking.ENV_SWITCH, "off")
+    with stage_run("train", Params()) as tracker:
+        tracker.log_params({"a": 1})
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_summary({"loss": 1.0})
+        tracker.log_artifact("missing.txt")
+    assert tracker.run_id == "" and list(local_stage.iterdir()) == []
+
+
+def test_bad_stage_name_fails_early():
+    with pytest.raises(PipelineError, match="stage name"):
+        with stage_run("train'; drop", Params()):
+            pass
+
+
+# -- a real tracking server ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(base: str, endpoint: str, **query) -> dict:
+    url = f"{base}{endpoint}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
+
+
+def _post(base: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited early:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow server did not answer /health in {limit} s:\n{log.read_text()[-2000:]}")
+
+
+def test_stages_against_a_real_tracking_server(tmp_path):
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                env=_clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                                start_new_session=True)
+    try:
+        _wait_healthy(base, proc, log)
+        _run_stages(work, base)
+
+        exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)
+        exp_id = exp["experiment"]["experiment_id"]
+        found = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "filter": PARENTS})
+        [parent] = found["runs"]
+        parent_id = parent["info"]["run_id"]
+        params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+        assert len(params) == len(Params().flat())
+        assert params["lr"] == "0.0005" and params["data.caption"] == "{name}"
+        metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+        assert metrics["prepare.loss"] == 0.25 and metrics["train.steps"] == 20
+
+        found = _post(base, "/api/2.0/mlflow/runs/search",
+                      {"experiment_ids": [exp_id], "filter": _children(parent_id)})
+        children = {r["info"]["run_name"]: r["info"]["run_id"] for r in found["runs"]}
+        assert sorted(children) == ["prepare", "train"]
+        for name, run_id in children.items():
+            history = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="loss")
+            assert [int(m.get("step", 0)) for m in history["metrics"]] == [0, 10, 20, 20]
+            files = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="notes")
+            assert [f["path"] for f in files["files"]] == [f"notes/{name}.txt"]
+        assert len(list((tmp_path / "server-artifacts").rglob("*.txt"))) == 2  # proxied to the server
+        assert not (work / "mlartifacts").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

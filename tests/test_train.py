@@ -1,0 +1,143 @@
+"""Training: the two losses, kill -9 and resume to the same weights, the NaN guard,
+two processes under `accelerate launch`, and outputs that load in plain diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fashiondiff.embed.cache import open_cache
+from fashiondiff.models.loader import load_decoder, load_prior
+from fashiondiff.train.decoder import DecoderTask
+from fashiondiff.train.loop import step_generator
+from fashiondiff.train.prior import PriorTask
+from pipeline_fixtures import REPO, extracted, run_stage, stage_params, tiny_base, train_cache  # noqa: F401
+
+
+def train_args(root: Path, kind: str, cache: Path) -> list:
+    return ["--cache", cache, "--out", root / f"models/{kind}", "--checkpoints", root / f"ckpt/{kind}",
+            "--metrics", root / f"{kind}.json", "--plot", root / f"{kind}.csv"]
+
+
+def weights(folder: Path) -> dict:
+    return load_file(next(folder.glob("*.safetensors")))
+
+
+def test_prior_loss_ignores_captions_when_they_are_all_dropped(tiny_base, train_cache):
+    pipe = load_prior(str(tiny_base / "prior"))
+    task = PriorTask(pipe.prior, pipe.scheduler, open_cache(train_cache), text_dropout=1.0)
+    batch = task.batch(np.arange(4), torch.device("cpu"))
+    shuffled = {**batch, **{k: batch[k].flip(0) for k in ("text_embeds", "text_hidden", "text_mask")}}
+    with torch.no_grad():
+        a = task.loss(pipe.prior, batch, step_generator(0, 0, 0, torch.device("cpu")))
+        b = task.loss(pipe.prior, shuffled, step_generator(0, 0, 0, torch.device("cpu")))
+    assert torch.isfinite(a) and a.item() == b.item()
+    assert not pipe.prior.clip_mean.requires_grad and not pipe.prior.clip_std.requires_grad
+
+
+def test_decoder_loss_trains_epsilon_channels_only(tiny_base, train_cache):
+    pipe = load_decoder(str(tiny_base / "decoder"))
+    task = DecoderTask(pipe.unet, pipe.scheduler, open_cache(train_cache), 0.5, 0.1)
+    loss = task.loss(pipe.unet, task.batch(np.arange(4), torch.device("cpu")),
+                     step_generator(0, 0, 0, torch.device("cpu")))
+    loss.backward()
+    grad = pipe.unet.conv_out.weight.grad
+    assert torch.isfinite(loss)
+    assert grad[:4].abs().sum() > 0  # epsilon channels
+    assert grad[4:].abs().sum() == 0  # learned-variance channels: outside the loss
+
+
+def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train_cache):
+    params = stage_params(tiny_base, epochs=40, **{"train.checkpoint_every": 10, "train.log_every": 5})
+    straight = tmp_path / "straight"
+    run_stage(straight, params, "train_prior.py", *train_args(straight, "prior", train_cache))
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FASHIONDIFF_TRACKING": "off"}
+    (killed / "params.yaml").write_text(json.dumps(params))
+    proc = subprocess.Popen([sys.executable, str(REPO / "stages/train_prior.py"),
+                             *map(str, train_args(killed, "prior", train_cache))],
+                            cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((killed / "ckpt/prior").glob("step-*")) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "models/prior").exists(), "killed before the end: no output yet"
+    resumed = run_stage(killed, params, "train_prior.py", *train_args(killed, "prior", train_cache))
+    assert "resumed from step" in resumed.stdout + resumed.stderr
+
+    a, b = weights(straight / "models/prior/prior"), weights(killed / "models/prior/prior")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (straight / "prior.csv").read_text() == (killed / "prior.csv").read_text()
+    assert json.loads((straight / "prior.json").read_text()) == json.loads((killed / "prior.json").read_text())
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, tiny_base, train_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(train_cache, cache)
+    embeds = np.load(cache / "image_embeds.npy", mmap_mode="r+")
+    embeds[:] = np.nan  # every batch poisoned, first one too
+    embeds.flush()
+    params = stage_params(tiny_base, epochs=4)
+    result = run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", cache), check=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train prior: loss is nan at step 0"), last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "models/prior").exists()
+
+
+def test_decoder_stage_output_loads_in_plain_diffusers(tmp_path, tiny_base, train_cache):
+    from diffusers import KandinskyPipeline
+
+    params = stage_params(tiny_base, epochs=3)
+    run_stage(tmp_path, params, "train_decoder.py", *train_args(tmp_path, "decoder", train_cache),
+              "--val-cache", train_cache)
+    metrics = json.loads((tmp_path / "decoder.json").read_text())
+    assert metrics["steps"] == 12 and np.isfinite(metrics["val_loss"])
+    lines = (tmp_path / "decoder.csv").read_text().splitlines()
+    assert lines[0] == "step,epoch,loss,lr" and len(lines) == 13
+    folder = tmp_path / "models/decoder"
+    assert json.loads((folder / "fashiondiff_config.json").read_text())["params"]["lr"] == 0.0005
+    assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
+    pipe = KandinskyPipeline.from_pretrained(folder)
+    embeds = torch.zeros(1, pipe.unet.config.cross_attention_dim)
+    image = pipe("red knit sweater", image_embeds=embeds, negative_image_embeds=embeds, height=32, width=32,
+                 num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    params = stage_params(tiny_base, epochs=6)
+    with socket.socket() as sock:  # a free port for the gloo rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        result = run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache),
+                           launcher=launcher)
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    assert "2 processes ended with identical weights" in result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "prior.json").read_text())
+    assert metrics["steps"] == 6 * 16 // (4 * 2)
+    assert metrics["loss_last_epoch"] < metrics["loss_first_epoch"]
