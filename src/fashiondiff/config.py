@@ -19,7 +19,7 @@ from fashiondiff.errors import PipelineError
 
 @dataclass(frozen=True)
 class SyntheticParams:
-    train_products: int = 96
+    train_products: int = 48
     validation_products: int = 24
     poses_per_product: int = 4
 
@@ -94,7 +94,7 @@ class DecoderParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    num_prompts: int = 16
+    num_prompts: int = 24
     guidance_scale: float = 4.0
     prior_guidance_scale: float = 4.0
     prior_steps: int = 25

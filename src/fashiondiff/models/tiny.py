@@ -63,7 +63,7 @@ class TinySpec:
     prior_layers: int = 2
     prior_heads: int = 2
     unet_channels: tuple[int, int] = (32, 64)
-    movq_channels: tuple[int, ...] = (32, 64, 64)
+    movq_channels: tuple[int, ...] = (32, 64, 64, 64)  # 4 levels: 8x down, as 2.1's MoVQ
     movq_codebook: int = 256
 
 

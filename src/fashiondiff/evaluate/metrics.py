@@ -1,0 +1,233 @@
+"""Evaluation metrics: Fréchet distance, CLIP score (from the base model's own CLIP), FID.
+
+Usage::
+
+    fd = frechet_distance_from_features(generated_embeds, real_embeds)
+    clip = ClipEncoder(prior_pipeline, image_size=224, batch_size=8)
+    score = clip_score(clip.encode_images(images), clip.encode_texts(captions))
+    fid, status = inception_fid(params.evaluate.fid_weights)   # (None, "skipped: ...") if unavailable
+
+Definitions:
+
+* Fréchet distance (Heusel et al. 2017): ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
+  ``fd_clip`` is this distance in the CLIP image-embedding space (Kynkäänniemi et al.
+  2023, "The Role of ImageNet Classes in Fréchet Inception Distance").
+* CLIP score (Hessel et al. 2021, torchmetrics' documented formula):
+  ``mean over pairs of max(100 * cos(E_image, E_caption), 0)``. torchmetrics' code clamps
+  the *mean* instead of each pair; the two agree whenever every cosine is positive,
+  as it is for real CLIP models on image/caption pairs.
+* FID: Inception-v3 pool3 (2048-d) features via torchmetrics + torch-fidelity, never a
+  substitute: without them the metric is absent and the status says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg
+
+from fashiondiff.errors import PipelineError
+
+FID_INSTALL = "pip install -e .[fid]"
+FID_COMPUTED = ("computed: torchmetrics FrechetInceptionDistance, torch-fidelity Inception-v3 "
+                "pool3 (2048-d); uint8 images resized to 299x299 by torch-fidelity's "
+                "TF1-compatible bilinear interpolation")
+
+
+# --- Fréchet distance -------------------------------------------------------------------
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    ``sqrtm(sigma1 @ sigma2)`` is taken with scipy; if it is not finite or has a
+    non-negligible imaginary part (singular covariances, e.g. fewer samples than
+    dimensions) it is retried with ``eps`` added to both diagonals, as pytorch-fid does.
+    Tiny imaginary parts left by round-off are dropped, and a result that round-off
+    pushes below zero is reported as 0.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape}, {mu2.shape}; "
+                         f"sigma {sigma1.shape}, {sigma2.shape}")
+    covmean = _sqrtm_product(sigma1, sigma2)
+    if covmean is None:
+        offset = np.eye(d) * eps
+        covmean = _sqrtm_product(sigma1 + offset, sigma2 + offset)
+    if covmean is None:
+        raise ValueError("frechet_distance: sqrtm(sigma1 @ sigma2) is not real even with eps on the diagonal")
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)
+    return max(float(value), 0.0)
+
+
+def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray | None:
+    """Real part of sqrtm(sigma1 @ sigma2), or None if it is not finite / not nearly real."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on singular input; we check the result
+        root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.all(np.isfinite(root)):
+        return None
+    if np.iscomplexobj(root):
+        scale = max(1.0, float(np.abs(root.real).max(initial=0.0)))
+        if np.abs(root.imag).max(initial=0.0) > 1e-3 * scale:
+            return None
+        root = root.real
+    return root
+
+
+def frechet_distance_from_features(a, b) -> float:
+    """Fréchet distance between the Gaussians fitted to rows of ``a`` and rows of ``b``."""
+    return frechet_distance(*GaussianStats.of(a).moments(), *GaussianStats.of(b).moments())
+
+
+class GaussianStats:
+    """Running mean and covariance (ddof=1) of feature rows, in float64.
+
+    Batches merge with Chan et al.'s pairwise update, so a whole held-out split streams
+    through without keeping its features in memory.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: np.ndarray | None = None
+        self._m2: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, features) -> "GaussianStats":
+        stats = cls()
+        stats.update(features)
+        return stats
+
+    def update(self, features) -> None:
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"GaussianStats.update: expected (n, d) features, got shape {x.shape}")
+        n, mean = x.shape[0], x.mean(axis=0)
+        centred = x - mean
+        m2 = centred.T @ centred
+        if self.count == 0:
+            self.count, self.mean, self._m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self._m2 = self._m2 + m2 + np.outer(delta, delta) * (self.count * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.count = total
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, covariance); needs at least two rows."""
+        if self.count < 2:
+            raise PipelineError(f"a covariance needs at least 2 images, got {self.count}")
+        return self.mean, self._m2 / (self.count - 1)
+
+
+# --- CLIP score ---------------------------------------------------------------------------
+
+def clip_score(image_embeds, text_embeds) -> float:
+    """Mean over pairs of ``max(100 * cos(image_i, text_i), 0)`` (rows are paired)."""
+    img = np.asarray(image_embeds, np.float64)
+    txt = np.asarray(text_embeds, np.float64)
+    if img.ndim != 2 or img.shape != txt.shape or img.shape[0] == 0:
+        raise ValueError(f"clip_score: need two (n, d) arrays of one shape, got {img.shape} and {txt.shape}")
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    cos = np.sum(img * txt, axis=1)
+    return float(np.mean(np.maximum(100.0 * cos, 0.0)))
+
+
+def count_truncated(tokenizer, texts: Sequence[str]) -> int:
+    """How many ``texts`` have more tokens (with BOS/EOS) than ``tokenizer.model_max_length``."""
+    if not texts:
+        return 0
+    ids = tokenizer(list(texts), truncation=False, padding=False, verbose=False)["input_ids"]
+    return sum(len(row) > tokenizer.model_max_length for row in ids)
+
+
+class ClipEncoder:
+    """The base prior pipeline's CLIP towers, used as the evaluation embedding space.
+
+    Images go through the pipeline's ``image_processor`` at ``image_size`` (params
+    ``clip_image_size``) and ``image_encoder`` (projected ``image_embeds``); captions
+    through ``tokenizer`` (padded and truncated to ``model_max_length``, 77) and
+    ``text_encoder`` (projected ``text_embeds``): exactly what the prior sees.
+    """
+
+    def __init__(self, prior_pipeline, image_size: int, batch_size: int = 8) -> None:
+        encoder_size = prior_pipeline.image_encoder.config.image_size
+        if image_size != encoder_size:
+            raise PipelineError(f"params: clip_image_size is {image_size} but the base image encoder "
+                                f"takes {encoder_size}x{encoder_size} images")
+        self.image_encoder = prior_pipeline.image_encoder
+        self.text_encoder = prior_pipeline.text_encoder
+        self.processor = prior_pipeline.image_processor
+        self.tokenizer = prior_pipeline.tokenizer
+        self.image_size = image_size
+        self.batch_size = batch_size
+
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        """(n, d) float32 CLIP image embeddings of PIL images."""
+        import torch
+
+        size = self.image_size
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [im.convert("RGB") for im in images[start:start + self.batch_size]]
+            pixels = self.processor(images=batch, size={"shortest_edge": size},
+                                    crop_size={"height": size, "width": size},
+                                    return_tensors="pt").pixel_values
+            param = next(self.image_encoder.parameters())
+            with torch.no_grad():
+                embeds = self.image_encoder(pixels.to(param.device, param.dtype)).image_embeds
+            out.append(embeds.float().cpu().numpy())
+        return np.concatenate(out)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) float32 CLIP text embeddings; captions over 77 tokens are truncated."""
+        import torch
+
+        out = []
+        device = next(self.text_encoder.parameters()).device
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[start:start + self.batch_size]), padding="max_length",
+                                    max_length=self.tokenizer.model_max_length, truncation=True,
+                                    return_tensors="pt")
+            with torch.no_grad():
+                embeds = self.text_encoder(input_ids=tokens.input_ids.to(device),
+                                           attention_mask=tokens.attention_mask.to(device)).text_embeds
+            out.append(embeds.float().cpu().numpy())
+        return np.concatenate(out)
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        return count_truncated(self.tokenizer, texts)
+
+
+# --- FID (optional) -------------------------------------------------------------------------
+
+def inception_fid(weights: str, device=None):
+    """``(FrechetInceptionDistance, status)``, or ``(None, "skipped: <why>")``.
+
+    Standard FID only: torchmetrics + torch-fidelity's Inception-v3 with the
+    pt_inception-2015-12-05 weights from ``weights``. Feed it uint8 (N, 3, H, W) batches
+    (``update(x, real=...)``); torch-fidelity resizes them to 299x299 bilinearly. The real
+    statistics survive ``reset()`` (``reset_real_features=False``).
+    """
+    try:
+        import torch_fidelity  # noqa: F401  (the feature extractor's backend)
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except Exception as exc:  # ImportError, or a torchvision that does not match torch
+        reason = "not installed" if isinstance(exc, ImportError) else f"not importable ({type(exc).__name__})"
+        return None, f"skipped: torchmetrics/torch-fidelity {reason} ({FID_INSTALL})"
+    if not weights:
+        return None, "skipped: evaluate.fid_weights is empty (path to pt_inception-2015-12-05 weights)"
+    if not Path(weights).is_file():
+        return None, f"skipped: evaluate.fid_weights {weights}: no such file"
+    metric = FrechetInceptionDistance(feature=2048, reset_real_features=False, normalize=False,
+                                      feature_extractor_weights_path=str(weights))
+    if device is not None:
+        metric = metric.to(device)
+    return metric, FID_COMPUTED

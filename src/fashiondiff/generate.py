@@ -1,0 +1,289 @@
+"""The user's command: text (or image + text, or a weighted mix) -> image with Kandinsky 2.1.
+
+Usage::
+
+    fashiondiff generate "black leather mini skirt" --model models --out skirt.png
+    fashiondiff generate "black leather mini skirt" --model models/base --out base.png
+    fashiondiff generate "black leather mini skirt" --image shirt.png --strength 0.6 --out edit.png
+    fashiondiff generate "a dress" --mix "red silk:0.3" --mix photo.png:0.3 --prompt-weight 0.4 --out mix.png
+    fashiondiff generate "a dress" --prior kandinsky-community/kandinsky-2-1-prior \\
+        --decoder kandinsky-community/kandinsky-2-1 --num-images 4 --out samples/
+
+Sampling defaults come from ./params.yaml when it exists (diffusion_steps, evaluate.*,
+model.resolution), else 100 decoder steps, 25 prior steps, guidance 4, 512x512 (2.1's
+native size). Image ``k`` of ``--num-images`` uses seed ``--seed + k``, so any one image
+can be made again alone. Kandinsky 2.1 rounds sizes up to a multiple of 64 (the tiny
+model: 16). The library functions below are shared with ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from fashiondiff.errors import PipelineError
+
+CLI_HELP = __doc__.split(" The library functions")[0].replace("Usage::", "Examples:")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: prior and decoder steps and guidance, output size, img2img strength."""
+
+    steps: int = 100
+    guidance_scale: float = 4.0
+    prior_steps: int = 25
+    prior_guidance_scale: float = 4.0
+    height: int = 512
+    width: int = 512
+    strength: float = 0.6
+
+
+def generators(seeds: Sequence[int]) -> list:
+    """One seeded CPU ``torch.Generator`` per image: the same noise on every device."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def image_embeds(prior, prompts: Sequence[str], gens: list, sampling: Sampling):
+    """Prior: captions -> (image_embeds, negative_image_embeds) (2.1's zero-image negative)."""
+    out = prior(list(prompts), generator=gens, num_inference_steps=sampling.prior_steps,
+                guidance_scale=sampling.prior_guidance_scale)
+    return out.image_embeds, out.negative_image_embeds
+
+
+def mixed_embeds(prior, conditions: Sequence, weights: Sequence[float], gen, sampling: Sampling):
+    """2.1's ``prior.interpolate``: the weighted sum of text and image conditions."""
+    out = prior.interpolate(list(conditions), list(weights), generator=gen,
+                            num_inference_steps=sampling.prior_steps,
+                            guidance_scale=sampling.prior_guidance_scale)
+    return out.image_embeds, out.negative_image_embeds
+
+
+def decode(decoder, prompts: Sequence[str], embeds, gens: list, sampling: Sampling, sources=None):
+    """Decoder: (captions, image embeddings[, source images]) -> PIL images.
+
+    With ``sources`` the decoder must be a ``KandinskyImg2ImgPipeline``: each source is
+    noised to ``sampling.strength`` and denoised from there.
+    """
+    positive, negative = embeds
+    kwargs = dict(image_embeds=positive, negative_image_embeds=negative, height=sampling.height,
+                  width=sampling.width, num_inference_steps=sampling.steps,
+                  guidance_scale=sampling.guidance_scale, generator=gens, output_type="pil")
+    if sources is not None:
+        kwargs.update(image=list(sources), strength=sampling.strength)
+    return decoder(list(prompts), **kwargs).images
+
+
+def text_to_image(prior, decoder, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling):
+    """One image per prompt; prompt ``i`` uses a generator seeded with ``seeds[i]``."""
+    gens = generators(seeds)
+    return decode(decoder, prompts, image_embeds(prior, prompts, gens, sampling), gens, sampling)
+
+
+def image_text_to_image(prior, img2img, prompts, sources, seeds, sampling: Sampling):
+    """Image + text -> image: prior embeds the prompt, img2img edits the source toward it."""
+    gens = generators(seeds)
+    embeds = image_embeds(prior, prompts, gens, sampling)
+    return decode(img2img, prompts, embeds, gens, sampling, sources=sources)
+
+
+def as_img2img(decoder):
+    """A ``KandinskyImg2ImgPipeline`` sharing the (already loaded) decoder's components."""
+    from diffusers import KandinskyImg2ImgPipeline
+
+    pipe = KandinskyImg2ImgPipeline(**decoder.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def read_image(path: str | Path, what: str = "--image"):
+    """An RGB PIL image, or a one-line PipelineError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such image ({what})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = type(exc).__name__ if isinstance(exc, UnidentifiedImageError) else str(exc).splitlines()[0]
+        raise PipelineError(f"{path}: cannot read image ({what}): {reason}") from None
+
+
+def parse_mix(items: Sequence[str]) -> tuple[list, list[float]]:
+    """``TEXT_OR_IMAGE:WEIGHT`` items -> (conditions, weights); image files are opened."""
+    conditions, weights = [], []
+    for item in items:
+        cond, sep, weight = item.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = None
+        if not sep or not cond.strip() or value is None:
+            raise PipelineError(f"--mix {item!r}: expected TEXT_OR_IMAGE:WEIGHT, e.g. 'red silk dress:0.3'")
+        is_image = Path(cond).suffix.lower() in IMAGE_SUFFIXES or Path(cond).is_file()
+        conditions.append(read_image(cond, "--mix") if is_image else cond)
+        weights.append(value)
+    return conditions, weights
+
+
+def output_paths(out: str | Path, seeds: Sequence[int]) -> list[Path]:
+    """``out`` is one .png file (one image) or a folder (``seed-<seed>.png`` per image)."""
+    out = Path(out)
+    if out.suffix.lower() == ".png":
+        if len(seeds) > 1:
+            raise PipelineError(f"--out {out} names one file; give a folder for --num-images {len(seeds)}")
+        return [out]
+    if out.suffix:
+        raise PipelineError(f"--out {out}: images are written as PNG; give a .png file or a folder")
+    return [out / f"seed-{s}.png" for s in seeds]
+
+
+def resolve_models(model: str | None, prior: str | None, decoder: str | None) -> tuple[str, str]:
+    """The prior and decoder to load: explicit ids/folders win over ``--model``'s subfolders."""
+    from fashiondiff.models.loader import resolve
+
+    if (prior is None or decoder is None) and not Path(model).is_dir():
+        raise PipelineError(f"{model}: no such model folder (--model: a folder with prior/ and decoder/)")
+    prior = prior or str(Path(model) / "prior")
+    decoder = decoder or str(Path(model) / "decoder")
+    resolve(prior, "--prior")
+    resolve(decoder, "--decoder")
+    return prior, decoder
+
+
+def check_sampling(sampling: Sampling, img2img: bool) -> None:
+    """One-line errors for settings the pipelines would reject with a traceback."""
+    for name, value in (("--steps", sampling.steps), ("--prior-steps", sampling.prior_steps),
+                        ("--height", sampling.height), ("--width", sampling.width)):
+        if value < 1:
+            raise PipelineError(f"{name} must be >= 1, got {value}")
+    if not 0.0 < sampling.strength <= 1.0:
+        raise PipelineError(f"--strength must be in (0, 1], got {sampling.strength}")
+    if img2img and int(sampling.steps * sampling.strength) < 1:
+        raise PipelineError(f"--steps {sampling.steps} x --strength {sampling.strength} leaves no "
+                            "denoising step: raise either")
+
+
+def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: str | None = None,
+             mix: Sequence[str] = (), prompt_weight: float = 1.0, seed: int = 0, num_images: int = 1,
+             sampling: Sampling = Sampling(), device: str | None = None,
+             quiet: bool = False) -> list[Path]:
+    """Generate ``num_images`` images and write them as PNG; return their paths.
+
+    Checks every input (prompt, models, images, output) before loading a model;
+    ``quiet`` silences the libraries' loading bars and warnings (the CLI sets it).
+    """
+    if not prompt.strip():
+        raise PipelineError("empty prompt: say what to generate, e.g. \"black leather mini skirt\"")
+    if num_images < 1:
+        raise PipelineError(f"--num-images must be >= 1, got {num_images}")
+    check_sampling(sampling, img2img=bool(source))
+    prior_name, decoder_name = resolve_models(None, prior, decoder)
+    source_image = read_image(source) if source else None
+    conditions, weights = parse_mix(mix)
+    seeds = [seed + k for k in range(num_images)]
+    paths = output_paths(out, seeds)
+
+    if quiet:
+        _quiet_libraries()
+    import torch
+
+    from fashiondiff.io import atomic_file
+    from fashiondiff.models.loader import load_decoder, load_prior
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prior_pipe = load_prior(prior_name, "--prior").to(device)
+    decoder_pipe = load_decoder(decoder_name, "--decoder", img2img=source_image is not None).to(device)
+    for path, s in zip(paths, seeds):
+        gens = generators([s])
+        if conditions:
+            embeds = mixed_embeds(prior_pipe, [prompt, *conditions], [prompt_weight, *weights],
+                                  gens[0], sampling)
+        else:
+            embeds = image_embeds(prior_pipe, [prompt], gens, sampling)
+        sources = [source_image] if source_image is not None else None
+        (image,) = decode(decoder_pipe, [prompt], embeds, gens, sampling, sources=sources)
+        with atomic_file(path, "wb") as handle:
+            image.save(handle, format="PNG")
+    return paths
+
+
+def add_parser(subparsers) -> None:
+    """Register ``generate`` on the top-level CLI."""
+    p = subparsers.add_parser("generate", help="text (or image + text, or a mix) -> image",
+                              description=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", help="what to generate, e.g. \"black leather mini skirt\"")
+    p.add_argument("--model", default="models",
+                   help="folder holding prior/ and decoder/ (tuned: models, base: models/base)")
+    p.add_argument("--prior", help="prior folder or Hub id (overrides --model)")
+    p.add_argument("--decoder", help="decoder folder or Hub id (overrides --model)")
+    p.add_argument("--image", help="source image: image + text -> image (img2img)")
+    p.add_argument("--strength", type=float, default=0.6,
+                   help="img2img: how far from the source to go, (0, 1] (default 0.6)")
+    p.add_argument("--mix", action="append", default=[], metavar="TEXT_OR_IMAGE:WEIGHT",
+                   help="add a weighted condition (repeatable); the prompt takes --prompt-weight")
+    p.add_argument("--prompt-weight", type=float, default=1.0, help="the prompt's weight in a --mix")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
+    p.add_argument("--steps", type=int, help="decoder steps (default: params diffusion_steps, else 100)")
+    p.add_argument("--guidance", type=float, help="decoder guidance (default: params, else 4)")
+    p.add_argument("--prior-steps", type=int, help="prior steps (default: params, else 25)")
+    p.add_argument("--prior-guidance", type=float, help="prior guidance (default: params, else 4)")
+    p.add_argument("--height", type=int, help="pixels (default: params model.resolution, else 512)")
+    p.add_argument("--width", type=int, help="pixels (default: params model.resolution, else 512)")
+    p.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
+    p.add_argument("--out", default="generated.png", help="a .png file, or a folder for several images")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    p.add_argument("--params", default="params.yaml", help="defaults come from here if it exists")
+    p.set_defaults(func=run)
+
+
+def sampling_from_params(params, strength: float = Sampling.strength) -> Sampling:
+    """The sampling settings ``evaluate`` uses: diffusion_steps, evaluate.*, model.resolution."""
+    ev = params.evaluate
+    return Sampling(steps=params.diffusion_steps, guidance_scale=ev.guidance_scale,
+                    prior_steps=ev.prior_steps, prior_guidance_scale=ev.prior_guidance_scale,
+                    height=params.model.resolution, width=params.model.resolution, strength=strength)
+
+
+def defaults(params_path: str | Path) -> Sampling:
+    """Sampling defaults from params.yaml when it exists, else 2.1's usual settings."""
+    if not Path(params_path).is_file():
+        return Sampling()
+    from fashiondiff.config import load_params
+
+    return sampling_from_params(load_params(params_path))
+
+
+def run(args: argparse.Namespace) -> None:
+    """``generate`` subcommand: validate, quiet the libraries, generate, print the paths."""
+    if not args.prompt.strip():
+        raise PipelineError("empty prompt: say what to generate, e.g. \"black leather mini skirt\"")
+    prior, decoder = resolve_models(args.model, args.prior, args.decoder)
+    base = defaults(args.params)
+    chosen = {"steps": args.steps, "guidance_scale": args.guidance, "prior_steps": args.prior_steps,
+              "prior_guidance_scale": args.prior_guidance, "height": args.height, "width": args.width,
+              "strength": args.strength}
+    sampling = Sampling(**{k: (v if v is not None else getattr(base, k)) for k, v in chosen.items()})
+    paths = generate(args.prompt, prior, decoder, args.out, source=args.image, mix=args.mix,
+                     prompt_weight=args.prompt_weight, seed=args.seed, num_images=args.num_images,
+                     sampling=sampling, device=args.device, quiet=True)
+    for path in paths:
+        print(path)
+
+
+def _quiet_libraries() -> None:
+    """No loading bars or library chatter on the user's terminal; errors still show."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()

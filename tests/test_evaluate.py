@@ -1,0 +1,126 @@
+"""evaluate() end to end on tiny models and a tiny extracted split: outputs, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fashiondiff.config import Params
+from fashiondiff.data.split import select_split
+from fashiondiff.evaluate.run import choose_prompts, evaluate
+
+NAMES = ["black leather mini skirt", "white cotton shirt", "blue denim jacket", "red silk dress",
+         "grey wool coat", "green linen trousers", "yellow rain jacket", "pink knit sweater"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared CPU, OpenMP spin-waiting makes 2 threads ~20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+class RecordingTracker:
+    def __init__(self):
+        self.summary, self.images, self.artifacts = {}, [], []
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_summary(self, metrics):
+        self.summary.update(metrics)
+
+    def log_image(self, image, name):
+        self.images.append(name)
+
+    def log_artifact(self, path):
+        self.artifacts.append(str(path))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from fashiondiff.models.tiny import TinySpec, build_tiny, save_pipelines
+
+    root = tmp_path_factory.mktemp("evaluate")
+    save_pipelines(build_tiny(NAMES * 2, TinySpec(clip_image_size=32, clip_patch_size=16)), root / "models")
+    extracted = root / "validation"
+    (extracted / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for row in range(len(NAMES) * 2):  # 8 products x 2 poses
+        product, pose = divmod(row, 2)
+        image = f"images/{row:07d}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(extracted / image)
+        records.append({"row": row, "product_id": 100 + product, "pose": f"pose {pose}",
+                        "category": "CLOTHING", "name": NAMES[product], "description": "",
+                        "caption": NAMES[product], "image": image})
+    pd.DataFrame(records).to_parquet(extracted / "captions.parquet")
+    base = Params()
+    params = dataclasses.replace(
+        base, clip_image_size=32, diffusion_steps=2,
+        data=dataclasses.replace(base.data, holdout_fraction=0.5),
+        model=dataclasses.replace(base.model, resolution=32),
+        evaluate=dataclasses.replace(base.evaluate, num_prompts=3, prior_steps=2, batch_size=2),
+    )
+    return root, extracted, params
+
+
+def run(setup, name):
+    root, extracted, params = setup
+    models = root / "models"
+    tracker = RecordingTracker()
+    report = evaluate(extracted, str(models / "prior"), str(models / "decoder"), str(models / "prior"),
+                      str(models / "decoder"), params, root / name, tracker)
+    return report, tracker
+
+
+def test_evaluate_writes_metrics_and_figures(setup):
+    root, extracted, params = setup
+    report, tracker = run(setup, "reports_a")
+    written = json.loads((root / "reports_a" / "metrics.json").read_text())
+    assert written == report
+    for side in ("base", "tuned", "delta"):
+        assert set(written[side]) == {"clip_score", "fd_clip"}  # no FID without torch-fidelity
+        assert all(isinstance(v, float) and np.isfinite(v) for v in written[side].values())
+    assert 0.0 <= written["base"]["clip_score"] <= 100.0 and written["base"]["fd_clip"] >= 0.0
+    assert set(written["real"]) == {"clip_score"}
+    assert written["fid_status"].startswith("skipped:")
+    assert written["num_prompts"] == 3 and written["truncated_captions"] == 0
+    heldout = select_split(pd.read_parquet(extracted / "captions.parquet"), "validation", 0.5, params.seed)
+    assert written["num_real_images"] == len(heldout) < 16
+    # base and tuned are the same folders here: same prompts and seeds give the same images
+    assert written["delta"] == {"clip_score": 0.0, "fd_clip": 0.0}
+    for name, rows in (("grid.png", 3), ("image_text.png", 1)):
+        with Image.open(root / "reports_a" / "samples" / name) as im:
+            assert im.format == "PNG" and im.width >= 3 * 192 and im.height >= rows * 192
+    assert tracker.summary["base.clip_score"] == written["base"]["clip_score"]
+    assert "fid_status" not in tracker.summary
+    assert tracker.images == ["samples/grid.png", "samples/image_text.png"]
+    assert tracker.artifacts == [str(root / "reports_a" / "metrics.json")]
+
+
+def test_evaluate_is_deterministic(setup):
+    root, _, _ = setup
+    run(setup, "reports_b")
+    run(setup, "reports_c")
+    assert (root / "reports_b" / "metrics.json").read_bytes() == (root / "reports_c" / "metrics.json").read_bytes()
+    grid_b, grid_c = (root / r / "samples" / "grid.png" for r in ("reports_b", "reports_c"))
+    assert grid_b.read_bytes() == grid_c.read_bytes()
+
+
+def test_prompts_prefer_one_row_per_product():
+    rows = pd.DataFrame({"row": range(12), "product_id": np.repeat([1, 2, 3, 4], 3),
+                         "caption": [f"c{i}" for i in range(12)], "image": ""})
+    chosen = choose_prompts(rows, 4, seed=0)
+    assert sorted(chosen["product_id"]) == [1, 2, 3, 4]
+    assert choose_prompts(rows, 4, seed=0).equals(chosen)
+    more = choose_prompts(rows, 6, seed=0)
+    assert len(more) == 6 and more["row"].is_unique and more.head(4).equals(chosen)
