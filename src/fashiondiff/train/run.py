@@ -136,7 +136,7 @@ def run_training(kind: str, params: Params, cache_dir: str, val_cache_dir: str |
     save_pipeline(pipe, out_dir, params, summary)
     write_json(metrics_path, summary)
     write_plot(plot_path, result)
-    tracker.log_summary({f"{kind}.{k}": float(v) for k, v in summary.items()})
+    tracker.log_summary({k: float(v) for k, v in summary.items()})
     tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share})
     print(f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
           f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "

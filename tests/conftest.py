@@ -1,0 +1,55 @@
+"""Shared fixtures: small, real FashionGen-layout HDF5 files (no mocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fashiondiff.data.synthetic import write_synthetic
+
+
+@pytest.fixture(scope="session")
+def synthetic_h5(tmp_path_factory) -> Path:
+    """A tiny synthetic train file: 6 products x 2 poses = 12 rows, seed 0. Read-only."""
+    return write_synthetic(tmp_path_factory.mktemp("synthetic") / "fashiongen_train.h5",
+                           n_products=6, poses_per_product=2, seed=0)
+
+
+def _bytes(values) -> np.ndarray:
+    """(N, 1) fixed-length byte strings; str values are encoded latin-1, like FashionGen."""
+    encoded = [v.encode("latin-1") if isinstance(v, str) else v for v in values]
+    width = max((len(b) for b in encoded), default=1) or 1
+    return np.array(encoded, dtype=f"S{width}").reshape(-1, 1)
+
+
+@pytest.fixture
+def make_h5():
+    """``make_h5(path, n=4, **datasets)``: a hand-made FashionGen-layout file.
+
+    Defaults: random uint8 pictures (16x16 to stay small), names "item <i>",
+    descriptions "description <i>", product ids 10 + i // 2. A keyword set to a list of
+    str becomes a latin-1 (N, 1) byte-string key, to an array is written as is, to None
+    is left out.
+    """
+
+    def make(path: Path, n: int = 4, **datasets) -> Path:
+        rng = np.random.default_rng(n)
+        base = {
+            "input_image": rng.integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8),
+            "input_name": [f"item {i}" for i in range(n)],
+            "input_description": [f"description {i}" for i in range(n)],
+            "input_pose": [f"id_gridfs_{1 + i % 2}" for i in range(n)],
+            "input_productID": (10 + np.arange(n) // 2).reshape(-1, 1),
+        }
+        base.update(datasets)
+        with h5py.File(path, "w") as f:
+            for key, value in base.items():
+                if value is None:
+                    continue
+                f.create_dataset(key, data=_bytes(value) if isinstance(value, list) else value)
+        return path
+
+    return make
