@@ -200,6 +200,10 @@ def _coerce(kind: type, value: object, key: str):
         raise PipelineError(f"params: {key} must be an integer, got {value!r}")
     if kind is str and value is None:
         return ""
+    if kind is str and value is False:
+        # YAML 1.1 reads a bare `no` as false, and `dvc exp run -S` writes params back
+        # unquoted: `train.mixed_precision: "no"` comes back as False.
+        return "no"
     if not isinstance(value, kind):
         raise PipelineError(f"params: {key} must be a {kind.__name__}, got {value!r}")
     return value
