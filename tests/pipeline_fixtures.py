@@ -42,7 +42,7 @@ def tiny_base(tmp_path_factory, extracted) -> Path:
 def stage_params(base: Path, **overrides) -> dict:
     params = {
         "epochs": 2, "batch_size": 4, "clip_image_size": TINY_SPEC.clip_image_size, "seed": 0,
-        "model": {"prior": str(base / "prior"), "decoder": str(base / "decoder"), "resolution": 32},
+        "model": {"prior": str(base / "prior"), "decoder": str(base / "decoder"), "resolution": 64},
         "embed": {"batch_size": 4},
         "train": {"checkpoint_every": 2, "log_every": 1, "warmup_steps": 1},
     }

@@ -30,12 +30,12 @@ def test_cache_equals_encoders_on_the_fly(train_cache, tiny_base, extracted):
         want = {
             **encode_texts(enc, [row["caption"]]),
             **encode_images(enc, clip_pixels(enc.image_processor, [image], TINY_SPEC.clip_image_size),
-                            torch.from_numpy(movq_pixels(image, 32))[None]),
+                            torch.from_numpy(movq_pixels(image, 64))[None]),
         }
         for name, value in want.items():
             np.testing.assert_allclose(cache.arrays[name][pos], value[0].numpy(), rtol=1e-5, atol=1e-5,
                                        err_msg=f"{name} at row {row['row']}")
-    assert cache.arrays["latents"].shape[1:] == (4, 8, 8)  # 32 px / MoVQ factor 4
+    assert cache.arrays["latents"].shape[1:] == (4, 8, 8)  # 64 px / MoVQ factor 8, as 2.1
     assert cache.uncond["text_mask"].sum() == 2  # the empty caption: start and end tokens
 
 

@@ -21,7 +21,7 @@ SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps
     "synthetic": {"train_products": 6, "validation_products": 3, "poses_per_product": 2},
     "base": {"clip_steps": 4, "movq_steps": 4, "mclip_steps": 4, "batch_size": 8},
     "evaluate": {"num_prompts": 3, "prior_steps": 3, "batch_size": 3},
-    "train": {"checkpoint_every": 4, "log_every": 1, "warmup_steps": 1},
+    "train": {"checkpoint_every": 4, "log_every": 1, "warmup_steps": 0},
 }
 
 

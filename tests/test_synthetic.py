@@ -9,11 +9,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from PIL import Image
 
 from fashiondiff.data import synthetic
 from fashiondiff.data.synthetic import COLOURS, GARMENTS, Pose, Product, render, synthesize
 from fashiondiff.data.synthetic import write_synthetic
+from fashiondiff.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_KEYS = {"input_name", "input_description", "input_category", "input_subcategory",
@@ -123,3 +125,9 @@ def test_stage_writes_both_files(tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(tmp_path / "raw")) == ["fashiongen_train.h5",
                                                     "fashiongen_validation.h5"]
+
+
+def test_synthesize_rejects_empty_sizes_naming_the_param(tmp_path):
+    with pytest.raises(PipelineError, match="synthetic.validation_products"):
+        synthesize(tmp_path / "out", 2, 0, 1, seed=0)
+    assert os.listdir(tmp_path) == []

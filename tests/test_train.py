@@ -118,9 +118,9 @@ def test_decoder_stage_output_loads_in_plain_diffusers(tmp_path, tiny_base, trai
     assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
     pipe = KandinskyPipeline.from_pretrained(folder)
     embeds = torch.zeros(1, pipe.unet.config.cross_attention_dim)
-    image = pipe("red knit sweater", image_embeds=embeds, negative_image_embeds=embeds, height=32, width=32,
+    image = pipe("red knit sweater", image_embeds=embeds, negative_image_embeds=embeds, height=64, width=64,
                  num_inference_steps=2, output_type="np").images
-    assert image.shape == (1, 32, 32, 3)
+    assert image.shape == (1, 64, 64, 3)
 
 
 def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache):

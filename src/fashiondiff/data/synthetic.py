@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir
 
 SIZE = 256  # FashionGen's image side
@@ -384,13 +384,12 @@ def write_synthetic(path: str | os.PathLike, n_products: int, poses_per_product:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     products, rows = _catalogue(n_products, poses_per_product, seed, first_product_id)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # h5py creates it, usual mode
     try:
-        _write(Path(tmp), products, rows)
+        _write(tmp, products, rows)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -407,6 +406,11 @@ def synthesize(out_dir: str | os.PathLike, train_products: int, validation_produ
 
     The two files use different seeds derived from ``seed`` and disjoint product ids.
     """
+    for key, value in (("train_products", train_products),
+                       ("validation_products", validation_products),
+                       ("poses_per_product", poses_per_product)):
+        if value < 1:
+            raise PipelineError(f"params: synthetic.{key} must be >= 1, got {value}")
     out_dir = Path(out_dir)
     first_ids = {"train": 100_000, "validation": 100_000 + train_products}
     sizes = {"train": train_products, "validation": validation_products}

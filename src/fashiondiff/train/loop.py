@@ -86,94 +86,131 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
 
-def train(task: Task, cfg: LoopConfig, checkpoint_dir: str | Path, fingerprint: str,
-          log: Callable[[dict, int], None] | None = None) -> TrainResult:
-    """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``."""
-    from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
+@dataclass(frozen=True)
+class _Plan:
+    per_rank: int  # batch per process
+    steps_per_epoch: int
+    total: int
 
-    acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                      mixed_precision=cfg.mixed_precision)
-    world, rank = acc.num_processes, acc.process_index
-    n = len(task)
+
+def _plan(n: int, cfg: LoopConfig, world: int, acc) -> _Plan:
     per_rank = cfg.batch_size
     if n < per_rank * world:
         per_rank = max(1, n // world)
-        acc.print(f"{task.name}: {n} items < batch_size x processes; using batch {per_rank} per process")
-    steps_per_epoch = n // (per_rank * world)
-    total = steps_per_epoch * cfg.epochs
-    optimizer_steps = math.ceil(total / cfg.gradient_accumulation_steps)
+        acc.print(f"{n} items < batch_size x processes; using batch {per_rank} per process")
+    steps_per_epoch = n // (per_rank * world)  # the last partial batch of an epoch is dropped
+    return _Plan(per_rank, steps_per_epoch, steps_per_epoch * cfg.epochs)
 
-    model = task.model
-    trainable = [p for p in model.parameters() if p.requires_grad]
+
+class _Progress:
+    """Logged points, per-epoch loss sums and timings; the first two go into checkpoints."""
+
+    def __init__(self, state: dict):
+        self.history: list[dict] = state.get("history", [])
+        self.epoch_sums = {int(k): tuple(v) for k, v in state.get("epoch_sums", {}).items()}
+        self.window: list[float] = []
+        self.fetch_s = self.step_s = 0.0
+        self.seen = 0
+
+    def add(self, epoch: int, loss: float, fetch_s: float, step_s: float, samples: int) -> None:
+        self.window.append(loss)
+        total, count = self.epoch_sums.get(epoch, (0.0, 0))
+        self.epoch_sums[epoch] = (total + loss, count + 1)
+        self.fetch_s, self.step_s, self.seen = self.fetch_s + fetch_s, self.step_s + step_s, self.seen + samples
+
+    def point(self, step: int, epoch: int, lr: float) -> dict:
+        point = {"step": step, "epoch": epoch, "loss": float(np.mean(self.window)), "lr": lr}
+        self.history.append(point)
+        self.window = []
+        return point
+
+    @property
+    def speed(self) -> float:
+        return self.seen / max(self.step_s, 1e-9)
+
+    def state(self) -> dict:
+        return {"history": self.history, "epoch_sums": self.epoch_sums}
+
+    def epoch_losses(self) -> list[float]:
+        return [total / count for _, (total, count) in sorted(self.epoch_sums.items())]
+
+
+def _prepare(acc, task: Task, cfg: LoopConfig, plan: _Plan):
+    from diffusers.optimization import get_scheduler
+
+    trainable = [p for p in task.model.parameters() if p.requires_grad]
     if not trainable:
         raise PipelineError(f"{task.name}: no trainable parameters (check {task.name}.trainable)")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
-                             num_training_steps=optimizer_steps)
-    ema = _make_ema(model, cfg.ema_decay)
-    model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(schedule)
+                             num_training_steps=math.ceil(plan.total / cfg.gradient_accumulation_steps))
+    ema = _make_ema(task.model, cfg.ema_decay)
+    model, optimizer = acc.prepare(task.model, optimizer)
+    acc.register_for_checkpointing(schedule)  # stepped by us once per optimiser step
     if ema is not None:
         acc.register_for_checkpointing(ema)
+    return model, optimizer, schedule, ema, trainable
 
+
+def train(task: Task, cfg: LoopConfig, checkpoint_dir: str | Path, fingerprint: str,
+          log: Callable[[dict, int], None] | None = None) -> TrainResult:
+    """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                      mixed_precision=cfg.mixed_precision)
+    world, rank, n = acc.num_processes, acc.process_index, len(task)
+    plan = _plan(n, cfg, world, acc)
+    model, optimizer, schedule, ema, trainable = _prepare(acc, task, cfg, plan)
     ckpts = Checkpoints(Path(checkpoint_dir), fingerprint, cfg.checkpoints_keep, acc)
     state = ckpts.resume()
     start = state.get("step", 0)
-    history: list[dict] = state.get("history", [])
-    epoch_sums: dict = {int(k): v for k, v in state.get("epoch_sums", {}).items()}
+    progress = _Progress(state)
     acc.step = start  # Accelerate's micro-step counter decides when accumulated gradients sync
     if start:
-        acc.print(f"{task.name}: resumed from step {start} of {total} ({ckpts.latest()})")
+        acc.print(f"{task.name}: resumed from step {start} of {plan.total} ({ckpts.latest()})")
 
-    bar = tqdm(total=total, initial=start, desc=f"train {task.name}", unit="step",
+    def optimise(loss: torch.Tensor) -> None:
+        acc.backward(loss)
+        if acc.sync_gradients:
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(acc.unwrap_model(model).parameters())
+
+    bar = tqdm(total=plan.total, initial=start, desc=f"train {task.name}", unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
-    window, fetch_s, step_s, seen = [], 0.0, 0.0, 0
     model.train()
     try:
-        for step in range(start, total):
-            epoch, k = divmod(step, steps_per_epoch)
+        for step in range(start, plan.total):
+            epoch, k = divmod(step, plan.steps_per_epoch)
             t0 = time.perf_counter()
-            order = epoch_order(n, cfg.seed, epoch)
-            lo = (k * world + rank) * per_rank
-            batch = task.batch(np.sort(order[lo:lo + per_rank]), acc.device)
+            lo = (k * world + rank) * plan.per_rank
+            batch = task.batch(np.sort(epoch_order(n, cfg.seed, epoch)[lo:lo + plan.per_rank]), acc.device)
             t1 = time.perf_counter()
+            lr = schedule.get_last_lr()[0]  # the rate this step's update uses
             with acc.accumulate(model):
                 with acc.autocast():
                     loss = task.loss(model, batch, step_generator(cfg.seed, step, rank, acc.device))
                 if not torch.isfinite(loss):
                     raise PipelineError(
                         f"train {task.name}: loss is {loss.item()} at step {step} (epoch {epoch}); "
-                        f"stopped, last good checkpoint kept: {ckpts.latest() or 'none'}"
-                    )
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    if cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.step(acc.unwrap_model(model).parameters())
+                        f"stopped, last good checkpoint kept: {ckpts.latest() or 'none'}")
+                optimise(loss)
             mean_loss = acc.gather(loss.detach().reshape(1)).mean().item()
-            t2 = time.perf_counter()
-            fetch_s, step_s, seen = fetch_s + (t1 - t0), step_s + (t2 - t0), seen + per_rank * world
-            window.append(mean_loss)
-            total_e, count_e = epoch_sums.get(epoch, (0.0, 0))
-            epoch_sums[epoch] = (total_e + mean_loss, count_e + 1)
+            progress.add(epoch, mean_loss, t1 - t0, time.perf_counter() - t0, plan.per_rank * world)
             bar.update(1)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-                point = {"step": step + 1, "epoch": epoch, "loss": float(np.mean(window)),
-                         "lr": schedule.get_last_lr()[0]}
-                history.append(point)
-                window = []
-                speed = seen / max(step_s, 1e-9)
-                bar.set_postfix(loss=f"{point['loss']:.4f}", samples_s=f"{speed:.0f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == plan.total:
+                point = progress.point(step + 1, epoch, lr)
+                bar.set_postfix(loss=f"{point['loss']:.4f}", samples_s=f"{progress.speed:.0f}")
                 if log is not None and acc.is_main_process:
-                    log({"loss": point["loss"], "lr": point["lr"], "samples_per_s": speed}, step + 1)
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-                ckpts.save(step + 1, {"history": history, "epoch_sums": epoch_sums})
+                    log({"loss": point["loss"], "lr": point["lr"], "samples_per_s": progress.speed}, step + 1)
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < plan.total:
+                ckpts.save(step + 1, progress.state())
     finally:
         bar.close()
     acc.wait_for_everyone()
@@ -182,11 +219,10 @@ def train(task: Task, cfg: LoopConfig, checkpoint_dir: str | Path, fingerprint: 
         ema.copy_to(final.parameters())
     if world > 1:
         _check_ranks_agree(final, acc, task.name)
-    ckpts.save(total, {"history": history, "epoch_sums": epoch_sums})
-    epochs = [s / c for _, (s, c) in sorted(epoch_sums.items())]
-    return TrainResult(model=final, history=history, epoch_losses=epochs, steps=total,
-                       samples_per_s=seen / max(step_s, 1e-9), data_share=fetch_s / max(step_s, 1e-9),
-                       is_main=acc.is_main_process)
+    ckpts.save(plan.total, progress.state())
+    return TrainResult(model=final, history=progress.history, epoch_losses=progress.epoch_losses(),
+                       steps=plan.total, samples_per_s=progress.speed,
+                       data_share=progress.fetch_s / max(progress.step_s, 1e-9), is_main=acc.is_main_process)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -137,6 +137,10 @@ def run_training(kind: str, params: Params, cache_dir: str, val_cache_dir: str |
     write_json(metrics_path, summary)
     write_plot(plot_path, result)
     tracker.log_summary({k: float(v) for k, v in summary.items()})
+    tracker.log_params({"model_dir": str(Path(out_dir).resolve()),
+                        "checkpoint_dir": str(Path(checkpoint_dir).resolve())})
+    for path in (metrics_path, plot_path, Path(out_dir) / "fashiondiff_config.json"):
+        tracker.log_artifact(path)
     tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share})
     print(f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
           f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
