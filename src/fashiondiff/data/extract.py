@@ -1,9 +1,9 @@
 """Extract a FashionGen-layout HDF5 file into lossless PNGs and a captions table.
 
-The main process streams the file ``chunk_size`` rows at a time and builds the
-table; a pool of ``workers`` processes PNG-encodes the pictures (the CPU cost),
-reading the raw pixels from a bounded ring of shared-memory slots, so memory stays
-flat however large the file. Everything is written to a temporary folder
+The main process streams the text ``chunk_size`` rows at a time and builds the
+table; a pool of ``workers`` processes reads and PNG-encodes the pictures (the CPU
+cost), each from its own handle on the file and a few rows at a time, so memory
+stays flat however large the file. Everything is written to a temporary folder
 beside ``out_dir`` and renamed at the end: a failed run leaves nothing behind.
 
 Usage::
@@ -18,8 +18,6 @@ composition, gender, season, brand, department, caption, image.
 
 from __future__ import annotations
 
-import math
-import mmap
 import multiprocessing
 import os
 import re
@@ -118,12 +116,14 @@ class _Table:
 # instead costs ~5 extra copies and page faults per image, as much as half of the
 # PNG encoding itself at level 1, and would eat most of the speed-up on 2 cores.
 
-_RING: np.ndarray | None = None  # a worker's view of the shared slots
+_SOURCE: FashionGen | None = None  # a worker's own handle on the HDF5 file
+_BUFFER: np.ndarray | None = None  # a worker's reusable pixel buffer
 
 
-def _init_worker(buffer: mmap.mmap, shape: tuple) -> None:
-    global _RING
-    _RING = np.ndarray(shape, dtype=np.uint8, buffer=buffer)
+def _open_source(path: str) -> None:
+    """Worker initialiser: every process opens the file itself (HDF5 handles must not cross fork)."""
+    global _SOURCE
+    _SOURCE = FashionGen(path)
 
 
 def _save_pngs(folder: str, pixels: np.ndarray, first_row: int, offsets: list[int]) -> int:
@@ -133,81 +133,63 @@ def _save_pngs(folder: str, pixels: np.ndarray, first_row: int, offsets: list[in
     return len(offsets)
 
 
-def _encode_task(task: tuple) -> tuple[int, int]:
-    """Worker: PNG-encode some rows of one slot; return (slot, images written)."""
-    folder, slot, first_row, offsets = task
-    return slot, _save_pngs(folder, _RING[slot], first_row, offsets)
+def _encode_rows(task: tuple) -> int:
+    """Read rows ``start .. stop - 1`` and PNG-encode those at ``offsets``; return the count."""
+    global _BUFFER
+    folder, start, stop, offsets = task
+    n = stop - start
+    if _BUFFER is None or len(_BUFFER) < n:
+        _BUFFER = np.empty((n, *_SOURCE.image_shape), dtype=np.uint8)
+    return _save_pngs(folder, _SOURCE.read_images(start, stop, out=_BUFFER), start, offsets)
 
 
 class _Encoder:
-    """PNG encoding in ``workers`` processes (inline with 0), over a ring of 3 chunk slots.
+    """Reading and PNG encoding of pixels in ``workers`` processes (inline with 0).
 
-    At most 3 chunks of pixels exist at once, however large the file: the main
-    process fills one slot while the workers encode the others. ``apply_async``
-    and a queue, not ``Pool.imap``: imap's feeder thread drains its input as fast as
-    it can, so bounding it would need a semaphore across threads, which can hang
-    ``terminate()`` on error.
+    Each worker opens the HDF5 file and reads the rows of its own task, so only
+    row numbers cross process boundaries: the main process reads text alone.
+    At most ``2 x workers`` tasks are in flight, so memory stays flat however large
+    the file; a worker's error (a corrupt chunk) is raised here by ``get()``.
     """
 
-    def __init__(self, folder: Path, workers: int, chunk_rows: int, image_shape: tuple):
-        self.folder = str(folder)
-        self.slots = 3 if workers else 1
-        shape = (self.slots, chunk_rows, *image_shape)
-        self.pool = None
-        if workers:
-            self.buffer = mmap.mmap(-1, math.prod(shape))  # MAP_SHARED: inherited by fork
-            self.ring = np.ndarray(shape, dtype=np.uint8, buffer=self.buffer)
-            self.pool = multiprocessing.get_context("fork").Pool(
-                workers, initializer=_init_worker, initargs=(self.buffer, shape))
-        else:
-            self.ring = np.empty(shape, dtype=np.uint8)
-        self.free = deque(range(self.slots))
-        self.tasks_left = [0] * self.slots
+    def __init__(self, path: Path, workers: int):
+        global _SOURCE
+        self.workers = workers
         self.pending: deque = deque()
-        self.finished = 0  # images written and not yet reported by take_finished()
+        if workers:
+            self.pool = multiprocessing.get_context("fork").Pool(
+                workers, initializer=_open_source, initargs=(str(path),))
+        else:
+            self.pool = None
+            _SOURCE = FashionGen(path)
 
-    def acquire(self) -> tuple[int, np.ndarray]:
-        """A free slot (waiting for the oldest work if none is): its index and buffer."""
-        while not self.free:
-            self._wait_one()
-        slot = self.free.popleft()
-        return slot, self.ring[slot]
-
-    def submit(self, slot: int, first_row: int, offsets: list[int]) -> None:
-        """Encode rows ``first_row + offsets`` of ``slot``; the slot is freed when done."""
+    def submit(self, task: tuple) -> int:
+        """Queue one task; return how many images finished meanwhile."""
         if self.pool is None:
-            self.finished += _save_pngs(self.folder, self.ring[slot], first_row, offsets)
-            self.free.append(slot)
-            return
-        for i in range(0, len(offsets), ENCODE_BATCH):
-            task = (self.folder, slot, first_row, offsets[i:i + ENCODE_BATCH])
-            self.pending.append(self.pool.apply_async(_encode_task, (task,)))
-            self.tasks_left[slot] += 1
-        if not self.tasks_left[slot]:
-            self.free.append(slot)
+            return _encode_rows(task)
+        self.pending.append(self.pool.apply_async(_encode_rows, (task,)))
+        done = 0
+        while len(self.pending) > 2 * self.workers:
+            done += self.pending.popleft().get()
+        return done
 
-    def _wait_one(self) -> None:
-        slot, written = self.pending.popleft().get()
-        self.finished += written
-        self.tasks_left[slot] -= 1
-        if not self.tasks_left[slot]:
-            self.free.append(slot)
-
-    def drain(self) -> None:
+    def drain(self) -> int:
+        done = 0
         while self.pending:
-            self._wait_one()
-
-    def take_finished(self) -> int:
-        done, self.finished = self.finished, 0
+            done += self.pending.popleft().get()
         return done
 
     def __enter__(self) -> "_Encoder":
         return self
 
     def __exit__(self, *exc) -> None:
+        global _SOURCE
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+        elif _SOURCE is not None:
+            _SOURCE.close()
+            _SOURCE = None
 
 
 # --- the stage function -------------------------------------------------------------
@@ -245,17 +227,16 @@ def extract(h5_path: str | os.PathLike, out_dir: str | os.PathLike, caption_temp
 
 def _stream(data: FashionGen, table: _Table, template: str, folder: Path,
             chunk_size: int, workers: int) -> None:
-    with _Encoder(folder, workers, chunk_size, data.image_shape) as encoder, \
+    with _Encoder(data.path, workers) as encoder, \
             tqdm(total=data.n_rows, unit="img", desc=f"extract {data.path.name}",
                  disable=None, leave=False, file=sys.stderr) as bar:
         for start in range(0, data.n_rows, chunk_size):
             rows = data.read(start, start + chunk_size, images=False)
             kept = table.add(rows, template)
             bar.update(len(rows) - len(kept))  # dropped rows count as done
-            if kept:
-                slot, pixels = encoder.acquire()
-                data.read_images(rows.start, rows.stop, out=pixels)
-                encoder.submit(slot, rows.start, kept)
-            bar.update(encoder.take_finished())
-        encoder.drain()
-        bar.update(encoder.take_finished())
+            for i in range(0, len(kept), ENCODE_BATCH):
+                offsets = kept[i:i + ENCODE_BATCH]
+                first = rows.start + offsets[0]
+                task = (str(folder), first, rows.start + offsets[-1] + 1, [o - offsets[0] for o in offsets])
+                bar.update(encoder.submit(task))
+        bar.update(encoder.drain())
