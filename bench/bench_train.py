@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as the stages run on a CPU (see fashiondiff.errors)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         captions, enc, cache = setup(root, n_products=max(8, args.batch // 2))

@@ -16,6 +16,8 @@ teaches the encoders the synthetic data's look before anything is saved.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -86,11 +88,44 @@ class TinyParts:
 def train_tokenizers(texts: Iterable[str], spec: TinySpec) -> tuple[CLIPTokenizer, XLMRobertaTokenizer]:
     """Train both tokenizers offline on the captions (no vocabulary files needed)."""
     texts = [t.lower() for t in texts]
-    clip_tok = CLIPTokenizer().train_new_from_iterator(iter(texts), vocab_size=spec.clip_vocab)
+    clip_tok = canonical_ids(CLIPTokenizer().train_new_from_iterator(iter(texts), vocab_size=spec.clip_vocab))
     clip_tok.model_max_length = TEXT_LENGTH
-    xlm_tok = XLMRobertaTokenizer().train_new_from_iterator(iter(texts), vocab_size=spec.mclip_vocab)
+    xlm_tok = canonical_ids(XLMRobertaTokenizer().train_new_from_iterator(iter(texts),
+                                                                          vocab_size=spec.mclip_vocab))
     xlm_tok.model_max_length = TEXT_LENGTH
     return clip_tok, xlm_tok
+
+
+def canonical_ids(tokenizer):
+    """The same tokenizer with its ids in a fixed order.
+
+    The `tokenizers` trainers order tokens of equal frequency by a per-process hash:
+    the same vocabulary and merges come out with other ids in every process, which
+    would make the base model (and all that follows) differ run to run. Special tokens
+    keep their ids; the others are renumbered by (length, text) for BPE and by (score,
+    text) for Unigram, which does not change how any text is split.
+    """
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = data["model"]
+    special = {t["content"] for t in data["added_tokens"]}
+    if model["type"] == "BPE":
+        vocab = model["vocab"]
+        head = sorted((t for t in vocab if t in special), key=vocab.get)
+        rest = sorted((t for t in vocab if t not in special), key=lambda t: (len(t), t))
+        model["vocab"] = {t: i for i, t in enumerate(head + rest)}
+        ids = model["vocab"]
+    else:  # Unigram: a list of [piece, score], the position is the id
+        head = [p for p in model["vocab"] if p[0] in special]
+        rest = sorted((p for p in model["vocab"] if p[0] not in special), key=lambda p: (-p[1], p[0]))
+        model["vocab"] = head + rest
+        ids = {p[0]: i for i, p in enumerate(model["vocab"])}
+        model["unk_id"] = ids.get(tokenizer.unk_token, model.get("unk_id"))
+    for token in data["added_tokens"]:
+        token["id"] = ids[token["content"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+        return type(tokenizer).from_pretrained(tmp)
 
 
 def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec(), seed: int = 0) -> TinyParts:

@@ -1,0 +1,190 @@
+"""The embedded tiny Kandinsky 2.1: 2.1's very classes, encoders that learn, folders that
+load and generate in plain diffusers, and a loader that never downloads."""
+
+from __future__ import annotations
+
+import copy as copy_module
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    KandinskyImg2ImgPipeline,
+    KandinskyPipeline,
+    KandinskyPriorPipeline,
+    PriorTransformer,
+    UNet2DConditionModel,
+    UnCLIPScheduler,
+    VQModel,
+)
+from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
+from PIL import Image, ImageDraw
+from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+from fashiondiff.errors import PipelineError
+from fashiondiff.models import pretrain as pt
+from fashiondiff.models.loader import load_decoder, load_prior
+from fashiondiff.models.tiny import TinySpec, build_tiny, save_pipelines, train_tokenizers
+
+SPEC = TinySpec(clip_image_size=64, clip_patch_size=16)
+CONFIG = pt.PretrainConfig(clip_steps=40, movq_steps=30, mclip_steps=30, batch_size=8, lr=2e-3,
+                           resolution=32, seed=0)
+COLOURS = {"red": (210, 30, 30), "green": (30, 150, 60), "blue": (40, 70, 210), "yellow": (235, 200, 30)}
+SHAPES = ("square", "circle", "triangle")
+
+
+def shape_image(colour: str, shape: str, shift: int) -> np.ndarray:
+    """A 64x64 picture of a coloured shape on a light background, moved by ``shift`` pixels."""
+    img = Image.new("RGB", (64, 64), (240, 238, 232))
+    draw = ImageDraw.Draw(img)
+    box = [14 + shift, 14 - shift, 50 + shift, 50 - shift]
+    fill = COLOURS[colour]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=fill)
+    return np.asarray(img)
+
+
+def shapes_data() -> tuple[np.ndarray, list[str], list[int]]:
+    """12 products (colour x shape), 2 poses each: images, captions, product ids."""
+    images, captions, products = [], [], []
+    for p, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
+        for shift in (-3, 3):
+            images.append(shape_image(colour, shape, shift))
+            captions.append(f"{colour.capitalize()} {shape}")
+            products.append(p)
+    return np.stack(images), captions, products
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny model pre-trained for a few steps on the shapes, and its saved folders."""
+    images, captions, products = shapes_data()
+    torch.manual_seed(0)
+    parts = build_tiny(captions, SPEC, seed=0)
+    before = pt.reconstruction_error(parts.movq, images, CONFIG.resolution)
+    losses = pt.pretrain(parts, images, captions, CONFIG, progress=False).losses
+    out = tmp_path_factory.mktemp("tiny")
+    save_pipelines(parts, out)
+    return {"parts": parts, "losses": losses, "out": out, "before": before,
+            "data": (images, captions, products)}
+
+
+def _start_end(curve: list[float], n: int = 5) -> tuple[float, float]:
+    return float(np.mean(curve[:n])), float(np.mean(curve[-n:]))
+
+
+def test_short_pretraining_lowers_every_loss(trained):
+    for name in ("clip", "movq", "mclip"):
+        start, end = _start_end(trained["losses"][name])
+        assert end < 0.8 * start, f"{name} loss {start:.3f} -> {end:.3f}"
+    after = pt.reconstruction_error(trained["parts"].movq, trained["data"][0], CONFIG.resolution)
+    assert after["mse"] < 0.5 * trained["before"]["mse"]
+
+
+def test_clip_learns_the_shapes_and_metrics_report_chance(trained):
+    images, captions, products = trained["data"]
+    r = pt.retrieval_accuracy(trained["parts"], images, captions, products)
+    assert r["candidates"] == 12 and r["top1_chance"] == pytest.approx(1 / 12)
+    assert r["top5_chance"] == pytest.approx(5 / 12)
+    assert r["top5"] > r["top5_chance"]  # 40 steps: better than chance on its training data
+
+
+def test_retrieval_ties_count_as_chance_and_identical_captions_as_one_block():
+    scores = torch.zeros(3, 4)  # every candidate tied: expected accuracy is exactly chance
+    own = torch.eye(3, 4, dtype=torch.bool)
+    assert pt._hit_probability(scores, own, 1).tolist() == pytest.approx([0.25] * 3)
+    scores = torch.tensor([[0.9, 0.9, 0.1, 0.0]])  # own (0) tied with an identical caption (1)
+    assert pt._hit_probability(scores, torch.tensor([[True, False, False, False]]), 1).item() == 0.5
+    assert pt._hit_probability(scores, torch.tensor([[True, True, False, False]]), 1).item() == 1.0
+    assert pt._chance(4, np.array([2]), 1) == pytest.approx(0.5)
+
+
+def test_prior_statistics_are_those_of_the_clip_image_embeddings(trained):
+    parts = trained["parts"]
+    embeds = pt.clip_image_embeds(parts, pt.clip_pixels(trained["data"][0], parts.image_processor))
+    assert (parts.prior.clip_std > 0).all()
+    torch.testing.assert_close(parts.prior.clip_mean, embeds.mean(0, keepdim=True))
+    torch.testing.assert_close(parts.prior.clip_std, embeds.std(0, keepdim=True).clamp_min(1e-3))
+
+
+def test_weights_are_safetensors_only(trained):
+    out: Path = trained["out"]
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    for folder in ("prior/prior", "prior/text_encoder", "prior/image_encoder", "decoder/unet",
+                   "decoder/text_encoder", "decoder/movq"):
+        assert list((out / folder).glob("*.safetensors")), folder
+
+
+def test_folders_are_kandinsky_2_1_in_plain_diffusers(trained):
+    out = trained["out"]
+    prior = KandinskyPriorPipeline.from_pretrained(out / "prior")
+    decoder = KandinskyPipeline.from_pretrained(out / "decoder")
+    assert type(prior.text_encoder) is CLIPTextModelWithProjection
+    assert type(prior.image_encoder) is CLIPVisionModelWithProjection
+    assert type(prior.prior) is PriorTransformer and type(prior.scheduler) is UnCLIPScheduler
+    assert type(decoder.text_encoder) is MultilingualCLIP and type(decoder.scheduler) is DDIMScheduler
+    assert type(decoder.unet) is UNet2DConditionModel and type(decoder.movq) is VQModel
+    unet = decoder.unet.config
+    assert (unet.addition_embed_type, unet.encoder_hid_dim_type, unet.out_channels) == (
+        "text_image", "text_image_proj", 8)
+    assert decoder.movq.config.norm_type == "spatial"
+    # the pre-trained weights, not fresh ones, came back
+    torch.testing.assert_close(prior.prior.clip_std, trained["parts"].prior.clip_std)
+
+
+def test_saved_pipelines_generate_text_to_image_and_image_to_image(trained):
+    out = trained["out"]
+    prior = KandinskyPriorPipeline.from_pretrained(out / "prior")
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    emb = prior("Red circle", num_inference_steps=2, generator=gen())
+    decoder = KandinskyPipeline.from_pretrained(out / "decoder")
+    image = decoder("Red circle", image_embeds=emb.image_embeds,
+                    negative_image_embeds=emb.negative_image_embeds, height=64, width=64,
+                    num_inference_steps=2, generator=gen(), output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    img2img = KandinskyImg2ImgPipeline.from_pretrained(out / "decoder")
+    start = Image.fromarray(shape_image("blue", "square", 0))
+    image = img2img("Blue square", image=start, image_embeds=emb.image_embeds,
+                    negative_image_embeds=emb.negative_image_embeds, height=64, width=64,
+                    num_inference_steps=4, strength=0.5, generator=gen(), output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_loader_reads_the_tiny_folders(trained):
+    assert type(load_prior(str(trained["out"] / "prior"))) is KandinskyPriorPipeline
+    assert type(load_decoder(str(trained["out"] / "decoder"), img2img=True)) is KandinskyImg2ImgPipeline
+
+
+def test_hub_id_not_in_cache_fails_fast_and_says_how_to_download():
+    started = time.perf_counter()
+    with pytest.raises(PipelineError, match="hf download fashiondiff-tests/no-such-model"):
+        load_prior("fashiondiff-tests/no-such-model")
+    assert time.perf_counter() - started < 3
+
+
+def test_pretraining_is_deterministic_from_the_seed():
+    images, captions, _ = shapes_data()
+    config = pt.PretrainConfig(clip_steps=2, movq_steps=2, mclip_steps=2, batch_size=4,
+                               resolution=32, seed=3)
+    parts = build_tiny(captions, SPEC, seed=3)
+    runs = []
+    for copy in (copy_module.deepcopy(parts), copy_module.deepcopy(parts)):
+        runs.append((pt.pretrain(copy, images, captions, config, progress=False).losses, copy))
+    (a, parts_a), (b, parts_b) = runs
+    assert a == b
+    torch.testing.assert_close(parts_a.prior.clip_mean, parts_b.prior.clip_mean, rtol=0, atol=0)
+
+
+def test_tokenizers_are_deterministic():
+    captions = shapes_data()[1]
+    runs = [train_tokenizers(captions, SPEC) for _ in range(3)]
+    for clip_tok, xlm_tok in runs[1:]:
+        assert clip_tok.get_vocab() == runs[0][0].get_vocab()
+        assert xlm_tok.get_vocab() == runs[0][1].get_vocab()
