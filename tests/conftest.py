@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: see below
+
 import h5py
 import numpy as np
 import pytest
+import torch
+
+# One intra-op thread, as the stages use on a CPU (fashiondiff.errors.cli): with two,
+# OpenMP threads spin against any other process and a tiny model's step can take 20x
+# longer on a 2-core machine.
+torch.set_num_threads(1)
 
 from fashiondiff.data.synthetic import write_synthetic
 

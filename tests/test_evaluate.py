@@ -67,7 +67,7 @@ def setup(tmp_path_factory):
     params = dataclasses.replace(
         base, clip_image_size=32, diffusion_steps=2,
         data=dataclasses.replace(base.data, holdout_fraction=0.5),
-        model=dataclasses.replace(base.model, resolution=32),
+        model=dataclasses.replace(base.model, resolution=64),  # MoVQ factor 8: sizes step by 64
         evaluate=dataclasses.replace(base.evaluate, num_prompts=3, prior_steps=2, batch_size=2),
     )
     return root, extracted, params

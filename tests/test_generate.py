@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FAST = ["--steps", "2", "--prior-steps", "2", "--height", "32", "--width", "32"]
+FAST = ["--steps", "2", "--prior-steps", "2", "--height", "64", "--width", "64"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_text_to_image(models, runs):
     result = runs["text"]
     ok(result)
     with Image.open(models / "out.png") as im:
-        assert im.format == "PNG" and im.size == (32, 32)
+        assert im.format == "PNG" and im.size == (64, 64)
     assert result.stdout.strip() == "out.png"
 
 
@@ -82,13 +82,13 @@ def test_image_and_text_to_several_images(models, runs):
     files = sorted(p.name for p in (models / "edits").iterdir())
     assert files == ["seed-0.png", "seed-1.png"]
     with Image.open(models / "edits" / "seed-0.png") as a, Image.open(models / "edits" / "seed-1.png") as b:
-        assert a.size == (32, 32) and not np.array_equal(np.asarray(a), np.asarray(b))
+        assert a.size == (64, 64) and not np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_mix_of_text_and_image(models, runs):
     ok(runs["mix"])
     with Image.open(models / "mix.png") as im:
-        assert im.size == (32, 32)
+        assert im.size == (64, 64)
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -97,3 +97,12 @@ def test_one_mlflow_parent_per_pipeline_run_with_nested_stages(project):
     assert {"train_prior", "train_decoder", "evaluate"} <= children
     assert "evaluate.tuned.fd_clip" in first.data.metrics or any(
         k.endswith("tuned.fd_clip") for k in first.data.metrics), first.data.metrics.keys()
+
+
+def test_repro_force_gives_identical_metrics(project):
+    before = (project / "reports/metrics.json").read_bytes()
+    base_before = json.loads((project / "reports/base/base_metrics.json").read_text())
+    sh(project, str(DVC), "repro", "--force")
+    assert (project / "reports/metrics.json").read_bytes() == before
+    base_after = json.loads((project / "reports/base/base_metrics.json").read_text())
+    assert base_after["retrieval"] == base_before["retrieval"] and base_after["movq"] == base_before["movq"]

@@ -12,8 +12,8 @@ Usage::
 Sampling defaults come from ./params.yaml when it exists (diffusion_steps, evaluate.*,
 model.resolution), else 100 decoder steps, 25 prior steps, guidance 4, 512x512 (2.1's
 native size). Image ``k`` of ``--num-images`` uses seed ``--seed + k``, so any one image
-can be made again alone. Kandinsky 2.1 rounds sizes up to a multiple of 64 (the tiny
-model: 16). The library functions below are shared with ``evaluate``.
+can be made again alone. Kandinsky 2.1 rounds sizes up to a multiple of 64 (MoVQ's 8x
+downsampling squared), the tiny model too. The library functions below are shared with ``evaluate``.
 """
 
 from __future__ import annotations
