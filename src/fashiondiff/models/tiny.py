@@ -87,8 +87,10 @@ class TinyParts:
 
 def train_tokenizers(texts: Iterable[str], spec: TinySpec) -> tuple[CLIPTokenizer, XLMRobertaTokenizer]:
     """Train both tokenizers offline on the captions (no vocabulary files needed)."""
-    texts = [t.lower() for t in texts]
-    clip_tok = canonical_ids(CLIPTokenizer().train_new_from_iterator(iter(texts), vocab_size=spec.clip_vocab))
+    texts = list(texts)
+    # CLIP's tokenizer lowercases its input; XLM-R's does not, so it learns the cased text.
+    clip_tok = canonical_ids(CLIPTokenizer().train_new_from_iterator((t.lower() for t in texts),
+                                                                     vocab_size=spec.clip_vocab))
     clip_tok.model_max_length = TEXT_LENGTH
     xlm_tok = canonical_ids(XLMRobertaTokenizer().train_new_from_iterator(iter(texts),
                                                                           vocab_size=spec.mclip_vocab))
