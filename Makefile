@@ -36,4 +36,4 @@ ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 clean:
-	rm -rf data models checkpoints reports/metrics.json reports/plots reports/samples
+	rm -rf data models checkpoints reports/metrics.json reports/plots reports/samples reports/embedded

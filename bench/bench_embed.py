@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 
 from fashiondiff.data.extract import extract
-from fashiondiff.data.synthetic import write_synthetic
+from fashiondiff.embedded.synthetic import write_synthetic
 from fashiondiff.embed.cache import build_cache, load_encoders, open_cache
 from fashiondiff.models.loader import load_decoder, load_prior
-from fashiondiff.models.tiny import TinySpec, build_tiny, save_pipelines
+from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.loop import step_generator
 from fashiondiff.train.prior import PriorTask

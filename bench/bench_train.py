@@ -24,12 +24,12 @@ import pandas as pd
 import torch
 
 from fashiondiff.data.extract import extract
-from fashiondiff.data.synthetic import write_synthetic
+from fashiondiff.embedded.synthetic import write_synthetic
 from fashiondiff.embed.cache import (
     build_cache, clip_pixels, encode_images, encode_texts, load_encoders, movq_pixels, open_cache,
 )
 from fashiondiff.models.loader import load_decoder, load_prior
-from fashiondiff.models.tiny import TinySpec, build_tiny, save_pipelines
+from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.loop import step_generator
 from fashiondiff.train.prior import PriorTask

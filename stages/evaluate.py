@@ -1,8 +1,6 @@
-"""evaluate: base vs tuned Kandinsky 2.1 on held-out captions -> reports/metrics.json, samples.
+"""DVC stage `evaluate`: base vs tuned Kandinsky 2.1 on held-out captions -> metrics, samples.
 
-Usage::
-
-    python stages/evaluate.py CAPTIONS_DIR TUNED_DIR REPORTS_DIR
+Usage: python stages/evaluate.py CAPTIONS_DIR TUNED_DIR REPORTS_DIR
 
 The base model is params ``model.prior`` / ``model.decoder`` (folders or cached Hub ids);
 the tuned one is ``TUNED_DIR/prior`` and ``TUNED_DIR/decoder``.
@@ -13,23 +11,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from fashiondiff.config import load_params
+from fashiondiff.config import seed_everything, stage_params
 from fashiondiff.errors import cli
 from fashiondiff.evaluate.run import evaluate
 from fashiondiff.tracking import stage_run
 
 
 @cli
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("captions_dir", help="extracted held-out split (captions.parquet + images/)")
     parser.add_argument("tuned_dir", help="folder with the tuned prior/ and decoder/")
     parser.add_argument("reports_dir", help="where metrics.json and samples/ go")
-    args = parser.parse_args()
-    params = load_params()
-    torch.manual_seed(params.seed)
+    args = parser.parse_args(argv)
+    params = stage_params("evaluate")
+    seed_everything(params.seed)
     tuned = Path(args.tuned_dir)
     with stage_run("evaluate", params) as tracker:
         report = evaluate(args.captions_dir, params.model.prior, params.model.decoder,

@@ -1,15 +1,14 @@
-"""DVC stage: extract one FashionGen-layout HDF5 file into PNGs and a captions table.
+"""DVC stage `extract`: one FashionGen-layout HDF5 file -> PNGs and a captions table.
 
 Usage: python stages/extract.py INPUT.h5 OUTPUT_DIR
 Writes OUTPUT_DIR/images/<row>.png and OUTPUT_DIR/captions.parquet.
-Params: data.caption, data.chunk_size, data.workers.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from fashiondiff.config import load_params
+from fashiondiff.config import stage_params
 from fashiondiff.data.extract import extract
 from fashiondiff.errors import cli
 
@@ -20,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("input", help="FashionGen-layout .h5 file")
     parser.add_argument("output", help="folder to write images/ and captions.parquet into")
     args = parser.parse_args(argv)
-    data = load_params().data
+    data = stage_params("extract").data
     extract(args.input, args.output, data.caption, data.chunk_size, data.workers)
 
 

@@ -12,13 +12,38 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 # One intra-op thread, as the stages use on a CPU (fashiondiff.errors.cli): with two,
 # OpenMP threads spin against any other process and a tiny model's step can take 20x
 # longer on a 2-core machine.
 torch.set_num_threads(1)
 
-from fashiondiff.data.synthetic import write_synthetic
+from fashiondiff.config import Params, params_from_dict
+from fashiondiff.embedded.synthetic import write_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def merge(tree: dict, over: dict) -> dict:
+    """``tree`` updated in place by the nested ``over`` (dotted keys allowed at any level)."""
+    for key, value in over.items():
+        *path, last = key.split(".")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = merge(node.get(last, {}), value) if isinstance(value, dict) else value
+    return tree
+
+
+def params_tree(**overrides) -> dict:
+    """The repository's params.yaml as a dict, with ``overrides`` (dotted keys) applied."""
+    return merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+
+
+def repo_params(**overrides) -> Params:
+    """The repository's params (the one source of values), validated, with overrides."""
+    return params_from_dict(params_tree(**overrides))
 
 
 @pytest.fixture(scope="session")

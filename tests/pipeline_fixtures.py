@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import merge, params_tree
 
 from fashiondiff.data.extract import extract
-from fashiondiff.data.synthetic import write_synthetic
-from fashiondiff.models.tiny import TinySpec, build_tiny, save_pipelines
+from fashiondiff.embedded.synthetic import write_synthetic
+from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPEC = TinySpec(clip_image_size=64, clip_patch_size=16)
@@ -40,19 +41,14 @@ def tiny_base(tmp_path_factory, extracted) -> Path:
 
 
 def stage_params(base: Path, **overrides) -> dict:
-    params = {
+    """The repository's params, shrunk for the tiny model, with ``overrides`` (dotted keys)."""
+    small = {
         "epochs": 2, "batch_size": 4, "clip_image_size": TINY_SPEC.clip_image_size, "seed": 0,
         "model": {"prior": str(base / "prior"), "decoder": str(base / "decoder"), "resolution": 64},
         "embed": {"batch_size": 4},
         "train": {"checkpoint_every": 2, "log_every": 1, "warmup_steps": 1},
     }
-    for key, value in overrides.items():
-        node = params
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return params
+    return merge(params_tree(**small), overrides)
 
 
 def run_stage(cwd: Path, params: dict, script: str, *args: str, launcher: list[str] | None = None,

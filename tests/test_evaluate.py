@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fashiondiff.config import Params
+from conftest import repo_params
 from fashiondiff.data.split import select_split
 from fashiondiff.evaluate.run import choose_prompts, evaluate
 
@@ -47,7 +47,7 @@ class RecordingTracker:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from fashiondiff.models.tiny import TinySpec, build_tiny, save_pipelines
+    from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
 
     root = tmp_path_factory.mktemp("evaluate")
     save_pipelines(build_tiny(NAMES * 2, TinySpec(clip_image_size=32, clip_patch_size=16)), root / "models")
@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
                         "category": "CLOTHING", "name": NAMES[product], "description": "",
                         "caption": NAMES[product], "image": image})
     pd.DataFrame(records).to_parquet(extracted / "captions.parquet")
-    base = Params()
+    base = repo_params()
     params = dataclasses.replace(
         base, clip_image_size=32, diffusion_steps=2,
         data=dataclasses.replace(base.data, holdout_fraction=0.5),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -185,3 +187,41 @@ def test_reader_streams_in_chunks(synthetic_h5):
         sizes = [len(rows) for rows in data.chunks(5)]
         assert sizes == [5, 5, 2] and data.image_shape == (256, 256, 3)
         assert data.read(10, 99).images.shape == (2, 256, 256, 3)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc/*/stat: field 4 is the parent's pid)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_killed_worker_fails_the_stage_within_seconds(make_h5, tmp_path):
+    """kill -9 of a PNG encoder (as the OOM killer would): one-line error, exit 1, no outputs,
+    no temp folder, within 10 s (multiprocessing.Pool used to wait forever)."""
+    n = 4000  # 64x64 noise: a few seconds of encoding, time enough to kill a worker
+    pixels = np.random.default_rng(0).integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
+    h5 = make_h5(tmp_path / "big.h5", n=n, input_image=pixels)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    stage = subprocess.Popen([sys.executable, str(REPO / "stages/extract.py"), str(h5), str(out)], cwd=REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _children(stage.pid) and time.monotonic() < deadline and stage.poll() is None:
+        time.sleep(0.01)
+    workers = _children(stage.pid)
+    assert workers, "the stage started no worker"
+    os.kill(workers[0], signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = stage.communicate(timeout=30)
+    assert time.monotonic() - killed < 10
+    assert stage.returncode == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "died" in lines[0], stderr
+    assert sorted(os.listdir(tmp_path)) == ["big.h5"]

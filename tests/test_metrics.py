@@ -106,7 +106,7 @@ def test_clip_score_definition_on_hand_made_vectors():
 
 @pytest.fixture(scope="module")
 def tiny_prior():
-    from fashiondiff.models.tiny import TinySpec, build_tiny, prior_pipeline
+    from fashiondiff.embedded.tiny import TinySpec, build_tiny, prior_pipeline
 
     texts = ["black leather mini skirt", "white cotton shirt", "blue denim jacket"] * 4
     return prior_pipeline(build_tiny(texts, TinySpec(clip_image_size=32, clip_patch_size=16)))

@@ -4,6 +4,10 @@ load and generate in plain diffusers, and a loader that never downloads."""
 from __future__ import annotations
 
 import copy as copy_module
+import dataclasses
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,14 +28,17 @@ from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
+from fashiondiff.config import PretrainParams
 from fashiondiff.errors import PipelineError
-from fashiondiff.models import pretrain as pt
+from fashiondiff.embedded import pretrain as pt
 from fashiondiff.models.loader import load_decoder, load_prior
-from fashiondiff.models.tiny import TinySpec, build_tiny, save_pipelines, train_tokenizers
+from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines, train_tokenizers
 
+REPO = Path(__file__).resolve().parents[1]
 SPEC = TinySpec(clip_image_size=64, clip_patch_size=16)
-CONFIG = pt.PretrainConfig(clip_steps=40, movq_steps=30, mclip_steps=30, batch_size=8, lr=2e-3,
-                           resolution=32, seed=0)
+CONFIG = PretrainParams(clip_steps=40, movq_steps=30, mclip_steps=30, batch_size=8, movq_batch_size=4,
+                        lr=2e-3, latent_weight=1.0, guide_fraction=0.5)
+RESOLUTION = 32
 COLOURS = {"red": (210, 30, 30), "green": (30, 150, 60), "blue": (40, 70, 210), "yellow": (235, 200, 30)}
 SHAPES = ("square", "circle", "triangle")
 
@@ -68,8 +75,8 @@ def trained(tmp_path_factory):
     images, captions, products = shapes_data()
     torch.manual_seed(0)
     parts = build_tiny(captions, SPEC, seed=0)
-    before = pt.reconstruction_error(parts.movq, images, CONFIG.resolution)
-    losses = pt.pretrain(parts, images, captions, CONFIG, progress=False).losses
+    before = pt.reconstruction_error(parts.movq, images, RESOLUTION)
+    losses = pt.pretrain(parts, images, captions, CONFIG, RESOLUTION, seed=0, progress=False).losses
     out = tmp_path_factory.mktemp("tiny")
     save_pipelines(parts, out)
     return {"parts": parts, "losses": losses, "out": out, "before": before,
@@ -84,7 +91,7 @@ def test_short_pretraining_lowers_every_loss(trained):
     for name in ("clip", "movq", "mclip"):
         start, end = _start_end(trained["losses"][name])
         assert end < 0.8 * start, f"{name} loss {start:.3f} -> {end:.3f}"
-    after = pt.reconstruction_error(trained["parts"].movq, trained["data"][0], CONFIG.resolution)
+    after = pt.reconstruction_error(trained["parts"].movq, trained["data"][0], RESOLUTION)
     assert after["mse"] < 0.5 * trained["before"]["mse"]
 
 
@@ -171,15 +178,41 @@ def test_hub_id_not_in_cache_fails_fast_and_says_how_to_download():
 
 def test_pretraining_is_deterministic_from_the_seed():
     images, captions, _ = shapes_data()
-    config = pt.PretrainConfig(clip_steps=2, movq_steps=2, mclip_steps=2, batch_size=4,
-                               resolution=32, seed=3)
+    config = dataclasses.replace(CONFIG, clip_steps=2, movq_steps=2, mclip_steps=2, batch_size=4)
     parts = build_tiny(captions, SPEC, seed=3)
     runs = []
     for copy in (copy_module.deepcopy(parts), copy_module.deepcopy(parts)):
-        runs.append((pt.pretrain(copy, images, captions, config, progress=False).losses, copy))
+        runs.append((pt.pretrain(copy, images, captions, config, RESOLUTION, seed=3, progress=False).losses, copy))
     (a, parts_a), (b, parts_b) = runs
     assert a == b
     torch.testing.assert_close(parts_a.prior.clip_mean, parts_b.prior.clip_mean, rtol=0, atol=0)
+
+
+TOKENIZER_FILES = """
+import hashlib, sys, tempfile, pathlib
+from fashiondiff.embedded.tiny import TinySpec, train_tokenizers
+captions = sys.stdin.read().splitlines()
+digests = []
+for tok in train_tokenizers(captions, TinySpec()):
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        digests += [hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(pathlib.Path(d).iterdir())]
+print(" ".join(digests))
+"""
+
+
+def test_tokenizer_files_are_identical_across_processes():
+    """The `tokenizers` trainers order ties by a per-process hash: ours must not."""
+    from fashiondiff.embedded.synthetic import _catalogue
+
+    captions = [p.text["input_name"] for p in _catalogue(40, 1, seed=0, first_product_id=0)[0]]
+    outputs = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO / "src")}
+        run = subprocess.run([sys.executable, "-c", TOKENIZER_FILES], input="\n".join(captions), text=True,
+                             capture_output=True, env=env, check=True)
+        outputs.add(run.stdout)
+    assert len(outputs) == 1, outputs
 
 
 def test_tokenizers_are_deterministic():

@@ -10,12 +10,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from fashiondiff.data import synthetic
-from fashiondiff.data.synthetic import COLOURS, GARMENTS, Pose, Product, render, synthesize
-from fashiondiff.data.synthetic import write_synthetic
+from fashiondiff.embedded import synthetic
+from fashiondiff.embedded.synthetic import COLOURS, GARMENTS, Pose, Product, render, synthesize
+from fashiondiff.embedded.synthetic import write_synthetic
 from fashiondiff.errors import PipelineError
+from conftest import params_tree
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_KEYS = {"input_name", "input_description", "input_category", "input_subcategory",
@@ -117,8 +119,9 @@ def test_synthesize_two_files_with_disjoint_products(tmp_path):
 
 
 def test_stage_writes_both_files(tmp_path):
-    (tmp_path / "params.yaml").write_text(
-        "seed: 3\nsynthetic: {train_products: 2, validation_products: 1, poses_per_product: 2}\n")
+    tree = params_tree(**{"seed": 3, "embedded.synthetic": {"train_products": 2, "validation_products": 1,
+                                                             "poses_per_product": 2}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, str(REPO / "stages/synthesize.py"), "raw"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fashiondiff.config import Params
+from conftest import REPO, repo_params
 from fashiondiff.errors import PipelineError
 from fashiondiff import tracking
 from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run
@@ -30,17 +30,17 @@ from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-EXPERIMENT = Params().mlflow.experiment
+EXPERIMENT = repo_params().mlflow.experiment
 
 # One "stage": a few step metrics, stage params, a summary and a small artefact.
 STAGE = textwrap.dedent("""
     import dataclasses, sys
     from pathlib import Path
-    from fashiondiff.config import Params
+    from fashiondiff.config import load_params
     from fashiondiff.tracking import stage_run
 
-    stage, uri, lr = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    params = dataclasses.replace(Params(), lr=lr)
+    stage, uri, lr, params_file = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    params = dataclasses.replace(load_params(params_file), lr=lr)
     note = Path(f"{stage}.txt")
     note.write_text(stage)
     with stage_run(stage, params, tracking_uri=uri) as tracker:
@@ -62,7 +62,7 @@ def _run_stages(workdir: Path, uri: str, stages=("prepare", "train"), lr: float 
     script = workdir / "stage.py"
     script.write_text(STAGE)
     for stage in stages:
-        out = subprocess.run([sys.executable, str(script), stage, uri, str(lr)], cwd=workdir,
+        out = subprocess.run([sys.executable, str(script), stage, uri, str(lr), str(REPO / "params.yaml")], cwd=workdir,
                              env=_clean_env(), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout == ""  # nothing from mlflow on stdout
@@ -110,7 +110,7 @@ def test_two_stage_processes_share_one_parent(local_stage):
     client, exp_id = _client(tmp_path / "mlflow.db")
 
     [parent] = _search(client, exp_id, PARENTS)
-    flat = Params().flat()
+    flat = repo_params().flat()
     assert parent.data.params == {k: str(v) for k, v in flat.items()}  # > 60 params, all of them
     assert parent.data.params["lr"] == "0.0005" and parent.data.params["data.caption"] == "{name}"
     assert parent.data.tags["dvc.exp_name"] == "local"
@@ -130,14 +130,14 @@ def test_two_stage_processes_share_one_parent(local_stage):
         art = tmp_path / "mlartifacts" / child.info.run_id / "artifacts" / "notes"
         assert (art / f"{child.info.run_name}.txt").read_text() == child.info.run_name
 
-    with stage_run("train", dataclasses.replace(Params(), lr=0.001)):  # in-process: same cwd
+    with stage_run("train", dataclasses.replace(repo_params(), lr=0.001)):  # in-process: same cwd
         pass
     parents = _search(client, exp_id, PARENTS)
     assert sorted(p.data.params["lr"] for p in parents) == ["0.0005", "0.001"]
 
 
 def test_rerun_supersedes_old_child_and_failure_is_recorded(local_stage):
-    params = Params()
+    params = repo_params()
     for _ in range(2):  # dvc repro --force: the same stage again under the same key
         with stage_run("train", params) as tracker:
             tracker.log_metrics({"loss": 1.0}, step=0)
@@ -159,7 +159,7 @@ def test_rerun_supersedes_old_child_and_failure_is_recorded(local_stage):
 
 def test_many_and_long_params_are_batched(local_stage):
     extras = {f"extra.{i:03d}": i for i in range(250)} | {"long": "x" * 10_000}
-    with stage_run("embed", Params()) as tracker:
+    with stage_run("embed", repo_params()) as tracker:
         tracker.log_params(extras)
         tracker.log_metrics({f"m{i}": float(i) for i in range(1001)}, step=3)
     client, _ = _client(local_stage / "mlflow.db")
@@ -170,15 +170,15 @@ def test_many_and_long_params_are_batched(local_stage):
 
 
 def test_pipeline_key(local_stage, monkeypatch):
-    base = pipeline_identity(Params())
-    assert base == pipeline_identity(Params())  # no time, no randomness
-    assert pipeline_identity(dataclasses.replace(Params(), lr=0.001))["key"] != base["key"]
+    base = pipeline_identity(repo_params())
+    assert base == pipeline_identity(repo_params())  # no time, no randomness
+    assert pipeline_identity(dataclasses.replace(repo_params(), lr=0.001))["key"] != base["key"]
     monkeypatch.setenv("DVC_STAGE", "train_prior")
-    repro = pipeline_identity(Params())
+    repro = pipeline_identity(repo_params())
     assert repro["exp_name"] == "repro" and repro["key"] != base["key"]
     monkeypatch.setenv("DVC_EXP_NAME", "sunny-lark")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
-    exp = pipeline_identity(Params())
+    exp = pipeline_identity(repo_params())
     assert (exp["exp_name"], exp["commit"]) == ("sunny-lark", "a" * 40)
     assert exp["key"] != repro["key"]
 
@@ -191,7 +191,7 @@ def test_resolve_tracking_uri(tmp_path):
 
 def test_off_switch_is_a_no_op(local_stage, monkeypatch):
     monkeypatch.setenv(tracking.ENV_SWITCH, "off")
-    with stage_run("train", Params()) as tracker:
+    with stage_run("train", repo_params()) as tracker:
         tracker.log_params({"a": 1})
         tracker.log_metrics({"loss": 1.0}, step=1)
         tracker.log_summary({"loss": 1.0})
@@ -201,7 +201,7 @@ def test_off_switch_is_a_no_op(local_stage, monkeypatch):
 
 def test_bad_stage_name_fails_early():
     with pytest.raises(PipelineError, match="stage name"):
-        with stage_run("train'; drop", Params()):
+        with stage_run("train'; drop", repo_params()):
             pass
 
 
@@ -264,7 +264,7 @@ def test_stages_against_a_real_tracking_server(tmp_path):
         [parent] = found["runs"]
         parent_id = parent["info"]["run_id"]
         params = {p["key"]: p["value"] for p in parent["data"]["params"]}
-        assert len(params) == len(Params().flat())
+        assert len(params) == len(repo_params().flat())
         assert params["lr"] == "0.0005" and params["data.caption"] == "{name}"
         metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
         assert metrics["prepare.loss"] == 0.25 and metrics["train.steps"] == 20

@@ -1,139 +1,180 @@
-"""Typed, validated view of ``params.yaml``.
+"""Typed, validated view of ``params.yaml``, restricted to what a stage declares.
 
-Each stage calls :func:`load_params` once at start-up and passes the section it
-needs down as a frozen dataclass. A missing, unknown or mistyped key fails at once
-with the key's dotted name, not forty minutes into training.
+``params.yaml`` is the one source of values: the dataclasses below have no defaults,
+so a missing key fails at start-up with its dotted name, as does an unknown, mistyped
+or out-of-range one (every stage validates the whole file, so a bad
+``evaluate.num_prompts`` stops ``extract``, not the end of training).
+
+A stage does not get the whole file. :func:`stage_params` reads the stage's own
+``params:`` list from ``dvc.yaml`` (or ``embedded/dvc.yaml``) and returns a
+:class:`ParamsView` that answers only those keys: reading an undeclared key fails at
+once, so DVC always knows what a stage reads and reruns it exactly when that changes.
+Usage, in ``stages/<name>.py``::
+
+    params = stage_params("train_prior")       # reads params.yaml, checks, restricts
+    params.lr, params.train.warmup_steps        # declared: fine
+    params.evaluate.num_prompts                 # undeclared: PipelineError naming the key
+
+With ``FASHIONDIFF_AUDIT=<folder>`` set, each stage process writes
+``<folder>/<stage>.<pid>.json`` at exit: the params keys it read and the project modules
+it imported, which ``tests/test_pipeline_e2e.py`` checks against ``dvc.yaml``.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
+import os
+import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from fashiondiff.errors import PipelineError
 
+# Where stages are declared, relative to the repository root; the stand-in's stages sit in
+# a dvc.yaml of their own so that `dvc repro` runs them only as ancestors of a real stage.
+DVC_FILES = ("dvc.yaml", "embedded/dvc.yaml")
+AUDIT_ENV = "FASHIONDIFF_AUDIT"
+
 
 @dataclass(frozen=True)
 class SyntheticParams:
-    train_products: int = 48
-    validation_products: int = 24
-    poses_per_product: int = 4
+    train_products: int
+    validation_products: int
+    poses_per_product: int
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    clip_steps: int
+    movq_steps: int
+    mclip_steps: int
+    batch_size: int
+    movq_batch_size: int
+    lr: float
+    latent_weight: float
+    guide_fraction: float
+
+
+@dataclass(frozen=True)
+class EmbeddedParams:
+    synthetic: SyntheticParams
+    pretrain: PretrainParams
 
 
 @dataclass(frozen=True)
 class DataFiles:
-    train: str = "data/synthetic/fashiongen_train.h5"
-    validation: str = "data/synthetic/fashiongen_validation.h5"
+    train: str
+    validation: str
 
 
 @dataclass(frozen=True)
 class DataParams:
-    files: DataFiles = field(default_factory=DataFiles)
-    caption: str = "{name}"
-    chunk_size: int = 256
-    workers: int = 2
-    holdout_fraction: float = 0.0
+    files: DataFiles
+    caption: str
+    chunk_size: int
+    workers: int
+    holdout_fraction: float
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    prior: str = "models/base/prior"
-    decoder: str = "models/base/decoder"
-    resolution: int = 64
-
-
-@dataclass(frozen=True)
-class BaseParams:
-    clip_steps: int = 400
-    movq_steps: int = 400
-    mclip_steps: int = 200
-    batch_size: int = 32
-    lr: float = 0.001
+    prior: str
+    decoder: str
+    resolution: int
 
 
 @dataclass(frozen=True)
 class EmbedParams:
-    batch_size: int = 32
-    dtype: str = "float32"
+    batch_size: int
+    dtype: str
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 20
-    lr_schedule: str = "constant_with_warmup"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    mixed_precision: str = "no"
-    ema_decay: float = 0.0
-    checkpoint_every: int = 200
-    checkpoints_keep: int = 2
-    log_every: int = 10
-    launcher: str = "python"
+    gradient_accumulation_steps: int
+    max_grad_norm: float
+    warmup_steps: int
+    lr_schedule: str
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    mixed_precision: str
+    ema_decay: float
+    checkpoint_every: int
+    checkpoints_keep: int
+    log_every: int
+    launcher: str
 
 
 @dataclass(frozen=True)
 class PriorParams:
-    text_dropout: float = 0.1
-    trainable: str = "all"
+    text_dropout: float
+    trainable: str
 
 
 @dataclass(frozen=True)
 class DecoderParams:
-    text_dropout: float = 0.5
-    image_dropout: float = 0.1
-    gradient_checkpointing: bool = False
-    trainable: str = "all"
+    text_dropout: float
+    image_dropout: float
+    gradient_checkpointing: bool
+    trainable: str
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    num_prompts: int = 24
-    guidance_scale: float = 4.0
-    prior_guidance_scale: float = 4.0
-    prior_steps: int = 25
-    batch_size: int = 8
-    fid_weights: str = ""
+    num_prompts: int
+    guidance_scale: float
+    prior_guidance_scale: float
+    prior_steps: int
+    batch_size: int
+    fid_weights: str
 
 
 @dataclass(frozen=True)
 class MlflowParams:
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "fashiongen-kandinsky"
+    tracking_uri: str
+    experiment: str
+
+
+EDIT_STRENGTH = 0.6  # evaluate's image + text example: img2img strength (checked below)
 
 
 @dataclass(frozen=True)
 class Params:
-    epochs: int = 200
-    batch_size: int = 32
-    clip_image_size: int = 224
-    diffusion_steps: int = 500
-    lr: float = 0.0005
-    seed: int = 0
-    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
-    data: DataParams = field(default_factory=DataParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    base: BaseParams = field(default_factory=BaseParams)
-    embed: EmbedParams = field(default_factory=EmbedParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    prior: PriorParams = field(default_factory=PriorParams)
-    decoder: DecoderParams = field(default_factory=DecoderParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    epochs: int
+    batch_size: int
+    clip_image_size: int
+    diffusion_steps: int
+    lr: float
+    seed: int
+    embedded: EmbeddedParams
+    data: DataParams
+    model: ModelParams
+    embed: EmbedParams
+    train: TrainParams
+    prior: PriorParams
+    decoder: DecoderParams
+    evaluate: EvaluateParams
+    mlflow: MlflowParams
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        for key in ("epochs", "batch_size", "diffusion_steps", "embed.batch_size", "evaluate.batch_size",
+                    "evaluate.prior_steps", "data.chunk_size", "model.resolution", "train.log_every",
+                    "train.checkpoint_every", "embedded.pretrain.batch_size",
+                    "embedded.pretrain.movq_batch_size", "embedded.synthetic.poses_per_product",
+                    "embedded.synthetic.train_products", "embedded.synthetic.validation_products"):
+            _check(_get(self, key) >= 1, key, "must be >= 1")
         _check(self.clip_image_size >= 16, "clip_image_size", "must be >= 16")
-        _check(self.diffusion_steps >= 1, "diffusion_steps", "must be >= 1")
         _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(self.data.workers >= 0, "data.workers", "must be >= 0")
         _check(0.0 <= self.data.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
+        _check(self.model.resolution % 8 == 0, "model.resolution", "must be a multiple of 8 (MoVQ's factor)")
         _check(self.embed.dtype in ("float32", "float16"), "embed.dtype", "must be float32 or float16")
         _check(self.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
                "must be no, fp16 or bf16")
@@ -144,18 +185,149 @@ class Params:
         _check(self.train.checkpoint_every % accum == 0, "train.checkpoint_every",
                "must be a multiple of train.gradient_accumulation_steps (resume lands on a sync step)")
         for key in ("prior.text_dropout", "decoder.text_dropout", "decoder.image_dropout"):
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
-            _check(0.0 <= value <= 1.0, key, "must be in [0, 1]")
+            _check(0.0 <= _get(self, key) <= 1.0, key, "must be in [0, 1]")
+        _check(self.evaluate.num_prompts >= 2, "evaluate.num_prompts", "must be >= 2 (fd_clip needs a covariance)")
+        _check(int(self.diffusion_steps * EDIT_STRENGTH) >= 1, "diffusion_steps",
+               f"must be >= 2 (evaluate's img2img runs at strength {EDIT_STRENGTH})")
 
     def flat(self) -> dict[str, object]:
         """All params as ``{"data.caption": "{name}", ...}``, for trackers."""
         return _flatten(dataclasses.asdict(self))
 
 
+# --- the view a stage gets ------------------------------------------------------------
+
+class ParamsView:
+    """Attribute access to the ``allowed`` keys of a Params (sub)tree; anything else fails.
+
+    ``allowed`` holds dotted keys as ``dvc.yaml`` lists them: a section (``train``) opens
+    everything under it, a leaf (``data.caption``) only itself. Every key read is recorded
+    in ``reads`` (shared with sub-views) for the audit.
+    """
+
+    def __init__(self, node, stage: str, allowed: frozenset[str], prefix: str = "",
+                 reads: set[str] | None = None):
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_allowed", allowed)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "reads", set() if reads is None else reads)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        key = f"{self._prefix}{name}"
+        value = getattr(self._node, name)  # AttributeError for a key Params does not have
+        if _covered(key, self._allowed):
+            self.reads.add(key)
+            return value
+        if dataclasses.is_dataclass(value) and any(a.startswith(f"{key}.") for a in self._allowed):
+            return ParamsView(value, self._stage, self._allowed, f"{key}.", self.reads)
+        raise PipelineError(f"stage {self._stage} reads params key {key}, which its params: list in "
+                            f"dvc.yaml does not declare (declared: {', '.join(sorted(self._allowed))})")
+
+    def __setattr__(self, name, value):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to params.{self._prefix}{name}")
+
+    def flat(self) -> dict[str, object]:
+        """The declared params only, flat: what a stage may record in its outputs."""
+        full = _flatten(dataclasses.asdict(self._node), self._prefix)
+        return {k: v for k, v in full.items() if _covered(k, self._allowed)}
+
+
+def _covered(key: str, allowed: frozenset[str]) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in allowed for i in range(1, len(parts) + 1))
+
+
+def declared_params(stage: str, root: str | Path = ".") -> list[str]:
+    """The params keys ``stage`` lists in DVC_FILES under ``root`` (only params.yaml's)."""
+    for name in DVC_FILES:
+        path = Path(root) / name
+        if not path.is_file():
+            continue
+        stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {})
+        if stage in stages:
+            keys: list[str] = []
+            body = stages[stage].get("do", stages[stage])  # foreach stages declare under `do`
+            for entry in body.get("params", []) or []:
+                if isinstance(entry, str):
+                    keys.append(entry)
+                elif isinstance(entry, dict):
+                    keys += [k for file, ks in entry.items() if Path(file).name == "params.yaml" for k in ks]
+            return keys
+    raise PipelineError(f"stage {stage}: not declared in {' or '.join(DVC_FILES)} under {Path(root).resolve()}")
+
+
+def stage_params(stage: str, params_path: str | Path = "params.yaml", root: str | Path | None = None) -> ParamsView:
+    """Load and validate ``params_path``; return the view of the keys ``stage`` declares.
+
+    ``root`` (where dvc.yaml is) defaults to the repository that holds this package's
+    stages, so a stage run by hand from another folder still finds its declaration.
+    """
+    params = load_params(params_path)
+    root = Path(root) if root is not None else _repo_root()
+    view = ParamsView(params, stage, frozenset(declared_params(stage, root)))
+    _audit_at_exit(stage, view)
+    return view
+
+
+def _repo_root() -> Path:
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"])
+    main = sys.modules.get("__main__")
+    script = Path(getattr(main, "__file__", "") or ".").resolve()
+    if script.parent.name == "stages" and (script.parents[1] / DVC_FILES[0]).is_file():
+        return script.parents[1]
+    return Path.cwd()
+
+
+def _audit_at_exit(stage: str, view: ParamsView) -> None:
+    folder = os.environ.get(AUDIT_ENV)
+    if not folder:
+        return
+
+    def write() -> None:
+        package = Path(__file__).resolve().parent
+        modules = sorted(
+            str(Path(m.__file__).resolve().relative_to(package.parent))
+            for m in list(sys.modules.values())
+            if getattr(m, "__file__", None) and Path(m.__file__).resolve().is_relative_to(package))
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        record = {"stage": stage, "params_read": sorted(view.reads), "modules": modules}
+        (Path(folder) / f"{stage}.{os.getpid()}.json").write_text(json.dumps(record, indent=1))
+
+    atexit.register(write)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global RNG a stage may touch: Python's, NumPy's and torch's.
+
+    Our own draws use explicit generators; this is for library code that reads the
+    global ones, and for the RNG states Accelerate pickles into checkpoints (a DVC
+    output: unseeded, they would differ run to run).
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- loading and validation -------------------------------------------------------------
+
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise PipelineError(f"params: {key} {why}")
+
+
+def _get(params, key: str):
+    for part in key.split("."):
+        params = getattr(params, part)
+    return params
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -171,23 +343,24 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def _build(cls, raw: object, where: str):
     """Build dataclass ``cls`` from ``raw``, checking keys and types; errors name the key."""
-    if raw is None:
-        raw = {}
     if not isinstance(raw, dict):
-        raise PipelineError(f"params: {where or 'top level'} must be a mapping, got {type(raw).__name__}")
+        raise PipelineError(f"params: {where.rstrip('.') or 'top level'} must be a mapping, "
+                            f"got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
     if unknown:
         raise PipelineError(f"params: unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise PipelineError(f"params: missing key {where}{missing[0]}")
     values = {}
-    for name, value in raw.items():
-        kind = hints[name]
-        key = f"{where}{name}"
+    for name in names:
+        kind, key = hints[name], f"{where}{name}"
         if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, value, f"{key}.")
+            values[name] = _build(kind, raw[name], f"{key}.")
         else:
-            values[name] = _coerce(kind, value, key)
+            values[name] = _coerce(kind, raw[name], key)
     return cls(**values)
 
 
@@ -209,8 +382,13 @@ def _coerce(kind: type, value: object, key: str):
     return value
 
 
+def params_from_dict(raw: dict) -> Params:
+    """Validate a params tree (as ``yaml.safe_load`` gives it)."""
+    return _build(Params, raw, "")
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``; missing keys take the defaults above."""
+    """Read and validate the whole ``params.yaml`` (no view: for tools, tests and tracking)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -218,4 +396,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise PipelineError(f"{path}: no such params file") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return _build(Params, raw, "")
+    return params_from_dict(raw)

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from fashiondiff.config import Params
+from fashiondiff.config import Params, load_params
 from fashiondiff.errors import PipelineError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,10 +124,13 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params, tracking_uri: str | None = None) -> Iterator[Tracker]:
+def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[Tracker]:
     """Open ``stage``'s child run under the pipeline's parent run; end it with the block.
 
-    ``tracking_uri`` overrides ``params.mlflow.tracking_uri``. On an exception the
+    ``params`` is the stage's view (its declared params go on the child run) or a whole
+    Params. The parent run, its key and the ``mlflow.*`` settings come from the whole of
+    ``params.yaml``: tracking shapes no DVC output, so no stage declares those keys.
+    ``tracking_uri`` overrides ``mlflow.tracking_uri``. On an exception the
     child (and parent) end FAILED (KILLED on Ctrl-C) and the exception propagates.
     """
     if not _STAGE_NAME.match(stage):
@@ -135,8 +138,11 @@ def stage_run(stage: str, params: Params, tracking_uri: str | None = None) -> It
     if not tracking_enabled():
         yield Tracker(stage)
         return
-    uri = resolve_tracking_uri(tracking_uri or params.mlflow.tracking_uri)
-    client, tracker = _open(stage, params, uri)
+    whole = params if isinstance(params, Params) else load_params()
+    uri = resolve_tracking_uri(tracking_uri or whole.mlflow.tracking_uri)
+    client, tracker = _open(stage, whole, uri)
+    if whole is not params:
+        tracker.log_params(params.flat())  # what this stage declares, beside the parent's whole set
     try:
         yield tracker
     except BaseException as exc:

@@ -1,1 +1,1 @@
-"""FashionGen data: the HDF5 reader, the synthetic writer, extraction and the product split."""
+"""FashionGen data: the HDF5 reader, extraction and the product split."""

@@ -20,56 +20,25 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
-import string
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fashiondiff.data.captions import CAPTION_FIELDS, check_template, make_caption
 from fashiondiff.data.fashiongen import FashionGen, Rows
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir
 
-CAPTION_FIELDS = ("name", "description", "category", "subcategory", "composition", "gender",
-                  "season", "brand", "department")
 TABLE_FIELDS = ("pose", *CAPTION_FIELDS)
 ENCODE_BATCH = 32  # rows per worker task: small enough to balance 2+ workers
 PNG_LEVEL = 1  # zlib level: PNG stays lossless; higher levels cost CPU for a few % of disk
-_SEPARATORS = re.compile(r"\s*([,;:.])(?:\s*[,;:.])+")  # "a, , b" -> "a, b" (empty fields)
-
-
-# --- captions -------------------------------------------------------------------------
-
-def check_template(template: str) -> None:
-    """Fail with the params key's name if ``template`` uses anything but known fields."""
-    known = ", ".join(CAPTION_FIELDS)
-    try:
-        parsed = list(string.Formatter().parse(template))
-        for _, field, _, _ in parsed:
-            if field is not None and field not in CAPTION_FIELDS:
-                raise PipelineError(f"params: data.caption: unknown field '{{{field}}}' in "
-                                    f"{template!r} (known: {known})")
-        template.format_map(dict.fromkeys(CAPTION_FIELDS, ""))
-    except ValueError as exc:
-        raise PipelineError(f"params: data.caption: bad template {template!r} ({exc})") from None
-
-
-def clean(text: str) -> str:
-    """One line, single spaces, no separators left dangling by empty fields; "" if no words."""
-    text = _SEPARATORS.sub(r"\1", " ".join(text.split()))
-    text = text.lstrip(" .,;:-|/").rstrip(" ,;:-|/")
-    return text if any(c.isalnum() for c in text) else ""
-
-
-def make_caption(template: str, fields: dict[str, str]) -> str:
-    """The template filled from ``fields``; falls back to the name, then the description."""
-    return (clean(template.format_map(fields)) or clean(fields.get("name", ""))
-            or clean(fields.get("description", "")))
 
 
 class _Table:
@@ -110,11 +79,11 @@ class _Table:
 
 
 # --- PNG encoding -------------------------------------------------------------------
-# Pixels travel through a ring of chunk-sized slots in anonymous shared memory that the
-# forked workers inherit: the main process reads the HDF5 file straight into a free
-# slot and sends only (slot, rows) to a worker. Pickling the pixels through a pipe
-# instead costs ~5 extra copies and page faults per image, as much as half of the
-# PNG encoding itself at level 1, and would eat most of the speed-up on 2 cores.
+# Workers open the HDF5 file themselves and read the rows of their own task: only row
+# numbers cross process boundaries (pickling pixels through a pipe cost as much as half
+# of the PNG encoding at level 1). A ProcessPoolExecutor, not multiprocessing.Pool: when a
+# worker dies (OOM killer, kill -9) the executor breaks and every pending result raises,
+# where Pool quietly replaces the worker and leaves the lost task's get() waiting forever.
 
 _SOURCE: FashionGen | None = None  # a worker's own handle on the HDF5 file
 _BUFFER: np.ndarray | None = None  # a worker's reusable pixel buffer
@@ -146,10 +115,9 @@ def _encode_rows(task: tuple) -> int:
 class _Encoder:
     """Reading and PNG encoding of pixels in ``workers`` processes (inline with 0).
 
-    Each worker opens the HDF5 file and reads the rows of its own task, so only
-    row numbers cross process boundaries: the main process reads text alone.
-    At most ``2 x workers`` tasks are in flight, so memory stays flat however large
-    the file; a worker's error (a corrupt chunk) is raised here by ``get()``.
+    At most ``2 x workers`` tasks are in flight, so memory stays flat however large the
+    file. A worker's error (a corrupt chunk) is raised here; a worker that died fails
+    the stage with one line instead of hanging it.
     """
 
     def __init__(self, path: Path, workers: int):
@@ -157,8 +125,8 @@ class _Encoder:
         self.workers = workers
         self.pending: deque = deque()
         if workers:
-            self.pool = multiprocessing.get_context("fork").Pool(
-                workers, initializer=_open_source, initargs=(str(path),))
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_open_source, initargs=(str(path),))
         else:
             self.pool = None
             _SOURCE = FashionGen(path)
@@ -167,26 +135,36 @@ class _Encoder:
         """Queue one task; return how many images finished meanwhile."""
         if self.pool is None:
             return _encode_rows(task)
-        self.pending.append(self.pool.apply_async(_encode_rows, (task,)))
+        self.pending.append(self.pool.submit(_encode_rows, task))
         done = 0
         while len(self.pending) > 2 * self.workers:
-            done += self.pending.popleft().get()
+            done += self._result(self.pending.popleft())
         return done
 
     def drain(self) -> int:
         done = 0
         while self.pending:
-            done += self.pending.popleft().get()
+            done += self._result(self.pending.popleft())
         return done
+
+    @staticmethod
+    def _result(future) -> int:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise PipelineError("extract: a PNG encoder process died (killed, or out of memory?); "
+                                "nothing was written, rerun to start again") from None
 
     def __enter__(self) -> "_Encoder":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         global _SOURCE
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            if exc_type is not None:  # a failed run must not wait for the workers' queued tasks
+                for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+                    process.kill()
+            self.pool.shutdown(wait=True, cancel_futures=True)
         elif _SOURCE is not None:
             _SOURCE.close()
             _SOURCE = None

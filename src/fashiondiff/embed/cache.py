@@ -198,7 +198,7 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
     pos = done
     bar = tqdm(total=n, initial=done, unit="item", desc=f"embed {out_dir.name}", dynamic_ncols=True)
     with bar:
-        for clip_px, movq_px, errors in loader:
+        for clip_px, movq_px, errors in _batches(loader, lambda: pos):
             bad = [e for e in errors if e]
             if bad:
                 raise PipelineError(f"{bad[0]}; the {pos} items before it are kept, rerun to resume")
@@ -219,6 +219,25 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
     print(f"embed: {n} items into {out_dir} ({summary['bytes_per_item'] / 1024:.1f} KiB/item, "
           f"{summary['items_per_s']:.1f} items/s)")
     return summary
+
+
+def _batches(loader, done):
+    """The loader's batches; a loader worker that died (OOM killer, kill -9) fails in one line.
+
+    torch notices a dead worker within seconds (its SIGCHLD handler) and raises a
+    RuntimeError; ``done()`` says how many items are safe in the partial cache.
+    """
+    iterator = iter(loader)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise PipelineError(f"embed: the image loader process died ({str(exc).splitlines()[0]}); "
+                                f"the {done()} items before it are kept, rerun to resume") from None
 
 
 def _check_sizes(enc: Encoders, clip_image_size: int, resolution: int) -> None:

@@ -29,6 +29,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from fashiondiff.config import EDIT_STRENGTH
 from fashiondiff.data.split import select_split
 from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate import figures
@@ -37,7 +38,6 @@ from fashiondiff.generate import Sampling, as_img2img, image_text_to_image, samp
 from fashiondiff.io import atomic_dir, write_json
 
 EDIT_PROMPT = "black leather mini skirt"  # the method figure's prompt (image + text -> image)
-EDIT_STRENGTH = 0.6
 REQUIRED_COLUMNS = ("row", "product_id", "caption", "image")
 
 
@@ -149,10 +149,6 @@ def evaluate(captions_dir, base_prior: str, base_decoder: str, tuned_prior: str,
 
     captions_dir, reports_dir = Path(captions_dir), Path(reports_dir)
     ev, res = params.evaluate, params.model.resolution
-    if ev.num_prompts < 2:
-        raise PipelineError("params: evaluate.num_prompts must be >= 2 (fd_clip needs a covariance)")
-    if int(params.diffusion_steps * EDIT_STRENGTH) < 1:
-        raise PipelineError(f"params: diffusion_steps must be >= 2 (img2img at strength {EDIT_STRENGTH})")
     rows = heldout_rows(captions_dir, params)
     prompts = choose_prompts(rows, ev.num_prompts, params.seed)
     captions = prompts["caption"].astype(str).tolist()

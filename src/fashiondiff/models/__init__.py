@@ -1,1 +1,1 @@
-"""Base models: the real Kandinsky 2.1 or the embedded tiny one, behind one loader."""
+"""Base models: one loader for the real Kandinsky 2.1 or the embedded tiny one; the full-size configs."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fashiondiff.config import TrainParams
 from fashiondiff.errors import PipelineError
 
 
@@ -44,23 +45,13 @@ class Task(Protocol):
 
 
 @dataclass(frozen=True)
-class LoopConfig:
+class Schedule:
+    """The method's top-level hyperparameters the loop needs beside ``params.train``."""
+
     epochs: int
     batch_size: int
     lr: float
     seed: int
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant_with_warmup"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    mixed_precision: str = "no"
-    ema_decay: float = 0.0
-    checkpoint_every: int = 200
-    checkpoints_keep: int = 2
-    log_every: int = 10
 
 
 @dataclass
@@ -82,8 +73,11 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return g
 
 
+ORDER_STREAM = 0  # SeedSequence([seed, epoch, ORDER_STREAM]): data order, apart from step draws
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+    return np.random.default_rng([seed, epoch, ORDER_STREAM]).permutation(n)
 
 
 @dataclass(frozen=True)
@@ -93,13 +87,13 @@ class _Plan:
     total: int
 
 
-def _plan(n: int, cfg: LoopConfig, world: int, acc) -> _Plan:
-    per_rank = cfg.batch_size
+def _plan(n: int, sched: Schedule, world: int, acc) -> _Plan:
+    per_rank = sched.batch_size
     if n < per_rank * world:
         per_rank = max(1, n // world)
         acc.print(f"{n} items < batch_size x processes; using batch {per_rank} per process")
     steps_per_epoch = n // (per_rank * world)  # the last partial batch of an epoch is dropped
-    return _Plan(per_rank, steps_per_epoch, steps_per_epoch * cfg.epochs)
+    return _Plan(per_rank, steps_per_epoch, steps_per_epoch * sched.epochs)
 
 
 class _Progress:
@@ -135,13 +129,13 @@ class _Progress:
         return [total / count for _, (total, count) in sorted(self.epoch_sums.items())]
 
 
-def _prepare(acc, task: Task, cfg: LoopConfig, plan: _Plan):
+def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan):
     from diffusers.optimization import get_scheduler
 
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     if not trainable:
         raise PipelineError(f"{task.name}: no trainable parameters (check {task.name}.trainable)")
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=math.ceil(plan.total / cfg.gradient_accumulation_steps))
@@ -153,17 +147,18 @@ def _prepare(acc, task: Task, cfg: LoopConfig, plan: _Plan):
     return model, optimizer, schedule, ema, trainable
 
 
-def train(task: Task, cfg: LoopConfig, checkpoint_dir: str | Path, fingerprint: str,
+def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
           log: Callable[[dict, int], None] | None = None) -> TrainResult:
-    """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``."""
+    """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``
+    and the same step plan (processes, batch per process, steps)."""
     from accelerate import Accelerator
 
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision=cfg.mixed_precision)
     world, rank, n = acc.num_processes, acc.process_index, len(task)
-    plan = _plan(n, cfg, world, acc)
-    model, optimizer, schedule, ema, trainable = _prepare(acc, task, cfg, plan)
-    ckpts = Checkpoints(Path(checkpoint_dir), fingerprint, cfg.checkpoints_keep, acc)
+    plan = _plan(n, sched, world, acc)
+    model, optimizer, schedule, ema, trainable = _prepare(acc, task, cfg, sched.lr, plan)
+    ckpts = Checkpoints(Path(checkpoint_dir), plan_fingerprint(fingerprint, world, plan), cfg.checkpoints_keep, acc)
     state = ckpts.resume()
     start = state.get("step", 0)
     progress = _Progress(state)
@@ -190,12 +185,12 @@ def train(task: Task, cfg: LoopConfig, checkpoint_dir: str | Path, fingerprint: 
             epoch, k = divmod(step, plan.steps_per_epoch)
             t0 = time.perf_counter()
             lo = (k * world + rank) * plan.per_rank
-            batch = task.batch(np.sort(epoch_order(n, cfg.seed, epoch)[lo:lo + plan.per_rank]), acc.device)
+            batch = task.batch(np.sort(epoch_order(n, sched.seed, epoch)[lo:lo + plan.per_rank]), acc.device)
             t1 = time.perf_counter()
             lr = schedule.get_last_lr()[0]  # the rate this step's update uses
             with acc.accumulate(model):
                 with acc.autocast():
-                    loss = task.loss(model, batch, step_generator(cfg.seed, step, rank, acc.device))
+                    loss = task.loss(model, batch, step_generator(sched.seed, step, rank, acc.device))
                 if not torch.isfinite(loss):
                     raise PipelineError(
                         f"train {task.name}: loss is {loss.item()} at step {step} (epoch {epoch}); "
@@ -225,6 +220,14 @@ def train(task: Task, cfg: LoopConfig, checkpoint_dir: str | Path, fingerprint: 
                        data_share=progress.fetch_s / max(progress.step_s, 1e-9), is_main=acc.is_main_process)
 
 
+def plan_fingerprint(fingerprint: str, world: int, plan: _Plan) -> str:
+    """The caller's fingerprint (params, data) joined with what shapes the step plan here:
+    one process's checkpoint at step 600 means another step in a two-process run."""
+    blob = json.dumps({"run": fingerprint, "processes": world, "per_rank": plan.per_rank,
+                       "steps_per_epoch": plan.steps_per_epoch, "total": plan.total}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter's bytes, in name order."""
     h = hashlib.sha256()
@@ -237,6 +240,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 def _check_ranks_agree(model: torch.nn.Module, acc, name: str) -> None:
     """Data parallelism must leave every rank with the same weights; say so, or fail."""
     digest = weights_digest(model)
+    # 60 bits of the digest fit a signed int64, which every backend can gather.
     code = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=acc.device)
     codes = acc.gather(code)
     if not bool((codes == codes[0]).all()):

@@ -17,25 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fashiondiff.config import Params
 from fashiondiff.embed.cache import cache_identity, open_cache
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir, atomic_file, write_json
-from fashiondiff.train.loop import LoopConfig, TrainResult, step_generator, train
+from fashiondiff.train.loop import Schedule, TrainResult, step_generator, train
 
 KINDS = ("prior", "decoder")
+VALIDATION_RANK = 2**31 - 1  # a rank no process has: validation noise is no training draw
 
 
-def loop_config(params: Params) -> LoopConfig:
-    t = params.train
-    return LoopConfig(
-        epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, seed=params.seed,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
-        warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, mixed_precision=t.mixed_precision,
-        ema_decay=t.ema_decay, checkpoint_every=t.checkpoint_every,
-        checkpoints_keep=t.checkpoints_keep, log_every=t.log_every,
-    )
+def schedule(params) -> Schedule:
+    return Schedule(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, seed=params.seed)
 
 
 def set_trainable(module: torch.nn.Module, spec: str, key: str) -> int:
@@ -54,7 +46,7 @@ def set_trainable(module: torch.nn.Module, spec: str, key: str) -> int:
     return count
 
 
-def make_task(kind: str, params: Params, cache):
+def make_task(kind: str, params, cache):
     """The base pipeline and the task that trains its prior or U-Net."""
     from fashiondiff.models.loader import load_decoder, load_prior
 
@@ -75,16 +67,16 @@ def make_task(kind: str, params: Params, cache):
     return pipe, task
 
 
-def _identity(params: Params) -> dict:
+def _identity(params) -> dict:
     return cache_identity(params.model.prior, params.model.decoder, params.clip_image_size,
                           params.model.resolution, params.embed.dtype)
 
 
-def fingerprint(kind: str, params: Params, cache_meta: dict) -> str:
+def fingerprint(kind: str, params, cache_meta: dict) -> str:
     """What a checkpoint must share with this run to be resumed."""
     section = params.prior if kind == "prior" else params.decoder
     blob = json.dumps({
-        "kind": kind, "loop": dataclasses.asdict(loop_config(params)),
+        "kind": kind, "train": dataclasses.asdict(params.train), "schedule": dataclasses.asdict(schedule(params)),
         "section": dataclasses.asdict(section), "cache": cache_meta["fingerprint"],
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -103,7 +95,7 @@ def validation_loss(task, val_cache, seed: int, batch_size: int) -> float:
     try:
         for i, lo in enumerate(range(0, len(val_cache), batch_size)):
             index = np.arange(lo, min(lo + batch_size, len(val_cache)))
-            g = step_generator(seed, i, -1 % 2**31, device)
+            g = step_generator(seed, i, VALIDATION_RANK, device)
             loss = task.loss(model, task.batch(index, device), g)
             total, count = total + loss.item() * len(index), count + len(index)
     finally:
@@ -112,14 +104,14 @@ def validation_loss(task, val_cache, seed: int, batch_size: int) -> float:
     return total / max(count, 1)
 
 
-def run_training(kind: str, params: Params, cache_dir: str, val_cache_dir: str | None, out_dir: str,
+def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, out_dir: str,
                  checkpoint_dir: str, metrics_path: str, plot_path: str, tracker) -> dict | None:
     if kind not in KINDS:
         raise PipelineError(f"unknown model kind {kind!r} (prior or decoder)")
     torch.manual_seed(params.seed)
     cache = open_cache(cache_dir, expect=_identity(params))
     pipe, task = make_task(kind, params, cache)
-    result = train(task, loop_config(params), checkpoint_dir, fingerprint(kind, params, cache.meta),
+    result = train(task, params.train, schedule(params), checkpoint_dir, fingerprint(kind, params, cache.meta),
                    log=tracker.log_metrics)
     if not result.is_main:
         return None
@@ -148,7 +140,7 @@ def run_training(kind: str, params: Params, cache_dir: str, val_cache_dir: str |
     return summary
 
 
-def save_pipeline(pipe, out_dir: str, params: Params, summary: dict) -> None:
+def save_pipeline(pipe, out_dir: str, params, summary: dict) -> None:
     """The whole tuned pipeline (tuned part + base parts), safetensors, with its resolved config."""
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from fashiondiff.config import load_params
+from fashiondiff.config import seed_everything, stage_params
 from fashiondiff.errors import cli
 
 
@@ -27,7 +27,8 @@ def main(kind: str, argv: list[str]) -> None:
     from fashiondiff.train.run import run_training
 
     args = parse_args(kind, argv)
-    params = load_params()
+    params = stage_params(f"train_{kind}")
+    seed_everything(params.seed)
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: rank 0 alone tracks
         os.environ["FASHIONDIFF_TRACKING"] = "off"
     with stage_run(f"train_{kind}", params) as tracker:

@@ -13,7 +13,8 @@ and the U-Net on their outputs would test plumbing only. Here, on the train spli
 The prior and the U-Net stay random: those are what the pipeline fine-tunes. Usage::
 
     parts = build_tiny(captions, TinySpec(clip_image_size=224), seed=0)
-    result = pretrain(parts, images, captions, PretrainConfig.from_params(params), parallel=True)
+    result = pretrain(parts, images, captions, params.embedded.pretrain, resolution=64, seed=0,
+                      parallel=True)
     retrieval_accuracy(parts, val_images, val_captions, val_product_ids)
     reconstruction_error(parts.movq, val_images, resolution=64)
 """
@@ -34,30 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fashiondiff.models.tiny import TEXT_LENGTH, TinyParts
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    clip_steps: int = 400
-    movq_steps: int = 400
-    mclip_steps: int = 200
-    batch_size: int = 32  # CLIP and MultilingualCLIP: InfoNCE wants many negatives
-    movq_batch_size: int = 4  # MoVQ: 2000 images as 500x4 gave 21.3 dB, as 125x16 17.7 dB
-    lr: float = 1e-3
-    resolution: int = 64  # decoder image side: the MoVQ autoencodes at this size
-    seed: int = 0
-    latent_weight: float = 1.0  # pull MoVQ latents towards zero mean, unit variance
-    guide_fraction: float = 0.5  # MoVQ colour guide, annealed from 1 to 0 over this share of steps
-
-    @classmethod
-    def from_params(cls, params) -> "PretrainConfig":
-        b = params.base
-        # base.movq_batch_size is optional until config.py knows it
-        movq_batch = getattr(b, "movq_batch_size", cls.movq_batch_size)
-        return cls(clip_steps=b.clip_steps, movq_steps=b.movq_steps, mclip_steps=b.mclip_steps,
-                   batch_size=b.batch_size, movq_batch_size=movq_batch, lr=b.lr,
-                   resolution=params.model.resolution, seed=params.seed)
+from fashiondiff.config import PretrainParams
+from fashiondiff.embedded.tiny import TEXT_LENGTH, TinyParts
 
 
 # --- inputs, prepared once ---------------------------------------------------------
@@ -93,8 +72,8 @@ class PretrainResult:
     seconds: dict[str, float]  # wall time of each part
 
 
-def pretrain(parts: TinyParts, images: np.ndarray, captions: Sequence[str], cfg: PretrainConfig,
-             progress: bool = True, parallel: bool = False) -> PretrainResult:
+def pretrain(parts: TinyParts, images: np.ndarray, captions: Sequence[str], cfg: PretrainParams,
+             resolution: int, seed: int, progress: bool = True, parallel: bool = False) -> PretrainResult:
     """Pre-train CLIP, MoVQ and MultilingualCLIP in place; set the prior's statistics.
 
     ``images`` are (N, H, W, 3) uint8 with one caption each. ``parallel``: train the MoVQ
@@ -105,22 +84,22 @@ def pretrain(parts: TinyParts, images: np.ndarray, captions: Sequence[str], cfg:
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     result = PretrainResult({}, {})
     started = time.perf_counter()
-    pixels, small = clip_pixels(images, parts.image_processor), movq_pixels(images, cfg.resolution)
+    pixels, small = clip_pixels(images, parts.image_processor), movq_pixels(images, resolution)
     result.seconds["prepare"] = round(time.perf_counter() - started, 1)
     with contextlib.ExitStack() as stack:
         if parallel:
             pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")))
-            movq_job = pool.submit(_timed, train_movq, parts.movq, small, cfg, progress, 1)
+            movq_job = pool.submit(_timed, train_movq, parts.movq, small, cfg, seed, progress, 1)
         result.losses["clip"], result.seconds["clip"] = _timed(
-            train_clip, parts, pixels, captions, cfg, progress)
+            train_clip, parts, pixels, captions, cfg, seed, progress)
         result.losses["mclip"], result.seconds["mclip"] = _timed(
-            distill_mclip, parts, captions, cfg, progress)
+            distill_mclip, parts, captions, cfg, seed, progress)
         if parallel:
             (state, result.losses["movq"]), result.seconds["movq"] = movq_job.result()
             parts.movq.load_state_dict(state)
         else:
             (_, result.losses["movq"]), result.seconds["movq"] = _timed(
-                train_movq, parts.movq, small, cfg, progress)
+                train_movq, parts.movq, small, cfg, seed, progress)
     set_prior_statistics(parts, pixels)
     for model in (parts.clip, parts.movq, parts.mclip):
         model.eval().requires_grad_(False)
@@ -133,12 +112,12 @@ def _timed(fn, *args):
     return out, round(time.perf_counter() - started, 1)
 
 
-def _generator(cfg: PretrainConfig, part: str) -> torch.Generator:
+def _generator(seed: int, part: str) -> torch.Generator:
     """One random stream per part, so the parts can train in any order or process; the global
     RNG (dropout: XLM-R has some) is reseeded with it."""
-    seed = cfg.seed * 1000 + ("clip", "movq", "mclip").index(part)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+    state = np.random.SeedSequence([seed, ("clip", "movq", "mclip").index(part)]).generate_state(1)
+    torch.manual_seed(int(state[0]))
+    return torch.Generator().manual_seed(int(state[0]))
 
 
 def _optimiser(params, lr: float, steps: int):
@@ -197,10 +176,10 @@ def _augment(pixels: torch.Tensor, gen: torch.Generator, shift: float = 0.06) ->
     return out
 
 
-def train_clip(parts: TinyParts, pixels: torch.Tensor, captions: Sequence[str], cfg: PretrainConfig,
-               progress: bool = True) -> list[float]:
+def train_clip(parts: TinyParts, pixels: torch.Tensor, captions: Sequence[str], cfg: PretrainParams,
+               seed: int, progress: bool = True) -> list[float]:
     """Contrastive training of ``parts.clip`` on (pixel values, caption) pairs."""
-    gen = _generator(cfg, "clip")
+    gen = _generator(seed, "clip")
     clip = parts.clip.train().requires_grad_(True)
     texts = sorted(set(captions))
     ids, mask = tokenize(parts.clip_tokenizer, texts)
@@ -277,13 +256,13 @@ def movq_loss(movq, x: torch.Tensor, colour: ColourStats | None = None, latent_w
     return loss, F.mse_loss(rec.detach(), x)
 
 
-def train_movq(movq, pixels: torch.Tensor, cfg: PretrainConfig, progress: bool = True,
+def train_movq(movq, pixels: torch.Tensor, cfg: PretrainParams, seed: int, progress: bool = True,
                position: int = 0) -> tuple[dict, list[float]]:
     """Autoencoder training of the MoVQ on (N, 3, R, R) pixels in [-1, 1], in place.
 
     Returns the trained weights (a state dict, for a caller in another process) and the losses.
     """
-    gen = _generator(cfg, "movq")
+    gen = _generator(seed, "movq")
     movq.train().requires_grad_(True)
     size = min(cfg.movq_batch_size, len(pixels))
     cell = 2 ** (len(movq.config.block_out_channels) - 1)  # pixels per latent cell
@@ -322,10 +301,10 @@ def clip_image_embeds(parts: TinyParts, pixels: torch.Tensor, chunk: int = 128) 
                       for i in range(0, len(pixels), chunk)])
 
 
-def distill_mclip(parts: TinyParts, captions: Sequence[str], cfg: PretrainConfig,
+def distill_mclip(parts: TinyParts, captions: Sequence[str], cfg: PretrainParams, seed: int,
                   progress: bool = True) -> list[float]:
     """Regress the MultilingualCLIP embedding onto the frozen CLIP text embedding (MSE + cosine)."""
-    gen = _generator(cfg, "mclip")
+    gen = _generator(seed, "mclip")
     parts.clip.eval()
     texts = sorted(set(captions))
     target = clip_text_embeds(parts, texts)

@@ -10,14 +10,12 @@ pipelines): the CLIP projection dim is the prior's ``embedding_dim``, the
 MultilingualCLIP ``imageDimSize`` and the U-Net ``cross_attention_dim``; the CLIP
 text hidden size equals it too (the prior projects text hidden states with a
 ``Linear(embedding_dim, inner_dim)``); the MultilingualCLIP hidden size is the
-U-Net ``encoder_hid_dim``. Weights start random; ``fashiondiff.models.pretrain``
+U-Net ``encoder_hid_dim``. Weights start random; ``fashiondiff.embedded.pretrain``
 teaches the encoders the synthetic data's look before anything is saved.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -45,7 +43,12 @@ from transformers import (
     XLMRobertaTokenizer,
 )
 
+from fashiondiff.embedded.tokenizers import train_clip_bpe, train_xlmr_unigram
+
 TEXT_LENGTH = 77  # CLIP's context length; the prior's num_embeddings; the decoder pads to 77 too
+# XLM-R numbers positions from padding_idx + 1 (= 2), so 77 tokens need position ids up to 78;
+# 81 leaves the same 2-position margin as XLM-R's own 514 for 512 tokens.
+XLMR_POSITIONS = TEXT_LENGTH + 4
 
 
 @dataclass(frozen=True)
@@ -86,48 +89,13 @@ class TinyParts:
 
 
 def train_tokenizers(texts: Iterable[str], spec: TinySpec) -> tuple[CLIPTokenizer, XLMRobertaTokenizer]:
-    """Train both tokenizers offline on the captions (no vocabulary files needed)."""
-    texts = list(texts)
-    # CLIP's tokenizer lowercases its input; XLM-R's does not, so it learns the cased text.
-    clip_tok = canonical_ids(CLIPTokenizer().train_new_from_iterator((t.lower() for t in texts),
-                                                                     vocab_size=spec.clip_vocab))
-    clip_tok.model_max_length = TEXT_LENGTH
-    xlm_tok = canonical_ids(XLMRobertaTokenizer().train_new_from_iterator(iter(texts),
-                                                                          vocab_size=spec.mclip_vocab))
-    xlm_tok.model_max_length = TEXT_LENGTH
-    return clip_tok, xlm_tok
+    """Train both tokenizers offline on the captions, deterministically (no vocabulary files).
 
-
-def canonical_ids(tokenizer):
-    """The same tokenizer with its ids in a fixed order.
-
-    The `tokenizers` trainers order tokens of equal frequency by a per-process hash:
-    the same vocabulary and merges come out with other ids in every process, which
-    would make the base model (and all that follows) differ run to run. Special tokens
-    keep their ids; the others are renumbered by (length, text) for BPE and by (score,
-    text) for Unigram, which does not change how any text is split.
+    CLIP's tokenizer lowercases its input; XLM-R's does not, so it learns the cased text.
     """
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = data["model"]
-    special = {t["content"] for t in data["added_tokens"]}
-    if model["type"] == "BPE":
-        vocab = model["vocab"]
-        head = sorted((t for t in vocab if t in special), key=vocab.get)
-        rest = sorted((t for t in vocab if t not in special), key=lambda t: (len(t), t))
-        model["vocab"] = {t: i for i, t in enumerate(head + rest)}
-        ids = model["vocab"]
-    else:  # Unigram: a list of [piece, score], the position is the id
-        head = [p for p in model["vocab"] if p[0] in special]
-        rest = sorted((p for p in model["vocab"] if p[0] not in special), key=lambda p: (-p[1], p[0]))
-        model["vocab"] = head + rest
-        ids = {p[0]: i for i, p in enumerate(model["vocab"])}
-        model["unk_id"] = ids.get(tokenizer.unk_token, model.get("unk_id"))
-    for token in data["added_tokens"]:
-        token["id"] = ids[token["content"]]
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
-        return type(tokenizer).from_pretrained(tmp)
+    texts = list(texts)
+    return (train_clip_bpe(texts, spec.clip_vocab, TEXT_LENGTH),
+            train_xlmr_unigram(texts, spec.mclip_vocab, TEXT_LENGTH))
 
 
 def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec(), seed: int = 0) -> TinyParts:
@@ -168,7 +136,7 @@ def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec(), seed: int = 0)
             transformerDimSize=spec.mclip_hidden, imageDimSize=d, vocab_size=len(xlm_tok),
             hidden_size=spec.mclip_hidden, intermediate_size=4 * spec.mclip_hidden,
             num_hidden_layers=spec.mclip_layers, num_attention_heads=4,
-            max_position_embeddings=TEXT_LENGTH + 2 + 2, pad_token_id=xlm_tok.pad_token_id,
+            max_position_embeddings=XLMR_POSITIONS, pad_token_id=xlm_tok.pad_token_id,
             bos_token_id=xlm_tok.bos_token_id, eos_token_id=xlm_tok.eos_token_id,
         )
     )

@@ -410,7 +410,7 @@ def synthesize(out_dir: str | os.PathLike, train_products: int, validation_produ
                        ("validation_products", validation_products),
                        ("poses_per_product", poses_per_product)):
         if value < 1:
-            raise PipelineError(f"params: synthetic.{key} must be >= 1, got {value}")
+            raise PipelineError(f"params: embedded.synthetic.{key} must be >= 1, got {value}")
     out_dir = Path(out_dir)
     first_ids = {"train": 100_000, "validation": 100_000 + train_products}
     sizes = {"train": train_products, "validation": validation_products}
