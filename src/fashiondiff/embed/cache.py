@@ -181,7 +181,9 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
     out_dir, images_root = Path(out_dir), Path(images_root)
     _check_sizes(enc, clip_image_size, resolution)
     identity = cache_identity(enc.prior, enc.decoder, clip_image_size, resolution, dtype)
-    fingerprint = _fingerprint(captions, identity)
+    # The image processor's class joins the fingerprint: transformers 5 picks a torchvision or
+    # a PIL backend by what is installed, and pixels differ by up to 2 uint8 levels between them.
+    fingerprint = _fingerprint(captions, {**identity, "image_processor": type(enc.image_processor).__name__})
     work = out_dir.with_name(f".{out_dir.name}.partial")
     n = len(captions)
     shapes = _shapes(enc, resolution)
@@ -293,6 +295,7 @@ def _finish(work: Path, out_dir: Path, captions, enc: Encoders, identity: dict, 
         "encoders": {
             "clip_text": type(enc.clip_text).__name__, "clip_vision": type(enc.clip_vision).__name__,
             "mclip": type(enc.mclip).__name__, "movq": type(enc.movq).__name__,
+            "image_processor": type(enc.image_processor).__name__,
         },
     }
     (work / "progress.json").unlink()

@@ -16,25 +16,22 @@ Definitions:
   ``mean over pairs of max(100 * cos(E_image, E_caption), 0)``. torchmetrics' code clamps
   the *mean* instead of each pair; the two agree whenever every cosine is positive,
   as it is for real CLIP models on image/caption pairs.
-* FID: Inception-v3 pool3 (2048-d) features via torchmetrics + torch-fidelity, never a
-  substitute: without them the metric is absent and the status says why.
+* FID (``fashiondiff.evaluate.fid``): torchmetrics' FrechetInceptionDistance over
+  torch-fidelity's Inception-v3 (2048-d), TF1-compatible resize; never a substitute:
+  without the weights file the metric is absent and the status says why.
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import scipy.linalg
 
 from fashiondiff.errors import PipelineError
+from fashiondiff.evaluate.fid import inception_fid  # noqa: F401  (FID lives in fid.py)
 
-FID_INSTALL = "pip install -e .[fid]"
-FID_COMPUTED = ("computed: torchmetrics FrechetInceptionDistance, torch-fidelity Inception-v3 "
-                "pool3 (2048-d); uint8 images resized to 299x299 by torch-fidelity's "
-                "TF1-compatible bilinear interpolation")
 
 
 # --- Fréchet distance -------------------------------------------------------------------
@@ -204,30 +201,3 @@ class ClipEncoder:
 
     def count_truncated(self, texts: Sequence[str]) -> int:
         return count_truncated(self.tokenizer, texts)
-
-
-# --- FID (optional) -------------------------------------------------------------------------
-
-def inception_fid(weights: str, device=None):
-    """``(FrechetInceptionDistance, status)``, or ``(None, "skipped: <why>")``.
-
-    Standard FID only: torchmetrics + torch-fidelity's Inception-v3 with the
-    pt_inception-2015-12-05 weights from ``weights``. Feed it uint8 (N, 3, H, W) batches
-    (``update(x, real=...)``); torch-fidelity resizes them to 299x299 bilinearly. The real
-    statistics survive ``reset()`` (``reset_real_features=False``).
-    """
-    try:
-        import torch_fidelity  # noqa: F401  (the feature extractor's backend)
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except Exception as exc:  # ImportError, or a torchvision that does not match torch
-        reason = "not installed" if isinstance(exc, ImportError) else f"not importable ({type(exc).__name__})"
-        return None, f"skipped: torchmetrics/torch-fidelity {reason} ({FID_INSTALL})"
-    if not weights:
-        return None, "skipped: evaluate.fid_weights is empty (path to pt_inception-2015-12-05 weights)"
-    if not Path(weights).is_file():
-        return None, f"skipped: evaluate.fid_weights {weights}: no such file"
-    metric = FrechetInceptionDistance(feature=2048, reset_real_features=False, normalize=False,
-                                      feature_extractor_weights_path=str(weights))
-    if device is not None:
-        metric = metric.to(device)
-    return metric, FID_COMPUTED

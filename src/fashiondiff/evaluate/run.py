@@ -11,12 +11,17 @@ Metrics, in the base prior's own CLIP space (what the model conditions on):
 
 * ``clip_score``: generated image vs its caption (also ``real``: the real image vs it);
 * ``fd_clip``: Fréchet distance between generated images and ALL held-out real images;
-* ``fid``: standard Inception FID, only when torchmetrics + torch-fidelity and
-  ``evaluate.fid_weights`` are there (``fid_status`` says which).
+* ``fid``: the standard Inception FID (``fashiondiff.evaluate.fid``) of the generated
+  images vs ALL held-out real images, only when ``evaluate.fid_weights`` names the
+  Inception weights file (``fid_status`` says what was computed, or why not), with
+  ``fid_n_generated`` and ``fid_n_real`` beside it: FID is biased at small N.
 
 Real images are resized to ``model.resolution`` (bicubic) before any encoder sees them,
 so real and generated images enter CLIP / Inception at the same resolution.
-Outputs: ``reports_dir/metrics.json`` and ``reports_dir/samples/{grid,image_text}.png``.
+Outputs: ``reports_dir/metrics.json`` and ``reports_dir/samples/``: ``grid.png``,
+``image_text.png``, every generated image as ``base/0000.png``, ``tuned/0000.png``, ...
+(prompt ``i`` is file ``i``; lossless, so any FID tool can recompute the numbers) and
+``real_images.txt`` (the held-out real images, relative to the captions folder).
 """
 
 from __future__ import annotations
@@ -113,7 +118,7 @@ def generate_images(prior, decoder, captions: list[str], seed: int, sampling: Sa
 
 
 def score(images, text_embeds, real: GaussianStats, clip: ClipEncoder, fid) -> dict[str, float]:
-    """clip_score and fd_clip (and fid when available) of one model's images."""
+    """clip_score and fd_clip (and fid with its image counts, when available) of one model's images."""
     embeds = clip.encode_images(images)
     scores = {"clip_score": clip_score(embeds, text_embeds),
               "fd_clip": frechet_distance(*GaussianStats.of(embeds).moments(), *real.moments())}
@@ -121,6 +126,8 @@ def score(images, text_embeds, real: GaussianStats, clip: ClipEncoder, fid) -> d
         fid.reset()  # fake side only: reset_real_features=False keeps the real statistics
         fid.update(to_uint8(images).to(fid.device), real=False)
         scores["fid"] = float(fid.compute())
+        scores["fid_n_generated"] = int(fid.fake_features_num_samples)
+        scores["fid_n_real"] = int(fid.real_features_num_samples)
     return scores
 
 
@@ -159,6 +166,10 @@ def evaluate(captions_dir, base_prior: str, base_decoder: str, tuned_prior: str,
     base_prior_pipe = load_prior(base_prior, "model.prior").to(device)
     clip = ClipEncoder(base_prior_pipe, params.clip_image_size, ev.batch_size)
     fid, fid_status = inception_fid(ev.fid_weights, device)
+    if fid is not None:
+        fid_status += (f"; generated: samples/base, samples/tuned ({len(captions)} each) vs real: the "
+                       f"{len(rows)} held-out images (samples/real_images.txt), at model.resolution "
+                       f"{res}x{res} like the generated ones (bicubic-resized where they differ)")
     real_images = [load_real(captions_dir, p, res) for p in prompts["image"]]
     text_embeds = clip.encode_texts(captions)
     real_stats = real_statistics(captions_dir, rows, clip, fid, res, ev.batch_size)
@@ -178,7 +189,8 @@ def evaluate(captions_dir, base_prior: str, base_decoder: str, tuned_prior: str,
     grid = figures.sample_grid(captions, {"real": real_images, **samples})
     edit = figures.image_text_figure(EDIT_PROMPT, real_images[0], edits,
                                      subtitle=f"img2img, strength {EDIT_STRENGTH}, seed {params.seed}")
-    write_outputs(reports_dir, report, {"grid.png": grid, "image_text.png": edit}, tracker)
+    write_outputs(reports_dir, report, {"grid.png": grid, "image_text.png": edit}, tracker,
+                  samples=samples, real_images=rows["image"].tolist())
     return report
 
 
@@ -187,14 +199,21 @@ def _sig(x: float) -> float:
     return float(f"{x:.6g}")
 
 
+COUNT_KEYS = ("fid_n_generated", "fid_n_real")  # image counts: reported as is, no delta
+
+
 def build_report(scores: dict, real_clip: float, num_prompts: int, num_real: int, truncated: int,
                  fid_status: str) -> dict:
     """metrics.json: nested dicts of numbers for ``dvc metrics show/diff``, plus fid_status."""
     base, tuned = scores["base"], scores["tuned"]
+
+    def block(side: dict) -> dict:
+        return {k: int(v) if k in COUNT_KEYS else _sig(v) for k, v in side.items()}
+
     return {
-        "base": {k: _sig(v) for k, v in base.items()},
-        "tuned": {k: _sig(v) for k, v in tuned.items()},
-        "delta": {k: _sig(tuned[k] - base[k]) for k in base},
+        "base": block(base),
+        "tuned": block(tuned),
+        "delta": {k: _sig(tuned[k] - base[k]) for k in base if k not in COUNT_KEYS},
         "real": {"clip_score": _sig(real_clip)},
         "num_prompts": num_prompts,
         "num_real_images": num_real,
@@ -214,11 +233,23 @@ def flatten(report: dict) -> dict[str, float]:
     return flat
 
 
-def write_outputs(reports_dir: Path, report: dict, pictures: dict, tracker) -> None:
-    """samples/ (atomic folder) and metrics.json (atomic file); everything to the tracker."""
+def write_outputs(reports_dir: Path, report: dict, pictures: dict, tracker, samples: dict | None = None,
+                  real_images: list[str] | None = None) -> None:
+    """samples/ (atomic folder) and metrics.json (atomic file); figures and metrics to the tracker.
+
+    ``samples``: ``{model name: [PIL images]}``, written as ``samples/<name>/0000.png``, ...
+    (PNG, no metadata: the same pixels give the same bytes on every run).
+    """
     with atomic_dir(reports_dir / "samples") as folder:
         for file_name, picture in pictures.items():
             picture.save(folder / file_name, format="PNG")
+        for name, images in (samples or {}).items():
+            (folder / name).mkdir()
+            width = max(4, len(str(len(images) - 1)))
+            for i, image in enumerate(images):
+                image.convert("RGB").save(folder / name / f"{i:0{width}d}.png", format="PNG")
+        if real_images is not None:
+            (folder / "real_images.txt").write_text("".join(f"{p}\n" for p in real_images))
     write_json(reports_dir / "metrics.json", report)
     tracker.log_summary(flatten(report))
     for file_name, picture in pictures.items():
