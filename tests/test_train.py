@@ -124,8 +124,13 @@ def test_decoder_stage_output_loads_in_plain_diffusers(tmp_path, tiny_base, trai
 
 
 def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache):
+    """...and never resume a one-process checkpoint: its step 24 is past the two-process
+    plan's 12 steps, and would have been "resumed" as a finished run before the step plan
+    joined the fingerprint."""
     accelerate = Path(sys.executable).with_name("accelerate")
     params = stage_params(tiny_base, epochs=6)
+    run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache))
+    assert json.loads((tmp_path / "prior.json").read_text())["steps"] == 6 * 16 // 4
     with socket.socket() as sock:  # a free port for the gloo rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -138,6 +143,7 @@ def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache):
     finally:
         del os.environ["ACCELERATE_USE_CPU"]
     assert "2 processes ended with identical weights" in result.stdout + result.stderr
+    assert "starting afresh" in result.stdout + result.stderr and "resumed" not in result.stdout + result.stderr
     metrics = json.loads((tmp_path / "prior.json").read_text())
     assert metrics["steps"] == 6 * 16 // (4 * 2)
     assert metrics["loss_last_epoch"] < metrics["loss_first_epoch"]
