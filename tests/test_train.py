@@ -59,8 +59,15 @@ def test_decoder_loss_trains_epsilon_channels_only(tiny_base, train_cache):
     assert grad[4:].abs().sum() == 0  # learned-variance channels: outside the loss
 
 
-def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train_cache):
-    params = stage_params(tiny_base, epochs=40, **{"train.checkpoint_every": 10, "train.log_every": 5})
+@pytest.mark.parametrize("variant", [
+    pytest.param({}, id="full"),
+    # LoRA under all the loop does: EMA (of the adapter), accumulation, clipping, and adapter
+    # dropout, whose draws come from torch's global RNG (restored from the checkpoint).
+    pytest.param({"prior.lora_rank": 4, "prior.lora_dropout": 0.1, "train.ema_decay": 0.9,
+                  "train.gradient_accumulation_steps": 2, "train.max_grad_norm": 0.05}, id="lora"),
+])
+def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train_cache, variant):
+    params = stage_params(tiny_base, epochs=40, **{"train.checkpoint_every": 10, "train.log_every": 5}, **variant)
     straight = tmp_path / "straight"
     run_stage(straight, params, "train_prior.py", *train_args(straight, "prior", train_cache))
 
@@ -80,10 +87,15 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train
     resumed = run_stage(killed, params, "train_prior.py", *train_args(killed, "prior", train_cache))
     assert "resumed from step" in resumed.stdout + resumed.stderr
 
-    a, b = weights(straight / "models/prior/prior"), weights(killed / "models/prior/prior")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    folders = ["models/prior/prior"] + (["models/prior/lora"] if variant else [])
+    for folder in folders:
+        a, b = weights(straight / folder), weights(killed / folder)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (folder, name)
+    if variant:  # checkpoints hold the adapter only (its optimiser and EMA state beside it)
+        checkpoint = weights(killed / "ckpt/prior/step-00000160")
+        assert checkpoint and all(".lora_" in name for name in checkpoint)
     assert (straight / "prior.csv").read_text() == (killed / "prior.csv").read_text()
     assert json.loads((straight / "prior.json").read_text()) == json.loads((killed / "prior.json").read_text())
 
@@ -123,12 +135,14 @@ def test_decoder_stage_output_loads_in_plain_diffusers(tmp_path, tiny_base, trai
     assert image.shape == (1, 64, 64, 3)
 
 
-def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache):
+@pytest.mark.parametrize("variant", [pytest.param({}, id="full"),
+                                     pytest.param({"prior.lora_rank": 4, "lr": 0.005}, id="lora")])
+def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache, variant):
     """...and never resume a one-process checkpoint: its step 24 is past the two-process
     plan's 12 steps, and would have been "resumed" as a finished run before the step plan
     joined the fingerprint."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    params = stage_params(tiny_base, epochs=6)
+    params = stage_params(tiny_base, epochs=6, **variant)
     run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache))
     assert json.loads((tmp_path / "prior.json").read_text())["steps"] == 6 * 16 // 4
     with socket.socket() as sock:  # a free port for the gloo rendezvous

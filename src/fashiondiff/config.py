@@ -115,6 +115,10 @@ class TrainParams:
 class PriorParams:
     text_dropout: float
     trainable: str
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,10 @@ class DecoderParams:
     image_dropout: float
     gradient_checkpointing: bool
     trainable: str
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,8 @@ class Params:
         weights = self.evaluate.fid_weights
         _check(not weights or Path(weights).parent == Path(FID_WEIGHTS_DIR), "evaluate.fid_weights",
                f"must be a file in {FID_WEIGHTS_DIR}/, the folder evaluate declares as a dependency")
+        for section in ("prior", "decoder"):
+            _check_lora(getattr(self, section), section)
         _check(self.evaluate.num_prompts >= 2, "evaluate.num_prompts", "must be >= 2 (fd_clip needs a covariance)")
         _check(int(self.diffusion_steps * EDIT_STRENGTH) >= 1, "diffusion_steps",
                f"must be >= 2 (evaluate's img2img runs at strength {EDIT_STRENGTH})")
@@ -326,6 +336,18 @@ def seed_everything(seed: int) -> None:
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise PipelineError(f"params: {key} {why}")
+
+
+def _check_lora(section, key: str) -> None:
+    """A ``prior``/``decoder`` section's LoRA keys; LoRA and ``trainable`` are one choice."""
+    _check(section.lora_rank >= 0, f"{key}.lora_rank", "must be >= 0 (0: full fine-tuning)")
+    _check(section.lora_alpha > 0, f"{key}.lora_alpha", "must be > 0")
+    _check(0.0 <= section.lora_dropout < 1.0, f"{key}.lora_dropout", "must be in [0, 1)")
+    _check(any(t.strip() for t in section.lora_targets.split(",")), f"{key}.lora_targets",
+           "must name at least one module (comma-separated names, e.g. to_q,to_k,to_v,to_out.0)")
+    _check(section.lora_rank == 0 or section.trainable.strip() == "all", f"{key}.lora_rank",
+           f"> 0 trains a LoRA adapter and nothing else, so {key}.trainable must be all "
+           f"(got {section.trainable!r}); or set {key}.lora_rank: 0 to fine-tune selected parameters")
 
 
 def _get(params, key: str):

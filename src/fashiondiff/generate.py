@@ -4,6 +4,7 @@ Usage::
 
     fashiondiff generate "black leather mini skirt" --model models --out skirt.png
     fashiondiff generate "black leather mini skirt" --model models/base --out base.png
+    fashiondiff generate "black leather mini skirt" --model models/base --lora models --out lora.png
     fashiondiff generate "black leather mini skirt" --image shirt.png --strength 0.6 --out edit.png
     fashiondiff generate "a dress" --mix "red silk:0.3" --mix photo.png:0.3 --prompt-weight 0.4 --out mix.png
     fashiondiff generate "a dress" --prior kandinsky-community/kandinsky-2-1-prior \\
@@ -12,7 +13,8 @@ Usage::
 Sampling defaults come from ./params.yaml when it exists (diffusion_steps, evaluate.*,
 model.resolution), else 100 decoder steps, 25 prior steps, guidance 4, 512x512 (2.1's
 native size). Image ``k`` of ``--num-images`` uses seed ``--seed + k``, so any one image
-can be made again alone. Kandinsky 2.1 rounds sizes up to a multiple of 64 (MoVQ's 8x
+can be made again alone. ``--lora DIR`` applies LoRA adapters (DIR/prior/lora, DIR/decoder/lora, as
+training writes them) to the base model without a merged copy. Kandinsky 2.1 rounds sizes up to a multiple of 64 (MoVQ's 8x
 downsampling squared), the tiny model too. The library functions below are shared with ``evaluate``.
 """
 
@@ -159,6 +161,36 @@ def resolve_models(model: str | None, prior: str | None, decoder: str | None) ->
     return prior, decoder
 
 
+def resolve_adapters(lora: str | None, prior_lora: str | None, decoder_lora: str | None,
+                     prior: str, decoder: str) -> tuple[str | None, str | None]:
+    """The adapter folders to apply: explicit ``--prior-lora``/``--decoder-lora`` win over
+    ``--lora``'s ``prior/lora`` and ``decoder/lora``. Each must hold an adapter, and must not
+    sit inside the model folder it would be applied to (that folder has it merged already)."""
+    if lora is None and prior_lora is None and decoder_lora is None:
+        return None, None
+    from fashiondiff.train.lora import ADAPTER_FILE
+
+    if lora is not None:
+        if not Path(lora).is_dir():
+            raise PipelineError(f"{lora}: no such folder (--lora: a folder with prior/lora/ and/or decoder/lora/)")
+        found = {kind: Path(lora) / kind / "lora" for kind in ("prior", "decoder")}
+        found = {kind: str(path) for kind, path in found.items() if (path / ADAPTER_FILE).is_file()}
+        if not found:
+            raise PipelineError(f"{lora}: no prior/lora/{ADAPTER_FILE} or decoder/lora/{ADAPTER_FILE} (--lora)")
+        prior_lora = prior_lora or found.get("prior")
+        decoder_lora = decoder_lora or found.get("decoder")
+    for adapter, model, flag, model_flag in ((prior_lora, prior, "--prior-lora", "--prior"),
+                                            (decoder_lora, decoder, "--decoder-lora", "--decoder")):
+        if adapter is None:
+            continue
+        if not (Path(adapter) / ADAPTER_FILE).is_file():
+            raise PipelineError(f"{adapter}: no LoRA adapter here (no {ADAPTER_FILE}) ({flag})")
+        if Path(adapter).resolve().parent == Path(model).resolve():
+            raise PipelineError(f"{model} has the adapter {adapter} merged already: apply it to the base "
+                                f"model instead ({model_flag} or --model, e.g. --model models/base)")
+    return prior_lora, decoder_lora
+
+
 def check_sampling(sampling: Sampling, img2img: bool) -> None:
     """One-line errors for settings the pipelines would reject with a traceback."""
     for name, value in (("--steps", sampling.steps), ("--prior-steps", sampling.prior_steps),
@@ -174,9 +206,13 @@ def check_sampling(sampling: Sampling, img2img: bool) -> None:
 
 def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: str | None = None,
              mix: Sequence[str] = (), prompt_weight: float = 1.0, seed: int = 0, num_images: int = 1,
-             sampling: Sampling = Sampling(), device: str | None = None,
+             sampling: Sampling = Sampling(), device: str | None = None, lora: str | None = None,
+             prior_lora: str | None = None, decoder_lora: str | None = None,
              quiet: bool = False) -> list[Path]:
     """Generate ``num_images`` images and write them as PNG; return their paths.
+
+    ``lora``/``prior_lora``/``decoder_lora``: adapters applied to the loaded models
+    (see :func:`resolve_adapters`).
 
     Checks every input (prompt, models, images, output) before loading a model;
     ``quiet`` silences the libraries' loading bars and warnings (the CLI sets it).
@@ -187,6 +223,7 @@ def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: 
         raise PipelineError(f"--num-images must be >= 1, got {num_images}")
     check_sampling(sampling, img2img=bool(source))
     prior_name, decoder_name = resolve_models(None, prior, decoder)
+    prior_lora, decoder_lora = resolve_adapters(lora, prior_lora, decoder_lora, prior_name, decoder_name)
     source_image = read_image(source) if source else None
     conditions, weights = parse_mix(mix)
     seeds = [seed + k for k in range(num_images)]
@@ -202,6 +239,7 @@ def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     prior_pipe = load_prior(prior_name, "--prior").to(device)
     decoder_pipe = load_decoder(decoder_name, "--decoder", img2img=source_image is not None).to(device)
+    apply_adapters(prior_pipe, decoder_pipe, prior_lora, decoder_lora)
     for path, s in zip(paths, seeds):
         gens = generators([s])
         if conditions:
@@ -216,6 +254,18 @@ def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: 
     return paths
 
 
+def apply_adapters(prior_pipe, decoder_pipe, prior_lora: str | None, decoder_lora: str | None) -> None:
+    """Load the adapters onto the pipelines' prior and U-Net (unmerged: scale 1)."""
+    if prior_lora is None and decoder_lora is None:
+        return
+    from fashiondiff.train.lora import load_adapter
+
+    if prior_lora is not None:
+        load_adapter(prior_pipe.prior, prior_lora, "--prior-lora")
+    if decoder_lora is not None:
+        load_adapter(decoder_pipe.unet, decoder_lora, "--decoder-lora")
+
+
 def add_parser(subparsers) -> None:
     """Register ``generate`` on the top-level CLI."""
     p = subparsers.add_parser("generate", help="text (or image + text, or a mix) -> image",
@@ -225,6 +275,11 @@ def add_parser(subparsers) -> None:
                    help="folder holding prior/ and decoder/ (tuned: models, base: models/base)")
     p.add_argument("--prior", help="prior folder or Hub id (overrides --model)")
     p.add_argument("--decoder", help="decoder folder or Hub id (overrides --model)")
+    p.add_argument("--lora", metavar="DIR",
+                   help="apply the LoRA adapters DIR/prior/lora and/or DIR/decoder/lora (training's "
+                        "--out folders' parent, e.g. models) to the base model: use with --model models/base")
+    p.add_argument("--prior-lora", metavar="DIR", help="a prior adapter folder (overrides --lora's)")
+    p.add_argument("--decoder-lora", metavar="DIR", help="a decoder adapter folder (overrides --lora's)")
     p.add_argument("--image", help="source image: image + text -> image (img2img)")
     p.add_argument("--strength", type=float, default=0.6,
                    help="img2img: how far from the source to go, (0, 1] (default 0.6)")
@@ -274,7 +329,8 @@ def run(args: argparse.Namespace) -> None:
     sampling = Sampling(**{k: (v if v is not None else getattr(base, k)) for k, v in chosen.items()})
     paths = generate(args.prompt, prior, decoder, args.out, source=args.image, mix=args.mix,
                      prompt_weight=args.prompt_weight, seed=args.seed, num_images=args.num_images,
-                     sampling=sampling, device=args.device, quiet=True)
+                     sampling=sampling, device=args.device, lora=args.lora, prior_lora=args.prior_lora,
+                     decoder_lora=args.decoder_lora, quiet=True)
     for path in paths:
         print(path)
 

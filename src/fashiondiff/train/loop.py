@@ -8,7 +8,7 @@ schedule, mixed precision, EMA, checkpoint/resume, NaN guard, logging.
 Reproducibility: the data order of epoch ``e`` is a permutation seeded by
 ``(seed, e)`` and every random draw of step ``s`` on rank ``r`` comes from a
 generator seeded by ``(seed, s, r)``. No global RNG is read, so a run resumed from
-a checkpoint (model, optimiser, schedule and EMA restored by ``load_state``) ends
+a checkpoint (trained weights, optimiser, schedule and EMA restored by ``load_state``) ends
 with the same weights, bit for bit on the CPU, as one that never stopped.
 """
 
@@ -139,8 +139,9 @@ def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan):
                                   weight_decay=cfg.weight_decay)
     schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=math.ceil(plan.total / cfg.gradient_accumulation_steps))
-    ema = _make_ema(task.model, cfg.ema_decay)
+    ema = _make_ema(trainable, cfg.ema_decay)
     model, optimizer = acc.prepare(task.model, optimizer)
+    _checkpoint_trainable_only(acc, task.model)
     acc.register_for_checkpointing(schedule)  # stepped by us once per optimiser step
     if ema is not None:
         acc.register_for_checkpointing(ema)
@@ -175,7 +176,7 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.step(acc.unwrap_model(model).parameters())
+                ema.step(trainable)
 
     bar = tqdm(total=plan.total, initial=start, desc=f"train {task.name}", unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
@@ -211,7 +212,7 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
     acc.wait_for_everyone()
     final = acc.unwrap_model(model)
     if ema is not None:
-        ema.copy_to(final.parameters())
+        ema.copy_to(trainable)
     if world > 1:
         _check_ranks_agree(final, acc, task.name)
     ckpts.save(plan.total, progress.state())
@@ -248,12 +249,52 @@ def _check_ranks_agree(model: torch.nn.Module, acc, name: str) -> None:
     acc.print(f"train {name}: {acc.num_processes} processes ended with identical weights ({digest[:12]})")
 
 
-def _make_ema(model: torch.nn.Module, decay: float):
+def _make_ema(trainable: list[torch.nn.Parameter], decay: float):
+    """An EMA of the trained parameters only: a frozen weight's average is itself, and
+    with LoRA the frozen base is nearly the whole model (its copy would cost 4 bytes each)."""
     if decay <= 0:
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(model.parameters(), decay=decay, use_ema_warmup=False)
+    return EMAModel(trainable, decay=decay, use_ema_warmup=False)
+
+
+def _checkpoint_trainable_only(acc, model: torch.nn.Module) -> None:
+    """Checkpoints hold what training changes: the trainable parameters (with their optimiser,
+    schedule and EMA state, which only ever cover those). The frozen rest is the base model a
+    resumed run loads anyway, and with LoRA it is nearly all of the model's bytes.
+
+    Accelerate saves and strictly loads every model's whole state_dict; these hooks narrow
+    the saved dict and load the narrowed file themselves.
+    """
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def bare(key: str) -> str:
+        return key.removeprefix("module.")  # DistributedDataParallel's prefix
+
+    def save(models: list, weights: list[dict], output_dir: str) -> None:
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if bare(k) in names}
+
+    def load(models: list, input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        if not models:  # FSDP/DeepSpeed load their own (sharded) model state
+            return
+        path = Path(input_dir) / "model.safetensors"
+        state = {bare(k): v for k, v in load_file(str(path), device=str(acc.device)).items()}
+        missing = names - set(state)
+        if missing:
+            raise PipelineError(f"{path}: checkpoint lacks {len(missing)} trained parameters "
+                                f"(e.g. {sorted(missing)[0]}); delete {Path(input_dir).parent} to start afresh")
+        unexpected = acc.unwrap_model(models[0]).load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise PipelineError(f"{path}: checkpoint holds parameters this model lacks (e.g. {unexpected[0]}); "
+                                f"delete {Path(input_dir).parent} to start afresh")
+        models.pop(0)  # loaded: Accelerate's strict load would want the frozen weights too
+
+    acc.register_save_state_pre_hook(save)
+    acc.register_load_state_pre_hook(load)
 
 
 class Checkpoints:

@@ -20,9 +20,11 @@ import torch
 from fashiondiff.embed.cache import cache_identity, open_cache
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir, atomic_file, write_json
+from fashiondiff.train.lora import add_lora, has_adapter, merge_adapter, save_adapter
 from fashiondiff.train.loop import Schedule, TrainResult, step_generator, train
 
 KINDS = ("prior", "decoder")
+ADAPTER_DIR = "lora"  # <out>/lora/: the LoRA adapter beside the merged pipeline
 VALIDATION_RANK = 2**31 - 1  # a rank no process has: validation noise is no training draw
 
 
@@ -46,6 +48,14 @@ def set_trainable(module: torch.nn.Module, spec: str, key: str) -> int:
     return count
 
 
+def prepare(model: torch.nn.Module, section, key: str) -> int:
+    """What the loop trains: a LoRA adapter (``lora_rank > 0``, base frozen) or the
+    parameters ``trainable`` selects. Returns the trainable parameter count."""
+    if section.lora_rank > 0:
+        return add_lora(model, section, key)
+    return set_trainable(model, section.trainable, f"{key}.trainable")
+
+
 def make_task(kind: str, params, cache):
     """The base pipeline and the task that trains its prior or U-Net."""
     from fashiondiff.models.loader import load_decoder, load_prior
@@ -54,12 +64,12 @@ def make_task(kind: str, params, cache):
         from fashiondiff.train.prior import PriorTask
 
         pipe = load_prior(params.model.prior)
-        set_trainable(pipe.prior, params.prior.trainable, "prior.trainable")
+        prepare(pipe.prior, params.prior, "prior")
         return pipe, PriorTask(pipe.prior, pipe.scheduler, cache, params.prior.text_dropout)
     from fashiondiff.train.decoder import DecoderTask
 
     pipe = load_decoder(params.model.decoder)
-    set_trainable(pipe.unet, params.decoder.trainable, "decoder.trainable")
+    prepare(pipe.unet, params.decoder, "decoder")
     if params.decoder.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     task = DecoderTask(pipe.unet, pipe.scheduler, cache, params.decoder.text_dropout,
@@ -125,7 +135,7 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
     if val_cache_dir:
         val = open_cache(val_cache_dir, expect=_identity(params))
         summary["val_loss"] = validation_loss(task, val, params.seed, params.batch_size)
-    save_pipeline(pipe, out_dir, params, summary)
+    save_pipeline(pipe, task.model, out_dir, params, summary)
     write_json(metrics_path, summary)
     write_plot(plot_path, result)
     tracker.log_summary({k: float(v) for k, v in summary.items()})
@@ -133,6 +143,8 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
                         "checkpoint_dir": str(Path(checkpoint_dir).resolve())})
     for path in (metrics_path, plot_path, Path(out_dir) / "fashiondiff_config.json"):
         tracker.log_artifact(path)
+    if (Path(out_dir) / ADAPTER_DIR).is_dir():
+        tracker.log_artifact(Path(out_dir) / ADAPTER_DIR)  # the small file worth keeping per run
     tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share})
     print(f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
           f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
@@ -140,9 +152,17 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
     return summary
 
 
-def save_pipeline(pipe, out_dir: str, params, summary: dict) -> None:
-    """The whole tuned pipeline (tuned part + base parts), safetensors, with its resolved config."""
+def save_pipeline(pipe, model: torch.nn.Module, out_dir: str, params, summary: dict) -> None:
+    """The whole tuned pipeline (tuned part + base parts), safetensors, with its resolved config.
+
+    A LoRA-trained ``model`` first leaves its adapter in ``out_dir/lora/`` and is then
+    merged, so the pipeline folder is the same plain diffusers model full fine-tuning
+    writes (diffusers ignores the extra subfolder: model_index.json does not name it).
+    """
     with atomic_dir(out_dir) as tmp:
+        if has_adapter(model):
+            save_adapter(model, Path(tmp) / ADAPTER_DIR)
+            merge_adapter(model)
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_json(Path(tmp) / "fashiondiff_config.json", {"params": params.flat(), "train": summary})
 
