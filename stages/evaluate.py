@@ -12,9 +12,11 @@ import argparse
 from pathlib import Path
 
 from fashiondiff.config import seed_everything, stage_params
-from fashiondiff.errors import cli
+from fashiondiff.errors import PipelineError, cli
 from fashiondiff.evaluate.run import evaluate
 from fashiondiff.tracking import stage_run
+
+FID_WEIGHTS_DIR = "weights/inception"  # a dep of this stage in dvc.yaml: new weights rerun it
 
 
 @cli
@@ -25,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("reports_dir", help="where metrics.json and samples/ go")
     args = parser.parse_args(argv)
     params = stage_params("evaluate")
+    weights = params.evaluate.fid_weights
+    if weights and Path(weights).parent != Path(FID_WEIGHTS_DIR):
+        raise PipelineError(f"params: evaluate.fid_weights must be a file in {FID_WEIGHTS_DIR}/, the folder "
+                            f"this stage declares as a dependency in dvc.yaml (got {weights})")
     seed_everything(params.seed)
     tuned = Path(args.tuned_dir)
     with stage_run("evaluate", params) as tracker:

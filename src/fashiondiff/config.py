@@ -149,7 +149,6 @@ class MlflowParams:
     experiment: str
 
 
-FID_WEIGHTS_DIR = "weights/inception"  # dvc.yaml: a dep of evaluate, so new weights rerun it
 EDIT_STRENGTH = 0.6  # evaluate's image + text example: img2img strength (checked below)
 
 
@@ -195,9 +194,6 @@ class Params:
                "must be a multiple of train.gradient_accumulation_steps (resume lands on a sync step)")
         for key in ("prior.text_dropout", "decoder.text_dropout", "decoder.image_dropout"):
             _check(0.0 <= _get(self, key) <= 1.0, key, "must be in [0, 1]")
-        weights = self.evaluate.fid_weights
-        _check(not weights or Path(weights).parent == Path(FID_WEIGHTS_DIR), "evaluate.fid_weights",
-               f"must be a file in {FID_WEIGHTS_DIR}/, the folder evaluate declares as a dependency")
         for section in ("prior", "decoder"):
             _check_lora(getattr(self, section), section)
         _check(self.evaluate.num_prompts >= 2, "evaluate.num_prompts", "must be >= 2 (fd_clip needs a covariance)")

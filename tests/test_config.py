@@ -1,0 +1,70 @@
+"""params.yaml as each stage sees it: validated whole, readable only where dvc.yaml declares."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import REPO, params_tree, repo_params
+from fashiondiff.config import ParamsView, declared_params, params_from_dict, stage_params
+from fashiondiff.errors import PipelineError
+
+
+def view(declared: list[str]) -> ParamsView:
+    return ParamsView(repo_params(), "train_prior", frozenset(declared))
+
+
+def test_a_declared_section_opens_everything_under_it_and_nothing_else():
+    params = view(["lr", "train", "model.prior"])
+    assert params.lr == 0.0005 and params.train.warmup_steps == 20 and params.model.prior
+    with pytest.raises(PipelineError, match=r"stage train_prior reads params key evaluate, which its params: list"):
+        params.evaluate.num_prompts
+    with pytest.raises(PipelineError, match=r"params key model\.resolution"):
+        params.model.resolution
+    with pytest.raises(PipelineError, match=r"params key seed,"):
+        params.seed
+    assert params.reads == {"lr", "train", "model.prior"}
+
+
+def test_flat_records_only_declared_keys():
+    flat = view(["lr", "train", "model.prior"]).flat()
+    assert "lr" in flat and "train.warmup_steps" in flat and "model.prior" in flat
+    assert not any(k.startswith(("evaluate", "embedded", "model.decoder", "mlflow")) for k in flat)
+
+
+def test_stage_params_use_the_stages_own_list_in_dvc_yaml():
+    assert "prior" in declared_params("train_prior", REPO) and "decoder" not in declared_params("train_prior", REPO)
+    assert declared_params("extract", REPO) == ["data.caption", "data.chunk_size", "data.workers"]  # foreach
+    assert "embedded.synthetic" in declared_params("synthesize", REPO)  # embedded/dvc.yaml
+    params = stage_params("extract", REPO / "params.yaml", REPO)
+    assert params.data.chunk_size == 256
+    with pytest.raises(PipelineError, match="params key seed"):
+        params.seed
+    with pytest.raises(PipelineError, match="stage nosuch: not declared"):
+        stage_params("nosuch", REPO / "params.yaml", REPO)
+
+
+def test_params_yaml_is_the_one_source_a_missing_key_is_named(tmp_path):
+    tree = params_tree()
+    del tree["train"]["warmup_steps"]
+    with pytest.raises(PipelineError, match=r"params: missing key train\.warmup_steps"):
+        params_from_dict(tree)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("evaluate.num_prompts", 1, "evaluate.num_prompts must be >= 2"),
+    ("diffusion_steps", 1, "diffusion_steps must be >= 2"),
+    ("model.resolution", 60, "model.resolution must be a multiple of 8"),
+    ("train.mixed_precision", "fp8", "train.mixed_precision must be no, fp16 or bf16"),
+    ("epochs", "many", "epochs must be an integer"),
+])
+def test_bad_values_fail_at_load_naming_the_key(key, value, message):
+    """Every stage validates the whole file: a bad evaluate key stops extract, not the end of training."""
+    with pytest.raises(PipelineError, match=message):
+        repo_params(**{key: value})
+
+
+def test_yaml_no_reads_back_as_no():
+    tree = params_tree()
+    tree["train"]["mixed_precision"] = False  # what `dvc exp run -S train.mixed_precision=no` writes
+    assert params_from_dict(yaml.safe_load(yaml.safe_dump(tree))).train.mixed_precision == "no"
