@@ -111,6 +111,17 @@ def run(work: Path, name: str, cmd: list[str], env: dict, log) -> dict:
     return record
 
 
+def samples_per_s(stdout: str, batch_size: int, kind: str = r"\w+") -> float | None:
+    """Training throughput from the loop's last progress-bar rate (the stage's own summary
+    line rounds to whole samples/s, 0 for a full-size step on a CPU)."""
+    rates = re.findall(rf"train {kind}: [^\n\r]*?([\d.]+)(s/step|step/s)", stdout)
+    if not rates:
+        return None
+    value, unit = rates[-1]
+    steps_per_s = float(value) if unit == "step/s" else 1.0 / float(value)
+    return round(steps_per_s * batch_size, 4)
+
+
 def scratch_params(work: Path, args, trainable: dict) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     res, clip = (64, 64) if args.tiny else (256, 224)
@@ -258,8 +269,7 @@ def main() -> None:
                         "--val-cache", "data/cache/validation", "--out", f"models/{kind}",
                         "--checkpoints", f"checkpoints/{kind}", "--metrics", f"reports/train_{kind}.json",
                         "--plot", f"reports/plots/train_{kind}.csv")
-            m = re.search(r"([\d.]+) samples/s", rec["_stdout"])
-            report["stages"][f"train_{kind}"]["samples_per_s"] = float(m.group(1)) if m else None
+            report["stages"][f"train_{kind}"]["samples_per_s"] = samples_per_s(rec["_stdout"], args.batch_size)
             report["stages"][f"train_{kind}"]["metrics"] = json.loads((work / f"reports/train_{kind}.json").read_text())
         stage("evaluate", stages / "evaluate.py", "data/extracted/validation", "models", "reports")
         stage("generate text->image", "-m", "fashiondiff", "generate", EDIT_PROMPT, "--model", "models",
