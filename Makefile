@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install repro test bench ui clean
+.PHONY: install repro test bench fullsize ui clean
 
 install: $(STAMP)
 
@@ -32,8 +32,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	for b in bench/bench_*.py; do python $$b || exit 1; done
 
+# Kandinsky 2.1 at its published size (random weights) through every real stage, on a few
+# dozen rows: writes reports/fullsize.json (README "Full-size dry run"). Not part of `make test`.
+# GPU benchmark: make fullsize FULLSIZE_ARGS="--device cuda --batch-size 32 --bf16"
+FULLSIZE_ARGS ?=
+fullsize: $(STAMP)
+	python bench/fullsize.py $(FULLSIZE_ARGS)
+
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 clean:
-	rm -rf data models checkpoints reports/metrics.json reports/plots reports/samples reports/embedded
+	rm -rf build data models checkpoints reports/metrics.json reports/plots reports/samples reports/embedded

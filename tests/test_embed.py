@@ -18,25 +18,86 @@ from fashiondiff.errors import PipelineError
 from pipeline_fixtures import TINY_SPEC, extracted, run_stage, stage_params, tiny_base, train_cache  # noqa: F401
 
 
+def _on_the_fly(enc, extracted, rows) -> dict[str, torch.Tensor]:
+    """Format 1's per-image layout: every encoder output of each row, all 77 positions."""
+    images = [Image.open(extracted / r["image"]).convert("RGB") for _, r in rows.iterrows()]
+    return {
+        **encode_texts(enc, rows["caption"].tolist()),
+        **encode_images(enc, clip_pixels(enc.image_processor, images, TINY_SPEC.clip_image_size),
+                        torch.from_numpy(np.stack([movq_pixels(im, 64) for im in images]))),
+    }
+
+
 def test_cache_equals_encoders_on_the_fly(train_cache, tiny_base, extracted):
     cache = open_cache(train_cache)
     captions = pd.read_parquet(extracted / "captions.parquet")
     assert len(cache) == len(captions)
     assert cache.rows.tolist() == captions["row"].tolist()
+    assert cache.meta["captions"] == captions["caption"].nunique() < len(captions)  # stored once each
     enc = load_encoders(str(tiny_base / "prior"), str(tiny_base / "decoder"), device="cpu")
     for pos in (0, 5, len(captions) - 1):
         row = captions.iloc[pos]
-        image = Image.open(extracted / row["image"]).convert("RGB")
-        want = {
-            **encode_texts(enc, [row["caption"]]),
-            **encode_images(enc, clip_pixels(enc.image_processor, [image], TINY_SPEC.clip_image_size),
-                            torch.from_numpy(movq_pixels(image, 64))[None]),
-        }
-        for name, value in want.items():
-            np.testing.assert_allclose(cache.arrays[name][pos], value[0].numpy(), rtol=1e-5, atol=1e-5,
+        want = _on_the_fly(enc, extracted, captions.iloc[[pos]])
+        got = cache.fetch(np.array([pos]))
+        length = int(want["text_mask"][0].sum())
+        assert got["text_mask"][0].tolist() == want["text_mask"][0].tolist()
+        assert not got["text_hidden"][0, length:].any()  # padded back with zeros, masked by the prior
+        want["text_hidden"] = want["text_hidden"][:, :length]
+        got["text_hidden"] = got["text_hidden"][:, :length]
+        for name in sorted(set(got) - {"text_mask"}):
+            np.testing.assert_allclose(got[name][0], want[name][0].numpy(), rtol=1e-5, atol=1e-5,
                                        err_msg=f"{name} at row {row['row']}")
     assert cache.arrays["latents"].shape[1:] == (4, 8, 8)  # 64 px / MoVQ factor 8, as 2.1
+    assert cache.arrays["text_hidden"].shape[0] == cache.lengths.sum() < 77 * cache.meta["captions"]
+    assert cache.arrays["mclip_hidden"].shape[1] == 77  # the U-Net attends to all positions
     assert cache.uncond["text_mask"].sum() == 2  # the empty caption: start and end tokens
+
+
+def _losses(task, batch, seeds=range(3)) -> list[float]:
+    from fashiondiff.train.loop import step_generator
+
+    with torch.no_grad():
+        return [task.loss(task.model, batch, step_generator(0, s, 0, torch.device("cpu"))).item()
+                for s in seeds]
+
+
+def test_losses_from_the_compact_cache_equal_the_per_image_layout(train_cache, tiny_base, extracted):
+    """Same batches, same draws: the prior and decoder losses from format 2 equal those from
+    format 1's layout (every encoder output per image, CLIP's padded positions included)."""
+    from fashiondiff.models.loader import load_decoder, load_prior
+    from fashiondiff.train.decoder import DecoderTask
+    from fashiondiff.train.prior import PriorTask
+
+    cache = open_cache(train_cache)
+    captions = pd.read_parquet(extracted / "captions.parquet")
+    enc = load_encoders(str(tiny_base / "prior"), str(tiny_base / "decoder"), device="cpu")
+    prior, decoder = load_prior(str(tiny_base / "prior")), load_decoder(str(tiny_base / "decoder"))
+    tasks = {"prior": PriorTask(prior.prior, prior.scheduler, cache, 0.3),
+             "decoder": DecoderTask(decoder.unet, decoder.scheduler, cache, 0.3, 0.3)}
+    index = np.array([0, 1, 2, 7, 9, 15])  # poses of one product share a caption row
+    old = {k: (v.float() if v.is_floating_point() else v)
+           for k, v in _on_the_fly(enc, extracted, captions.iloc[index]).items()}
+    for name, task in tasks.items():
+        task.model.eval()
+        new = task.batch(index, torch.device("cpu"))
+        np.testing.assert_allclose(_losses(task, new), _losses(task, {k: old[k] for k in new}),
+                                   rtol=1e-5, err_msg=name)
+    # Exactly: the prior masks CLIP's padded positions, so what they hold does not matter.
+    task = tasks["prior"]
+    new = task.batch(index, torch.device("cpu"))
+    full = dict(new, text_hidden=torch.where(new["text_mask"][..., None], new["text_hidden"],
+                                             old["text_hidden"]))
+    assert not torch.equal(full["text_hidden"], new["text_hidden"])
+    assert _losses(task, new) == _losses(task, full)
+
+
+def test_a_format_1_cache_is_refused(tmp_path, train_cache):
+    old = tmp_path / "old"
+    shutil.copytree(train_cache, old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(PipelineError, match="cache format 1 .* re-run the embed stage"):
+        open_cache(old)
 
 
 def test_cache_made_by_another_model_fails_clearly(train_cache, tiny_base):
@@ -63,7 +124,8 @@ def test_unreadable_image_fails_then_resumes_to_the_same_cache(tmp_path, tiny_ba
     assert failed.stderr.strip().splitlines()[-1].startswith(f"error: {victim}: cannot read image")
     assert not (tmp_path / "cache").exists()
     progress = json.loads((tmp_path / ".cache.partial" / "progress.json").read_text())
-    assert progress["done"] == 8  # two batches of 4 finished before the bad row
+    assert progress["images"] == 8  # two batches of 4 finished before the bad row
+    assert progress["captions"] == captions["caption"].nunique()  # captions come first
 
     victim.write_bytes(good)
     resumed = run_stage(tmp_path, params, "embed.py", broken, "train", tmp_path / "cache")

@@ -161,3 +161,54 @@ def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache, variant
     metrics = json.loads((tmp_path / "prior.json").read_text())
     assert metrics["steps"] == 6 * 16 // (4 * 2)
     assert metrics["loss_last_epoch"] < metrics["loss_first_epoch"]
+
+
+def _config(module) -> dict:
+    cfg = module.config
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return {k: v for k, v in d.items() if k != "_name_or_path"}
+
+
+@pytest.mark.parametrize("kind", ["prior", "decoder"])
+def test_training_loads_only_its_network_and_saves_a_complete_pipeline(tmp_path, tiny_base, train_cache, kind):
+    """make_task leaves the frozen encoders unloaded; the output folder equals what saving the
+    whole base pipeline with the tuned network gave (the old behaviour), and loads in plain
+    diffusers. Untouched files are byte-identical copies of the base folder's."""
+    from diffusers import KandinskyPipeline, KandinskyPriorPipeline
+
+    from fashiondiff.config import params_from_dict
+    from fashiondiff.train.run import make_task, save_pipeline
+
+    params = params_from_dict(stage_params(tiny_base))
+    pipe, task = make_task(kind, params, open_cache(train_cache))
+    component = "prior" if kind == "prior" else "unet"
+    modules = [v for v in vars(pipe).values() if isinstance(v, torch.nn.Module)]
+    assert modules == [getattr(pipe, component)]  # no frozen encoder in memory
+    with torch.no_grad():  # stands for training: the saved network differs from the base
+        for p in task.model.parameters():
+            p.add_(0.01)
+    save_pipeline(pipe, tmp_path / "new", params, {"steps": 1})
+
+    cls = KandinskyPriorPipeline if kind == "prior" else KandinskyPipeline
+    base_dir = tiny_base / kind
+    old = cls.from_pretrained(base_dir)  # the old behaviour: the whole base, tuned part swapped in
+    getattr(old, component).load_state_dict(task.model.state_dict())
+    old.save_pretrained(tmp_path / "old", safe_serialization=True)
+
+    files = {p.relative_to(tmp_path / "new") for p in (tmp_path / "new").rglob("*") if p.is_file()}
+    assert files - {Path("fashiondiff_config.json")} == \
+        {p.relative_to(tmp_path / "old") for p in (tmp_path / "old").rglob("*") if p.is_file()}
+    for rel in files:
+        if rel.parts[0] not in (component, "fashiondiff_config.json"):
+            assert (tmp_path / "new" / rel).read_bytes() == (base_dir / rel).read_bytes(), rel
+    new_pipe, old_pipe = cls.from_pretrained(tmp_path / "new"), cls.from_pretrained(tmp_path / "old")
+    for name, module in old_pipe.components.items():
+        other = new_pipe.components[name]
+        if isinstance(module, torch.nn.Module):
+            a, b = module.state_dict(), other.state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+            assert _config(module) == _config(other), name
+        elif hasattr(module, "config"):  # schedulers
+            assert _config(module) == _config(other), name
+        else:  # tokenizer, image processor
+            assert type(module) is type(other), name

@@ -1,19 +1,51 @@
-"""The embedding cache: every frozen encoder runs once per image and caption.
+"""The embedding cache: every frozen encoder runs once per image and once per unique caption.
 
 Usage::
 
     build_cache(captions, "data/extracted/train", "data/cache/train", encoders, batch_size=32)
     cache = open_cache("data/cache/train", expect=cache_identity(params))
-    cache.arrays["image_embeds"][rows]      # memory-mapped NumPy arrays
+    batch = cache.fetch(index, ("image_embeds", "text_hidden", "text_mask"))   # per-image NumPy arrays
 
-A cache folder holds one ``.npy`` file per array (memory-mappable, keyed by position;
-``rows.npy`` maps position -> ``row`` of captions.parquet), the encodings of the
-empty caption and of the blank image (for condition dropout), and ``meta.json``,
-which records the models and preprocessing that made it. Training reads only this.
+Layout (format 2). Per image (position ``i``, memory-mapped ``.npy``): ``latents``
+(MoVQ), ``image_embeds`` (CLIP), ``caption`` (int32 row of the caption arrays) and
+``rows`` (position -> ``row`` of captions.parquet). Per UNIQUE caption (FashionGen's
+poses of a product share their title, and many products share one): ``text_embeds``
+(CLIP pooled), ``mclip_embeds`` and ``mclip_hidden`` (all 77 positions), and the CLIP
+text hidden states of the caption's real tokens only, concatenated in ``text_hidden``
+with ``text_offsets`` (caption ``c`` owns rows ``offsets[c]:offsets[c+1]``; its length is
+the attention mask, which CLIP's tokenizer pads on the right). ``fetch`` hands training
+the per-image layout of format 1: text hidden states zero-padded back to 77 positions,
+the mask rebuilt from the lengths. Plus the encodings of the empty caption and of the
+blank image (condition dropout, stored whole) and ``meta.json``, which records the
+models and preprocessing that made it.
+
+Why the two text arrays differ (diffusers 0.42.1, checked in its code):
+
+* The prior never sees CLIP's padded positions. ``KandinskyPriorPipeline._encode_prompt``
+  keeps the tokenizer's mask (pipelines/kandinsky/pipeline_kandinsky_prior.py:326) and
+  passes it as ``attention_mask`` to the prior (:507-508); ``PriorTransformer.forward``
+  turns it into an additive -10000 bias on those key positions for every query
+  (models/transformers/prior_transformer.py:290-293), on top of the causal mask
+  (:157-162), and reads only the last token's output (:308-309). exp(-10000 + s) is 0 in
+  float32/bf16/fp16, so whatever the padded hidden states hold contributes exactly 0:
+  they need not be stored (tests/test_embed.py checks the loss is bit-identical with
+  zeros there). The positions still matter (fixed 81-entry positional embedding and
+  causal mask, :121, :157), hence the padding back to 77 at batch time.
+* The 2.1 U-Net attends to all 77 M-CLIP positions. ``KandinskyPipeline`` runs
+  M-CLIP with the mask (pipelines/kandinsky/pipeline_kandinsky.py:165-168) but calls the
+  U-Net without ``encoder_attention_mask`` (:360-366); ``TextImageProjection`` projects
+  every position (models/embeddings.py:1267-1277, via unet_2d_condition.py:947-955) and
+  the mask bias is applied only when one is given (unet_2d_condition.py:1072). XLM-R's
+  outputs at padded positions depend on the caption (they attend to its tokens), so
+  ``mclip_hidden`` stays whole. Its mask is not stored: nothing downstream reads it.
+
+At full size in float16 (``embed.dtype``, recommended for real runs) this is about
+50 KiB per FashionGen image against 284 KiB in format 1 (bench/bench_cache.py).
 
 Work goes into ``<out>.partial/`` beside the output, with ``.npy`` files allocated
-at full size and a progress file updated after each flushed batch: a killed run
-resumes where it stopped, and the finished folder is renamed into place whole.
+at full size (the CLIP token count is known from the tokenizer before encoding) and a
+progress file updated after each flushed batch (captions first, then images): a killed
+run resumes where it stopped, and the finished folder is renamed into place whole.
 """
 
 from __future__ import annotations
@@ -34,7 +66,7 @@ from tqdm import tqdm
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: every text array stored once per image, 77 positions
 TEXT_LENGTH = 77
 
 # What must match between a cache and the params that read it.
@@ -158,26 +190,59 @@ class _Images(torch.utils.data.Dataset):
 
 
 def _fingerprint(captions, identity: dict) -> str:
-    h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**identity, "format": FORMAT_VERSION}, sort_keys=True).encode())
     h.update(captions[["row", "caption", "image"]].to_json(orient="values").encode())
     return h.hexdigest()
 
 
-def _shapes(enc: Encoders, resolution: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Per-item shape and kind ('f' float in the cache dtype, 'b' bool) of every cached array."""
+IMAGE_ARRAYS = ("latents", "image_embeds")
+CAPTION_ARRAYS = ("text_embeds", "mclip_embeds", "mclip_hidden")  # one row per unique caption
+
+
+def _shapes(enc: Encoders, resolution: int, tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per-row shape and kind ('f' float in the cache dtype, 'i' int) of every stored array.
+
+    Rows are images, unique captions or (``text_hidden``) CLIP tokens; see the module doc.
+    """
     probe = encode_texts(enc, [""])
     factor = 2 ** (len(enc.movq.config.block_out_channels) - 1)
-    lat = (enc.movq.config.latent_channels, resolution // factor, resolution // factor)
-    dim = enc.clip_vision.config.projection_dim
-    shapes = {k: (tuple(v.shape[1:]), "b" if v.dtype == torch.bool else "f") for k, v in probe.items()}
-    shapes["image_embeds"] = ((dim,), "f")
-    shapes["latents"] = (lat, "f")
-    return shapes
+    return {
+        "latents": ((enc.movq.config.latent_channels, resolution // factor, resolution // factor), "f"),
+        "image_embeds": ((enc.clip_vision.config.projection_dim,), "f"),
+        "caption": ((), "i"),
+        **{k: (tuple(probe[k].shape[1:]), "f") for k in CAPTION_ARRAYS},
+        "text_hidden": ((probe["text_hidden"].shape[-1],), "f"),
+        "text_offsets": ((), "o"),
+    }
+
+
+def _rows(name: str, n_images: int, n_captions: int, tokens: int) -> int:
+    if name in IMAGE_ARRAYS or name == "caption":
+        return n_images
+    return {"text_hidden": tokens, "text_offsets": n_captions + 1}.get(name, n_captions)
+
+
+def _np_dtype(kind: str, dtype: str):
+    return {"f": np.dtype(dtype), "i": np.dtype(np.int32), "o": np.dtype(np.int64)}[kind]
+
+
+def caption_lengths(enc: Encoders, texts: list[str]) -> np.ndarray:
+    """CLIP tokens (with start and end) of each caption, as the prior pipeline pads them."""
+    tok = enc.clip_tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
+                             return_tensors="np")
+    mask = np.asarray(tok["attention_mask"], dtype=bool)
+    lengths = mask.sum(axis=1)
+    if not (mask == (np.arange(mask.shape[1]) < lengths[:, None])).all():
+        raise PipelineError(f"{enc.prior}: the CLIP tokenizer does not pad on the right; the cache "
+                            "stores each caption's leading real tokens only")
+    return lengths.astype(np.int64)
 
 
 def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Encoders, clip_image_size: int,
                 resolution: int, batch_size: int = 32, dtype: str = "float32", workers: int = 1) -> dict:
     """Encode every row of ``captions`` (a DataFrame from extract) into ``out_dir``; resumable."""
+    import pandas as pd
+
     out_dir, images_root = Path(out_dir), Path(images_root)
     _check_sizes(enc, clip_image_size, resolution)
     identity = cache_identity(enc.prior, enc.decoder, clip_image_size, resolution, dtype)
@@ -186,40 +251,68 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
     fingerprint = _fingerprint(captions, {**identity, "image_processor": type(enc.image_processor).__name__})
     work = out_dir.with_name(f".{out_dir.name}.partial")
     n = len(captions)
-    shapes = _shapes(enc, resolution)
-    arrays, done = _open_work(work, fingerprint, shapes, n, dtype)
-    if done:
-        print(f"embed: resuming {out_dir} at {done}/{n} items")
+    codes, texts = pd.factorize(captions["caption"], sort=False)  # unique captions, first-seen order
+    texts = [str(t) for t in texts]
+    lengths = caption_lengths(enc, texts)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    shapes = _shapes(enc, resolution, int(offsets[-1]))
+    counts = {"images": n, "captions": len(texts), "tokens": int(offsets[-1])}
+    arrays, state = _open_work(work, fingerprint, shapes, counts, dtype)
+    if state["captions"] or state["images"]:
+        print(f"embed: resuming {out_dir} at {state['captions']}/{len(texts)} captions, "
+              f"{state['images']}/{n} images")
+    else:
+        arrays["caption"][:] = codes
+        arrays["text_offsets"][:] = offsets
     started = time.perf_counter()
-    texts = captions["caption"].tolist()
+
+    def save_progress() -> None:
+        for arr in arrays.values():
+            arr.flush()
+        write_json(work / "progress.json", {**state, "fingerprint": fingerprint})
+
+    with tqdm(total=len(texts), initial=state["captions"], unit="caption", desc=f"embed {out_dir.name} text",
+              dynamic_ncols=True) as bar:
+        for lo in range(state["captions"], len(texts), batch_size):
+            hi = min(lo + batch_size, len(texts))
+            encoded = {k: v.cpu().numpy() for k, v in encode_texts(enc, texts[lo:hi]).items()}
+            for name in CAPTION_ARRAYS:
+                arrays[name][lo:hi] = encoded[name]
+            if not np.array_equal(encoded["text_mask"].sum(axis=1), lengths[lo:hi]):
+                raise PipelineError(f"embed: CLIP token counts changed between two tokenizer calls ({enc.prior})")
+            hidden = encoded["text_hidden"]
+            for j, c in enumerate(range(lo, hi)):
+                arrays["text_hidden"][offsets[c]:offsets[c + 1]] = hidden[j, : lengths[c]]
+            state["captions"] = hi
+            save_progress()
+            bar.update(hi - lo)
+    done = state["images"]
     loader = torch.utils.data.DataLoader(
         _Images(images_root, captions["image"].tolist()[done:], enc.image_processor, clip_image_size,
                 resolution),
         batch_size=batch_size, num_workers=workers, shuffle=False,
     )
     pos = done
-    bar = tqdm(total=n, initial=done, unit="item", desc=f"embed {out_dir.name}", dynamic_ncols=True)
-    with bar:
+    with tqdm(total=n, initial=done, unit="image", desc=f"embed {out_dir.name} images",
+              dynamic_ncols=True) as bar:
         for clip_px, movq_px, errors in _batches(loader, lambda: pos):
             bad = [e for e in errors if e]
             if bad:
-                raise PipelineError(f"{bad[0]}; the {pos} items before it are kept, rerun to resume")
+                raise PipelineError(f"{bad[0]}; the {pos} images before it are kept, rerun to resume")
             stop = pos + len(clip_px)
-            encoded = {**encode_texts(enc, texts[pos:stop]), **encode_images(enc, clip_px, movq_px)}
-            for name, value in encoded.items():
+            for name, value in encode_images(enc, clip_px, movq_px).items():
                 arrays[name][pos:stop] = value.cpu().numpy()
-            for arr in arrays.values():
-                arr.flush()
             pos = stop
-            write_json(work / "progress.json", {"done": pos, "fingerprint": fingerprint})
+            state["images"] = pos
+            save_progress()
             bar.update(len(clip_px))
     seconds = time.perf_counter() - started
-    _finish(work, out_dir, captions, enc, identity, fingerprint, shapes, dtype)
+    _finish(work, out_dir, captions, enc, identity, fingerprint, shapes, counts, dtype)
     size = sum(f.stat().st_size for f in out_dir.iterdir())
-    summary = {"items": n, "bytes_per_item": size / max(n, 1), "seconds": seconds,
+    summary = {"items": n, "captions": len(texts), "bytes_per_item": size / max(n, 1), "seconds": seconds,
                "items_per_s": (n - done) / max(seconds, 1e-9)}
-    print(f"embed: {n} items into {out_dir} ({summary['bytes_per_item'] / 1024:.1f} KiB/item, "
-          f"{summary['items_per_s']:.1f} items/s)")
+    print(f"embed: {n} images, {len(texts)} unique captions into {out_dir} "
+          f"({summary['bytes_per_item'] / 1024:.1f} KiB/image, {summary['items_per_s']:.1f} images/s)")
     return summary
 
 
@@ -239,7 +332,7 @@ def _batches(loader, done):
             if "DataLoader worker" not in str(exc):
                 raise
             raise PipelineError(f"embed: the image loader process died ({str(exc).splitlines()[0]}); "
-                                f"the {done()} items before it are kept, rerun to resume") from None
+                                f"the {done()} images before it are kept, rerun to resume") from None
 
 
 def _check_sizes(enc: Encoders, clip_image_size: int, resolution: int) -> None:
@@ -254,32 +347,34 @@ def _check_sizes(enc: Encoders, clip_image_size: int, resolution: int) -> None:
         raise PipelineError(f"params: model.resolution {resolution} must be a multiple of {factor * factor}")
 
 
-def _open_work(work: Path, fingerprint: str, shapes: dict, n: int, dtype: str):
+def _open_work(work: Path, fingerprint: str, shapes: dict, counts: dict, dtype: str):
     """Reopen a matching partial folder (resume) or start a fresh one."""
     progress = work / "progress.json"
-    done = 0
+    state = {"captions": 0, "images": 0}
     if progress.is_file():
-        state = json.loads(progress.read_text())
-        if state.get("fingerprint") == fingerprint:
-            done = int(state["done"])
-    if done == 0 and work.exists():
+        saved = json.loads(progress.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            state = {k: int(saved.get(k, 0)) for k in state}
+    resume = bool(state["captions"] or state["images"])
+    if not resume and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for name, (shape, kind) in shapes.items():
-        np_dtype = np.bool_ if kind == "b" else np.dtype(dtype)
         path = work / f"{name}.npy"
-        if done:
+        rows = _rows(name, counts["images"], counts["captions"], counts["tokens"])
+        if resume:
             arrays[name] = np.load(path, mmap_mode="r+")
         else:
-            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=(n, *shape))
-    if not done:
-        write_json(progress, {"done": 0, "fingerprint": fingerprint})
-    return arrays, done
+            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=_np_dtype(kind, dtype),
+                                                     shape=(rows, *shape))
+    if not resume:
+        write_json(progress, {**state, "fingerprint": fingerprint})
+    return arrays, state
 
 
 def _finish(work: Path, out_dir: Path, captions, enc: Encoders, identity: dict, fingerprint: str,
-            shapes: dict, dtype: str) -> None:
+            shapes: dict, counts: dict, dtype: str) -> None:
     np.save(work / "rows.npy", captions["row"].to_numpy(dtype=np.int64))
     uncond = {k: v.cpu().numpy() for k, v in encode_texts(enc, [""]).items()}
     uncond["image_embeds"] = blank_image_embed(enc).cpu().numpy()
@@ -288,9 +383,13 @@ def _finish(work: Path, out_dir: Path, captions, enc: Encoders, identity: dict, 
     meta = {
         **identity,
         "format": FORMAT_VERSION,
-        "items": len(captions),
+        "items": counts["images"],
+        "captions": counts["captions"],
+        "text_tokens": counts["tokens"],
+        "text_length": TEXT_LENGTH,
         "fingerprint": fingerprint,
-        "arrays": {k: {"shape": list(s), "dtype": "bool" if kind == "b" else dtype}
+        "arrays": {k: {"rows": _rows(k, counts["images"], counts["captions"], counts["tokens"]),
+                       "shape": list(s), "dtype": str(_np_dtype(kind, dtype))}
                    for k, (s, kind) in shapes.items()},
         "encoders": {
             "clip_text": type(enc.clip_text).__name__, "clip_vision": type(enc.clip_vision).__name__,
@@ -305,9 +404,12 @@ def _finish(work: Path, out_dir: Path, captions, enc: Encoders, identity: dict, 
     os.replace(work, out_dir)
 
 
+FIELDS = IMAGE_ARRAYS + CAPTION_ARRAYS + ("text_hidden", "text_mask")  # what ``fetch`` hands out
+
+
 @dataclass
 class Cache:
-    """A finished cache, arrays memory-mapped."""
+    """A finished cache, arrays memory-mapped (``arrays``: every stored array by name)."""
 
     path: Path
     meta: dict
@@ -318,6 +420,38 @@ class Cache:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """CLIP tokens of each unique caption (its attention mask's length)."""
+        return np.diff(self.arrays["text_offsets"])
+
+    def fetch(self, index: np.ndarray, names=FIELDS) -> dict[str, np.ndarray]:
+        """The images at ``index`` in the per-image layout training uses: every caption array
+        repeated per image, CLIP hidden states zero-padded back to 77 positions (the prior masks
+        them: see the module doc) and ``text_mask`` rebuilt from the lengths."""
+        index = np.asarray(index)
+        a = self.arrays
+        captions = np.asarray(a["caption"][index], dtype=np.int64)
+        unique, inverse = np.unique(captions, return_inverse=True)  # read shared captions once
+        out = {}
+        for name in names:
+            if name in IMAGE_ARRAYS:
+                out[name] = np.asarray(a[name][index])
+            elif name in CAPTION_ARRAYS:
+                out[name] = np.asarray(a[name][unique])[inverse]
+            elif name == "text_mask":
+                out[name] = np.arange(TEXT_LENGTH) < self.lengths[captions][:, None]
+            elif name == "text_hidden":
+                offsets, flat = a["text_offsets"], a["text_hidden"]
+                padded = np.zeros((len(unique), TEXT_LENGTH, flat.shape[1]), dtype=flat.dtype)
+                for j, c in enumerate(unique):
+                    lo, hi = offsets[c], offsets[c + 1]
+                    padded[j, : hi - lo] = flat[lo:hi]
+                out[name] = padded[inverse]
+            else:
+                raise KeyError(f"{name}: not a cached field ({', '.join(FIELDS)})")
+        return out
+
 
 def open_cache(path: str | Path, expect: dict | None = None) -> Cache:
     """Open a finished cache; fail clearly if it was made by other models or preprocessing."""
@@ -327,7 +461,11 @@ def open_cache(path: str | Path, expect: dict | None = None) -> Cache:
         raise PipelineError(f"{path}: not a finished embedding cache (no meta.json): run `dvc repro embed`")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT_VERSION:
-        raise PipelineError(f"{path}: cache format {meta.get('format')} is not {FORMAT_VERSION}: re-run embed")
+        raise PipelineError(
+            f"{path}: cache format {meta.get('format')} (one text row per image) is not format "
+            f"{FORMAT_VERSION} (one per unique caption, compact CLIP text): re-run the embed stage "
+            f"(`dvc repro embed`)"
+        )
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise PipelineError(

@@ -176,7 +176,7 @@ def evaluate(captions_dir, base_prior: str, base_decoder: str, tuned_prior: str,
 
     samples, edits, scores = {}, {}, {}
     for name, prior_name, decoder_name in (("base", None, base_decoder), ("tuned", tuned_prior, tuned_decoder)):
-        prior = load_prior(prior_name, "tuned prior").to(device) if prior_name else base_prior_pipe
+        prior = _tuned_prior(prior_name, base_prior_pipe, device) if prior_name else base_prior_pipe
         decoder = load_decoder(decoder_name, "model.decoder" if name == "base" else "tuned decoder").to(device)
         samples[name], edits[name] = sample_model(prior, decoder, captions, real_images[0], params.seed,
                                                   sampling, ev.batch_size, name)
@@ -192,6 +192,34 @@ def evaluate(captions_dir, base_prior: str, base_decoder: str, tuned_prior: str,
     write_outputs(reports_dir, report, {"grid.png": grid, "image_text.png": edit}, tracker,
                   samples=samples, real_images=rows["image"].tolist())
     return report
+
+
+def _tuned_prior(name: str, base_pipe, device: str):
+    """The tuned prior pipeline. train_prior copies the base's CLIP towers byte for byte, so when
+    the files match, only the tuned prior loads and the base towers are shared (at full size:
+    one 1.0 B prior in memory at a time instead of two, and one pair of towers); otherwise the
+    whole folder loads. Called after the base model's pass, whose prior it releases."""
+    import hashlib
+
+    from fashiondiff.models.loader import load_component, load_prior, resolve
+
+    tuned, base = Path(resolve(name, "tuned prior")), Path(base_pipe.config["_name_or_path"] or "")
+
+    def digest(folder: Path) -> list:
+        files = [f for c in ("image_encoder", "text_encoder", "tokenizer", "image_processor")
+                 for f in sorted((folder / c).glob("*")) if f.is_file()]
+        if not files:
+            return []
+        sizes = [(f.relative_to(folder).as_posix(), f.stat().st_size) for f in files]
+        return sizes + [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+
+    if not base.is_dir() or not digest(tuned) or digest(tuned) != digest(base):
+        return load_prior(name, "tuned prior").to(device)
+    parts = dict(base_pipe.components, prior=load_component(name, "prior", "tuned prior"))
+    base_pipe.register_modules(prior=None)  # the base pass is done; its towers stay the metric space
+    pipe = type(base_pipe)(**parts).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _sig(x: float) -> float:

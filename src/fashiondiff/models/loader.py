@@ -68,6 +68,28 @@ def load_decoder(name: str, key: str = "model.decoder", torch_dtype=None, img2im
     return _load(cls, name, key, torch_dtype, components)
 
 
+def load_component(name: str, component: str, key: str):
+    """One component (``prior``, ``unet``, ``scheduler``...) of a diffusers pipeline folder or a
+    cached Hub id, of the diffusers class its model_index.json names, and nothing else."""
+    import json
+
+    import diffusers
+    import torch
+
+    folder = resolve(name, key)
+    entry = json.loads((Path(folder) / "model_index.json").read_text()).get(component)
+    if not entry or entry[0] != "diffusers" or not hasattr(diffusers, entry[1]):
+        raise PipelineError(f"{folder}: model_index.json names no diffusers {component} ({key}): {entry}")
+    cls = getattr(diffusers, entry[1])
+    try:
+        if issubclass(cls, torch.nn.Module):
+            return cls.from_pretrained(folder, subfolder=component, use_safetensors=True, local_files_only=True)
+        return cls.from_pretrained(folder, subfolder=component)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{folder}: cannot load {cls.__name__} from {component}/ ({key}): "
+                            f"{_first_line(exc)}") from None
+
+
 def _load(cls, name: str, key: str, torch_dtype, components: dict):
     folder = resolve(name, key)
     kwargs = dict(components)

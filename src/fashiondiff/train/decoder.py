@@ -38,9 +38,8 @@ class DecoderTask:
         return len(self.cache)
 
     def batch(self, index: np.ndarray, device) -> dict[str, torch.Tensor]:
-        a = self.cache.arrays
-        return {k: _tensor(a[k][index], device)
-                for k in ("latents", "mclip_hidden", "mclip_embeds", "image_embeds")}
+        fields = self.cache.fetch(index, ("latents", "mclip_hidden", "mclip_embeds", "image_embeds"))
+        return {k: _tensor(v, device) for k, v in fields.items()}
 
     def loss(self, model, batch, generator) -> torch.Tensor:
         latents = batch["latents"]

@@ -45,9 +45,8 @@ class PriorTask:
         return len(self.cache)
 
     def batch(self, index: np.ndarray, device) -> dict[str, torch.Tensor]:
-        a = self.cache.arrays
-        return {k: _tensor(a[k][index], device)
-                for k in ("image_embeds", "text_embeds", "text_hidden", "text_mask")}
+        fields = self.cache.fetch(index, ("image_embeds", "text_embeds", "text_hidden", "text_mask"))
+        return {k: _tensor(v, device) for k, v in fields.items()}
 
     def loss(self, model, batch, generator) -> torch.Tensor:
         prior = getattr(model, "module", model)

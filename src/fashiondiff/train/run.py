@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,19 +57,48 @@ def prepare(model: torch.nn.Module, section, key: str) -> int:
     return set_trainable(model, section.trainable, f"{key}.trainable")
 
 
-def make_task(kind: str, params, cache):
-    """The base pipeline and the task that trains its prior or U-Net."""
-    from fashiondiff.models.loader import load_decoder, load_prior
+@dataclass
+class BaseParts:
+    """What training holds of a base pipeline: the trained network and its scheduler, not the
+    frozen encoders (the cache holds their outputs). ``pipe.prior`` / ``pipe.unet`` name the
+    network as on a diffusers pipeline; save_pipeline copies the rest from ``folder``."""
 
+    folder: Path  # the base pipeline folder (a Hub id resolved to its local snapshot)
+    key: str  # the params key that named it
+    component: str  # "prior" or "unet"
+    network: torch.nn.Module
+    scheduler: object
+
+    def __getattr__(self, name: str):
+        if name != "component" and name == self.__dict__.get("component"):
+            return self.network
+        raise AttributeError(name)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".pb")
+
+
+def load_base(kind: str, params) -> BaseParts:
+    from fashiondiff.models.loader import load_component, resolve
+
+    key, component = ("model.prior", "prior") if kind == "prior" else ("model.decoder", "unet")
+    name = params.model.prior if kind == "prior" else params.model.decoder
+    return BaseParts(folder=Path(resolve(name, key)), key=key, component=component,
+                     network=load_component(name, component, key),
+                     scheduler=load_component(name, "scheduler", key))
+
+
+def make_task(kind: str, params, cache):
+    """The base's trained network and scheduler (see BaseParts) and the task that trains it."""
     if kind == "prior":
         from fashiondiff.train.prior import PriorTask
 
-        pipe = load_prior(params.model.prior)
+        pipe = load_base("prior", params)
         prepare(pipe.prior, params.prior, "prior")
         return pipe, PriorTask(pipe.prior, pipe.scheduler, cache, params.prior.text_dropout)
     from fashiondiff.train.decoder import DecoderTask
 
-    pipe = load_decoder(params.model.decoder)
+    pipe = load_base("decoder", params)
     prepare(pipe.unet, params.decoder, "decoder")
     if params.decoder.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
@@ -135,7 +165,7 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
     if val_cache_dir:
         val = open_cache(val_cache_dir, expect=_identity(params))
         summary["val_loss"] = validation_loss(task, val, params.seed, params.batch_size)
-    save_pipeline(pipe, task.model, out_dir, params, summary)
+    save_pipeline(pipe, out_dir, params, summary)
     write_json(metrics_path, summary)
     write_plot(plot_path, result)
     tracker.log_summary({k: float(v) for k, v in summary.items()})
@@ -152,19 +182,46 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
     return summary
 
 
-def save_pipeline(pipe, model: torch.nn.Module, out_dir: str, params, summary: dict) -> None:
-    """The whole tuned pipeline (tuned part + base parts), safetensors, with its resolved config.
+def save_pipeline(pipe: BaseParts, out_dir: str, params, summary: dict) -> None:
+    """The whole tuned pipeline, safetensors, with its resolved config: the base folder's
+    model_index.json and untouched components copied byte for byte, the tuned network saved
+    into its subfolder.
 
-    A LoRA-trained ``model`` first leaves its adapter in ``out_dir/lora/`` and is then
+    A LoRA-trained network first leaves its adapter in ``out_dir/lora/`` and is then
     merged, so the pipeline folder is the same plain diffusers model full fine-tuning
     writes (diffusers ignores the extra subfolder: model_index.json does not name it).
     """
     with atomic_dir(out_dir) as tmp:
-        if has_adapter(model):
-            save_adapter(model, Path(tmp) / ADAPTER_DIR)
-            merge_adapter(model)
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        if has_adapter(pipe.network):
+            save_adapter(pipe.network, Path(tmp) / ADAPTER_DIR)
+            merge_adapter(pipe.network)
+        copy_untouched(pipe.folder, Path(tmp), pipe.component, pipe.key)
+        pipe.network.save_pretrained(Path(tmp) / pipe.component, safe_serialization=True)
         write_json(Path(tmp) / "fashiondiff_config.json", {"params": params.flat(), "train": summary})
+
+
+def copy_untouched(base: Path, out: Path, skip: str, key: str) -> None:
+    """Copy ``base`` (a diffusers folder, symlinks of a Hub snapshot followed) into ``out``
+    except its ``skip`` subfolder, hidden files and weights other than safetensors."""
+    import shutil
+
+    def keep(path: Path) -> bool:
+        return not path.name.startswith(".") and (path.is_dir() or path.suffix not in WEIGHT_SUFFIXES[1:])
+
+    for entry in sorted(base.iterdir()):
+        if entry.name == skip or entry.name == "fashiondiff_config.json" or not keep(entry):
+            continue
+        if entry.is_dir():
+            files = [f for f in entry.rglob("*") if f.is_file() and keep(f)]
+            if any(f.suffix in WEIGHT_SUFFIXES for f in entry.rglob("*")) and \
+                    not any(f.suffix == ".safetensors" for f in files):
+                raise PipelineError(f"{entry}: no safetensors weights to copy into the tuned pipeline ({key})")
+            for f in files:
+                target = out / f.relative_to(base)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, target)
+        else:
+            shutil.copyfile(entry, out / entry.name)
 
 
 def write_plot(path: str, result: TrainResult) -> None:
