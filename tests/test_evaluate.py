@@ -19,16 +19,6 @@ NAMES = ["black leather mini skirt", "white cotton shirt", "blue denim jacket", 
          "grey wool coat", "green linen trousers", "yellow rain jacket", "pink knit sweater"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP spin-waiting makes 2 threads ~20x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 class RecordingTracker:
     def __init__(self):
         self.summary, self.images, self.artifacts = {}, [], []

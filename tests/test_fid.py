@@ -27,15 +27,6 @@ from inception_fixtures import inception_weights, make_images  # noqa: F401
 REL_TOL = 1e-3  # the implementations agree to <= 4e-5; the two resizes differ by >= 0.25
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP spin-waiting makes 2 threads ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_folder(folder, images):
     folder.mkdir()
     for i, pixels in enumerate(images):

@@ -16,15 +16,6 @@ from fashiondiff.evaluate.metrics import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP spin-waiting makes 2 threads ~20x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def reference_fd(mu1, s1, mu2, s2) -> float:
     """Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2): symmetric eigendecompositions only."""
