@@ -6,11 +6,12 @@ Usage:
     python bench/fullsize.py --tiny               # the same code path on the tiny model (the test)
 
 In a scratch folder (--work, default build/fullsize) with its own params.yaml it
-1. writes FashionGen-layout HDF5 files (synthetic: a few dozen rows, 4 poses per product),
+1. writes FashionGen-layout HDF5 files (synthetic: a few dozen rows, 4 poses per product; and a
+   held-out generic-domain file),
 2. saves 2.1's networks at published sizes with random weights as diffusers folders laid out
    like kandinsky-community/kandinsky-2-1-prior and kandinsky-2-1 (fashiondiff.embedded.full),
 3. runs the REAL stage entry points, each in its own process: stages/extract.py (train,
-   validation) -> stages/embed.py (float16) -> stages/train_prior.py, stages/train_decoder.py
+   validation, generic) -> stages/embed.py (float16) -> stages/train_prior.py, stages/train_decoder.py
    (a few steps) -> stages/evaluate.py (a few prompts and sampling steps) -> `fashiondiff
    generate` text->image and image+text->image,
 4. writes reports/fullsize.json (--report): per stage seconds and peak RSS (peak GPU memory on
@@ -127,7 +128,8 @@ def scratch_params(work: Path, args, trainable: dict) -> dict:
     res, clip = (64, 64) if args.tiny else (256, 224)
     params.update(epochs=1, batch_size=args.batch_size, clip_image_size=clip, diffusion_steps=args.steps, seed=0)
     params["data"]["files"] = {"train": str(work / "data/fashiongen_train.h5"),
-                               "validation": str(work / "data/fashiongen_validation.h5")}
+                               "validation": str(work / "data/fashiongen_validation.h5"),
+                               "generic": str(work / "data/generic_validation.h5")}
     params["data"]["workers"] = 1
     params["model"].update(prior=str(work / "base/prior"), decoder=str(work / "base/decoder"), resolution=res)
     params["embed"].update(batch_size=min(args.batch_size, 8), dtype="float16")
@@ -137,7 +139,7 @@ def scratch_params(work: Path, args, trainable: dict) -> dict:
     params["decoder"]["trainable"] = trainable["decoder"]
     params["decoder"]["gradient_checkpointing"] = bool(args.gradient_checkpointing)
     params["evaluate"].update(num_prompts=args.prompts, prior_steps=args.prior_steps, batch_size=2,
-                              fid_weights="")
+                              fid_weights="", workers=1)  # full size: one model in memory at a time
     return params
 
 
@@ -231,7 +233,7 @@ def main() -> None:
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     sys.path.insert(0, str(REPO / "src"))
-    from fashiondiff.embedded.synthetic import write_synthetic
+    from fashiondiff.embedded.synthetic import GENERIC, write_synthetic
 
     started = time.perf_counter()
     report: dict = {"mode": "tiny" if args.tiny else "full size, random weights", "device": args.device,
@@ -239,7 +241,9 @@ def main() -> None:
                     "embed_dtype": "float16", "trainable_mode": trainable_mode, "stages": {}}
     h5 = {"train": write_synthetic(work / "data/fashiongen_train.h5", args.products, 4, seed=0),
           "validation": write_synthetic(work / "data/fashiongen_validation.h5", max(2, args.products // 2), 4,
-                                        seed=1, first_product_id=200_000)}
+                                        seed=1, first_product_id=200_000),
+          "generic": write_synthetic(work / "data/generic_validation.h5", max(2, args.products // 2), 2,
+                                     seed=2, first_product_id=300_000, domain=GENERIC)}
     import h5py
 
     captions = []
@@ -260,7 +264,7 @@ def main() -> None:
             report["stages"][name] = {k: v for k, v in rec.items() if not k.startswith("_")}
             return rec
 
-        for split in ("train", "validation"):
+        for split in ("train", "validation", "generic"):
             stage(f"extract@{split}", stages / "extract.py", h5[split], f"data/extracted/{split}")
         for split in ("train", "validation"):
             stage(f"embed@{split}", stages / "embed.py", f"data/extracted/{split}", split, f"data/cache/{split}")
@@ -271,7 +275,8 @@ def main() -> None:
                         "--plot", f"reports/plots/train_{kind}.csv")
             report["stages"][f"train_{kind}"]["samples_per_s"] = samples_per_s(rec["_stdout"], args.batch_size)
             report["stages"][f"train_{kind}"]["metrics"] = json.loads((work / f"reports/train_{kind}.json").read_text())
-        stage("evaluate", stages / "evaluate.py", "data/extracted/validation", "models", "reports")
+        stage("evaluate", stages / "evaluate.py", "--catalogue", "data/extracted/validation", "--generic",
+              "data/extracted/generic", "--tuned", "models", "--reports", "reports")
         stage("generate text->image", "-m", "fashiondiff", "generate", EDIT_PROMPT, "--model", "models",
               "--out", "generated/text.png", "--device", args.device)
         source = sorted((work / "data/extracted/validation").rglob("*.png"))[0]

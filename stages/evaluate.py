@@ -1,9 +1,10 @@
-"""DVC stage `evaluate`: base vs tuned Kandinsky 2.1 on held-out captions -> metrics, samples.
+"""DVC stage `evaluate`: base vs tuned Kandinsky 2.1 on held-out captions of two domains.
 
-Usage: python stages/evaluate.py CAPTIONS_DIR TUNED_DIR REPORTS_DIR
+Usage: python stages/evaluate.py --catalogue DIR --generic DIR --tuned TUNED_DIR --reports REPORTS_DIR
 
-The base model is params ``model.prior`` / ``model.decoder`` (folders or cached Hub ids);
-the tuned one is ``TUNED_DIR/prior`` and ``TUNED_DIR/decoder``.
+DIRs are extracted held-out files (captions.parquet + images/): the catalogue's and the generic
+domain's. The base model is params ``model.prior`` / ``model.decoder`` (folders or cached Hub
+ids); the tuned one is ``TUNED_DIR/prior`` and ``TUNED_DIR/decoder``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from fashiondiff.config import seed_everything, stage_params
 from fashiondiff.errors import PipelineError, cli
-from fashiondiff.evaluate.run import evaluate
+from fashiondiff.evaluate.run import DOMAINS, ModelPair, evaluate
 from fashiondiff.tracking import stage_run
 
 FID_WEIGHTS_DIR = "weights/inception"  # a dep of this stage in dvc.yaml: new weights rerun it
@@ -22,9 +23,11 @@ FID_WEIGHTS_DIR = "weights/inception"  # a dep of this stage in dvc.yaml: new we
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("captions_dir", help="extracted held-out split (captions.parquet + images/)")
-    parser.add_argument("tuned_dir", help="folder with the tuned prior/ and decoder/")
-    parser.add_argument("reports_dir", help="where metrics.json and samples/ go")
+    for domain in DOMAINS:
+        parser.add_argument(f"--{domain}", required=True, metavar="DIR",
+                            help=f"the {domain}'s extracted held-out file (captions.parquet + images/)")
+    parser.add_argument("--tuned", required=True, metavar="DIR", help="folder with the tuned prior/ and decoder/")
+    parser.add_argument("--reports", required=True, metavar="DIR", help="where metrics.json and samples/ go")
     args = parser.parse_args(argv)
     params = stage_params("evaluate")
     weights = params.evaluate.fid_weights
@@ -32,11 +35,14 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"params: evaluate.fid_weights must be a file in {FID_WEIGHTS_DIR}/, the folder "
                             f"this stage declares as a dependency in dvc.yaml (got {weights})")
     seed_everything(params.seed)
-    tuned = Path(args.tuned_dir)
+    tuned = Path(args.tuned)
+    base = ModelPair(params.model.prior, params.model.decoder)
+    tuned = ModelPair(str(tuned / "prior"), str(tuned / "decoder"), "tuned prior", "tuned decoder")
     with stage_run("evaluate", params) as tracker:
-        report = evaluate(args.captions_dir, params.model.prior, params.model.decoder,
-                          str(tuned / "prior"), str(tuned / "decoder"), params, args.reports_dir, tracker)
-    print(f"evaluate: base {report['base']}, tuned {report['tuned']}; fid {report['fid_status']}")
+        metrics = evaluate({d: getattr(args, d) for d in DOMAINS}, base, tuned, params, args.reports, tracker)
+    for domain, models in metrics.items():
+        print(f"evaluate {domain}: " + "; ".join(
+            f"{m} " + ", ".join(f"{k} {v:g}" for k, v in scores.items()) for m, scores in models.items()))
 
 
 if __name__ == "__main__":

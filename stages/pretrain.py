@@ -1,30 +1,40 @@
-"""DVC stage `pretrain` (the stand-in): the embedded tiny Kandinsky 2.1, its encoders
-pre-trained on the synthetic train split.
+"""DVC stage `pretrain` (the stand-in): the embedded tiny Kandinsky 2.1, pre-trained like the real one.
 
-Usage: python stages/pretrain.py TRAIN_H5 VALIDATION_H5 OUT_DIR REPORT_DIR
+Usage: python stages/pretrain.py --catalogue TRAIN_H5 VALIDATION_H5 --generic TRAIN_H5 VALIDATION_H5 \
+           --out OUT_DIR --reports REPORT_DIR --checkpoints CHECKPOINT_DIR
 
-Writes OUT_DIR/prior and OUT_DIR/decoder (diffusers folders), REPORT_DIR/pretrain.json
-(CLIP retrieval, M-CLIP agreement and MoVQ reconstruction on the validation split, final
-losses) and REPORT_DIR/movq_reconstructions.png (one pose per product: originals, then
-reconstructions). Wall-clock seconds go to the log and MLflow, never into an output.
+The encoders (CLIP, MoVQ, M-CLIP) learn both domains' train splits; the prior and the U-Net
+learn the generic domain only, with the project's training loop (checkpoints in
+CHECKPOINT_DIR: a killed run resumes). Writes OUT_DIR/prior and OUT_DIR/decoder (diffusers
+folders), REPORT_DIR/pretrain.json (CLIP retrieval, M-CLIP agreement and MoVQ reconstruction
+on both validation files, final losses) and REPORT_DIR/movq_reconstructions.png (one view
+per item, catalogue then generic: originals above reconstructions). Wall-clock seconds go to
+the log and MLflow, never into an output.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fashiondiff.config import seed_everything, stage_params
 from fashiondiff.data.captions import check_template, make_caption
 from fashiondiff.data.fashiongen import read_rows
+from fashiondiff.embedded import generator as gen
 from fashiondiff.embedded import pretrain as pt
 from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
 from fashiondiff.errors import cli
 from fashiondiff.io import atomic_dir, atomic_file, write_json
 from fashiondiff.tracking import stage_run
+
+DOMAINS = ("catalogue", "generic")
 
 
 def load_split(path: str, template: str):
@@ -33,43 +43,80 @@ def load_split(path: str, template: str):
     return rows.images, [make_caption(template, f) for f in fields], rows.product_ids.tolist()
 
 
+def diagnostics(parts, validation: dict, resolution: int, curves: dict) -> dict:
+    """What the stand-in learnt, on each domain's held-out file (no wall-clock values)."""
+    captions = [c for _, caps, _ in validation.values() for c in caps]
+    return {
+        "retrieval": {d: pt.retrieval_accuracy(parts, *validation[d]) for d in DOMAINS},
+        "mclip": pt.distillation_agreement(parts, pt.case_variants(captions)),
+        "movq": {d: pt.reconstruction_error(parts.movq, validation[d][0], resolution) for d in DOMAINS},
+        "final_loss": {k: float(np.mean(v[-10:])) for k, v in curves.items() if v},
+    }
+
+
+def reconstructions(parts, validation: dict, resolution: int) -> Image.Image:
+    grids = []
+    for domain in DOMAINS:
+        images, _, products = validation[domain]
+        first_view = np.sort(np.unique(products, return_index=True)[1])
+        grids.append(pt.reconstruction_grid(parts.movq, images[first_view], resolution))
+    out = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
+    for k, grid in enumerate(grids):
+        out.paste(grid, (0, sum(g.height for g in grids[:k])))
+    return out
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("train_h5", "validation_h5", "out_dir", "report_dir"):
-        parser.add_argument(name)
+    for domain in DOMAINS:
+        parser.add_argument(f"--{domain}", nargs=2, required=True, metavar=("TRAIN_H5", "VALIDATION_H5"))
+    for name in ("out", "reports", "checkpoints"):
+        parser.add_argument(f"--{name}", required=True)
     args = parser.parse_args(argv)
     params = stage_params("pretrain")
-    check_template(params.data.caption)
+    template, cfg, res = params.data.caption, params.embedded.pretrain, params.model.resolution
+    check_template(template)
     seed_everything(params.seed)
     started = time.perf_counter()
-    images, captions, _ = load_split(args.train_h5, params.data.caption)
-    val_images, val_captions, val_products = load_split(args.validation_h5, params.data.caption)
-    parts = build_tiny(captions, TinySpec(clip_image_size=params.clip_image_size), seed=params.seed)
-    result = pt.pretrain(parts, images, captions, params.embedded.pretrain, params.model.resolution,
-                         params.seed, parallel=True)  # 2 processes, 1 thread each
-    first_pose = np.unique(val_products, return_index=True)[1]
-    report = {
-        "retrieval": pt.retrieval_accuracy(parts, val_images, val_captions, val_products),
-        "mclip": pt.distillation_agreement(parts, val_captions),
-        "movq": pt.reconstruction_error(parts.movq, val_images, params.model.resolution),
-        "final_loss": {k: float(np.mean(v[-10:])) for k, v in result.losses.items() if v},
-    }
+    train = {d: load_split(getattr(args, d)[0], template) for d in DOMAINS}
+    validation = {d: load_split(getattr(args, d)[1], template) for d in DOMAINS}
+    images = np.concatenate([train[d][0] for d in DOMAINS])
+    captions = [c for d in DOMAINS for c in train[d][1]]
+    parts = build_tiny(pt.case_variants(captions), TinySpec(clip_image_size=params.clip_image_size),
+                       seed=params.seed)
+    # Two processes, one thread each: the MoVQ and then the U-Net train in the second.
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool, \
+            tempfile.TemporaryDirectory(prefix="fashiondiff-pretrain-") as work:
+        result = pt.pretrain_encoders(parts, images, captions, cfg, res, params.seed, pool=pool)
+        pt.set_prior_statistics(parts, pt.clip_pixels(train["generic"][0], parts.image_processor))
+        cache = gen.generic_cache(parts, args.generic[0], template, params.clip_image_size, res, Path(work))
+        generator_started = time.perf_counter()
+        history = gen.pretrain_generator(parts, cache, cfg.generator, params.seed, args.checkpoints, pool)
+        result.seconds["generator"] = round(time.perf_counter() - generator_started, 1)
+    curves = {**result.losses, **{k: [p["loss"] for p in v] for k, v in history.items()}}
+    report = diagnostics(parts, validation, res, curves)
     with stage_run("pretrain", params) as tracker:
-        with atomic_dir(args.out_dir) as tmp:  # prior/ and decoder/, two DVC outputs
+        with atomic_dir(args.out) as tmp:  # prior/ and decoder/, two DVC outputs
             save_pipelines(parts, tmp)
-        grid = pt.reconstruction_grid(parts.movq, val_images[np.sort(first_pose)], params.model.resolution)
-        with atomic_file(Path(args.report_dir) / "movq_reconstructions.png", "wb") as handle:
+        grid = reconstructions(parts, validation, res)
+        with atomic_file(Path(args.reports) / "movq_reconstructions.png", "wb") as handle:
             grid.save(handle, format="PNG")
-        write_json(Path(args.report_dir) / "pretrain.json", report)
+        write_json(Path(args.reports) / "pretrain.json", report)
+        for kind, points in history.items():
+            tracker.log_curve(f"{kind}_loss", [(p["step"], p["loss"]) for p in points])
         seconds = {**result.seconds, "total": round(time.perf_counter() - started, 1)}
-        tracker.log_summary({f"{group}.{k}": float(v) for group in ("retrieval", "mclip", "movq", "final_loss")
+        tracker.log_summary({f"{group}.{domain}.{k}": float(v) for group in ("retrieval", "movq")
+                             for domain in DOMAINS for k, v in report[group][domain].items()})
+        tracker.log_summary({f"{group}.{k}": float(v) for group in ("mclip", "final_loss")
                              for k, v in report[group].items()})
         tracker.log_summary({f"seconds.{k}": float(v) for k, v in seconds.items()})
         tracker.log_image(grid, "movq_reconstructions.png")
     r, m = report["retrieval"], report["movq"]
-    print(f"pretrain: CLIP top-1 {r['top1']:.2f} (chance {r['top1_chance']:.2f}), top-5 {r['top5']:.2f} "
-          f"(chance {r['top5_chance']:.2f}); MoVQ PSNR {m['psnr']:.1f} dB; {seconds['total']} s")
+    print("pretrain: " + "; ".join(
+        f"{d}: CLIP top-1 {r[d]['top1']:.2f} (chance {r[d]['top1_chance']:.2f}), MoVQ PSNR {m[d]['psnr']:.1f} dB"
+        for d in DOMAINS) + f"; final loss prior {report['final_loss']['prior']:.3f}, "
+        f"U-Net {report['final_loss']['unet']:.3f}; {seconds['total']} s")
 
 
 if __name__ == "__main__":

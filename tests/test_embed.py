@@ -45,7 +45,8 @@ def test_cache_equals_encoders_on_the_fly(train_cache, tiny_base, extracted):
         want["text_hidden"] = want["text_hidden"][:, :length]
         got["text_hidden"] = got["text_hidden"][:, :length]
         for name in sorted(set(got) - {"text_mask"}):
-            np.testing.assert_allclose(got[name][0], want[name][0].numpy(), rtol=1e-5, atol=1e-5,
+            # batched vs one-image convolutions round differently (oneDNN picks per shape): 1e-4
+            np.testing.assert_allclose(got[name][0], want[name][0].numpy(), rtol=1e-4, atol=1e-4,
                                        err_msg=f"{name} at row {row['row']}")
     assert cache.arrays["latents"].shape[1:] == (4, 8, 8)  # 64 px / MoVQ factor 8, as 2.1
     assert cache.arrays["text_hidden"].shape[0] == cache.lengths.sum() < 77 * cache.meta["captions"]

@@ -22,7 +22,8 @@ def test_fullsize_script_runs_every_stage_and_reports(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = json.loads(report.read_text())
-    assert list(got["stages"]) == ["extract@train", "extract@validation", "embed@train", "embed@validation",
+    assert list(got["stages"]) == ["extract@train", "extract@validation", "extract@generic", "embed@train",
+                                   "embed@validation",
                                    "train_prior", "train_decoder", "evaluate", "generate text->image",
                                    "generate image+text->image"]
     for name, stage in got["stages"].items():

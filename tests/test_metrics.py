@@ -13,6 +13,8 @@ from fashiondiff.evaluate.metrics import (
     frechet_distance,
     frechet_distance_from_features,
     inception_fid,
+    r_precision,
+    r_precision_candidates,
 )
 
 
@@ -93,6 +95,30 @@ def test_clip_score_definition_on_hand_made_vectors():
     assert clip_score(img * 7, txt * 0.1) == pytest.approx(expected)  # scale-free
     with pytest.raises(ValueError):
         clip_score(img, txt[:3])
+
+
+def test_r_precision_candidates_hold_the_own_caption_and_distinct_others():
+    own = [3, 0, 3, 5]
+    candidates = r_precision_candidates(own, n_texts=6, r=4, seed=1)
+    assert candidates.shape == (4, 4) and candidates[:, 0].tolist() == own
+    for row in candidates:
+        assert len(set(row.tolist())) == 4 and all(0 <= j < 6 for j in row)
+    assert np.array_equal(candidates, r_precision_candidates(own, 6, 4, seed=1))  # seeded
+    assert not np.array_equal(candidates, r_precision_candidates(own, 6, 4, seed=2))
+    with pytest.raises(ValueError):
+        r_precision_candidates(own, 6, 7, seed=1)
+
+
+def test_r_precision_on_hand_made_vectors():
+    texts = np.eye(3)  # three captions, orthogonal
+    candidates = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1]])
+    images = np.array([[1.0, 0.1, 0.0], [0.2, 0.9, 0.0], [1.0, 0.0, 0.0]])  # hits, hits, misses
+    assert r_precision(images, texts, candidates) == pytest.approx(2 / 3)
+    assert r_precision(images * 5, texts * 0.5, candidates) == pytest.approx(2 / 3)  # scale-free
+    same = np.ones((3, 3))  # an image equally close to every candidate scores chance, 1/r
+    assert r_precision(same, texts, candidates) == pytest.approx(1 / 3)
+    tie = np.array([[1.0, 1.0, 0.0]] * 3)  # own tied with one other: half a hit for rows 0 and 1
+    assert r_precision(tie, texts, candidates) == pytest.approx((0.5 + 0.5 + 0.0) / 3)
 
 
 @pytest.fixture(scope="module")

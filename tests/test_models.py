@@ -28,7 +28,7 @@ from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-from fashiondiff.config import PretrainParams
+from fashiondiff.config import GeneratorParams, PretrainParams
 from fashiondiff.errors import PipelineError
 from fashiondiff.embedded import pretrain as pt
 from fashiondiff.models.loader import load_decoder, load_prior
@@ -36,8 +36,10 @@ from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines, trai
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = TinySpec(clip_image_size=64, clip_patch_size=16)
+GENERATOR = GeneratorParams(prior_epochs=2, unet_epochs=2, batch_size=4, lr=1e-3, warmup_steps=0,
+                            lr_schedule="cosine", cond_dropout=0.1, checkpoint_every=4)
 CONFIG = PretrainParams(clip_steps=40, movq_steps=30, mclip_steps=30, batch_size=8, movq_batch_size=4,
-                        lr=2e-3, latent_weight=1.0, guide_fraction=0.5)
+                        lr=2e-3, guide_fraction=0.5, generator=GENERATOR)
 RESOLUTION = 32
 COLOURS = {"red": (210, 30, 30), "green": (30, 150, 60), "blue": (40, 70, 210), "yellow": (235, 200, 30)}
 SHAPES = ("square", "circle", "triangle")
@@ -76,7 +78,8 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     parts = build_tiny(captions, SPEC, seed=0)
     before = pt.reconstruction_error(parts.movq, images, RESOLUTION)
-    losses = pt.pretrain(parts, images, captions, CONFIG, RESOLUTION, seed=0, progress=False).losses
+    losses = pt.pretrain_encoders(parts, images, captions, CONFIG, RESOLUTION, seed=0, progress=False).losses
+    pt.set_prior_statistics(parts, pt.clip_pixels(images, parts.image_processor))
     out = tmp_path_factory.mktemp("tiny")
     save_pipelines(parts, out)
     return {"parts": parts, "losses": losses, "out": out, "before": before,
@@ -182,10 +185,46 @@ def test_pretraining_is_deterministic_from_the_seed():
     parts = build_tiny(captions, SPEC, seed=3)
     runs = []
     for copy in (copy_module.deepcopy(parts), copy_module.deepcopy(parts)):
-        runs.append((pt.pretrain(copy, images, captions, config, RESOLUTION, seed=3, progress=False).losses, copy))
+        runs.append((pt.pretrain_encoders(copy, images, captions, config, RESOLUTION, seed=3,
+                                          progress=False).losses, copy))
     (a, parts_a), (b, parts_b) = runs
     assert a == b
-    torch.testing.assert_close(parts_a.prior.clip_mean, parts_b.prior.clip_mean, rtol=0, atol=0)
+    for name in ("clip", "movq", "mclip"):
+        for (key, x), y in zip(getattr(parts_a, name).state_dict().items(), getattr(parts_b, name).state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=key)
+
+
+def test_standardised_latents_have_unit_variance_and_decode_the_same():
+    """The exact reparametrisation: (z - mean) / std out of the encoder, the inverse folded
+    into every consumer of the latents (post_quant_conv, each SpatialNorm): the unquantised
+    decode the Kandinsky pipelines use gives the same pixels."""
+    images = shapes_data()[0]
+    movq = build_tiny(["a b"], SPEC, seed=0).movq.eval()
+    x = pt.movq_pixels(images, RESOLUTION)
+    with torch.no_grad():
+        before = movq.decode(movq.encode(x).latents, force_not_quantize=True).sample
+        moments = pt.standardise_latents(movq, x)
+        z = movq.encode(x).latents
+        after = movq.decode(z, force_not_quantize=True).sample
+    assert min(moments["std"]) > 0 and max(abs(m) for m in moments["mean"]) > 0
+    torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_case_variants_and_hard_negative_batches():
+    assert pt.case_variants(["Black leather mini skirt", "red ball"]) == [
+        "Black leather mini skirt", "Red ball", "black leather mini skirt", "red ball"]
+    texts = ["red striped mug", "red striped ball", "blue plain kite", "green knit lamp", "red knit lamp"]
+    closest = pt._closest_captions(texts)
+    assert closest[0].tolist() == [1] and closest[3].tolist() == [4]  # two words in common
+    groups = [torch.tensor([2 * i, 2 * i + 1]) for i in range(len(texts))]  # two images per caption
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        batch = pt._caption_batch(groups, closest, 4, gen)
+        captions = (batch // 2).tolist()
+        assert len(batch) == 4 and len(set(captions)) == 4  # distinct captions only
+        assert captions[1] in closest[captions[0]].tolist()  # the first drawn caption brings its partner
 
 
 TOKENIZER_FILES = """

@@ -21,9 +21,12 @@ DVC = Path(sys.executable).with_name("dvc")
 
 SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps kept
     "epochs": 2, "diffusion_steps": 4,
-    "embedded": {"synthetic": {"train_products": 6, "validation_products": 3, "poses_per_product": 2},
-                 "pretrain": {"clip_steps": 4, "movq_steps": 4, "mclip_steps": 4, "batch_size": 8}},
-    "evaluate": {"num_prompts": 3, "prior_steps": 3, "batch_size": 3},
+    "embedded": {"synthetic": {"train_products": 6, "validation_products": 3, "poses_per_product": 2,
+                               "generic_train_items": 4, "generic_validation_items": 3},
+                 "pretrain": {"clip_steps": 4, "movq_steps": 4, "mclip_steps": 4, "batch_size": 8,
+                              "generator": {"prior_epochs": 2, "unet_epochs": 2, "batch_size": 4,
+                                            "checkpoint_every": 2}}},
+    "evaluate": {"num_prompts": 3, "prior_steps": 3, "batch_size": 3, "r_precision_candidates": 3},
     "train": {"checkpoint_every": 4, "log_every": 1, "warmup_steps": 0},
 }
 
@@ -121,14 +124,18 @@ def test_repro_leaves_every_declared_output(project):
                  "data/cache/validation/meta.json", "models/base/prior/model_index.json",
                  "models/prior/model_index.json", "models/decoder/model_index.json",
                  "reports/samples/grid.png", "reports/samples/image_text.png",
+                 "data/synthetic/generic_train.h5", "data/extracted/generic/captions.parquet",
+                 "checkpoints/pretrain/unet", "reports/samples/generic/tuned/0002.png",
                  "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv"):
         assert (project / path).exists(), path
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    for model in ("base", "tuned"):
-        assert set(metrics[model]) >= {"clip_score", "fd_clip"}
-    assert "fid" not in metrics["tuned"] and metrics["fid_status"].startswith("skipped")
+    for domain in ("catalogue", "generic"):
+        for model in ("base", "tuned"):
+            assert set(metrics[domain][model]) == {"clip_score", "fd_clip", "r_precision"}
+    details = json.loads((project / "reports/evaluation.json").read_text())
+    assert details["fid_status"].startswith("skipped") and details["generic"]["r_precision_chance"] == 0.333333
     shown = sh(project, str(DVC), "metrics", "show")
-    assert "tuned.fd_clip" in shown and "loss_last_epoch" in shown
+    assert "generic.tuned.r_precision" in shown and "loss_last_epoch" in shown
 
 
 def test_lr_experiment_reruns_only_training_and_evaluation(project):
@@ -152,8 +159,8 @@ def test_one_mlflow_parent_per_pipeline_run_with_nested_stages(project):
     children = {r.data.tags.get("fashiondiff.stage") for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
     assert {"train_prior", "train_decoder", "evaluate"} <= children
-    assert "evaluate.tuned.fd_clip" in first.data.metrics or any(
-        k.endswith("tuned.fd_clip") for k in first.data.metrics), first.data.metrics.keys()
+    assert "evaluate.catalogue.tuned.fd_clip" in first.data.metrics, first.data.metrics.keys()
+    assert "pretrain.final_loss.unet" in first.data.metrics, first.data.metrics.keys()
 
 
 def test_repro_force_is_bit_for_bit_reproducible(project):
@@ -187,7 +194,9 @@ def test_real_inputs_run_no_stand_in_stage(project):
     for part in ("prior", "decoder"):
         shutil.copytree(project / f"models/base/{part}", project / f"models/kandinsky-{part}")
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"]["files"] = {"train": "data/raw/fg_train.h5", "validation": "data/raw/fg_validation.h5"}
+    shutil.copy(project / "data/synthetic/generic_validation.h5", project / "data/raw/coco_like.h5")
+    params["data"]["files"] = {"train": "data/raw/fg_train.h5", "validation": "data/raw/fg_validation.h5",
+                               "generic": "data/raw/coco_like.h5"}
     params["model"].update(prior="models/kandinsky-prior", decoder="models/kandinsky-decoder")
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dry = sh(project, str(DVC), "repro", "--dry")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from fashiondiff.embedded import synthetic
+from fashiondiff.config import SyntheticParams
+from fashiondiff.embedded import generic, synthetic
 from fashiondiff.embedded.synthetic import COLOURS, GARMENTS, Pose, Product, render, synthesize
 from fashiondiff.embedded.synthetic import write_synthetic
 from fashiondiff.errors import PipelineError
@@ -109,28 +111,73 @@ def test_materials_are_drawn_differently():
             assert diff.mean() > 15, (a, b)
 
 
-def test_synthesize_two_files_with_disjoint_products(tmp_path):
-    paths = synthesize(tmp_path / "out", 3, 2, 1, seed=0)
-    with h5py.File(paths["train"]) as t, h5py.File(paths["validation"]) as v:
-        train_ids, val_ids = set(t["input_productID"][:, 0]), set(v["input_productID"][:, 0])
-        assert len(train_ids) == 3 and len(val_ids) == 2 and not train_ids & val_ids
-        assert t["input_name"].shape == (3, 1)
+def sizes(train=3, validation=2, poses=1, generic_train=2, generic_validation=1) -> SyntheticParams:
+    return SyntheticParams(train, validation, poses, generic_train, generic_validation)
+
+
+def test_synthesize_four_files_with_disjoint_products(tmp_path):
+    paths = synthesize(tmp_path / "out", sizes(), seed=0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(synthetic.FILES) == sorted(
+        p.name for p in paths.values())
+    ids = {}
+    for name, path in paths.items():
+        with h5py.File(path) as f:
+            ids[name] = set(f["input_productID"][:, 0])
+            names = [v.decode("latin-1") for v in f["input_name"][:, 0]]
+        assert names == [n.lower() for n in names] if name.startswith("generic") else names[0][0].isupper()
+    assert [len(ids[n]) for n in synthetic.FILES] == [3, 2, 2, 1]
+    assert sum(map(len, ids.values())) == len(set().union(*ids.values()))  # disjoint across all four
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_stage_writes_both_files(tmp_path):
-    tree = params_tree(**{"seed": 3, "embedded.synthetic": {"train_products": 2, "validation_products": 1,
-                                                             "poses_per_product": 2}})
+def test_generic_domain_shares_words_not_looks():
+    """Objects in a room: the catalogue's colours and materials, none of its nouns, another setting."""
+    rng = np.random.default_rng(0)
+    things = [generic.thing(rng, i) for i in range(200)]
+    nouns = {g.noun for g in GARMENTS}
+    assert {t.colour for t in things} == set(COLOURS) and {t.material for t in things} == set(synthetic.MATERIALS)
+    assert not {t.kind.noun for t in things} & nouns
+    for t in things:
+        assert t.text["input_name"].split()[0] == t.colour and t.text["input_name"].endswith(t.kind.noun)
+    view = generic.View(synthetic.Placement(0.0, 0.0, 0.9, 0.0, False))
+    pictures = {}
+    for kind in generic.KINDS:
+        thing = generic.Thing(1, kind, "red", "plain", {}, 0)
+        picture = generic.render(thing, view, synthetic.paint_swatch("red", "plain", 0))
+        assert np.all(picture[-5:, :, :] == generic.FLOOR, axis=-1).mean() > 0.5  # a floor under it
+        red = np.all(picture == COLOURS["red"], axis=-1)
+        assert red.mean() > 0.04, kind.noun  # large enough to see at 64 px
+        pictures[kind.noun] = red
+    nouns = list(pictures)
+    for i, a in enumerate(nouns):  # silhouettes are distinct
+        for b in nouns[i + 1:]:
+            iou = (pictures[a] & pictures[b]).sum() / (pictures[a] | pictures[b]).sum()
+            assert iou < 0.9, (a, b, iou)
+    catalogue = _plain(GARMENTS[0], "red")
+    assert not np.all(catalogue[-5:] == generic.FLOOR, axis=-1).any()  # the studio has no floor
+
+
+def test_a_wall_always_stands_out_from_the_object():
+    for colour, rgb in COLOURS.items():
+        wall = generic.wall_for(rgb)
+        assert sum(abs(a - b) for a, b in zip(wall, rgb)) >= 150, colour
+
+
+def test_stage_writes_the_four_files(tmp_path):
+    tree = params_tree(**{"seed": 3, "embedded.synthetic": {
+        "train_products": 2, "validation_products": 1, "poses_per_product": 2,
+        "generic_train_items": 2, "generic_validation_items": 1}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, str(REPO / "stages/synthesize.py"), "raw"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert sorted(os.listdir(tmp_path / "raw")) == ["fashiongen_train.h5",
-                                                    "fashiongen_validation.h5"]
+    assert sorted(os.listdir(tmp_path / "raw")) == sorted(synthetic.FILES)
 
 
-def test_synthesize_rejects_empty_sizes_naming_the_param(tmp_path):
-    with pytest.raises(PipelineError, match="synthetic.validation_products"):
-        synthesize(tmp_path / "out", 2, 0, 1, seed=0)
+@pytest.mark.parametrize("which", ["validation_products", "generic_train_items", "poses_per_product"])
+def test_synthesize_rejects_empty_sizes_naming_the_param(tmp_path, which):
+    bad = dataclasses.replace(sizes(), **{which: 0})
+    with pytest.raises(PipelineError, match=f"synthetic.{which}"):
+        synthesize(tmp_path / "out", bad, seed=0)
     assert os.listdir(tmp_path) == []

@@ -46,6 +46,20 @@ class SyntheticParams:
     train_products: int
     validation_products: int
     poses_per_product: int
+    generic_train_items: int
+    generic_validation_items: int
+
+
+@dataclass(frozen=True)
+class GeneratorParams:
+    prior_epochs: int
+    unet_epochs: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    lr_schedule: str
+    cond_dropout: float
+    checkpoint_every: int
 
 
 @dataclass(frozen=True)
@@ -56,8 +70,8 @@ class PretrainParams:
     batch_size: int
     movq_batch_size: int
     lr: float
-    latent_weight: float
     guide_fraction: float
+    generator: GeneratorParams
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class EmbeddedParams:
 class DataFiles:
     train: str
     validation: str
+    generic: str
 
 
 @dataclass(frozen=True)
@@ -136,10 +151,12 @@ class DecoderParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     num_prompts: int
+    r_precision_candidates: int
     guidance_scale: float
     prior_guidance_scale: float
     prior_steps: int
     batch_size: int
+    workers: int
     fid_weights: str
 
 
@@ -149,6 +166,7 @@ class MlflowParams:
     experiment: str
 
 
+LR_SCHEDULES = ("constant_with_warmup", "cosine", "linear")  # diffusers' get_scheduler names we allow
 EDIT_STRENGTH = 0.6  # evaluate's image + text example: img2img strength (checked below)
 
 
@@ -175,8 +193,18 @@ class Params:
                     "evaluate.prior_steps", "data.chunk_size", "model.resolution", "train.log_every",
                     "train.checkpoint_every", "embedded.pretrain.batch_size",
                     "embedded.pretrain.movq_batch_size", "embedded.synthetic.poses_per_product",
-                    "embedded.synthetic.train_products", "embedded.synthetic.validation_products"):
+                    "embedded.synthetic.train_products", "embedded.synthetic.validation_products",
+                    "embedded.synthetic.generic_train_items", "embedded.synthetic.generic_validation_items"):
             _check(_get(self, key) >= 1, key, "must be >= 1")
+        for key in ("prior_epochs", "unet_epochs", "batch_size", "checkpoint_every"):
+            _check(_get(self, f"embedded.pretrain.generator.{key}") >= 1, f"embedded.pretrain.generator.{key}",
+                   "must be >= 1")
+        generator = self.embedded.pretrain.generator
+        _check(generator.lr > 0, "embedded.pretrain.generator.lr", "must be > 0")
+        _check(generator.warmup_steps >= 0, "embedded.pretrain.generator.warmup_steps", "must be >= 0")
+        _check(generator.lr_schedule in LR_SCHEDULES, "embedded.pretrain.generator.lr_schedule",
+               f"must be {', '.join(LR_SCHEDULES[:-1])} or {LR_SCHEDULES[-1]}")
+        _check(0.0 <= generator.cond_dropout <= 1.0, "embedded.pretrain.generator.cond_dropout", "must be in [0, 1]")
         _check(self.clip_image_size >= 16, "clip_image_size", "must be >= 16")
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.seed >= 0, "seed", "must be >= 0")
@@ -186,8 +214,8 @@ class Params:
         _check(self.embed.dtype in ("float32", "float16"), "embed.dtype", "must be float32 or float16")
         _check(self.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
                "must be no, fp16 or bf16")
-        _check(self.train.lr_schedule in ("constant_with_warmup", "cosine", "linear"),
-               "train.lr_schedule", "must be constant_with_warmup, cosine or linear")
+        _check(self.train.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
+               f"must be {', '.join(LR_SCHEDULES[:-1])} or {LR_SCHEDULES[-1]}")
         accum = self.train.gradient_accumulation_steps
         _check(accum >= 1, "train.gradient_accumulation_steps", "must be >= 1")
         _check(self.train.checkpoint_every % accum == 0, "train.checkpoint_every",
@@ -197,6 +225,9 @@ class Params:
         for section in ("prior", "decoder"):
             _check_lora(getattr(self, section), section)
         _check(self.evaluate.num_prompts >= 2, "evaluate.num_prompts", "must be >= 2 (fd_clip needs a covariance)")
+        _check(self.evaluate.r_precision_candidates >= 2, "evaluate.r_precision_candidates",
+               "must be >= 2 (the caption itself and at least one other)")
+        _check(self.evaluate.workers >= 1, "evaluate.workers", "must be >= 1")
         _check(int(self.diffusion_steps * EDIT_STRENGTH) >= 1, "diffusion_steps",
                f"must be >= 2 (evaluate's img2img runs at strength {EDIT_STRENGTH})")
 

@@ -88,6 +88,13 @@ class Tracker:
             _log_metrics(self._client, self.run_id, metrics, step)
             self._last_step = max(self._last_step, int(step or 0))
 
+    def log_curve(self, name: str, points: list[tuple[int, float]]) -> None:
+        """A whole per-step curve at once, (step, value) pairs, in batched requests: for curves
+        computed in another process (the stand-in's pre-training), logged when it is done."""
+        if self._client is not None and points:
+            _log_points(self._client, self.run_id, name, points)
+            self._last_step = max(self._last_step, max(int(s) for s, _ in points))
+
     def log_summary(self, metrics: dict[str, float]) -> None:
         """Final values: on the child as given, on the parent prefixed ``<stage>.``.
 
@@ -314,6 +321,15 @@ def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int | Non
 
     now = int(time.time() * 1000)
     items = [Metric(str(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
+    for i in range(0, len(items), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[i:i + _METRICS_PER_BATCH])
+
+
+def _log_points(client, run_id: str, name: str, points: list[tuple[int, float]]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(name, float(v), now, int(s)) for s, v in points]
     for i in range(0, len(items), _METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=items[i:i + _METRICS_PER_BATCH])
 

@@ -19,15 +19,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fashiondiff.embedded import generic
+from fashiondiff.embedded.drawing import (  # noqa: F401  (COLOURS, MATERIALS: the catalogue's words too)
+    COLOURS, DENIM_COLOURS, MATERIALS, SIZE, Placement, draw_shape, paint_swatch, shade, to_pixels,
+)
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir
 
-SIZE = 256  # FashionGen's image side
 WRITE_CHUNK = 128  # rows rendered and written at a time: memory stays ~25 MB
 
 TEXT_KEYS = (
@@ -36,15 +40,6 @@ TEXT_KEYS = (
     "input_season", "input_brand",
 )
 
-COLOURS = {
-    "black": (28, 28, 30), "white": (250, 250, 246), "red": (200, 30, 36),
-    "blue": (40, 90, 200), "green": (40, 140, 60), "yellow": (240, 200, 30),
-    "pink": (240, 140, 180), "grey": (135, 135, 140), "brown": (120, 75, 40),
-    "navy": (25, 35, 90), "beige": (215, 190, 150), "orange": (235, 120, 30),
-}
-DENIM_COLOURS = ("blue", "navy", "black")
-# Materials and patterns: each has its own drawing in _paint_material.
-MATERIALS = ("plain", "leather", "knit", "denim", "striped", "checked", "polka-dot")
 PLAIN_FABRICS = ("cotton", "crêpe", "poplin", "jersey", "wool")
 COMPOSITIONS = {
     "plain": ("100% cotton", "100% polyester", "95% viscose, 5% elastane", "100% wool"),
@@ -182,12 +177,18 @@ class Product:
 
 @dataclass(frozen=True)
 class Pose:
+    """A catalogue photo's framing: the garment's placement and the studio's grey."""
+
     dx: float
     dy: float
     scale: float
     angle: float  # degrees
     flip: bool
     background: tuple[int, int, int]
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.dx, self.dy, self.scale, self.angle, self.flip)
 
 
 def _product(rng: np.random.Generator, product_id: int) -> Product:
@@ -227,107 +228,49 @@ def _pose(rng: np.random.Generator, index: int) -> Pose:
     return Pose(*move, flip=index % 2 == 1, background=background)
 
 
-def _shade(rgb: tuple, factor: float) -> tuple[int, int, int]:
-    """Darken (factor < 1) or lighten towards white (factor > 1)."""
-    if factor <= 1:
-        return tuple(int(c * factor) for c in rgb)
-    t = factor - 1
-    return tuple(int(c + (255 - c) * t) for c in rgb)
-
-
-def _transform(pose: Pose):
-    """Unit coordinates -> pixel coordinates of this pose."""
-    cos, sin = math.cos(math.radians(pose.angle)), math.sin(math.radians(pose.angle))
-
-    def apply(points):
-        out = []
-        for x, y in points:
-            x, y = (1 - x if pose.flip else x) - 0.5, y - 0.5
-            x, y = pose.scale * (cos * x - sin * y), pose.scale * (sin * x + cos * y)
-            out.append(((x + 0.5 + pose.dx) * SIZE, (y + 0.5 + pose.dy) * SIZE))
-        return out
-
-    return apply
-
-
-def _paint_material(product: Product) -> Image.Image:
-    """A full-frame swatch of the product's colour and material; the silhouette masks it."""
-    base = COLOURS[product.colour]
-    other = (250, 250, 246) if sum(base) < 450 else (25, 35, 90)  # contrasting pattern colour
-    img = Image.new("RGB", (SIZE, SIZE), base)
-    draw = ImageDraw.Draw(img)
-    rng = np.random.default_rng(product.pattern_seed)
-    m = product.material
-    if m == "striped":
-        for y in range(0, SIZE, 24):
-            draw.rectangle([0, y, SIZE, y + 11], fill=other)
-    elif m == "checked":
-        line = _shade(other, 1.0) if sum(base) < 450 else _shade(base, 0.45)
-        for v in range(0, SIZE, 28):
-            draw.rectangle([v, 0, v + 6, SIZE], fill=line)
-            draw.rectangle([0, v, SIZE, v + 6], fill=line)
-    elif m == "polka-dot":
-        for row, y in enumerate(range(6, SIZE, 26)):
-            for x in range(6 + 13 * (row % 2), SIZE, 26):
-                draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=other)
-    elif m == "knit":
-        rib = _shade(base, 0.65) if sum(base) > 120 else _shade(base, 1.35)
-        for x in range(0, SIZE, 8):
-            draw.line([(x, 0), (x, SIZE)], fill=rib, width=3)
-    elif m == "denim":
-        twill = _shade(base, 1.3)
-        for x in range(-SIZE, SIZE, 5):
-            draw.line([(x, 0), (x + SIZE, SIZE)], fill=twill, width=1)
-    elif m == "leather":
-        shine = _shade(base, 1.55)
-        for x0 in range(-30, SIZE, 36):  # glossy highlight strokes, wide enough for 64x64
-            for y0 in range(-40, SIZE, 70):
-                x, y = x0 + rng.uniform(0, 20), y0 + rng.uniform(0, 30)
-                length, width = rng.uniform(30, 60), int(rng.integers(5, 9))
-                draw.line([(x, y), (x + 0.35 * length, y + length)], fill=shine, width=width)
-    return img
+def swatch_of(product) -> Image.Image:
+    """The product's colour and material as a full-frame swatch (its silhouette masks it)."""
+    return paint_swatch(product.colour, product.material, product.pattern_seed)
 
 
 def render(product: Product, pose: Pose, swatch: Image.Image | None = None) -> np.ndarray:
-    """The (256, 256, 3) uint8 picture of ``product`` in ``pose``."""
-    swatch = swatch or _paint_material(product)
-    shape, to_px = product.garment.shape, _transform(pose)
-    base = COLOURS[product.colour]
-    edge = _shade(base, 0.55) if sum(base) > 150 else _shade(base, 1.6)
+    """The (256, 256, 3) uint8 catalogue photo of ``product`` in ``pose``: a studio shot."""
+    swatch = swatch or swatch_of(product)
+    shape, place = product.garment.shape, pose.placement
     img = Image.new("RGB", (SIZE, SIZE), pose.background)
     draw = ImageDraw.Draw(img)
-    shadow = _shade(pose.background, 0.9)
+    shadow, to_px = shade(pose.background, 0.9), to_pixels(place)
     for poly in shape["body"]:  # soft drop shadow
         draw.polygon([(x + 5, y + 5) for x, y in to_px(poly)], fill=shadow)
-    mask = Image.new("L", (SIZE, SIZE), 0)
-    mdraw = ImageDraw.Draw(mask)
-    for poly in shape["body"]:
-        mdraw.polygon(to_px(poly), fill=255)
-    for poly in shape.get("cut", ()):
-        mdraw.polygon(to_px(poly), fill=0)
-    img.paste(swatch, (0, 0), mask)
-    for poly in shape["body"]:
-        draw.polygon(to_px(poly), outline=edge, width=2)
-    for poly in shape.get("cut", ()):
-        draw.polygon(to_px(poly), fill=pose.background, outline=edge, width=2)
-    band = _shade(base, 0.8) if sum(base) > 150 else _shade(base, 1.25)
-    for poly in shape.get("bands", ()):
-        draw.polygon(to_px(poly), fill=band, outline=edge, width=2)
-    for line in shape.get("lines", ()):
-        draw.line(to_px(line), fill=edge, width=2)
-    r = 3.5 * pose.scale
-    for x, y in to_px(shape.get("dots", ())):
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=edge)
+    draw_shape(img, shape, product.colour, swatch, place, cut_fill=pose.background)
     return np.asarray(img, dtype=np.uint8)
+
+
+# --- the two domains ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Domain:
+    """What a synthetic file depicts: how to draw up an item (its text and look), a view of
+    it (a pose), and the picture of an item in a view."""
+
+    name: str
+    item: Callable[[np.random.Generator, int], object]  # (rng, product id) -> .text, .product_id, ...
+    view: Callable[[np.random.Generator, int], object]  # (rng, view index) -> pose
+    render: Callable[[object, object, Image.Image], np.ndarray]  # (item, pose, swatch) -> picture
+
+
+CATALOGUE = Domain("catalogue", _product, _pose, render)
+GENERIC = Domain("generic", generic.thing, generic.view, generic.render)
 
 
 # --- the HDF5 file ------------------------------------------------------------------
 
-def _catalogue(n_products: int, poses_per_product: int, seed: int, first_product_id: int):
-    """All products and, row by row, (product index, pose): the file's text, decided up front."""
+def _catalogue(n_products: int, poses_per_product: int, seed: int, first_product_id: int,
+               domain: Domain = CATALOGUE):
+    """All items and, row by row, (item index, view index, pose): decided up front."""
     rng = np.random.default_rng(seed)
-    products = [_product(rng, first_product_id + i) for i in range(n_products)]
-    rows = [(p, k, _pose(rng, k)) for p in range(n_products) for k in range(poses_per_product)]
+    products = [domain.item(rng, first_product_id + i) for i in range(n_products)]
+    rows = [(p, k, domain.view(rng, k)) for p in range(n_products) for k in range(poses_per_product)]
     return products, rows
 
 
@@ -337,7 +280,7 @@ def _bytes_column(values: list[str]) -> np.ndarray:
     return np.array(encoded, dtype=f"S{width}").reshape(-1, 1)
 
 
-def _write(path: Path, products: list[Product], rows: list) -> None:
+def _write(path: Path, products: list, rows: list, domain: Domain) -> None:
     n = len(rows)
     with h5py.File(path, "w", track_order=False) as f:
         images = f.create_dataset("input_image", shape=(n, SIZE, SIZE, 3), dtype=np.uint8,
@@ -361,19 +304,20 @@ def _write(path: Path, products: list[Product], rows: list) -> None:
             pictures = np.empty((len(block), SIZE, SIZE, 3), dtype=np.uint8)
             for i, (p, _, pose) in enumerate(block):
                 if p not in swatches:
-                    swatches = {p: _paint_material(products[p])}  # rows are grouped by product
-                pictures[i] = render(products[p], pose, swatches[p])
+                    swatches = {p: swatch_of(products[p])}  # rows are grouped by item
+                pictures[i] = domain.render(products[p], pose, swatches[p])
             images[start:start + len(block)] = pictures
 
 
-def _msrp(product: Product) -> float:
+def _msrp(product) -> float:
     digest = hashlib.blake2b(str(product.pattern_seed).encode(), digest_size=4).digest()
     return float(60 + int.from_bytes(digest, "big") % 2400)
 
 
 def write_synthetic(path: str | os.PathLike, n_products: int, poses_per_product: int, seed: int,
-                    *, first_product_id: int = 100_000) -> Path:
-    """Write a FashionGen-layout HDF5 file of ``n_products`` x ``poses_per_product`` rows.
+                    *, first_product_id: int = 100_000, domain: Domain = CATALOGUE) -> Path:
+    """Write a FashionGen-layout HDF5 file of ``n_products`` x ``poses_per_product`` rows
+    of ``domain`` (the catalogue's garments by default, or ``GENERIC``'s objects).
 
     Deterministic: the same arguments give byte-identical datasets. Product ids are
     ``first_product_id, first_product_id + 1, ...``. Written to a temporary file
@@ -383,10 +327,10 @@ def write_synthetic(path: str | os.PathLike, n_products: int, poses_per_product:
         raise ValueError("n_products and poses_per_product must be >= 1")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    products, rows = _catalogue(n_products, poses_per_product, seed, first_product_id)
+    products, rows = _catalogue(n_products, poses_per_product, seed, first_product_id, domain)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # h5py creates it, usual mode
     try:
-        _write(tmp, products, rows)
+        _write(tmp, products, rows, domain)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -400,22 +344,31 @@ def derive_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def synthesize(out_dir: str | os.PathLike, train_products: int, validation_products: int,
-               poses_per_product: int, seed: int) -> dict[str, Path]:
-    """Write ``fashiongen_train.h5`` and ``fashiongen_validation.h5`` into ``out_dir``, atomically.
+FILES = {  # file name -> (domain, split)
+    "fashiongen_train.h5": (CATALOGUE, "train"), "fashiongen_validation.h5": (CATALOGUE, "validation"),
+    "generic_train.h5": (GENERIC, "train"), "generic_validation.h5": (GENERIC, "validation"),
+}
 
-    The two files use different seeds derived from ``seed`` and disjoint product ids.
+
+def synthesize(out_dir: str | os.PathLike, sizes, seed: int) -> dict[str, Path]:
+    """Write the four files of ``FILES`` into ``out_dir``, atomically.
+
+    ``sizes`` is ``params.embedded.synthetic``. Every file has its own seed derived from
+    ``seed``; product ids are disjoint across all four.
     """
-    for key, value in (("train_products", train_products),
-                       ("validation_products", validation_products),
-                       ("poses_per_product", poses_per_product)):
+    counts = {"fashiongen_train.h5": sizes.train_products, "fashiongen_validation.h5": sizes.validation_products,
+              "generic_train.h5": sizes.generic_train_items,
+              "generic_validation.h5": sizes.generic_validation_items}
+    keys = dict(zip(counts, ("train_products", "validation_products", "generic_train_items",
+                             "generic_validation_items")))
+    for key, value in [*((keys[f], n) for f, n in counts.items()), ("poses_per_product", sizes.poses_per_product)]:
         if value < 1:
             raise PipelineError(f"params: embedded.synthetic.{key} must be >= 1, got {value}")
-    out_dir = Path(out_dir)
-    first_ids = {"train": 100_000, "validation": 100_000 + train_products}
-    sizes = {"train": train_products, "validation": validation_products}
+    out_dir, first_id = Path(out_dir), 100_000
     with atomic_dir(out_dir) as tmp:
-        for split in ("train", "validation"):
-            write_synthetic(tmp / f"fashiongen_{split}.h5", sizes[split], poses_per_product,
-                            derive_seed(seed, split), first_product_id=first_ids[split])
-    return {split: out_dir / f"fashiongen_{split}.h5" for split in sizes}
+        for name, (domain, split) in FILES.items():
+            salt = split if domain is CATALOGUE else f"{domain.name}-{split}"
+            write_synthetic(tmp / name, counts[name], sizes.poses_per_product, derive_seed(seed, salt),
+                            first_product_id=first_id, domain=domain)
+            first_id += counts[name]
+    return {name: out_dir / name for name in FILES}

@@ -68,7 +68,9 @@ class TinySpec:
     prior_layers: int = 2
     prior_heads: int = 2
     unet_channels: tuple[int, int] = (32, 64)
-    movq_channels: tuple[int, ...] = (32, 64, 64, 64)  # 4 levels: 8x down, as 2.1's MoVQ
+    # 4 levels: 8x down, as 2.1's MoVQ. Its SpatialNorm has 32 groups, so 32 channels at least;
+    # 32 at the second level too: 20% faster than 64 at equal PSNR (400 MoVQ steps)
+    movq_channels: tuple[int, ...] = (32, 32, 64, 64)
     movq_codebook: int = 256
 
 

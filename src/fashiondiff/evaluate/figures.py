@@ -3,6 +3,7 @@
 Usage::
 
     sample_grid(captions, {"real": reals, "base": bases, "tuned": tuneds}).save("grid.png")
+    beside([titled("catalogue", grid_a), titled("generic", grid_b)]).save("grid.png")
     image_text_figure("black leather mini skirt", source, {"base": b, "tuned": t}).save("it.png")
 
 Small images are enlarged with nearest-neighbour to at least ``MIN_CELL`` pixels, so a
@@ -111,6 +112,24 @@ def sample_grid(captions: Sequence[str], columns: Mapping[str, Sequence[Image.Im
         parts.append(_text_band(lines, width, face, line_height))
         parts.append(_image_row([columns[t][i] for t in titles], cell))
     return _stack(parts)
+
+
+def titled(title: str, image: Image.Image) -> Image.Image:
+    """``image`` under a bold ``title`` band."""
+    face = font(FONT_SIZE + 6)
+    return _stack([_text_band([title], image.width, face, FONT_SIZE + 10), image])
+
+
+def beside(images: Sequence[Image.Image]) -> Image.Image:
+    """``images`` left to right, top-aligned, a gap between them."""
+    gap = 4 * PAD
+    out = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1),
+                            max(im.height for im in images)), BACKGROUND)
+    x = 0
+    for image in images:
+        out.paste(image, (x, 0))
+        x += image.width + gap
+    return out
 
 
 def image_text_figure(prompt: str, source: Image.Image, results: Mapping[str, Image.Image],

@@ -137,6 +137,44 @@ def clip_score(image_embeds, text_embeds) -> float:
     return float(np.mean(np.maximum(100.0 * cos, 0.0)))
 
 
+# --- R-precision ----------------------------------------------------------------------------
+
+def r_precision_candidates(own: Sequence[int], n_texts: int, r: int, seed: int) -> np.ndarray:
+    """(n, r) indices into ``n_texts`` distinct captions: row ``i`` is its own caption
+    ``own[i]`` (column 0) and ``r - 1`` others drawn without replacement, seeded by ``(seed, i)``.
+
+    R-precision as the text-to-image literature computes it (Xu et al. 2018, AttnGAN: the
+    ground truth among 100 captions, 99 drawn at random): with few held-out captions, ``r``
+    is at most ``n_texts``.
+    """
+    if not 2 <= r <= n_texts:
+        raise ValueError(f"r_precision_candidates: need 2 <= r <= {n_texts} distinct captions, got r={r}")
+    rows = []
+    for i, mine in enumerate(own):
+        others = np.delete(np.arange(n_texts), mine)
+        drawn = np.random.default_rng([seed, i]).choice(others, size=r - 1, replace=False)
+        rows.append(np.concatenate([[mine], drawn]))
+    return np.asarray(rows, dtype=np.int64)
+
+
+def r_precision(image_embeds, text_embeds, candidates: np.ndarray) -> float:
+    """Mean over images of P(own caption is the closest of its candidates), by cosine.
+
+    ``text_embeds`` holds one row per distinct caption; ``candidates`` comes from
+    :func:`r_precision_candidates` (own caption in column 0). A tie at the top shares the
+    hit evenly, so a constant image scores exactly the chance level 1/r.
+    """
+    img = np.asarray(image_embeds, np.float64)
+    txt = np.asarray(text_embeds, np.float64)
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    scores = np.einsum("nd,nrd->nr", img, txt[candidates])
+    own, others = scores[:, :1], scores[:, 1:]
+    beaten = (others > own).any(axis=1)
+    tied = (others == own).sum(axis=1)
+    return float(np.mean(np.where(beaten, 0.0, 1.0 / (1.0 + tied))))
+
+
 def count_truncated(tokenizer, texts: Sequence[str]) -> int:
     """How many ``texts`` have more tokens (with BOS/EOS) than ``tokenizer.model_max_length``."""
     if not texts:

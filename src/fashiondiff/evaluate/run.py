@@ -1,32 +1,44 @@
-"""Evaluate: base vs tuned Kandinsky 2.1 on held-out captions.
+"""Evaluate: base vs tuned Kandinsky 2.1 on held-out captions of two domains.
 
 Usage::
 
-    report = evaluate("data/extracted/validation", "models/base/prior", "models/base/decoder",
-                      "models/prior", "models/decoder", params, "reports", tracker)
+    report = evaluate({"catalogue": "data/extracted/validation", "generic": "data/extracted/generic"},
+                      ModelPair("models/base/prior", "models/base/decoder"),
+                      ModelPair("models/prior", "models/decoder"), params, "reports", tracker)
 
-For ``evaluate.num_prompts`` held-out captions (seeded choice, one row per product
-first) both models generate one image each, prompt ``i`` with seed ``params.seed + i``.
-Metrics, in the base prior's own CLIP space (what the model conditions on):
+The *catalogue* is what the model is fine-tuned for (held-out FashionGen rows); the
+*generic* domain is what the base already drew (for the embedded default the stand-in's
+everyday objects; for a real run any FashionGen-layout file of non-catalogue pictures): how
+much of it the tuned model keeps is the price of fine-tuning. For each domain,
+``evaluate.num_prompts`` held-out captions (seeded choice, one row per product first) and both
+models generate one image each, prompt ``i`` with seed ``params.seed + i``. Metrics, in the
+base prior's own CLIP space (what the model conditions on), per domain and model:
 
-* ``clip_score``: generated image vs its caption (also ``real``: the real image vs it);
-* ``fd_clip``: Fréchet distance between generated images and ALL held-out real images;
-* ``fid``: the standard Inception FID (``fashiondiff.evaluate.fid``) of the generated
-  images vs ALL held-out real images, only when ``evaluate.fid_weights`` names the
-  Inception weights file (``fid_status`` says what was computed, or why not), with
+* ``clip_score``: generated image vs its caption (``real``: the real image vs it);
+* ``r_precision``: how often the caption is the closest, by CLIP cosine, of
+  ``evaluate.r_precision_candidates`` (R) captions: its own and R - 1 other distinct held-out
+  captions of the domain, drawn at random per prompt (seeded); chance is 1/R;
+* ``fd_clip``: Fréchet distance between the generated images and ALL held-out real images;
+* ``fid``: the standard Inception FID (``fashiondiff.evaluate.fid``) against the same real
+  images, only when ``evaluate.fid_weights`` names the Inception weights file, with
   ``fid_n_generated`` and ``fid_n_real`` beside it: FID is biased at small N.
 
 Real images are resized to ``model.resolution`` (bicubic) before any encoder sees them,
 so real and generated images enter CLIP / Inception at the same resolution.
-Outputs: ``reports_dir/metrics.json`` and ``reports_dir/samples/``: ``grid.png``,
-``image_text.png``, every generated image as ``base/0000.png``, ``tuned/0000.png``, ...
+Outputs: ``reports_dir/metrics.json`` (the numbers above: DVC metrics),
+``reports_dir/evaluation.json`` (what they were measured on: counts, R and its chance
+level, the real images' own scores, the FID status) and ``reports_dir/samples/``:
+``grid.png``, ``image_text.png``, every generated image as ``<domain>/<model>/0000.png``, ...
 (prompt ``i`` is file ``i``; lossless, so any FID tool can recompute the numbers) and
-``real_images.txt`` (the held-out real images, relative to the captions folder).
+``<domain>/real_images.txt`` (the held-out real images, relative to that domain's folder).
 """
 
 from __future__ import annotations
 
 import gc
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +50,30 @@ from fashiondiff.config import EDIT_STRENGTH
 from fashiondiff.data.split import select_split
 from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate import figures
-from fashiondiff.evaluate.metrics import ClipEncoder, GaussianStats, clip_score, frechet_distance, inception_fid
+from fashiondiff.evaluate.metrics import (
+    ClipEncoder, GaussianStats, clip_score, frechet_distance, inception_fid, r_precision, r_precision_candidates,
+)
 from fashiondiff.generate import Sampling, as_img2img, image_text_to_image, sampling_from_params, text_to_image
 from fashiondiff.io import atomic_dir, write_json
 
 EDIT_PROMPT = "black leather mini skirt"  # the method figure's prompt (image + text -> image)
 REQUIRED_COLUMNS = ("row", "product_id", "caption", "image")
+DOMAINS = ("catalogue", "generic")  # the catalogue first: its first prompt's photo is the edit's source
+MODELS = ("base", "tuned")
 
 
-def heldout_rows(captions_dir: str | Path, params) -> pd.DataFrame:
-    """Held-out rows with a caption, in ``row`` order (data.holdout_fraction > 0: by product)."""
+@dataclass(frozen=True)
+class ModelPair:
+    """A prior and a decoder to evaluate (folders or cached Hub ids) and the keys that named them."""
+
+    prior: str
+    decoder: str
+    prior_key: str = "model.prior"
+    decoder_key: str = "model.decoder"
+
+
+def heldout_rows(captions_dir: str | Path, holdout_fraction: float, seed: int) -> pd.DataFrame:
+    """Held-out rows with a caption, in ``row`` order (``holdout_fraction`` > 0: by product)."""
     path = Path(captions_dir) / "captions.parquet"
     try:
         table = pd.read_parquet(path)
@@ -56,7 +82,7 @@ def heldout_rows(captions_dir: str | Path, params) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise PipelineError(f"{path}: missing column {missing[0]}")
-    rows = select_split(table, "validation", params.data.holdout_fraction, params.seed)
+    rows = select_split(table, "validation", holdout_fraction, seed)
     rows = rows[rows["caption"].astype(str).str.strip() != ""]
     if len(rows) < 2:
         raise PipelineError(f"{path}: {len(rows)} held-out rows with a caption; evaluation needs >= 2")
@@ -91,37 +117,53 @@ def to_uint8(images) -> "object":
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
 
 
-def real_statistics(captions_dir: Path, rows: pd.DataFrame, clip: ClipEncoder, fid, resolution: int,
-                    batch_size: int) -> GaussianStats:
-    """CLIP-embedding statistics of every held-out real image (streamed); feeds FID's real side."""
+@dataclass
+class HeldOut:
+    """One domain's held-out set, prepared once for both models."""
+
+    name: str
+    folder: Path
+    rows: pd.DataFrame  # every held-out row (the real side of fd_clip and FID)
+    captions: list[str]  # the prompts
+    real_images: list[Image.Image]  # each prompt's own photo
+    texts: list[str]  # the distinct held-out captions: R-precision's pool
+    text_embeds: np.ndarray  # of ``texts``
+    own: np.ndarray  # each prompt's row in ``texts``
+    candidates: np.ndarray  # (prompts, R) rows of ``texts``, own first
+    real_stats: GaussianStats
+    fid: object | None  # torchmetrics FID holding this domain's real features, or None
+
+
+def prepare(name: str, folder: Path, holdout_fraction: float, params, clip: ClipEncoder, fid) -> HeldOut:
+    """Choose the domain's prompts and candidates; embed its captions and every real image."""
+    ev, res = params.evaluate, params.model.resolution
+    rows = heldout_rows(folder, holdout_fraction, params.seed)
+    prompts = choose_prompts(rows, ev.num_prompts, params.seed)
+    captions = prompts["caption"].astype(str).tolist()
+    texts = sorted(set(rows["caption"].astype(str)))
+    r = min(ev.r_precision_candidates, len(texts))
+    if r < 2:
+        raise PipelineError(f"{folder}: 1 distinct held-out caption; R-precision needs >= 2")
+    own = np.array([texts.index(c) for c in captions])
     stats = GaussianStats()
     paths = rows["image"].tolist()
-    for start in tqdm(range(0, len(paths), batch_size), desc="evaluate real", unit="batch"):
-        batch = [load_real(captions_dir, p, resolution) for p in paths[start:start + batch_size]]
+    for start in tqdm(range(0, len(paths), ev.batch_size), desc=f"evaluate real {name}", unit="batch"):
+        batch = [load_real(folder, p, res) for p in paths[start:start + ev.batch_size]]
         stats.update(clip.encode_images(batch))
         if fid is not None:
             fid.update(to_uint8(batch).to(fid.device), real=True)
-    return stats
+    return HeldOut(name, folder, rows, captions, [load_real(folder, p, res) for p in prompts["image"]], texts,
+                   clip.encode_texts(texts), own, r_precision_candidates(own, len(texts), r, params.seed),
+                   stats, fid)
 
 
-def generate_images(prior, decoder, captions: list[str], seed: int, sampling: Sampling,
-                    batch_size: int, name: str) -> list[Image.Image]:
-    """One image per caption, caption ``i`` seeded ``seed + i``; batched, with progress."""
-    images: list[Image.Image] = []
-    with tqdm(total=len(captions), desc=f"evaluate {name}", unit="image") as bar:
-        for start in range(0, len(captions), batch_size):
-            batch = captions[start:start + batch_size]
-            seeds = [seed + start + k for k in range(len(batch))]
-            images += text_to_image(prior, decoder, batch, seeds, sampling)
-            bar.update(len(batch))
-    return images
-
-
-def score(images, text_embeds, real: GaussianStats, clip: ClipEncoder, fid) -> dict[str, float]:
-    """clip_score and fd_clip (and fid with its image counts, when available) of one model's images."""
+def score(images, held: HeldOut, clip: ClipEncoder) -> dict[str, float]:
+    """clip_score, r_precision and fd_clip (and fid with its image counts) of one model's images."""
     embeds = clip.encode_images(images)
-    scores = {"clip_score": clip_score(embeds, text_embeds),
-              "fd_clip": frechet_distance(*GaussianStats.of(embeds).moments(), *real.moments())}
+    scores = {"clip_score": clip_score(embeds, held.text_embeds[held.own]),
+              "r_precision": r_precision(embeds, held.text_embeds, held.candidates),
+              "fd_clip": frechet_distance(*GaussianStats.of(embeds).moments(), *held.real_stats.moments())}
+    fid = held.fid
     if fid is not None:
         fid.reset()  # fake side only: reset_real_features=False keeps the real statistics
         fid.update(to_uint8(images).to(fid.device), real=False)
@@ -131,95 +173,98 @@ def score(images, text_embeds, real: GaussianStats, clip: ClipEncoder, fid) -> d
     return scores
 
 
-def sample_model(prior, decoder, captions: list[str], source: Image.Image, seed: int,
-                 sampling: Sampling, batch_size: int, name: str):
-    """One model's images for ``captions`` and its image + text edit of ``source``."""
-    images = generate_images(prior, decoder, captions, seed, sampling, batch_size, name)
-    (edit,) = image_text_to_image(prior, as_img2img(decoder), [EDIT_PROMPT], [source], [seed], sampling)
-    return images, edit
-
-
-def _free(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def evaluate(captions_dir, base_prior: str, base_decoder: str, tuned_prior: str, tuned_decoder: str,
-             params, reports_dir, tracker) -> dict:
-    """Generate with base and tuned models, score both, write metrics.json and figures."""
+def sample_model(name: str, pair: ModelPair, prompts: dict[str, list[str]], source: Image.Image, seed: int,
+                 sampling: Sampling, batch_size: int, device: str) -> tuple[dict[str, list], Image.Image]:
+    """One model's images for every domain's prompts (prompt ``i`` seeded ``seed + i``) and its
+    image + text edit of ``source``. Loads the model itself: runs here or in a worker process."""
     import torch
 
     from fashiondiff.models.loader import load_decoder, load_prior
 
-    captions_dir, reports_dir = Path(captions_dir), Path(reports_dir)
-    ev, res = params.evaluate, params.model.resolution
-    rows = heldout_rows(captions_dir, params)
-    prompts = choose_prompts(rows, ev.num_prompts, params.seed)
-    captions = prompts["caption"].astype(str).tolist()
-    sampling = sampling_from_params(params, strength=EDIT_STRENGTH)
+    torch.set_num_threads(1) if device == "cpu" else None
+    prior = load_prior(pair.prior, pair.prior_key).to(device)
+    decoder = load_decoder(pair.decoder, pair.decoder_key).to(device)
+    for pipe in (prior, decoder):
+        pipe.set_progress_bar_config(disable=True)
+    images = {}
+    with tqdm(total=sum(map(len, prompts.values())), desc=f"evaluate {name}", unit="image") as bar:
+        for domain, captions in prompts.items():
+            images[domain] = []
+            for start in range(0, len(captions), batch_size):
+                batch = captions[start:start + batch_size]
+                seeds = [seed + start + k for k in range(len(batch))]
+                images[domain] += text_to_image(prior, decoder, batch, seeds, sampling)
+                bar.update(len(batch))
+    (edit,) = image_text_to_image(prior, as_img2img(decoder), [EDIT_PROMPT], [source], [seed], sampling)
+    del prior, decoder
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return images, edit
+
+
+def sample_models(pairs: dict[str, ModelPair], prompts: dict[str, list[str]], source: Image.Image, params,
+                  device: str) -> dict[str, tuple]:
+    """Both models' samples: in ``evaluate.workers`` processes (2: base and tuned at once, each
+    with one thread, on a CPU), else one model after the other here (one on the device at a time)."""
+    ev = params.evaluate
+    args = {name: (name, pair, prompts, source, params.seed, sampling_from_params(params, strength=EDIT_STRENGTH),
+                   ev.batch_size, device) for name, pair in pairs.items()}
+    if ev.workers < 2 or device != "cpu":
+        return {name: sample_model(*a) for name, a in args.items()}
+    with ProcessPoolExecutor(min(ev.workers, len(args)), mp_context=mp.get_context("spawn")) as pool:
+        jobs = {name: pool.submit(sample_model, *a) for name, a in args.items()}
+        return {name: job.result() for name, job in jobs.items()}
+
+
+def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, params, reports_dir,
+             tracker) -> dict:
+    """Generate with base and tuned models on each domain, score both, write the reports."""
+    import torch
+
+    from fashiondiff.models.loader import load_prior
+
+    reports_dir = Path(reports_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-
     # The base prior's CLIP towers are the metric space for both models and the real images.
-    base_prior_pipe = load_prior(base_prior, "model.prior").to(device)
-    clip = ClipEncoder(base_prior_pipe, params.clip_image_size, ev.batch_size)
-    fid, fid_status = inception_fid(ev.fid_weights, device)
-    if fid is not None:
-        fid_status += (f"; generated: samples/base, samples/tuned ({len(captions)} each) vs real: the "
-                       f"{len(rows)} held-out images (samples/real_images.txt), at model.resolution "
-                       f"{res}x{res} like the generated ones (bicubic-resized where they differ)")
-    real_images = [load_real(captions_dir, p, res) for p in prompts["image"]]
-    text_embeds = clip.encode_texts(captions)
-    real_stats = real_statistics(captions_dir, rows, clip, fid, res, ev.batch_size)
-
-    samples, edits, scores = {}, {}, {}
-    for name, prior_name, decoder_name in (("base", None, base_decoder), ("tuned", tuned_prior, tuned_decoder)):
-        prior = _tuned_prior(prior_name, base_prior_pipe, device) if prior_name else base_prior_pipe
-        decoder = load_decoder(decoder_name, "model.decoder" if name == "base" else "tuned decoder").to(device)
-        samples[name], edits[name] = sample_model(prior, decoder, captions, real_images[0], params.seed,
-                                                  sampling, ev.batch_size, name)
-        scores[name] = score(samples[name], text_embeds, real_stats, clip, fid)
-        del prior, decoder  # one model on the device at a time (besides the base prior)
-        _free(device)
-
-    report = build_report(scores, clip_score(clip.encode_images(real_images), text_embeds), len(captions),
-                          len(rows), clip.count_truncated(captions), fid_status)
-    grid = figures.sample_grid(captions, {"real": real_images, **samples})
-    edit = figures.image_text_figure(EDIT_PROMPT, real_images[0], edits,
+    clip = ClipEncoder(load_prior(base.prior, base.prior_key, prior=None).to(device), params.clip_image_size,
+                       params.evaluate.batch_size)
+    held, fid_status = {}, ""
+    for domain in DOMAINS:
+        fid, fid_status = inception_fid(params.evaluate.fid_weights, device)
+        fraction = params.data.holdout_fraction if domain == "catalogue" else 0.0  # generic: all held out
+        held[domain] = prepare(domain, Path(folders[domain]), fraction, params, clip, fid)
+    prompts = {d: h.captions for d, h in held.items()}
+    source = held["catalogue"].real_images[0]
+    results = sample_models({"base": base, "tuned": tuned}, prompts, source, params, device)
+    samples = {m: results[m][0] for m in MODELS}
+    metrics = {d: {m: _rounded(score(samples[m][d], held[d], clip)) for m in MODELS} for d in DOMAINS}
+    details = describe(held, clip, params, fid_status)
+    grid = figures.beside([figures.titled(d, figures.sample_grid(
+        held[d].captions, {"real": held[d].real_images, **{m: samples[m][d] for m in MODELS}})) for d in DOMAINS])
+    edit = figures.image_text_figure(EDIT_PROMPT, source, {m: results[m][1] for m in MODELS},
                                      subtitle=f"img2img, strength {EDIT_STRENGTH}, seed {params.seed}")
-    write_outputs(reports_dir, report, {"grid.png": grid, "image_text.png": edit}, tracker,
-                  samples=samples, real_images=rows["image"].tolist())
-    return report
+    write_outputs(reports_dir, metrics, details, {"grid.png": grid, "image_text.png": edit}, tracker, samples, held)
+    return metrics
 
 
-def _tuned_prior(name: str, base_pipe, device: str):
-    """The tuned prior pipeline. train_prior copies the base's CLIP towers byte for byte, so when
-    the files match, only the tuned prior loads and the base towers are shared (at full size:
-    one 1.0 B prior in memory at a time instead of two, and one pair of towers); otherwise the
-    whole folder loads. Called after the base model's pass, whose prior it releases."""
-    import hashlib
-
-    from fashiondiff.models.loader import load_component, load_prior, resolve
-
-    tuned, base = Path(resolve(name, "tuned prior")), Path(base_pipe.config["_name_or_path"] or "")
-
-    def digest(folder: Path) -> list:
-        files = [f for c in ("image_encoder", "text_encoder", "tokenizer", "image_processor")
-                 for f in sorted((folder / c).glob("*")) if f.is_file()]
-        if not files:
-            return []
-        sizes = [(f.relative_to(folder).as_posix(), f.stat().st_size) for f in files]
-        return sizes + [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
-
-    if not base.is_dir() or not digest(tuned) or digest(tuned) != digest(base):
-        return load_prior(name, "tuned prior").to(device)
-    parts = dict(base_pipe.components, prior=load_component(name, "prior", "tuned prior"))
-    base_pipe.register_modules(prior=None)  # the base pass is done; its towers stay the metric space
-    pipe = type(base_pipe)(**parts).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def describe(held: dict[str, HeldOut], clip: ClipEncoder, params, fid_status: str) -> dict:
+    """evaluation.json: what the metrics were measured on, and the real images' own scores."""
+    out = {}
+    for d, h in held.items():
+        real = clip.encode_images(h.real_images)
+        r = h.candidates.shape[1]
+        out[d] = {"prompts": len(h.captions), "real_images": len(h.rows), "distinct_captions": len(h.texts),
+                  "r_precision_candidates": r, "r_precision_chance": _sig(1 / r),
+                  "truncated_captions": clip.count_truncated(h.captions),
+                  "real": {"clip_score": _sig(clip_score(real, h.text_embeds[h.own])),
+                           "r_precision": _sig(r_precision(real, h.text_embeds, h.candidates))}}
+    if params.evaluate.fid_weights and fid_status.startswith("computed"):
+        fid_status += (f"; per domain: samples/<domain>/base and samples/<domain>/tuned vs every held-out image "
+                       f"of the domain (samples/<domain>/real_images.txt), at model.resolution "
+                       f"{params.model.resolution}x{params.model.resolution} like the generated ones")
+    out["fid_status"] = fid_status
+    return out
 
 
 def _sig(x: float) -> float:
@@ -227,59 +272,49 @@ def _sig(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-COUNT_KEYS = ("fid_n_generated", "fid_n_real")  # image counts: reported as is, no delta
+COUNT_KEYS = ("fid_n_generated", "fid_n_real")  # image counts: reported as is
 
 
-def build_report(scores: dict, real_clip: float, num_prompts: int, num_real: int, truncated: int,
-                 fid_status: str) -> dict:
-    """metrics.json: nested dicts of numbers for ``dvc metrics show/diff``, plus fid_status."""
-    base, tuned = scores["base"], scores["tuned"]
-
-    def block(side: dict) -> dict:
-        return {k: int(v) if k in COUNT_KEYS else _sig(v) for k, v in side.items()}
-
-    return {
-        "base": block(base),
-        "tuned": block(tuned),
-        "delta": {k: _sig(tuned[k] - base[k]) for k in base if k not in COUNT_KEYS},
-        "real": {"clip_score": _sig(real_clip)},
-        "num_prompts": num_prompts,
-        "num_real_images": num_real,
-        "truncated_captions": truncated,
-        "fid_status": fid_status,
-    }
+def _rounded(scores: dict) -> dict:
+    return {k: int(v) if k in COUNT_KEYS else _sig(v) for k, v in scores.items()}
 
 
-def flatten(report: dict) -> dict[str, float]:
-    """The numeric leaves as ``{"base.clip_score": ...}``, for the tracker."""
+def flatten(report: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves as ``{"catalogue.base.clip_score": ...}``, for the tracker."""
     flat: dict[str, float] = {}
     for key, value in report.items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        elif isinstance(value, (int, float)):
-            flat[key] = value
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
-def write_outputs(reports_dir: Path, report: dict, pictures: dict, tracker, samples: dict | None = None,
-                  real_images: list[str] | None = None) -> None:
-    """samples/ (atomic folder) and metrics.json (atomic file); figures and metrics to the tracker.
+def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dict, tracker,
+                  samples: dict | None = None, held: dict[str, HeldOut] | None = None) -> None:
+    """samples/ (atomic folder), metrics.json and evaluation.json (atomic files); to the tracker.
 
-    ``samples``: ``{model name: [PIL images]}``, written as ``samples/<name>/0000.png``, ...
-    (PNG, no metadata: the same pixels give the same bytes on every run).
+    ``samples``: ``{model: {domain: [PIL images]}}``, written as
+    ``samples/<domain>/<model>/0000.png``, ... (PNG, no metadata: the same pixels give the same
+    bytes on every run).
     """
     with atomic_dir(reports_dir / "samples") as folder:
         for file_name, picture in pictures.items():
             picture.save(folder / file_name, format="PNG")
-        for name, images in (samples or {}).items():
-            (folder / name).mkdir()
-            width = max(4, len(str(len(images) - 1)))
-            for i, image in enumerate(images):
-                image.convert("RGB").save(folder / name / f"{i:0{width}d}.png", format="PNG")
-        if real_images is not None:
-            (folder / "real_images.txt").write_text("".join(f"{p}\n" for p in real_images))
-    write_json(reports_dir / "metrics.json", report)
-    tracker.log_summary(flatten(report))
+        for model, by_domain in (samples or {}).items():
+            for domain, images in by_domain.items():
+                (folder / domain / model).mkdir(parents=True)
+                width = max(4, len(str(len(images) - 1)))
+                for i, image in enumerate(images):
+                    image.convert("RGB").save(folder / domain / model / f"{i:0{width}d}.png", format="PNG")
+        for domain, h in (held or {}).items():
+            (folder / domain).mkdir(exist_ok=True)
+            (folder / domain / "real_images.txt").write_text("".join(f"{p}\n" for p in h.rows["image"]))
+    write_json(reports_dir / "metrics.json", metrics)
+    write_json(reports_dir / "evaluation.json", details)
+    tracker.log_summary(flatten(metrics))
+    tracker.log_summary({f"reference.{k}": v for k, v in flatten(details).items()})
     for file_name, picture in pictures.items():
         tracker.log_image(picture, f"samples/{file_name}")
     tracker.log_artifact(str(reports_dir / "metrics.json"))
+    tracker.log_artifact(str(reports_dir / "evaluation.json"))
