@@ -26,6 +26,7 @@ import atexit
 import dataclasses
 import json
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass
@@ -144,6 +145,12 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    registered_model: str
+    max_log_mb: float
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     tracking_uri: str
     experiment: str
@@ -168,6 +175,7 @@ class Params:
     prior: PriorParams
     decoder: DecoderParams
     evaluate: EvaluateParams
+    serve: ServeParams
     mlflow: MlflowParams
 
     def __post_init__(self) -> None:
@@ -197,6 +205,9 @@ class Params:
         for section in ("prior", "decoder"):
             _check_lora(getattr(self, section), section)
         _check(self.evaluate.num_prompts >= 2, "evaluate.num_prompts", "must be >= 2 (fd_clip needs a covariance)")
+        _check(self.serve.max_log_mb >= 0, "serve.max_log_mb", "must be >= 0 (0: never log the model)")
+        _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.serve.registered_model) is not None,
+               "serve.registered_model", "must be a name of letters, digits, '_', '.', '-'")
         _check(int(self.diffusion_steps * EDIT_STRENGTH) >= 1, "diffusion_steps",
                f"must be >= 2 (evaluate's img2img runs at strength {EDIT_STRENGTH})")
 
