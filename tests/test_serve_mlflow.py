@@ -79,7 +79,7 @@ def test_the_model_is_registered_with_signature_example_and_the_pipeline_tags(se
     files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
     assert "mlflow_model.py" in files and "code/fashiondiff/serving/pyfunc.py" in files
     assert {"artifacts/prior/model_index.json", "artifacts/decoder/unet/config.json"} <= files
-    assert not [f for f in files if f.endswith((".pkl", ".pyc"))]  # models from code: nothing pickled
+    assert not [f for f in files if f.endswith((".pkl", ".pyc", ".pyi"))]  # models from code: nothing pickled
     config = json.loads(json.dumps(info.flavors["python_function"]["config"]))
     assert config["sampling"]["steps"] == 2 and config["sampling"]["height"] == SIDE
 

@@ -36,7 +36,8 @@ CSS = ("#image-base img, #image-tuned img, #photo img "
 
 class PhotoInput(gr.Image):
     """gr.Image whose unreadable uploads become a message instead of PIL's error text
-    (which names the server's temporary file). Same front end as gr.Image."""
+    (which names the server's temporary file). Same front end as gr.Image. (Gradio writes
+    page.pyi, a typing stub, beside this file for any component subclass: git ignores it.)"""
 
     def get_block_name(self) -> str:
         return "image"

@@ -83,7 +83,7 @@ def _log(folders: dict[str, Path], params, tracker, tags: dict[str, str]) -> str
 
     with tempfile.TemporaryDirectory(prefix="fashiondiff-code-") as tmp:
         code = Path(tmp) / PACKAGE.name
-        shutil.copytree(PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyi"))
         return tracker.log_model(
             ENTRY, params.serve.registered_model, tags,
             artifacts={part: str(folder) for part, folder in folders.items()},
