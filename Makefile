@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install repro test bench fullsize ui clean
+.PHONY: install browser repro test bench fullsize ui serve clean
 
 install: $(STAMP)
 
@@ -26,7 +26,15 @@ repro: $(STAMP)
 	@git rev-parse HEAD >/dev/null 2>&1 || { echo "error: dvc needs a git repo with one commit"; exit 1; }
 	dvc repro
 
-test: $(STAMP)
+# Debian's Chromium and its WebDriver, for the browser tests (tests/test_serve_page.py): a
+# browser that a tool downloads itself cannot be fetched offline. apt-get only when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: $(STAMP) browser
 	python -m pytest -q
 
 bench: $(STAMP)
@@ -41,6 +49,10 @@ fullsize: $(STAMP)
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+# The web page over the tuned (models/) and base models: http://127.0.0.1:7860 (README "Serving").
+serve: $(STAMP)
+	fashiondiff serve
 
 clean:
 	rm -rf build data models checkpoints reports/metrics.json reports/plots reports/samples reports/embedded

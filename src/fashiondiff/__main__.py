@@ -4,6 +4,7 @@ Usage::
 
     fashiondiff --help
     fashiondiff generate "black leather mini skirt" --model models --out skirt.png
+    fashiondiff serve                # the web page, http://127.0.0.1:7860
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from typing import Sequence
 
 from fashiondiff import __version__, generate
 from fashiondiff.errors import cli
+from fashiondiff.serving import web
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fashiondiff",
-        description="Kandinsky 2.1 fine-tuned on FashionGen: generate images from the trained models.",
+        description="Kandinsky 2.1 fine-tuned on FashionGen: generate images from the trained models, or serve them.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     generate.add_parser(commands)
+    web.add_parser(commands)
     return parser
 
 

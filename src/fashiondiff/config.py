@@ -26,6 +26,7 @@ import atexit
 import dataclasses
 import json
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass
@@ -161,6 +162,12 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    registered_model: str
+    max_log_mb: float
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     tracking_uri: str
     experiment: str
@@ -186,6 +193,7 @@ class Params:
     prior: PriorParams
     decoder: DecoderParams
     evaluate: EvaluateParams
+    serve: ServeParams
     mlflow: MlflowParams
 
     def __post_init__(self) -> None:
@@ -228,6 +236,9 @@ class Params:
         _check(self.evaluate.r_precision_candidates >= 2, "evaluate.r_precision_candidates",
                "must be >= 2 (the caption itself and at least one other)")
         _check(self.evaluate.workers >= 1, "evaluate.workers", "must be >= 1")
+        _check(self.serve.max_log_mb >= 0, "serve.max_log_mb", "must be >= 0 (0: never log the model)")
+        _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.serve.registered_model) is not None,
+               "serve.registered_model", "must be a name of letters, digits, '_', '.', '-'")
         _check(int(self.diffusion_steps * EDIT_STRENGTH) >= 1, "diffusion_steps",
                f"must be >= 2 (evaluate's img2img runs at strength {EDIT_STRENGTH})")
 

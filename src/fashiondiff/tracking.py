@@ -21,6 +21,9 @@ that only holds the stages DVC actually re-ran.
 The parent's status follows the last stage that ran: RUNNING while a stage runs,
 then that stage's FINISHED / FAILED / KILLED.
 
+``tracker.log_model`` logs a pyfunc model on the stage's run and registers it in the
+Model Registry, each version tagged with the pipeline's git commit and DVC experiment.
+
 ``FASHIONDIFF_TRACKING=off`` turns every call into a no-op (mlflow is not imported).
 Run ids are random: never write them (or anything else from here) into stage outputs.
 """
@@ -55,6 +58,8 @@ TAG_EXP_NAME = "dvc.exp_name"
 TAG_BASELINE = "dvc.baseline_rev"
 TAG_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_PIPELINE_RUN = "fashiondiff.pipeline_run"  # on model versions: the parent run's id
+_VALIDATION_FAILED = "Failed to validate serving input example"  # mlflow/models/model.py's warning
 
 # MLflow's limits (mlflow/utils/validation.py); older servers are stricter, not looser.
 _PARAMS_PER_BATCH = 100
@@ -70,12 +75,19 @@ def tracking_enabled() -> bool:
 class Tracker:
     """Logs to one stage's child run (and, for summaries, to the pipeline's parent run)."""
 
-    def __init__(self, stage: str, client=None, run_id: str = "", parent_run_id: str = "") -> None:
+    def __init__(self, stage: str, client=None, run_id: str = "", parent_run_id: str = "",
+                 tracking_uri: str = "") -> None:
         self.stage = stage
         self.run_id = run_id
         self.parent_run_id = parent_run_id
+        self.tracking_uri = tracking_uri
         self._client = client  # None: tracking is off, every method is a no-op
         self._last_step = 0
+
+    @property
+    def enabled(self) -> bool:
+        """False when tracking is off: every method is a no-op."""
+        return self._client is not None
 
     def log_params(self, params: dict) -> None:
         """Stage-specific params on the child run (values stringified, batched by 100)."""
@@ -128,6 +140,52 @@ class Tracker:
         if not posixpath.splitext(name)[1]:
             name += ".png"
         self._client.log_image(self.run_id, image, artifact_file=name)
+
+    def find_model_version(self, name: str, tag: str, value: str) -> str:
+        """The newest version of registered model ``name`` tagged ``tag`` = ``value``, or ""."""
+        if self._client is None:
+            return ""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self._client.search_model_versions(f"name = '{name}'")
+        except MlflowException as exc:
+            raise PipelineError(f"mlflow ({_display(self.tracking_uri)}): cannot search model {name!r}: "
+                                f"{exc.message.splitlines()[0]}") from exc
+        found = [int(v.version) for v in versions if v.tags.get(tag) == value]
+        return str(max(found)) if found else ""
+
+    def log_model(self, code: str | Path, registered_name: str, tags: dict[str, str], **model) -> str:
+        """Log a pyfunc model on this stage's run and register it; return its version.
+
+        ``code`` is the file that builds the model (MLflow's models from code: nothing is
+        pickled); ``model`` are ``mlflow.pyfunc.log_model``'s keywords (artifacts,
+        signature, input_example, code_paths, pip_requirements, model_config). MLflow runs
+        the input example through the logged model; if that fails, so does this call. The
+        version is tagged with ``tags`` and the pipeline's git commit, DVC experiment, key
+        and parent run. Tracking off: nothing is logged, the version is "".
+        """
+        if self._client is None:
+            return ""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from mlflow.models import Model
+
+        run_tags = self._client.get_run(self.run_id).data.tags
+        tags = {**tags, **{k: run_tags[k] for k in (TAG_COMMIT, TAG_EXP_NAME, TAG_KEY) if k in run_tags},
+                TAG_PIPELINE_RUN: self.parent_run_id}
+        mlflow.set_tracking_uri(self.tracking_uri)  # Model.log and register_model use the global one
+        try:
+            with _failed_validation() as failures:
+                info = Model.log(None, mlflow.pyfunc, name="model", run_id=self.run_id,
+                                 python_model=str(code), **model)
+            if failures:
+                raise PipelineError(f"mlflow: the logged model fails its input example: {failures[0]}")
+            version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+        except MlflowException as exc:
+            raise PipelineError(f"mlflow ({_display(self.tracking_uri)}): cannot log or register model "
+                                f"{registered_name!r}: {exc.message.splitlines()[0]}") from exc
+        return str(version.version)
 
 
 @contextlib.contextmanager
@@ -213,7 +271,7 @@ def _open(stage: str, params: Params, uri: str):
         raise PipelineError(f"mlflow ({_display(uri)}): {exc.message.splitlines()[0]}") from exc
     print(f"mlflow: {stage} run {child.info.run_id} in pipeline run {parent_id} "
           f"({_display(uri)}, experiment {params.mlflow.experiment})", file=sys.stderr)
-    return client, Tracker(stage, client, child.info.run_id, parent_id)
+    return client, Tracker(stage, client, child.info.run_id, parent_id, uri)
 
 
 def _close(client, tracker: Tracker, status: str) -> None:
@@ -236,13 +294,35 @@ def _status_for(exc: BaseException) -> str:
 
 
 def _quiet_mlflow() -> None:
-    """No emoji run links and no INFO chatter (database migrations) from mlflow."""
+    """No emoji run links, progress bars or INFO chatter (database migrations) from mlflow."""
     import logging
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _failed_validation() -> Iterator[list[str]]:
+    """Collect MLflow's "input example failed" warnings: Model.log only logs them."""
+    import logging
+
+    failures: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if text.startswith(_VALIDATION_FAILED):
+                failures.append(text.rpartition("Got error: ")[2].splitlines()[0])
+
+    logger, handler = logging.getLogger("mlflow.models.model"), Catch(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield failures
+    finally:
+        logger.removeHandler(handler)
 
 
 def _experiment(client, name: str, uri: str) -> str:

@@ -1,0 +1,115 @@
+"""Shared by the serving tests: tiny base and tuned Kandinsky 2.1 folders, photos, and real
+server processes (started in their own session, stopped by their process group id)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import params_tree
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "black leather mini skirt"
+SIDE = 64  # model.resolution of the served tiny models
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory) -> Path:
+    """``models/base/{prior,decoder}`` and ``models/{prior,decoder}`` (other random weights: the
+    "tuned" one), a photo, a non-image named .png, a params.yaml pointing at the base."""
+    from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
+
+    root = tmp_path_factory.mktemp("served")
+    texts = [PROMPT, "white cotton shirt", "blue denim jacket", "red silk dress"] * 3
+    spec = TinySpec(clip_image_size=32, clip_patch_size=16)
+    save_pipelines(build_tiny(texts, spec, seed=0), root / "models/base")
+    save_pipelines(build_tiny(texts, spec, seed=1), root / "models")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(root / "photo.png")
+    Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(root / "big.png")  # ~120 KB
+    (root / "fake.png").write_text("not an image")
+    small = {"diffusion_steps": 2, "model.resolution": SIDE, "evaluate.prior_steps": 2,
+             "model.prior": str(root / "models/base/prior"), "model.decoder": str(root / "models/base/decoder"),
+             "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params_tree(**small)))
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", **extra}
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], url: str, cwd: Path, log: Path, limit: float = 90, **extra_env) -> Iterator[subprocess.Popen]:
+    """Start ``cmd``, wait until ``url`` answers 200, stop it (SIGTERM, then SIGKILL) at exit."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until_up(url, proc, log, limit)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[:3]} exited early:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.3)
+    pytest.fail(f"{url} did not answer in {limit} s:\n{log.read_text()[-3000:]}")
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+@pytest.fixture(scope="session")
+def adapters(served) -> Path:
+    """``served/adapters/decoder/lora``: a rank-4 LoRA adapter for the base U-Net, as training
+    writes it, with random B weights (a fresh adapter's B is zero: it would change nothing)."""
+    import torch
+
+    from conftest import repo_params
+    from fashiondiff.models.loader import load_component
+    from fashiondiff.train.lora import add_lora, save_adapter
+
+    unet = load_component(str(served / "models/base/decoder"), "unet", "model.decoder")
+    add_lora(unet, repo_params(**{"decoder.lora_rank": 4}).decoder, "decoder")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in unet.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+    save_adapter(unet, served / "adapters/decoder/lora")
+    return served / "adapters"
