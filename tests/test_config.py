@@ -68,3 +68,12 @@ def test_yaml_no_reads_back_as_no():
     tree = params_tree()
     tree["train"]["mixed_precision"] = False  # what `dvc exp run -S train.mixed_precision=no` writes
     assert params_from_dict(yaml.safe_load(yaml.safe_dump(tree))).train.mixed_precision == "no"
+
+
+def test_exponent_floats_dvc_writes_read_back_as_floats():
+    """`dvc exp run -S lr=0.00001` writes `lr: 1e-05`, which YAML 1.1 reads as a string."""
+    text = (REPO / "params.yaml").read_text().replace("\nlr: 0.0005", "\nlr: 1e-05")
+    assert yaml.safe_load(text)["lr"] == "1e-05"  # PyYAML: no dot, no float
+    assert params_from_dict(yaml.safe_load(text)).lr == 1e-05
+    with pytest.raises(PipelineError, match="lr must be a float"):
+        repo_params(lr="fast")

@@ -428,8 +428,15 @@ def _build(cls, raw: object, where: str):
     return cls(**values)
 
 
+# A float in exponent notation without a dot. YAML 1.1 (PyYAML) reads `1e-05` as a string:
+# its float pattern wants a dot (`1.0e-05`), and `dvc exp run -S lr=0.00001` writes `lr: 1e-05`.
+_EXPONENT_FLOAT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
 def _coerce(kind: type, value: object, key: str):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         return float(value)
     if kind is bool and not isinstance(value, bool):
         raise PipelineError(f"params: {key} must be true or false, got {value!r}")
