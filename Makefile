@@ -34,8 +34,11 @@ browser:
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each test file in one of them; the
+# tests use one torch thread each (tests/conftest.py), so 2 fills this machine's 2 cores.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	python -m pytest -q
+	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do python $$b || exit 1; done
