@@ -181,7 +181,8 @@ def sample_model(name: str, pair: ModelPair, prompts: dict[str, list[str]], sour
 
     from fashiondiff.models.loader import load_decoder, load_prior
 
-    torch.set_num_threads(1) if device == "cpu" else None
+    if device == "cpu":
+        torch.set_num_threads(1)  # the project's CPU rule: one thread per process
     prior = load_prior(pair.prior, pair.prior_key).to(device)
     decoder = load_decoder(pair.decoder, pair.decoder_key).to(device)
     for pipe in (prior, decoder):
