@@ -190,15 +190,21 @@ def test_reader_streams_in_chunks(synthetic_h5):
 
 
 def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (from /proc/*/stat: field 4 is the parent's pid)."""
+    """The encoder workers of ``pid``: its children (/proc/*/stat field 4 is the parent's pid)
+    with its own command line, as forked workers have; a library's short-lived helper process
+    (ctypes' `ldconfig -p`, say) is not one of them."""
+    try:
+        own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and (stat.parent / "cmdline").read_bytes() == own:
+                found.append(int(stat.parent.name))
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
     return found
 
 
