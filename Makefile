@@ -50,8 +50,9 @@ FULLSIZE_ARGS ?=
 fullsize: $(STAMP)
 	python bench/fullsize.py $(FULLSIZE_ARGS)
 
+# The MLflow UI on mlflow.db; prints the address of the pipeline runs, ready to compare (README "Experiments").
 ui: $(STAMP)
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+	fashiondiff ui
 
 # The web page over the tuned (models/) and base models: http://127.0.0.1:7860 (README "Serving").
 serve: $(STAMP)

@@ -127,6 +127,7 @@ def test_evaluate_writes_metrics_and_figures(setup):
     assert tracker.summary["reference.generic.real.r_precision"] == details["generic"]["real"]["r_precision"]
     assert not any("fid_status" in k for k in tracker.summary)
     assert tracker.images == ["samples/grid.png", "samples/image_text.png"]
+    assert tracker.parent_images == tracker.images  # the pipeline's parent run holds the pictures too
     assert tracker.artifacts == [str(root / "reports_a" / f) for f in ("metrics.json", "evaluation.json")]
 
 
