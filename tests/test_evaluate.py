@@ -30,10 +30,10 @@ class RecordingTracker:
     def log_summary(self, metrics):
         self.summary.update(metrics)
 
-    def log_image(self, image, name, parent=False):
+    def log_image(self, image, name, parent_name=""):
         self.images.append(name)
-        if parent:
-            self.parent_images.append(name)
+        if parent_name:
+            self.parent_images.append(parent_name)
 
     def log_artifact(self, path):
         self.artifacts.append(str(path))
@@ -127,7 +127,7 @@ def test_evaluate_writes_metrics_and_figures(setup):
     assert tracker.summary["reference.generic.real.r_precision"] == details["generic"]["real"]["r_precision"]
     assert not any("fid_status" in k for k in tracker.summary)
     assert tracker.images == ["samples/grid.png", "samples/image_text.png"]
-    assert tracker.parent_images == tracker.images  # the pipeline's parent run holds the pictures too
+    assert tracker.parent_images == ["grid.png", "image_text.png"]  # the pipeline's parent run holds them too
     assert tracker.artifacts == [str(root / "reports_a" / f) for f in ("metrics.json", "evaluation.json")]
 
 

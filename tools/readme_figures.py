@@ -86,16 +86,24 @@ def mlflow_pictures(out: Path) -> None:
             wait(browser, lambda d: d.find_elements("xpath", "//*[normalize-space()='Visualizations']"))[0].click()
             for switch in browser.find_elements("css selector", "[role='switch']"):  # "Show diff only": params, metrics
                 switch.click()
-            browser.set_window_size(1600, 1300)  # folded plots: run details, the params and metrics that differ
+            for entry in browser.find_elements("xpath", "//*[normalize-space()='grid.png']"):  # preview both grids
+                with contextlib.suppress(Exception):
+                    entry.click()
+                    break
+            browser.set_window_size(1600, 1500)  # folded plots: the params and metrics that differ, the grids
             time.sleep(3)
             close_assistant(browser)
+            heading = browser.find_elements("xpath", "//*[normalize-space()='Parameters']")
+            if heading:
+                browser.execute_script("arguments[0].scrollIntoView()", heading[0])
+            time.sleep(1)
             browser.save_screenshot(str(out / "mlflow_compare.png"))
 
 
 def serve_page(out: Path) -> None:
     port = free_port()
     with served([sys.executable, "-m", "fashiondiff", "serve", "--port", str(port)], "", url=f"http://127.0.0.1:{port}/"):
-        with chromium(1200, 1010) as browser:
+        with chromium(1200, 1120) as browser:
             browser.get(f"http://127.0.0.1:{port}/")
             wait(browser, lambda d: d.find_elements("css selector", "#text-prompt textarea"))
             browser.find_element("xpath", "//button[@role='tab' and contains(., 'Photo')]").click()

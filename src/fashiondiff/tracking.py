@@ -152,15 +152,16 @@ class Tracker:
         else:
             raise PipelineError(f"{path}: no such file or folder to log to MLflow")
 
-    def log_image(self, image: "PIL.Image.Image", name: str, parent: bool = False) -> None:
+    def log_image(self, image: "PIL.Image.Image", name: str, parent_name: str = "") -> None:
         """An image as artifact ``name`` (``.png`` appended when it has no suffix); with
-        ``parent``, on the pipeline's parent run too (where a newcomer looks first)."""
+        ``parent_name``, on the pipeline's parent run too, as that (where a newcomer looks first;
+        at the artifact root, MLflow's compare page shows it side by side across runs)."""
         if self._client is None:
             return
-        if not posixpath.splitext(name)[1]:
-            name += ".png"
-        for run_id in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
-            self._client.log_image(run_id, image, artifact_file=name)
+        for run_id, path in ((self.run_id, name), (self.parent_run_id, parent_name)):
+            if path:
+                path += "" if posixpath.splitext(path)[1] else ".png"
+                self._client.log_image(run_id, image, artifact_file=path)
 
     def find_model_version(self, name: str, tag: str, value: str) -> str:
         """The newest version of registered model ``name`` tagged ``tag`` = ``value``, or ""."""

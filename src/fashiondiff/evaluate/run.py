@@ -322,6 +322,6 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
     tracker.log_summary(flatten(metrics))
     tracker.log_summary({f"reference.{k}": v for k, v in flatten(details).items()})
     for file_name, picture in pictures.items():  # on the pipeline's parent run too: where one looks first
-        tracker.log_image(picture, f"samples/{file_name}", parent=True)
+        tracker.log_image(picture, f"samples/{file_name}", parent_name=file_name)
     tracker.log_artifact(str(reports_dir / "metrics.json"))
     tracker.log_artifact(str(reports_dir / "evaluation.json"))
