@@ -308,15 +308,32 @@ def publish_runs_view(params: Params, metrics: Sequence[str], always: Sequence[s
 
 
 def serve_ui(tracking_uri: str, host: str, port: int) -> subprocess.Popen:
-    """Start ``mlflow ui`` (one worker) on a local tracking store; the caller waits for it."""
+    """Start ``mlflow ui`` (one worker) on a local tracking store, in a process group of its own
+    (its server process has children): the caller waits for it and stops it with ``stop_ui``."""
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "ui", "--backend-store-uri",
            resolve_tracking_uri(tracking_uri), "--host", host, "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
     try:
-        return subprocess.Popen(cmd, env=env)
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
     except OSError as exc:
         raise PipelineError(f"cannot start `mlflow ui`: {exc}") from None
+
+
+def stop_ui(server: subprocess.Popen, grace_s: float = 15) -> None:
+    """Stop what ``serve_ui`` started, its children too: SIGTERM to its group, then SIGKILL."""
+    import signal
+
+    if server.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 # -- internals ---------------------------------------------------------------------------

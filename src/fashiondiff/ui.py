@@ -15,6 +15,8 @@ and prints the address on that server.
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise PipelineError(f"--port must be in 1..65535, got {args.port}")
     from fashiondiff.config import load_params
-    from fashiondiff.tracking import publish_runs_view, serve_ui
+    from fashiondiff.tracking import publish_runs_view, serve_ui, stop_ui
 
     params = load_params(args.params)
     address = publish_runs_view(params, HEADLINE_METRICS, ALWAYS_PARAMS)
@@ -60,15 +62,16 @@ def run(args: argparse.Namespace) -> None:
         return
     root = f"http://{args.host}:{args.port}/"
     server = serve_ui(uri, args.host, args.port)
+    # Ctrl-C (SIGINT) reaches only this process, the server runs in its own group: stop it here,
+    # on SIGTERM too (`kill`, a test's teardown), so no server outlives the command.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         _wait_until_up(root, server)
         print(f"MLflow UI on {root} (Ctrl-C stops it). The pipeline runs, ready to compare:\n"
               f"  {root}{address}", flush=True)
         server.wait()
     finally:
-        if server.poll() is None:
-            server.terminate()
-            server.wait()
+        stop_ui(server)
 
 
 def _wait_until_up(url: str, server) -> None:
