@@ -277,7 +277,7 @@ def publish_runs_view(params: Params, metrics: Sequence[str], always: Sequence[s
     pipeline run (MLflow nests each stage's run under it, collapsed) with these columns: the
     params in ``always``, every other param whose value differs between the experiment's live
     pipeline runs (in params.yaml's order), and ``metrics`` as the parent run names them
-    (``evaluate.catalogue.tuned.clip_score``). Written again at each call, so the columns
+    (``evaluate.catalogue.clip_score``). Written again at each call, so the columns
     follow the runs. No pipeline run yet: a PipelineError saying so.
     """
     _quiet_mlflow()

@@ -287,7 +287,7 @@ def _rounded(scores: dict) -> dict:
 
 
 def flatten(report: dict, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves as ``{"catalogue.base.clip_score": ...}``, for the tracker."""
+    """The numeric leaves as ``{"catalogue.clip_score": ...}``, for the tracker."""
     flat: dict[str, float] = {}
     for key, value in report.items():
         if isinstance(value, dict):
