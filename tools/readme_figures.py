@@ -75,7 +75,7 @@ def mlflow_pictures(out: Path) -> None:
             wait(browser, lambda d: d.find_elements("css selector", "div[role='row'] [col-id='params.`lr`']"))
             close_assistant(browser)
             time.sleep(2)  # the grid settles its column widths
-            browser.save_screenshot(str(out / "mlflow_runs.png"))
+            save_screenshot(browser, out / "mlflow_runs.png")
             for index in (0, 1):  # newest first: the two latest pipeline runs (their stage runs are folded)
                 browser.find_element("css selector", f"div[role='row'][row-index='{index}'] "
                                                       ".ag-selection-checkbox input").click()
@@ -97,7 +97,7 @@ def mlflow_pictures(out: Path) -> None:
             if heading:
                 browser.execute_script("arguments[0].scrollIntoView()", heading[0])
             time.sleep(1)
-            browser.save_screenshot(str(out / "mlflow_compare.png"))
+            save_screenshot(browser, out / "mlflow_compare.png")
 
 
 def serve_page(out: Path) -> None:
@@ -115,7 +115,7 @@ def serve_page(out: Path) -> None:
             browser.find_element("css selector", "#photo-go").click()
             wait(browser, lambda d: len(d.find_elements("css selector", "#image-base img, #image-tuned img")) == 2)
             time.sleep(1)
-            browser.save_screenshot(str(out / "serve_page.png"))
+            save_screenshot(browser, out / "serve_page.png")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -181,6 +181,16 @@ def wait(driver, condition, seconds: float = WAIT_S):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, seconds, poll_frequency=0.2).until(condition)
+
+
+def save_screenshot(browser, path: Path) -> None:
+    """The window as a 256-colour PNG: a screenshot is mostly flat colour, a quarter the bytes."""
+    import io
+
+    from PIL import Image
+
+    shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
+    shot.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def close_assistant(browser) -> None:
