@@ -203,7 +203,7 @@ def run_as_written(cwd: Path, commands: list[str]) -> dict[str, str]:
     if not venv.exists():
         venv.symlink_to(Path(sys.executable).parent.parent)
     marks = [f"@@@ {i}" for i in range(len(commands))]
-    script = "set -e\n" + "".join(f"echo '{m}'\n{c}\n" for m, c in zip(marks, commands))
+    script = "set -e\nexec 2>&1\n" + "".join(f"echo '{m}'\n{c}\n" for m, c in zip(marks, commands))
     out = sh(cwd, "bash", "-c", script)
     parts = re.split(r"^@@@ \d+$\n?", out, flags=re.M)[1:]
     assert len(parts) == len(commands), out[-3000:]
