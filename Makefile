@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install browser repro test bench fullsize ui serve clean
+.PHONY: install browser repro test bench fullsize ui serve figures clean
 
 install: $(STAMP)
 
@@ -50,8 +50,14 @@ FULLSIZE_ARGS ?=
 fullsize: $(STAMP)
 	python bench/fullsize.py $(FULLSIZE_ARGS)
 
+# The MLflow UI on mlflow.db; prints the address of the pipeline runs, ready to compare (README "Experiments").
 ui: $(STAMP)
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+	fashiondiff ui
+
+# The README's pictures (reports/figures/*.png) from the current models/ and mlflow.db: after
+# `make repro` and two experiments (README "Experiments"). Not part of `make repro`.
+figures: $(STAMP) browser
+	python tools/readme_figures.py
 
 # The web page over the tuned (models/) and base models: http://127.0.0.1:7860 (README "Serving").
 serve: $(STAMP)

@@ -82,7 +82,7 @@ def run_stage(root: Path, kind: str, rank: int, epochs: int) -> tuple[int, float
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "FASHIONDIFF_TRACKING": "off", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-c", RSS_WRAPPER, sys.executable, str(REPO / f"stages/train_{kind}.py"),
-           "--cache", str(root / "cache"), "--out", "out", "--checkpoints", "ckpt", "--metrics", "m.json",
+           "--cache", str(root / "cache"), "--out", "out", "--checkpoints", "ckpt", "--summary", "m.json",
            "--plot", "p.csv"]
     result = subprocess.run(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:

@@ -7,6 +7,11 @@ commit with --all-commits), keeps the runs that have evaluation metrics, and pri
 Markdown tables: one row per run (seed, lr, LoRA rank, each domain's base and tuned
 clip_score / r_precision / fd_clip), then one row per setting (lr, LoRA rank) with the mean
 ± sample standard deviation over the seeds that ran it.
+
+Both layouts of the evaluation are read: reports/metrics.json with ``<domain>.base.*`` and
+``<domain>.tuned.*`` (before issue 16), and the current one, where reports/metrics.json (the
+DVC metrics) holds the tuned model's ``<domain>.*`` and the base model's scores are in the
+run's reports/evaluation.json (``<domain>.base.*``, read from the run's commit).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import re
 import statistics
 import subprocess
 from collections import defaultdict
+from pathlib import Path
 
 METRIC = re.compile(r"^(catalogue|generic)\.(base|tuned)\.(clip_score|r_precision|fd_clip)$")
+TUNED = re.compile(r"^(catalogue|generic)\.(clip_score|r_precision|fd_clip)$")  # the current metrics.json
+EVALUATION = "reports/evaluation.json"
 COLUMNS = [(d, m, k) for d in ("catalogue", "generic") for m in ("base", "tuned")
            for k in ("clip_score", "r_precision", "fd_clip")]
 
@@ -42,9 +50,12 @@ def runs(all_commits: bool) -> list[dict]:
     def add(state: dict, name: str) -> None:
         data = state.get("data") or {}
         params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
-        metrics = {}
+        flat = {}
         for result in (data.get("metrics") or {}).values():
-            metrics.update({k: v for k, v in flatten(result.get("data", {})).items() if METRIC.match(k)})
+            flat.update(flatten(result.get("data", {})))
+        metrics = {k: v for k, v in flat.items() if METRIC.match(k)}
+        if not metrics and any(TUNED.match(k) for k in flat):
+            metrics = {**{f"{d}.tuned.{k}": v for d, k, v in _split(flat)}, **base_scores(state.get("rev", ""))}
         if len(metrics) == len(COLUMNS):
             found.append({"name": name, "params": params, "metrics": metrics})
 
@@ -55,6 +66,26 @@ def runs(all_commits: bool) -> list[dict]:
             for state in group.get("revs", [])[:1]:
                 add(state, group.get("name") or state.get("name") or state["rev"][:7])
     return found
+
+
+def _split(flat: dict):
+    for key, value in flat.items():
+        match = TUNED.match(key)
+        if match:
+            yield match.group(1), match.group(2), value
+
+
+def base_scores(rev: str) -> dict:
+    """``<domain>.base.<metric>`` from the run's evaluation.json (its commit; the file on disk for
+    the workspace), or {} where it has none."""
+    if rev in ("", "workspace"):
+        text = Path(EVALUATION).read_text() if Path(EVALUATION).is_file() else ""
+    else:
+        out = subprocess.run(["git", "show", f"{rev}:{EVALUATION}"], capture_output=True, text=True)
+        text = out.stdout if out.returncode == 0 else ""
+    details = json.loads(text) if text else {}
+    return {f"{d}.base.{k}": v for d in ("catalogue", "generic")
+            for k, v in (details.get(d, {}).get("base") or {}).items() if k in ("clip_score", "r_precision", "fd_clip")}
 
 
 def setting(run: dict) -> tuple:

@@ -271,7 +271,7 @@ def main() -> None:
         for kind in ("prior", "decoder"):
             rec = stage(f"train_{kind}", stages / f"train_{kind}.py", "--cache", "data/cache/train",
                         "--val-cache", "data/cache/validation", "--out", f"models/{kind}",
-                        "--checkpoints", f"checkpoints/{kind}", "--metrics", f"reports/train_{kind}.json",
+                        "--checkpoints", f"checkpoints/{kind}", "--summary", f"reports/train_{kind}.json",
                         "--plot", f"reports/plots/train_{kind}.csv")
             report["stages"][f"train_{kind}"]["samples_per_s"] = samples_per_s(rec["_stdout"], args.batch_size)
             report["stages"][f"train_{kind}"]["metrics"] = json.loads((work / f"reports/train_{kind}.json").read_text())

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                              for k, v in report[group].items()})
         tracker.log_summary({f"seconds.{k}": float(v) for k, v in seconds.items()})
         tracker.log_image(grid, "movq_reconstructions.png")
+        tracker.log_artifact(Path(args.reports) / "pretrain.json")
     r, m = report["retrieval"], report["movq"]
     print("pretrain: " + "; ".join(
         f"{d}: CLIP top-1 {r[d]['top1']:.2f} (chance {r[d]['top1_chance']:.2f}), MoVQ PSNR {m[d]['psnr']:.1f} dB"

@@ -22,7 +22,7 @@ OBJECTS = ["red striped mug", "blue ball", "green lamp", "black leather bag", "w
 
 class RecordingTracker:
     def __init__(self):
-        self.summary, self.images, self.artifacts = {}, [], []
+        self.summary, self.images, self.parent_images, self.artifacts = {}, [], [], []
 
     def log_metrics(self, metrics, step=None):
         pass
@@ -30,8 +30,10 @@ class RecordingTracker:
     def log_summary(self, metrics):
         self.summary.update(metrics)
 
-    def log_image(self, image, name):
+    def log_image(self, image, name, parent_name=""):
         self.images.append(name)
+        if parent_name:
+            self.parent_images.append(parent_name)
 
     def log_artifact(self, path):
         self.artifacts.append(str(path))
@@ -86,17 +88,18 @@ def test_evaluate_writes_metrics_and_figures(setup):
     root, folders, params = setup
     report, tracker = run(setup, "reports_a")
     written = json.loads((root / "reports_a" / "metrics.json").read_text())
-    assert written == report and set(written) == {"catalogue", "generic"}
+    details = json.loads((root / "reports_a" / "evaluation.json").read_text())
+    # metrics.json (the DVC metrics): the tuned model; evaluation.json: the base model beside the rest
+    assert written == {d: report[d]["tuned"] for d in ("catalogue", "generic")}
     for domain in ("catalogue", "generic"):
-        for model in ("base", "tuned"):
-            scores = written[domain][model]
+        assert details[domain]["base"] == report[domain]["base"]
+        for scores in (written[domain], details[domain]["base"]):
             assert set(scores) == {"clip_score", "fd_clip", "r_precision"}  # no FID without evaluate.fid_weights
             assert all(isinstance(v, float) and np.isfinite(v) for v in scores.values())
             assert 0.0 <= scores["clip_score"] <= 100.0 and scores["fd_clip"] >= 0.0
             assert 0.0 <= scores["r_precision"] <= 1.0
         # base and tuned are the same folders here: same prompts and seeds give the same images
-        assert written[domain]["base"] == written[domain]["tuned"]
-    details = json.loads((root / "reports_a" / "evaluation.json").read_text())
+        assert details[domain]["base"] == written[domain]
     heldout = select_split(pd.read_parquet(folders["catalogue"] / "captions.parquet"), "validation", 0.5,
                            params.seed)
     assert details["catalogue"]["real_images"] == len(heldout) < 16
@@ -119,10 +122,12 @@ def test_evaluate_writes_metrics_and_figures(setup):
             with Image.open(folder / "0000.png") as im:
                 assert im.format == "PNG" and im.mode == "RGB" and im.size == (64, 64)
     assert (samples / "catalogue" / "real_images.txt").read_text().split() == heldout["image"].tolist()
-    assert tracker.summary["catalogue.base.clip_score"] == written["catalogue"]["base"]["clip_score"]
+    assert tracker.summary["catalogue.clip_score"] == written["catalogue"]["clip_score"]
+    assert tracker.summary["reference.catalogue.base.clip_score"] == details["catalogue"]["base"]["clip_score"]
     assert tracker.summary["reference.generic.real.r_precision"] == details["generic"]["real"]["r_precision"]
     assert not any("fid_status" in k for k in tracker.summary)
     assert tracker.images == ["samples/grid.png", "samples/image_text.png"]
+    assert tracker.parent_images == ["grid.png", "image_text.png"]  # the pipeline's parent run holds them too
     assert tracker.artifacts == [str(root / "reports_a" / f) for f in ("metrics.json", "evaluation.json")]
 
 
@@ -150,18 +155,18 @@ def test_evaluate_writes_fid_for_both_models(setup, inception_weights, tmp_path)
     root, folders, params = setup
     report, tracker = run(setup, "reports_fid", fid_weights=str(inception_weights))
     written = json.loads((root / "reports_fid" / "metrics.json").read_text())
-    assert written == report
+    details = json.loads((root / "reports_fid" / "evaluation.json").read_text())
     for domain in ("catalogue", "generic"):
         real = (root / "reports_fid" / "samples" / domain / "real_images.txt").read_text().split()
-        for side in ("base", "tuned"):
-            scores = written[domain][side]
+        for scores in (written[domain], details[domain]["base"]):  # tuned, base
             assert set(scores) == {"clip_score", "fd_clip", "r_precision", "fid", "fid_n_generated", "fid_n_real"}
             assert np.isfinite(scores["fid"]) and scores["fid"] > 0.0
             assert scores["fid_n_generated"] == 3 and scores["fid_n_real"] == len(real) >= 2
-    status = json.loads((root / "reports_fid" / "evaluation.json").read_text())["fid_status"]
+    assert written == {d: report[d]["tuned"] for d in ("catalogue", "generic")}
+    status = details["fid_status"]
     assert status.startswith("computed: torchmetrics FrechetInceptionDistance(feature=2048, antialias=False)")
     assert str(inception_weights) in status and "torch-fidelity" in status
-    assert tracker.summary["catalogue.tuned.fid"] == written["catalogue"]["tuned"]["fid"]
+    assert tracker.summary["catalogue.fid"] == written["catalogue"]["fid"]
 
     real = (root / "reports_fid" / "samples" / "catalogue" / "real_images.txt").read_text().split()
     real_dir = tmp_path / "real"
@@ -173,7 +178,7 @@ def test_evaluate_writes_fid_for_both_models(setup, inception_weights, tmp_path)
         cuda=False, cache=False, verbose=False, save_cpu_ram=True,
         feature_extractor_weights_path=str(inception_weights),
     )["frechet_inception_distance"]
-    assert written["catalogue"]["tuned"]["fid"] == pytest.approx(reference, rel=1e-3)
+    assert written["catalogue"]["fid"] == pytest.approx(reference, rel=1e-3)
 
 
 def test_prompts_prefer_one_row_per_product():

@@ -33,7 +33,7 @@ LORA = {"prior.lora_rank": 4, "decoder.lora_rank": 4, "lr": 0.005}  # a larger r
 
 def stage_args(root: Path, kind: str, cache: Path) -> list:
     return ["--cache", cache, "--out", root / f"models/{kind}", "--checkpoints", root / f"ckpt/{kind}",
-            "--metrics", root / f"{kind}.json", "--plot", root / f"{kind}.csv"]
+            "--summary", root / f"{kind}.json", "--plot", root / f"{kind}.csv"]
 
 
 @pytest.fixture(scope="module")

@@ -174,9 +174,15 @@ def test_loader_reads_the_tiny_folders(trained):
 
 def test_hub_id_not_in_cache_fails_fast_and_says_how_to_download():
     started = time.perf_counter()
-    with pytest.raises(PipelineError, match="hf download fashiondiff-tests/no-such-model"):
+    with pytest.raises(PipelineError, match="hf download fashiondiff-tests/no-such-model") as found:
         load_prior("fashiondiff-tests/no-such-model")
     assert time.perf_counter() - started < 3
+    # a params key is named as a params key, a flag as a flag (issue 16)
+    assert str(found.value).endswith("(params model.prior); on a connected machine run `hf download "
+                                     "fashiondiff-tests/no-such-model --local-dir models/no-such-model`, "
+                                     "then set model.prior: models/no-such-model in params.yaml")
+    with pytest.raises(PipelineError, match=r"\(--prior\);.* then pass --prior models/no-such-model$"):
+        load_prior("fashiondiff-tests/no-such-model", "--prior")
 
 
 def test_pretraining_is_deterministic_from_the_seed():

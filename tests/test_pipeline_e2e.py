@@ -1,7 +1,10 @@
 """End to end: `dvc repro` on a fresh copy of the repository with shrunken sizes; every
-stage's reads and imports against dvc.yaml; `dvc exp run -S lr=...` reruns only training
-and evaluation; the MLflow store; `dvc repro --force` is bit-for-bit reproducible; and a
-run on "real" inputs (files no stage writes) runs no stand-in stage."""
+stage's reads and imports against dvc.yaml; the README's runnable blocks run as written
+(two `dvc exp run -S lr=...`, which rerun only training, evaluation and register; `dvc exp
+show`, which leads with the scores and lr in 200 columns; `fashiondiff generate`); the MLflow
+store, and its UI in headless Chromium showing both experiments with lr and the headline
+metrics; `dvc repro --force` is bit-for-bit reproducible; and a run on "real" inputs (files
+no stage writes) runs no stand-in stage."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).with_name("dvc")
+RUNNABLE = "<!-- runnable -->"  # README.md: the next ```bash block runs as written (below)
+TERMINAL = 200  # columns of the terminal `dvc exp show` must fit its headline into
 
 SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps kept
     "epochs": 2, "diffusion_steps": 4,
@@ -37,13 +44,29 @@ def merge(tree: dict, over: dict) -> dict:
     return tree
 
 
+def env_for(cwd: Path, **extra_env: str) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "PYTHONPATH": str(cwd / "src"), "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "FASHIONDIFF_TRACKING": "on", **extra_env}
+
+
 def sh(cwd: Path, *cmd: str, **extra_env: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": str(cwd / "src"), "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "FASHIONDIFF_TRACKING": "on", **extra_env}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=cwd, env=env_for(cwd, **extra_env), capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout + result.stderr
+
+
+def wait_for_line(log: Path, start: str, proc: subprocess.Popen, limit: float = 120) -> str:
+    """The first line of ``log`` that contains ``start``, from there on, once the process wrote it."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if start in line:
+                return line[line.index(start):].strip()
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args} exited early:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"no {start!r} in {limit} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -105,18 +128,34 @@ def test_every_stage_reads_and_imports_exactly_what_dvc_yaml_declares(project):
 
 
 def test_params_comments_name_the_stages_that_declare_each_key(project):
-    """params.yaml's `# read by:`-style comments: each top-level key's comment names every
-    stage that declares it (or a key under it), and no other."""
+    """params.yaml's "read by" comments: a key whose comment starts with stage names (``key:
+    value  # extract, embed: ...``) names every stage that declares it, a key under it or a
+    section above it, and no other; every top-level key has such a comment."""
     stages = dvc_stages(project)
-    text = (project / "params.yaml").read_text()
-    for line in text.splitlines():
-        if not line or line[0] in " #" or ":" not in line or "#" not in line:
+    names = "|".join(sorted(stages, key=len, reverse=True))
+    listing = re.compile(rf"^\(?((?:{names})(?:, (?:{names}))*)\b")
+    path: list[tuple[int, str]] = []
+    checked = []
+    for line in (REPO / "params.yaml").read_text().splitlines():  # the project's copy has no comments
+        match = re.match(r"^( *)([A-Za-z_][\w]*):", line)
+        if not match:
             continue
-        key, comment = line.split(":", 1)[0], line.split("#", 1)[1]
-        named = {s for s in stages if re.search(rf"\b{s}\b", comment.split(":")[0])}
-        declaring = {s for s, body in stages.items()
-                     if any(isinstance(p, str) and (p == key or p.startswith(f"{key}.")) for p in body.get("params", []))}
-        assert named == declaring, (key, sorted(named), sorted(declaring))
+        indent, key = len(match.group(1)), match.group(2)
+        path = [(i, k) for i, k in path if i < indent] + [(indent, key)]
+        dotted = ".".join(k for _, k in path)
+        comment = line.split("#", 1)[1].strip() if "#" in line else ""
+        listed = listing.match(comment)
+        if indent == 0:
+            assert comment, f"params.yaml: top-level key {key} has no comment naming its stages"
+        if not listed:
+            continue
+        named = set(listed.group(1).split(", "))
+        declaring = {s for s, body in stages.items() if any(
+            isinstance(p, str) and (p == dotted or p.startswith(f"{dotted}.") or dotted.startswith(f"{p}."))
+            for p in body.get("params", []))}
+        assert named == declaring, (dotted, sorted(named), sorted(declaring))
+        checked.append(dotted)
+    assert {"lr", "data", "data.chunk_size", "embedded.pretrain", "serve"} <= set(checked), checked
 
 
 def test_repro_leaves_every_declared_output(project):
@@ -128,25 +167,87 @@ def test_repro_leaves_every_declared_output(project):
                  "checkpoints/pretrain/unet", "reports/samples/generic/tuned/0002.png",
                  "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv"):
         assert (project / path).exists(), path
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    metrics = json.loads((project / "reports/metrics.json").read_text())  # the tuned model
+    details = json.loads((project / "reports/evaluation.json").read_text())  # the base model and the rest
     for domain in ("catalogue", "generic"):
-        for model in ("base", "tuned"):
-            assert set(metrics[domain][model]) == {"clip_score", "fd_clip", "r_precision"}
-    details = json.loads((project / "reports/evaluation.json").read_text())
+        assert set(metrics[domain]) == set(details[domain]["base"]) == {"clip_score", "fd_clip", "r_precision"}
     assert details["fid_status"].startswith("skipped") and details["generic"]["r_precision_chance"] == 0.333333
-    shown = sh(project, str(DVC), "metrics", "show")
-    assert "generic.tuned.r_precision" in shown and "loss_last_epoch" in shown
+    shown = sh(project, str(DVC), "metrics", "show")  # the evaluation only: train summaries are plain outputs
+    assert "generic.r_precision" in shown and "loss_last_epoch" not in shown and "base" not in shown
 
 
-def test_lr_experiment_reruns_only_training_evaluation_and_register(project):
-    out = sh(project, str(DVC), "exp", "run", "-S", "lr=0.001")
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train_prior", "train_decoder", "evaluate", "register"}, out
+def runnable_blocks(heading: str) -> list[list[str]]:
+    """The commands of README.md's ```bash blocks marked RUNNABLE under ``## heading``, one per
+    command (continuation lines joined, comments and blank lines dropped)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(rf"{re.escape(RUNNABLE)}\n```bash\n(.*?)\n```", section, flags=re.S)
+    found = []
+    for block in blocks:
+        commands, current = [], ""
+        for line in block.splitlines():
+            current += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
+            if not line.endswith("\\"):
+                command = re.sub(r"\s+#[^\"']*$", "", current).strip()  # a trailing comment
+                if command and not command.startswith("#"):
+                    commands.append(command)
+                current = ""
+        found.append(commands)
+    return found
+
+
+def run_as_written(cwd: Path, commands: list[str]) -> dict[str, str]:
+    """Run ``commands`` in one bash, as a user types them (``source .venv/bin/activate`` first,
+    a `.venv` here is the test's venv); output per command."""
+    venv = cwd / ".venv"
+    if not venv.exists():
+        venv.symlink_to(Path(sys.executable).parent.parent)
+    marks = [f"@@@ {i}" for i in range(len(commands))]
+    script = "set -e\nexec 2>&1\n" + "".join(f"echo '{m}'\n{c}\n" for m, c in zip(marks, commands))
+    out = sh(cwd, "bash", "-c", script)
+    parts = re.split(r"^@@@ \d+$\n?", out, flags=re.M)[1:]
+    assert len(parts) == len(commands), out[-3000:]
+    return dict(zip(commands, parts))
+
+
+@pytest.fixture(scope="module")
+def experiments(project) -> dict[str, str]:
+    """README "Experiments", its runnable block as written: two `dvc exp run -S lr=...`, then
+    exp show, metrics diff, plots diff, status. Output per command."""
+    [commands] = runnable_blocks("Experiments")
+    assert sum(c.startswith("dvc exp run -S lr=") for c in commands) == 2, commands
+    return run_as_written(project, commands)
+
+
+def test_readme_experiments_rerun_only_training_evaluation_and_register(experiments, project):
+    runs = [out for command, out in experiments.items() if command.startswith("dvc exp run")]
+    for out in runs:
+        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        assert ran == {"train_prior", "train_decoder", "evaluate", "register"}, out
+    assert (project / "dvc_plots/index.html").is_file()
+    assert "dvc_plots" in sh(project, "git", "check-ignore", "dvc_plots")
     table = sh(project, str(DVC), "exp", "show", "--no-pager", "--csv")
-    assert "0.001" in table and "0.0005" in table
+    assert "0.001" in table and "0.00025" in table and "0.0005" in table
 
 
-def test_one_mlflow_parent_per_pipeline_run_with_nested_stages(project):
+def test_exp_show_leads_with_the_scores_and_lr(experiments):
+    """The first TERMINAL columns of `dvc exp show` (as `less -S` shows them in a terminal that
+    wide; without a terminal DVC prints the same table) hold the six scores of the tuned model
+    and lr, for the baseline and both experiments."""
+    [shown] = [out for command, out in experiments.items() if command == "dvc exp show"]
+    lines = [line[:TERMINAL] for line in shown.splitlines() if line.strip()]
+    header = next(line for line in lines if "Experiment" in line)
+    columns = header.split()
+    for name in ("catalogue.clip_score", "catalogue.fd_clip", "catalogue.r_precision", "generic.clip_score",
+                 "generic.fd_clip", "generic.r_precision", "lr"):
+        assert name in columns, header
+    assert columns.index("lr") > columns.index("generic.r_precision")  # metrics, then params
+    lr_at = header.index(" lr ") + 1
+    values = {line[lr_at:].split()[0] for line in lines if re.search(r"\[[\w-]+\]", line)}  # experiment rows
+    assert values == {"0.001", "0.00025"}, lines
+
+
+def test_one_mlflow_parent_per_pipeline_run_with_nested_stages(project, experiments):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
@@ -159,24 +260,92 @@ def test_one_mlflow_parent_per_pipeline_run_with_nested_stages(project):
     children = {r.data.tags.get("fashiondiff.stage") for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
     assert {"train_prior", "train_decoder", "evaluate", "register"} <= children
-    assert "evaluate.catalogue.tuned.fd_clip" in first.data.metrics, first.data.metrics.keys()
+    assert "evaluate.catalogue.fd_clip" in first.data.metrics, first.data.metrics.keys()
+    assert "evaluate.reference.catalogue.base.fd_clip" in first.data.metrics
+    assert "train_prior.loss_last_epoch" in first.data.metrics
     assert "pretrain.final_loss.unet" in first.data.metrics, first.data.metrics.keys()
 
 
-def test_each_pipeline_run_registers_its_tuned_model_tagged_with_commit_and_experiment(project):
-    """`dvc repro` registered version 1, the lr experiment version 2 (test above)."""
+def test_each_pipeline_run_registers_its_tuned_model_tagged_with_commit_and_experiment(project, experiments):
+    """`dvc repro` registered version 1, the README's two lr experiments versions 2 and 3."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     name = yaml.safe_load((project / "params.yaml").read_text())["serve"]["registered_model"]
     versions = {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
-    assert set(versions) == {"1", "2"}, sorted(versions)
+    assert set(versions) == {"1", "2", "3"}, sorted(versions)
     head = sh(project, "git", "rev-parse", "HEAD").strip()
     assert versions["1"].tags["dvc.exp_name"] == "repro"
     assert versions["1"].tags["mlflow.source.git.commit"] == head
-    parent = client.get_run(versions["2"].tags["fashiondiff.pipeline_run"])
-    assert versions["2"].tags["dvc.exp_name"] == parent.data.tags["dvc.exp_name"] != "repro"
-    assert parent.data.params["lr"] == "0.001" and parent.data.metrics["register.model_version"] == 2
+    for version, lr in (("2", "0.001"), ("3", "0.00025")):
+        parent = client.get_run(versions[version].tags["fashiondiff.pipeline_run"])
+        assert versions[version].tags["dvc.exp_name"] == parent.data.tags["dvc.exp_name"] != "repro"
+        assert parent.data.params["lr"] == lr and parent.data.metrics["register.model_version"] == int(version)
+
+
+def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experiments):
+    """`fashiondiff ui` (what `make ui` runs) in headless Chromium, at the address it prints:
+    one row per pipeline run, among them both README experiments with their lr, and the
+    catalogue's fd_clip of each as shown in MLflow."""
+    import mlflow
+
+    from browser import chromium, wait
+    from serving_fixtures import free_port
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fashiongen-kandinsky")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`fashiondiff.role` = 'pipeline'")
+    runs = {r.data.tags["dvc.exp_name"]: r for r in parents if r.data.params["lr"] in ("0.001", "0.00025")}
+    assert len(runs) == 2, [(r.info.run_name, r.data.params["lr"]) for r in parents]
+    port = free_port()
+    log = project / "ui.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], cwd=project,
+                                  env=env_for(project), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = wait_for_line(log, f"http://127.0.0.1:{port}/#/", server)
+        assert "workflowType=machine_learning" in address and "viewStateShareKey=" in address
+        with chromium(2400, 1000) as browser:
+            browser.get(address)
+            column = "metrics.`evaluate.catalogue.fd_clip`"
+            for name, run in runs.items():
+                row = wait(browser, lambda d, n=name: d.find_elements(
+                    "xpath", f"//div[@role='row'][.//a[normalize-space()='{n}']]"))
+                index = row[0].get_attribute("row-index")  # the grid's pinned and scrolled parts share it
+                def cell(d, i=index, col=column):
+                    found = d.find_elements("css selector", f"div[role='row'][row-index='{i}'] [col-id='{col}']")
+                    return found[0].text if found and found[0].text else False
+                assert float(wait(browser, cell)) == pytest.approx(run.data.metrics["evaluate.catalogue.fd_clip"],
+                                                                   rel=1e-4)
+                lr = browser.find_elements("css selector", f"div[role='row'][row-index='{index}'] [col-id='params.`lr`']")
+                assert lr and lr[0].text == run.data.params["lr"]
+            body = browser.find_element("tag name", "body").text
+            assert "evaluate.catalogue.clip_score" in body and "lr" in body
+            assert f"repro-" in body  # the run `dvc repro` made, a row of its own
+            browser.save_screenshot(str(project / "mlflow-ui.png"))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_readme_generate_examples_run_as_written(project, experiments):
+    """README "Generating images", its runnable block as written: every image is written."""
+    [commands] = runnable_blocks("Generating images")
+    outputs = run_as_written(project, commands)
+    for command in commands[1:]:
+        out = re.search(r"--out (\S+)", command).group(1)
+        assert (project / out).is_file() and outputs[command].strip() == out, (command, outputs[command])
+
+
+def test_readme_pictures_and_links_exist():
+    """Every picture the README shows is in the repository, every #anchor it links is a heading."""
+    text = re.sub(r"^```.*?^```", "", (REPO / "README.md").read_text(), flags=re.M | re.S)  # not code
+    for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (REPO / picture).is_file(), picture
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    for link in re.findall(r"\]\(#([^)]+)\)", text):
+        assert link in anchors, link
 
 
 def test_repro_force_is_bit_for_bit_reproducible(project):
@@ -193,7 +362,8 @@ def test_repro_force_is_bit_for_bit_reproducible(project):
 def test_the_documented_activated_venv_form_works(project):
     """README: `source .venv/bin/activate`, then dvc (stage commands call `python` from PATH)."""
     venv = Path(sys.executable).parent.parent
-    (project / ".venv").symlink_to(venv)
+    if not (project / ".venv").exists():  # the README blocks above made it already
+        (project / ".venv").symlink_to(venv)
     bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     bare["PATH"] = ":".join(p for p in os.environ["PATH"].split(":") if not p.startswith(str(venv)))
     out = subprocess.run(["bash", "-c", "source .venv/bin/activate && dvc status && python -c 'import fashiondiff'"],

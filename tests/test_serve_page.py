@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import io
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from browser import chromium
+from browser import wait as wait_until
 from serving_fixtures import PROMPT, SIDE, adapters, free_port, python, served, server  # noqa: F401
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1280,1000")
 UPLOAD_CAP_MB = 0.05  # the photo is ~6 KB, big.png ~120 KB
 QUEUE = 2
 WAIT = 60  # seconds for a generation to show (2 steps take well under one)
@@ -103,22 +101,8 @@ def test_a_burst_is_bounded_by_the_queue(client, served):
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail("Debian's chromium and chromium-driver are not installed: run `make browser`")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)  # both paths given: selenium downloads nothing
-    for flag in BROWSER_FLAGS:
-        options.add_argument(flag)
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        options.add_argument(f"--user-data-dir={profile}")
-        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-        try:
-            yield driver
-        finally:
-            driver.quit()
+    with chromium(1280, 1000) as driver:
+        yield driver
 
 
 def test_typed_prompt_shows_base_and_tuned_images(browser, page, served):
@@ -166,9 +150,7 @@ def type_into(browser, selector: str, text: str) -> None:
 
 
 def wait(browser, condition, seconds: float = WAIT):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, seconds, poll_frequency=0.2).until(condition)
+    return wait_until(browser, condition, seconds)
 
 
 def wait_for_text(browser, text: str) -> None:

@@ -157,6 +157,34 @@ def test_rerun_supersedes_old_child_and_failure_is_recorded(local_stage):
     assert old.data.tags["fashiondiff.superseded_by"] == live["train"].info.run_id
 
 
+def test_runs_view_shows_changed_params_and_headline_metrics(local_stage):
+    """The experiment opens as a training experiment, and the saved "pipeline runs" view has
+    lr, the params that differ between pipeline runs, and the given metrics as columns."""
+    from PIL import Image
+
+    params = repo_params()
+    with pytest.raises(PipelineError, match="has no pipeline run yet: run `make repro` first"):
+        tracking.publish_runs_view(params, ["train.loss"], ["lr"])
+    for changed in (params, dataclasses.replace(params, lr=0.001, seed=7)):
+        with stage_run("train", changed) as tracker:
+            tracker.log_summary({"loss": 0.25})
+            tracker.log_image(Image.new("RGB", (4, 4)), "samples/grid.png", parent_name="grid.png")
+    address = tracking.publish_runs_view(params, ["train.loss"], ["lr"])
+    client, exp_id = _client(local_stage / "mlflow.db")
+    assert address == (f"#/experiments/{exp_id}/runs?workflowType=machine_learning"
+                       f"&viewStateShareKey={tracking.RUNS_VIEW_ID}")
+    tags = client.get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags[f"mlflow.sharedViewState.{tracking.RUNS_VIEW_ID}"])
+    assert view["name"] == tracking.RUNS_VIEW_NAME and isinstance(view["createdAt"], int)
+    state = json.loads(view["state"])
+    assert state["selectedColumns"] == ["params.`lr`", "params.`seed`", "metrics.`train.loss`"]
+    assert state["columnOrder"][-3:] == state["selectedColumns"]
+    assert set(state["columnWidths"]) == set(state["selectedColumns"])
+    for parent in _search(client, exp_id, PARENTS):  # at the root: MLflow's compare page shows it
+        assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["grid.png"]
+
+
 def test_many_and_long_params_are_batched(local_stage):
     extras = {f"extra.{i:03d}": i for i in range(250)} | {"long": "x" * 10_000}
     with stage_run("embed", repo_params()) as tracker:

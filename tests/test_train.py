@@ -28,7 +28,7 @@ from pipeline_fixtures import REPO, extracted, run_stage, stage_params, tiny_bas
 
 def train_args(root: Path, kind: str, cache: Path) -> list:
     return ["--cache", cache, "--out", root / f"models/{kind}", "--checkpoints", root / f"ckpt/{kind}",
-            "--metrics", root / f"{kind}.json", "--plot", root / f"{kind}.csv"]
+            "--summary", root / f"{kind}.json", "--plot", root / f"{kind}.csv"]
 
 
 def weights(folder: Path) -> dict:

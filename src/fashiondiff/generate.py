@@ -1,4 +1,4 @@
-"""The user's command: text (or image + text, or a weighted mix) -> image with Kandinsky 2.1.
+"""Generate images with Kandinsky 2.1: from text, from a photo and text, or from a weighted mix.
 
 Usage::
 
@@ -6,16 +6,17 @@ Usage::
     fashiondiff generate "black leather mini skirt" --model models/base --out base.png
     fashiondiff generate "black leather mini skirt" --model models/base --lora models --out lora.png
     fashiondiff generate "black leather mini skirt" --image shirt.png --strength 0.6 --out edit.png
-    fashiondiff generate "a dress" --mix "red silk:0.3" --mix photo.png:0.3 --prompt-weight 0.4 --out mix.png
+    fashiondiff generate "a dress" --mix "red silk:0.3" --mix shirt.png:0.3 --prompt-weight 0.4 --out mix.png
     fashiondiff generate "a dress" --prior kandinsky-community/kandinsky-2-1-prior \\
         --decoder kandinsky-community/kandinsky-2-1 --num-images 4 --out samples/
 
 Sampling defaults come from ./params.yaml when it exists (diffusion_steps, evaluate.*,
 model.resolution), else 100 decoder steps, 25 prior steps, guidance 4, 512x512 (2.1's
 native size). Image ``k`` of ``--num-images`` uses seed ``--seed + k``, so any one image
-can be made again alone. ``--lora DIR`` applies LoRA adapters (DIR/prior/lora, DIR/decoder/lora, as
-training writes them) to the base model without a merged copy. Kandinsky 2.1 rounds sizes up to a multiple of 64 (MoVQ's 8x
-downsampling squared), the tiny model too. The library functions below are shared with ``evaluate``.
+can be made again alone. ``--lora DIR`` applies LoRA adapters (DIR/prior/lora,
+DIR/decoder/lora, as training writes them) to the base model without a merged copy.
+Kandinsky 2.1 rounds sizes up to a multiple of 64 (MoVQ's 8x downsampling squared), the
+tiny model too. The library functions below are shared with ``evaluate``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Sequence
 
 from fashiondiff.errors import PipelineError
 
-CLI_HELP = __doc__.split(" The library functions")[0].replace("Usage::", "Examples:")
+CLI_HELP = __doc__.split(" The library functions")[0].replace("Usage::", "Examples:").replace("``", "")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 

@@ -24,6 +24,13 @@ then that stage's FINISHED / FAILED / KILLED.
 ``tracker.log_model`` logs a pyfunc model on the stage's run and registers it in the
 Model Registry, each version tagged with the pipeline's git commit and DVC experiment.
 
+The experiment is tagged ``mlflow.experimentKind`` = ``custom_model_development``, the tag
+MLflow 3's UI reads (where its "workflow-based navigation" is off) to show a training
+experiment's runs table instead of the GenAI traces layout. ``publish_runs_view`` saves the
+view a newcomer wants (one row per pipeline run, the params that differ and the headline
+metrics as columns) as an MLflow saved view and returns its address; ``serve_ui`` starts
+``mlflow ui`` on the tracking store (``fashiondiff ui``).
+
 ``FASHIONDIFF_TRACKING=off`` turns every call into a no-op (mlflow is not imported).
 Run ids are random: never write them (or anything else from here) into stage outputs.
 """
@@ -41,7 +48,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from fashiondiff.config import Params, load_params
 from fashiondiff.errors import PipelineError
@@ -59,6 +66,18 @@ TAG_BASELINE = "dvc.baseline_rev"
 TAG_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_PIPELINE_RUN = "fashiondiff.pipeline_run"  # on model versions: the parent run's id
+# MLflow 3's UI (mlflow/server/js/src/experiment-tracking/utils/ExperimentKindUtils.ts): a kind
+# of "custom_model_development" shows the runs table ("Machine learning"), none the GenAI layout.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3's saved views (constants.ts, savedViewEnvelope.ts): an experiment tag
+# "mlflow.sharedViewState.<id>" holding {"name", "createdAt", "state": JSON of the page's UI
+# state}, opened by ...#/experiments/<id>/runs?viewStateShareKey=<id>. MLflow 3.17's UI takes
+# its layout from the workflowType URL parameter (else the browser's last choice, else GenAI),
+# no longer from the kind tag, so the address carries workflowType=machine_learning too.
+TAG_VIEW_PREFIX = "mlflow.sharedViewState."
+RUNS_VIEW_ID = "fashiondiff-runs"
+RUNS_VIEW_NAME = "fashiondiff: pipeline runs"
 _VALIDATION_FAILED = "Failed to validate serving input example"  # mlflow/models/model.py's warning
 
 # MLflow's limits (mlflow/utils/validation.py); older servers are stricter, not looser.
@@ -133,13 +152,16 @@ class Tracker:
         else:
             raise PipelineError(f"{path}: no such file or folder to log to MLflow")
 
-    def log_image(self, image: "PIL.Image.Image", name: str) -> None:
-        """An image as artifact ``name`` (``.png`` appended when it has no suffix)."""
+    def log_image(self, image: "PIL.Image.Image", name: str, parent_name: str = "") -> None:
+        """An image as artifact ``name`` (``.png`` appended when it has no suffix); with
+        ``parent_name``, on the pipeline's parent run too, as that (where a newcomer looks first;
+        at the artifact root, MLflow's compare page shows it side by side across runs)."""
         if self._client is None:
             return
-        if not posixpath.splitext(name)[1]:
-            name += ".png"
-        self._client.log_image(self.run_id, image, artifact_file=name)
+        for run_id, path in ((self.run_id, name), (self.parent_run_id, parent_name)):
+            if path:
+                path += "" if posixpath.splitext(path)[1] else ".png"
+                self._client.log_image(run_id, image, artifact_file=path)
 
     def find_model_version(self, name: str, tag: str, value: str) -> str:
         """The newest version of registered model ``name`` tagged ``tag`` = ``value``, or ""."""
@@ -247,7 +269,89 @@ def pipeline_identity(params: Params, cwd: str | Path | None = None) -> dict[str
     return identity
 
 
+def publish_runs_view(params: Params, metrics: Sequence[str], always: Sequence[str],
+                      tracking_uri: str | None = None) -> str:
+    """Save the experiment's "pipeline runs" view in MLflow; return its address below the UI root.
+
+    The view (an MLflow saved view, listed under *Views* on the runs page) shows one row per
+    pipeline run (MLflow nests each stage's run under it, collapsed) with these columns: the
+    params in ``always``, every other param whose value differs between the experiment's live
+    pipeline runs (in params.yaml's order), and ``metrics`` as the parent run names them
+    (``evaluate.catalogue.clip_score``). Written again at each call, so the columns
+    follow the runs. No pipeline run yet: a PipelineError saying so.
+    """
+    _quiet_mlflow()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri or params.mlflow.tracking_uri)
+    name = params.mlflow.experiment
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(name)
+        runs = [] if exp is None or exp.lifecycle_stage != "active" else client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'")
+        if not runs:
+            raise PipelineError(f"mlflow ({_display(uri)}): experiment {name!r} has no pipeline run yet: "
+                                f"run `make repro` first")
+        keys = list(dict.fromkeys([*params.flat(), *sorted({k for r in runs for k in r.data.params})]))
+        changed = [k for k in keys if k not in always and len({r.data.params.get(k) for r in runs}) > 1]
+        state = _view_state([*always, *changed[:_VIEW_MAX_CHANGED]], metrics)
+        envelope = {"name": RUNS_VIEW_NAME, "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
+        client.set_experiment_tag(exp.experiment_id, TAG_VIEW_PREFIX + RUNS_VIEW_ID, json.dumps(envelope))
+        if TAG_EXPERIMENT_KIND not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+    except MlflowException as exc:
+        raise PipelineError(f"mlflow ({_display(uri)}): {exc.message.splitlines()[0]}") from exc
+    return (f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW_ID}")
+
+
+def serve_ui(tracking_uri: str, host: str, port: int) -> subprocess.Popen:
+    """Start ``mlflow ui`` (one worker) on a local tracking store, in a process group of its own
+    (its server process has children): the caller waits for it and stops it with ``stop_ui``."""
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "ui", "--backend-store-uri",
+           resolve_tracking_uri(tracking_uri), "--host", host, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    try:
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
+    except OSError as exc:
+        raise PipelineError(f"cannot start `mlflow ui`: {exc}") from None
+
+
+def stop_ui(server: subprocess.Popen, grace_s: float = 15) -> None:
+    """Stop what ``serve_ui`` started, its children too: SIGTERM to its group, then SIGKILL."""
+    import signal
+
+    if server.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
 # -- internals ---------------------------------------------------------------------------
+
+_VIEW_MAX_CHANGED = 12  # more differing params than this: the rest stay under *Columns*
+# The runs table's own leading columns (ag-grid column ids in MLflow 3.17's bundle): listed
+# first in columnOrder, which is also what makes the UI apply columnWidths at all.
+_VIEW_LEADING = ("attributes.`Run Name`", "runDateAndNestInfo", "duration")
+_PX_PER_CHAR, _PX_PADDING, _PX_MIN = 6.5, 40, 96  # 13 px header font; sort icon and padding
+
+
+def _view_state(params: Sequence[str], metrics: Sequence[str]) -> dict:
+    """The runs page's UI state (ExperimentPageUIState.tsx): the columns by their canonical keys
+    ``params.`lr``` / ``metrics.`name``` (makeCanonicalSortKey), in this order (params first),
+    each wide enough for its name."""
+    columns = [f"params.`{k}`" for k in params] + [f"metrics.`{m}`" for m in metrics]
+    widths = {col: max(_PX_MIN, round(_PX_PADDING + _PX_PER_CHAR * len(col.split("`")[1]))) for col in columns}
+    return {"selectedColumns": columns, "columnOrder": [*_VIEW_LEADING, *columns], "columnWidths": widths}
 
 
 def _open(stage: str, params: Params, uri: str):
@@ -331,7 +435,8 @@ def _experiment(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri))
+            return client.create_experiment(name, artifact_location=_artifact_location(uri),
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
         except MlflowException:  # created meanwhile by another stage process
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -339,6 +444,8 @@ def _experiment(client, name: str, uri: str) -> str:
     if exp.lifecycle_stage != "active":
         raise PipelineError(f"mlflow: experiment {name!r} is deleted; restore it "
                             f"(mlflow experiments restore) or purge it (mlflow gc)")
+    if TAG_EXPERIMENT_KIND not in exp.tags:  # a kind chosen in the UI is left alone
+        client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     return exp.experiment_id
 
 

@@ -133,8 +133,9 @@ def inception_fid(weights: str, device=None):
     batches; the real statistics survive ``reset()`` (``reset_real_features=False``).
     """
     if not weights:
-        return None, ("skipped: evaluate.fid_weights is empty (set it to torch-fidelity's "
-                      "weights-inception-2015-12-05-6726825d.pth; see README, FID)")
+        return None, ("skipped: evaluate.fid_weights is empty (fetch torch-fidelity's Inception weights "
+                      "into weights/inception/ with `dvc import-url`, then set it to weights/inception/"
+                      "weights-inception-2015-12-05-6726825d.pth: README, FID)")
     path = Path(weights)
     if not path.is_file():
         return None, f"skipped: evaluate.fid_weights {weights}: no such file"
@@ -142,7 +143,8 @@ def inception_fid(weights: str, device=None):
         import torch_fidelity  # noqa: F401  (the feature extractor)
         import torchmetrics.image.fid  # noqa: F401
     except Exception as exc:  # ImportError, or a torchvision that does not match torch
-        return None, f"skipped: torchmetrics/torch-fidelity not importable ({type(exc).__name__}: {_one_line(exc, 160)})"
+        return None, (f"skipped: torchmetrics/torch-fidelity not importable ({type(exc).__name__}: "
+                      f"{_one_line(exc, 160)}); both are in requirements.txt: `make install`")
     metric = build_fid_metric(path, load_inception_weights(path))
     if device is not None:
         metric = metric.to(device)

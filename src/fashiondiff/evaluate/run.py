@@ -25,9 +25,12 @@ base prior's own CLIP space (what the model conditions on), per domain and model
 
 Real images are resized to ``model.resolution`` (bicubic) before any encoder sees them,
 so real and generated images enter CLIP / Inception at the same resolution.
-Outputs: ``reports_dir/metrics.json`` (the numbers above: DVC metrics),
-``reports_dir/evaluation.json`` (what they were measured on: counts, R and its chance
-level, the real images' own scores, the FID status) and ``reports_dir/samples/``:
+Outputs: ``reports_dir/metrics.json``, the DVC metrics: the tuned model's numbers above, per
+domain (what an experiment changes; six columns, so that ``dvc exp show`` has room for the
+params); ``reports_dir/evaluation.json``, what they are compared with and were measured on: per
+domain the base model's numbers (``base``: where fine-tuning started), the real images' own
+scores (``real``: the ceiling), counts, R and its chance level, and the FID status; and
+``reports_dir/samples/``:
 ``grid.png``, ``image_text.png``, every generated image as ``<domain>/<model>/0000.png``, ...
 (prompt ``i`` is file ``i``; lossless, so any FID tool can recompute the numbers) and
 ``<domain>/real_images.txt`` (the held-out real images, relative to that domain's folder).
@@ -240,22 +243,25 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
     results = sample_models({"base": base, "tuned": tuned}, prompts, source, params, device)
     samples = {m: results[m][0] for m in MODELS}
     metrics = {d: {m: _rounded(score(samples[m][d], held[d], clip)) for m in MODELS} for d in DOMAINS}
-    details = describe(held, clip, params, fid_status)
+    details = describe(held, clip, params, fid_status, {d: metrics[d]["base"] for d in DOMAINS})
     grid = figures.beside([figures.titled(d, figures.sample_grid(
         held[d].captions, {"real": held[d].real_images, **{m: samples[m][d] for m in MODELS}})) for d in DOMAINS])
     edit = figures.image_text_figure(EDIT_PROMPT, source, {m: results[m][1] for m in MODELS},
                                      subtitle=f"img2img, strength {EDIT_STRENGTH}, seed {params.seed}")
-    write_outputs(reports_dir, metrics, details, {"grid.png": grid, "image_text.png": edit}, tracker, samples, held)
+    tuned = {d: metrics[d]["tuned"] for d in DOMAINS}
+    write_outputs(reports_dir, tuned, details, {"grid.png": grid, "image_text.png": edit}, tracker, samples, held)
     return metrics
 
 
-def describe(held: dict[str, HeldOut], clip: ClipEncoder, params, fid_status: str) -> dict:
-    """evaluation.json: what the metrics were measured on, and the real images' own scores."""
+def describe(held: dict[str, HeldOut], clip: ClipEncoder, params, fid_status: str, base: dict) -> dict:
+    """evaluation.json: the base model's scores, the real images' own scores, and what all were
+    measured on."""
     out = {}
     for d, h in held.items():
         real = clip.encode_images(h.real_images)
         r = h.candidates.shape[1]
-        out[d] = {"prompts": len(h.captions), "real_images": len(h.rows), "distinct_captions": len(h.texts),
+        out[d] = {"base": base[d], "prompts": len(h.captions), "real_images": len(h.rows),
+                  "distinct_captions": len(h.texts),
                   "r_precision_candidates": r, "r_precision_chance": _sig(1 / r),
                   "truncated_captions": clip.count_truncated(h.captions),
                   "real": {"clip_score": _sig(clip_score(real, h.text_embeds[h.own])),
@@ -281,7 +287,7 @@ def _rounded(scores: dict) -> dict:
 
 
 def flatten(report: dict, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves as ``{"catalogue.base.clip_score": ...}``, for the tracker."""
+    """The numeric leaves as ``{"catalogue.clip_score": ...}``, for the tracker."""
     flat: dict[str, float] = {}
     for key, value in report.items():
         if isinstance(value, dict):
@@ -315,7 +321,7 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
     write_json(reports_dir / "evaluation.json", details)
     tracker.log_summary(flatten(metrics))
     tracker.log_summary({f"reference.{k}": v for k, v in flatten(details).items()})
-    for file_name, picture in pictures.items():
-        tracker.log_image(picture, f"samples/{file_name}")
+    for file_name, picture in pictures.items():  # on the pipeline's parent run too: where one looks first
+        tracker.log_image(picture, f"samples/{file_name}", parent_name=file_name)
     tracker.log_artifact(str(reports_dir / "metrics.json"))
     tracker.log_artifact(str(reports_dir / "evaluation.json"))

@@ -3,7 +3,7 @@
 Usage (from a stage)::
 
     run_training("prior", params, cache_dir=..., val_cache_dir=..., out_dir="models/prior",
-                 checkpoint_dir="checkpoints/prior", metrics_path=..., plot_path=..., tracker=t)
+                 checkpoint_dir="checkpoints/prior", summary_path=..., plot_path=..., tracker=t)
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def validation_loss(task, val_cache, seed: int, batch_size: int) -> float:
 
 
 def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, out_dir: str,
-                 checkpoint_dir: str, metrics_path: str, plot_path: str, tracker) -> dict | None:
+                 checkpoint_dir: str, summary_path: str, plot_path: str, tracker) -> dict | None:
     if kind not in KINDS:
         raise PipelineError(f"unknown model kind {kind!r} (prior or decoder)")
     torch.manual_seed(params.seed)
@@ -166,12 +166,12 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
         val = open_cache(val_cache_dir, expect=_identity(params))
         summary["val_loss"] = validation_loss(task, val, params.seed, params.batch_size)
     save_pipeline(pipe, out_dir, params, summary)
-    write_json(metrics_path, summary)
+    write_json(summary_path, summary)
     write_plot(plot_path, result)
     tracker.log_summary({k: float(v) for k, v in summary.items()})
     tracker.log_params({"model_dir": str(Path(out_dir).resolve()),
                         "checkpoint_dir": str(Path(checkpoint_dir).resolve())})
-    for path in (metrics_path, plot_path, Path(out_dir) / "fashiondiff_config.json"):
+    for path in (summary_path, plot_path, Path(out_dir) / "fashiondiff_config.json"):
         tracker.log_artifact(path)
     if (Path(out_dir) / ADAPTER_DIR).is_dir():
         tracker.log_artifact(Path(out_dir) / ADAPTER_DIR)  # the small file worth keeping per run

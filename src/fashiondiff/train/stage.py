@@ -16,7 +16,8 @@ def parse_args(kind: str, argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--val-cache", default=None, help="held-out cache, for the validation loss")
     parser.add_argument("--out", required=True, help="output pipeline folder")
     parser.add_argument("--checkpoints", required=True, help="persistent checkpoint folder")
-    parser.add_argument("--metrics", required=True, help="JSON of final losses (DVC metrics)")
+    parser.add_argument("--summary", required=True,
+                        help="JSON of the run's summary: final losses, steps (a plain output; MLflow has it too)")
     parser.add_argument("--plot", required=True, help="CSV of the loss curve (DVC plots)")
     return parser.parse_args(argv)
 
@@ -33,4 +34,4 @@ def main(kind: str, argv: list[str]) -> None:
         os.environ["FASHIONDIFF_TRACKING"] = "off"
     with stage_run(f"train_{kind}", params) as tracker:
         run_training(kind, params, args.cache, args.val_cache, args.out, args.checkpoints,
-                     args.metrics, args.plot, tracker)
+                     args.summary, args.plot, tracker)

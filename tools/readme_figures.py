@@ -1,0 +1,219 @@
+"""Regenerate the README's pictures, reports/figures/*.png, from the current pipeline outputs.
+
+Usage: python tools/readme_figures.py [--out reports/figures] [--only NAME ...]     (make figures)
+
+Needs `make repro` (models/, data/extracted/) and, for the MLflow pictures, at least two
+pipeline runs in the tracking store (the README's two `dvc exp run -S lr=...`); the browser
+pictures need Debian's chromium and chromium-driver (`make browser`). Writes:
+
+- generate_examples.png: `fashiondiff generate`'s library call with the tuned model (models/),
+  the method's prompt at seeds 0-3, and a held-out catalogue photo plus the prompt (img2img,
+  strength 0.6); sampling settings from params.yaml. The same pixels on every run on one
+  machine and thread count.
+- mlflow_runs.png: the address `fashiondiff ui` prints (the pipeline runs view), in headless
+  Chromium; mlflow_compare.png: the two newest pipeline runs ticked, *Compare* pressed.
+- serve_page.png: `fashiondiff serve`, the photo tab with the same photo and "Red sweater",
+  after one generation.
+
+The browser pictures show run names and times, so they differ from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+PROMPT = "black leather mini skirt"  # the method's prompt (evaluate's image + text figure)
+PHOTO = "data/extracted/validation/images/0000000.png"  # a held-out catalogue photo
+EDIT_PROMPT = "Red sweater"
+SEEDS = (0, 1, 2, 3)
+CELL = 128  # pixels per image in generate_examples.png (the tiny model draws 64)
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars")
+WAIT_S = 120
+NAMES = ("generate_examples", "mlflow", "serve_page")
+
+
+def generate_examples(out: Path) -> None:
+    from PIL import Image
+
+    from fashiondiff.evaluate.figures import beside, fit, titled
+    from fashiondiff.generate import defaults, generate
+
+    sampling = defaults("params.yaml")
+    with tempfile.TemporaryDirectory(prefix="figures-") as work:
+        texts = generate(PROMPT, "models/prior", "models/decoder", Path(work) / "text", seed=SEEDS[0],
+                         num_images=len(SEEDS), sampling=sampling, quiet=True)
+        [edit] = generate(PROMPT, "models/prior", "models/decoder", Path(work) / "edit.png", source=PHOTO,
+                          sampling=sampling, quiet=True)
+        text_row = beside([fit(Image.open(p).convert("RGB"), CELL) for p in texts])
+        edit_row = beside([fit(Image.open(p).convert("RGB"), CELL) for p in (PHOTO, edit)])
+    figure = beside([titled(f'text -> image: "{PROMPT}" (seeds {SEEDS[0]}-{SEEDS[-1]})', text_row),
+                     titled("image + text -> image", edit_row)])
+    figure.save(out / "generate_examples.png")
+
+
+def mlflow_pictures(out: Path) -> None:
+    with served([sys.executable, "-m", "fashiondiff", "ui", "--port", str(free_port())], "#/experiments/") as address:
+        with chromium(1600, 640) as browser:
+            browser.get(address.split("#")[0])
+            # a browser that chose the sidebar's "Model training" once, as the README says: the
+            # compare page (whose address MLflow builds without workflowType) keeps that layout
+            browser.execute_script("localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('machine_learning'))")
+            browser.get(address)
+            wait(browser, lambda d: d.find_elements("css selector", "div[role='row'] [col-id='params.`lr`']"))
+            close_assistant(browser)
+            time.sleep(2)  # the grid settles its column widths
+            save_screenshot(browser, out / "mlflow_runs.png")
+            for index in (0, 1):  # newest first: the two latest pipeline runs (their stage runs are folded)
+                browser.find_element("css selector", f"div[role='row'][row-index='{index}'] "
+                                                      ".ag-selection-checkbox input").click()
+            compare = wait(browser, lambda d: [b for b in d.find_elements("tag name", "button")
+                                               if b.text.strip() == "Compare" and b.is_enabled()])
+            compare[0].click()
+            wait(browser, lambda d: "compare-runs" in d.current_url)
+            wait(browser, lambda d: d.find_elements("xpath", "//*[normalize-space()='Visualizations']"))[0].click()
+            for switch in browser.find_elements("css selector", "[role='switch']"):  # "Show diff only": params, metrics
+                switch.click()
+            for entry in browser.find_elements("xpath", "//*[normalize-space()='grid.png']"):  # preview both grids
+                with contextlib.suppress(Exception):
+                    entry.click()
+                    break
+            browser.set_window_size(1600, 1500)  # folded plots: the params and metrics that differ, the grids
+            time.sleep(3)
+            close_assistant(browser)
+            heading = browser.find_elements("xpath", "//*[normalize-space()='Parameters']")
+            if heading:
+                browser.execute_script("arguments[0].scrollIntoView()", heading[0])
+            time.sleep(1)
+            save_screenshot(browser, out / "mlflow_compare.png")
+
+
+def serve_page(out: Path) -> None:
+    port = free_port()
+    with served([sys.executable, "-m", "fashiondiff", "serve", "--port", str(port)], "", url=f"http://127.0.0.1:{port}/"):
+        with chromium(1200, 1120) as browser:
+            browser.get(f"http://127.0.0.1:{port}/")
+            wait(browser, lambda d: d.find_elements("css selector", "#text-prompt textarea"))
+            browser.find_element("xpath", "//button[@role='tab' and contains(., 'Photo')]").click()
+            browser.find_element("css selector", "#photo input[type=file]").send_keys(str(Path(PHOTO).resolve()))
+            wait(browser, lambda d: d.find_elements("css selector", "#photo img"))
+            box = browser.find_element("css selector", "#photo-prompt textarea")
+            box.clear()
+            box.send_keys(EDIT_PROMPT)
+            browser.find_element("css selector", "#photo-go").click()
+            wait(browser, lambda d: len(d.find_elements("css selector", "#image-base img, #image-tuned img")) == 2)
+            time.sleep(1)
+            save_screenshot(browser, out / "serve_page.png")
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(cmd: list[str], marker: str, url: str = "") -> Iterator[str]:
+    """Start ``cmd``; yield the first printed word containing ``marker`` (or ``url`` once it
+    answers); stop the process group at exit."""
+    import urllib.request
+
+    with tempfile.NamedTemporaryFile("w+", prefix="figures-", suffix=".log") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "DO_NOT_TRACK": "1",
+                                     "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"})
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    sys.exit(f"error: {' '.join(cmd[1:])} exited:\n{Path(log.name).read_text()[-2000:]}")
+                if url:
+                    with contextlib.suppress(OSError):
+                        with urllib.request.urlopen(url, timeout=2):
+                            break
+                else:
+                    found = re.search(rf"\S*{re.escape(marker)}\S*", Path(log.name).read_text())
+                    if found:
+                        url = found.group(0)
+                        break
+                time.sleep(0.5)
+            else:
+                sys.exit(f"error: {' '.join(cmd[1:])} did not start in {WAIT_S} s")
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def chromium(width: int, height: int):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*BROWSER_FLAGS, f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        options.add_argument(f"--user-data-dir={profile}")
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def wait(driver, condition, seconds: float = WAIT_S):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, seconds, poll_frequency=0.2).until(condition)
+
+
+def save_screenshot(browser, path: Path) -> None:
+    """The window as a 256-colour PNG: a screenshot is mostly flat colour, a quarter the bytes."""
+    import io
+
+    from PIL import Image
+
+    shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
+    shot.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def close_assistant(browser) -> None:
+    """MLflow 3.17 opens its assistant panel on a first visit; close it (its x) if open."""
+    for button in browser.find_elements("css selector", "[data-component-id='mlflow.assistant.chat_panel.close']"):
+        with contextlib.suppress(Exception):
+            button.click()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="reports/figures", help="where the pictures go")
+    parser.add_argument("--only", nargs="*", choices=NAMES, help="only these pictures")
+    args = parser.parse_args()
+    for needed in ("models/prior", "models/decoder", PHOTO):
+        if not Path(needed).exists():
+            sys.exit(f"error: {needed}: missing; run `make repro` first")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or NAMES:
+        {"generate_examples": generate_examples, "mlflow": mlflow_pictures, "serve_page": serve_page}[name](out)
+        print(f"figures: {name} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
