@@ -3,15 +3,11 @@
 Usage: python bench/exp_table.py [--all-commits] [--names PREFIX ...]
 
 Reads `dvc exp show --json` (every experiment of the current commit's baseline, or of every
-commit with --all-commits), keeps the runs that have evaluation metrics, and prints two
+commit with --all-commits) for the names and params, and each run's reports/metrics.json
+(base and tuned per domain) from its commit, keeps the runs that have it, and prints two
 Markdown tables: one row per run (seed, lr, LoRA rank, each domain's base and tuned
 clip_score / r_precision / fd_clip), then one row per setting (lr, LoRA rank) with the mean
 ± sample standard deviation over the seeds that ran it.
-
-Both layouts of the evaluation are read: reports/metrics.json with ``<domain>.base.*`` and
-``<domain>.tuned.*`` (before issue 16), and the current one, where reports/metrics.json (the
-DVC metrics) holds the tuned model's ``<domain>.*`` and the base model's scores are in the
-run's reports/evaluation.json (``<domain>.base.*``, read from the run's commit).
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 METRIC = re.compile(r"^(catalogue|generic)\.(base|tuned)\.(clip_score|r_precision|fd_clip)$")
-TUNED = re.compile(r"^(catalogue|generic)\.(clip_score|r_precision|fd_clip)$")  # the current metrics.json
-EVALUATION = "reports/evaluation.json"
+METRICS = "reports/metrics.json"  # cache: false, so in git: in every experiment's commit
 COLUMNS = [(d, m, k) for d in ("catalogue", "generic") for m in ("base", "tuned")
            for k in ("clip_score", "r_precision", "fd_clip")]
 
@@ -50,12 +45,7 @@ def runs(all_commits: bool) -> list[dict]:
     def add(state: dict, name: str) -> None:
         data = state.get("data") or {}
         params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
-        flat = {}
-        for result in (data.get("metrics") or {}).values():
-            flat.update(flatten(result.get("data", {})))
-        metrics = {k: v for k, v in flat.items() if METRIC.match(k)}
-        if not metrics and any(TUNED.match(k) for k in flat):
-            metrics = {**{f"{d}.tuned.{k}": v for d, k, v in _split(flat)}, **base_scores(state.get("rev", ""))}
+        metrics = {k: v for k, v in flatten(committed_metrics(state.get("rev", ""))).items() if METRIC.match(k)}
         if len(metrics) == len(COLUMNS):
             found.append({"name": name, "params": params, "metrics": metrics})
 
@@ -68,24 +58,14 @@ def runs(all_commits: bool) -> list[dict]:
     return found
 
 
-def _split(flat: dict):
-    for key, value in flat.items():
-        match = TUNED.match(key)
-        if match:
-            yield match.group(1), match.group(2), value
-
-
-def base_scores(rev: str) -> dict:
-    """``<domain>.base.<metric>`` from the run's evaluation.json (its commit; the file on disk for
-    the workspace), or {} where it has none."""
+def committed_metrics(rev: str) -> dict:
+    """The run's reports/metrics.json (its commit; the file on disk for the workspace), or {}."""
     if rev in ("", "workspace"):
-        text = Path(EVALUATION).read_text() if Path(EVALUATION).is_file() else ""
+        text = Path(METRICS).read_text() if Path(METRICS).is_file() else ""
     else:
-        out = subprocess.run(["git", "show", f"{rev}:{EVALUATION}"], capture_output=True, text=True)
+        out = subprocess.run(["git", "show", f"{rev}:{METRICS}"], capture_output=True, text=True)
         text = out.stdout if out.returncode == 0 else ""
-    details = json.loads(text) if text else {}
-    return {f"{d}.base.{k}": v for d in ("catalogue", "generic")
-            for k, v in (details.get(d, {}).get("base") or {}).items() if k in ("clip_score", "r_precision", "fd_clip")}
+    return json.loads(text) if text else {}
 
 
 def setting(run: dict) -> tuple:

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{domain}", required=True, metavar="DIR",
                             help=f"the {domain}'s extracted held-out file (captions.parquet + images/)")
     parser.add_argument("--tuned", required=True, metavar="DIR", help="folder with the tuned prior/ and decoder/")
-    parser.add_argument("--reports", required=True, metavar="DIR", help="where metrics.json and samples/ go")
+    parser.add_argument("--reports", required=True, metavar="DIR", help="where metrics.json, scores.json, evaluation.json and samples/ go")
     args = parser.parse_args(argv)
     params = stage_params("evaluate")
     weights = params.evaluate.fid_weights

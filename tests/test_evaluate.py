@@ -87,19 +87,21 @@ def run(setup, name, **evaluate_params):
 def test_evaluate_writes_metrics_and_figures(setup):
     root, folders, params = setup
     report, tracker = run(setup, "reports_a")
-    written = json.loads((root / "reports_a" / "metrics.json").read_text())
+    everything = json.loads((root / "reports_a" / "metrics.json").read_text())
+    written = json.loads((root / "reports_a" / "scores.json").read_text())
     details = json.loads((root / "reports_a" / "evaluation.json").read_text())
-    # metrics.json (the DVC metrics): the tuned model; evaluation.json: the base model beside the rest
+    # metrics.json: base and tuned per domain; scores.json (the DVC metrics): the tuned model alone
+    assert everything == report
     assert written == {d: report[d]["tuned"] for d in ("catalogue", "generic")}
     for domain in ("catalogue", "generic"):
-        assert details[domain]["base"] == report[domain]["base"]
-        for scores in (written[domain], details[domain]["base"]):
+        assert "base" not in details[domain]  # each number in one file
+        for scores in (written[domain], everything[domain]["base"]):
             assert set(scores) == {"clip_score", "fd_clip", "r_precision"}  # no FID without evaluate.fid_weights
             assert all(isinstance(v, float) and np.isfinite(v) for v in scores.values())
             assert 0.0 <= scores["clip_score"] <= 100.0 and scores["fd_clip"] >= 0.0
             assert 0.0 <= scores["r_precision"] <= 1.0
         # base and tuned are the same folders here: same prompts and seeds give the same images
-        assert details[domain]["base"] == written[domain]
+        assert everything[domain]["base"] == written[domain]
     heldout = select_split(pd.read_parquet(folders["catalogue"] / "captions.parquet"), "validation", 0.5,
                            params.seed)
     assert details["catalogue"]["real_images"] == len(heldout) < 16
@@ -123,7 +125,7 @@ def test_evaluate_writes_metrics_and_figures(setup):
                 assert im.format == "PNG" and im.mode == "RGB" and im.size == (64, 64)
     assert (samples / "catalogue" / "real_images.txt").read_text().split() == heldout["image"].tolist()
     assert tracker.summary["catalogue.clip_score"] == written["catalogue"]["clip_score"]
-    assert tracker.summary["reference.catalogue.base.clip_score"] == details["catalogue"]["base"]["clip_score"]
+    assert tracker.summary["reference.catalogue.base.clip_score"] == everything["catalogue"]["base"]["clip_score"]
     assert tracker.summary["reference.generic.real.r_precision"] == details["generic"]["real"]["r_precision"]
     assert not any("fid_status" in k for k in tracker.summary)
     assert tracker.images == ["samples/grid.png", "samples/image_text.png"]
@@ -135,7 +137,7 @@ def test_evaluate_is_deterministic_in_one_process_or_two(setup):
     root, _, _ = setup
     run(setup, "reports_b")
     run(setup, "reports_c", workers=2)  # base and tuned sampled in two processes at once
-    for name in ("metrics.json", "evaluation.json", "samples/grid.png", "samples/image_text.png"):
+    for name in ("metrics.json", "scores.json", "evaluation.json", "samples/grid.png", "samples/image_text.png"):
         assert (root / "reports_b" / name).read_bytes() == (root / "reports_c" / name).read_bytes(), name
     for domain in ("catalogue", "generic"):
         for model in ("base", "tuned"):
@@ -154,11 +156,12 @@ def test_evaluate_writes_fid_for_both_models(setup, inception_weights, tmp_path)
 
     root, folders, params = setup
     report, tracker = run(setup, "reports_fid", fid_weights=str(inception_weights))
-    written = json.loads((root / "reports_fid" / "metrics.json").read_text())
+    written = json.loads((root / "reports_fid" / "scores.json").read_text())
+    everything = json.loads((root / "reports_fid" / "metrics.json").read_text())
     details = json.loads((root / "reports_fid" / "evaluation.json").read_text())
     for domain in ("catalogue", "generic"):
         real = (root / "reports_fid" / "samples" / domain / "real_images.txt").read_text().split()
-        for scores in (written[domain], details[domain]["base"]):  # tuned, base
+        for scores in (written[domain], everything[domain]["base"]):  # tuned, base
             assert set(scores) == {"clip_score", "fd_clip", "r_precision", "fid", "fid_n_generated", "fid_n_real"}
             assert np.isfinite(scores["fid"]) and scores["fid"] > 0.0
             assert scores["fid_n_generated"] == 3 and scores["fid_n_real"] == len(real) >= 2

@@ -25,7 +25,7 @@ from fashiondiff.errors import PipelineError
 
 # The view's columns. Params: the method's rate, always (other params appear when they differ
 # between runs). Metrics, as the pipeline's parent run names them (<stage>.<key in the stage's
-# file>): reports/metrics.json, the tuned model's three scores on both domains (README
+# file>): reports/scores.json, the tuned model's three scores on both domains (README
 # "Evaluation: what the numbers mean"), then the final training losses.
 ALWAYS_PARAMS = ("lr",)
 HEADLINE_METRICS = tuple(f"evaluate.{domain}.{metric}" for domain in ("catalogue", "generic")

@@ -25,11 +25,12 @@ base prior's own CLIP space (what the model conditions on), per domain and model
 
 Real images are resized to ``model.resolution`` (bicubic) before any encoder sees them,
 so real and generated images enter CLIP / Inception at the same resolution.
-Outputs: ``reports_dir/metrics.json``, the DVC metrics: the tuned model's numbers above, per
-domain (what an experiment changes; six columns, so that ``dvc exp show`` has room for the
-params); ``reports_dir/evaluation.json``, what they are compared with and were measured on: per
-domain the base model's numbers (``base``: where fine-tuning started), the real images' own
-scores (``real``: the ceiling), counts, R and its chance level, and the FID status; and
+Outputs: ``reports_dir/metrics.json``, every score: per domain ``base`` (where fine-tuning
+started) and ``tuned``; ``reports_dir/scores.json``, the DVC metrics: the tuned model's scores
+alone, per domain (what an experiment changes; six columns, so that ``dvc exp show`` has room
+for the params); ``reports_dir/evaluation.json``, what they are compared with and were measured
+on: per domain the real images' own scores (``real``: the ceiling), counts, R and its chance
+level, and the FID status; and
 ``reports_dir/samples/``:
 ``grid.png``, ``image_text.png``, every generated image as ``<domain>/<model>/0000.png``, ...
 (prompt ``i`` is file ``i``; lossless, so any FID tool can recompute the numbers) and
@@ -243,24 +244,22 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
     results = sample_models({"base": base, "tuned": tuned}, prompts, source, params, device)
     samples = {m: results[m][0] for m in MODELS}
     metrics = {d: {m: _rounded(score(samples[m][d], held[d], clip)) for m in MODELS} for d in DOMAINS}
-    details = describe(held, clip, params, fid_status, {d: metrics[d]["base"] for d in DOMAINS})
+    details = describe(held, clip, params, fid_status)
     grid = figures.beside([figures.titled(d, figures.sample_grid(
         held[d].captions, {"real": held[d].real_images, **{m: samples[m][d] for m in MODELS}})) for d in DOMAINS])
     edit = figures.image_text_figure(EDIT_PROMPT, source, {m: results[m][1] for m in MODELS},
                                      subtitle=f"img2img, strength {EDIT_STRENGTH}, seed {params.seed}")
-    tuned = {d: metrics[d]["tuned"] for d in DOMAINS}
-    write_outputs(reports_dir, tuned, details, {"grid.png": grid, "image_text.png": edit}, tracker, samples, held)
+    write_outputs(reports_dir, metrics, details, {"grid.png": grid, "image_text.png": edit}, tracker, samples, held)
     return metrics
 
 
-def describe(held: dict[str, HeldOut], clip: ClipEncoder, params, fid_status: str, base: dict) -> dict:
-    """evaluation.json: the base model's scores, the real images' own scores, and what all were
-    measured on."""
+def describe(held: dict[str, HeldOut], clip: ClipEncoder, params, fid_status: str) -> dict:
+    """evaluation.json: the real images' own scores, and what the scores were measured on."""
     out = {}
     for d, h in held.items():
         real = clip.encode_images(h.real_images)
         r = h.candidates.shape[1]
-        out[d] = {"base": base[d], "prompts": len(h.captions), "real_images": len(h.rows),
+        out[d] = {"prompts": len(h.captions), "real_images": len(h.rows),
                   "distinct_captions": len(h.texts),
                   "r_precision_candidates": r, "r_precision_chance": _sig(1 / r),
                   "truncated_captions": clip.count_truncated(h.captions),
@@ -299,11 +298,13 @@ def flatten(report: dict, prefix: str = "") -> dict[str, float]:
 
 def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dict, tracker,
                   samples: dict | None = None, held: dict[str, HeldOut] | None = None) -> None:
-    """samples/ (atomic folder), metrics.json and evaluation.json (atomic files); to the tracker.
+    """samples/ (atomic folder), metrics.json, scores.json and evaluation.json (atomic files); to
+    the tracker: the tuned model's scores as ``<domain>.<metric>``, the base model's and the rest
+    as ``reference.<domain>.base.<metric>``, ``reference.<domain>.real.<metric>``, ...
 
-    ``samples``: ``{model: {domain: [PIL images]}}``, written as
-    ``samples/<domain>/<model>/0000.png``, ... (PNG, no metadata: the same pixels give the same
-    bytes on every run).
+    ``metrics``: ``{domain: {"base": {...}, "tuned": {...}}}``. ``samples``: ``{model: {domain:
+    [PIL images]}}``, written as ``samples/<domain>/<model>/0000.png``, ... (PNG, no metadata:
+    the same pixels give the same bytes on every run).
     """
     with atomic_dir(reports_dir / "samples") as folder:
         for file_name, picture in pictures.items():
@@ -317,11 +318,15 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
         for domain, h in (held or {}).items():
             (folder / domain).mkdir(exist_ok=True)
             (folder / domain / "real_images.txt").write_text("".join(f"{p}\n" for p in h.rows["image"]))
+    tuned = {d: by_model["tuned"] for d, by_model in metrics.items()}
     write_json(reports_dir / "metrics.json", metrics)
+    write_json(reports_dir / "scores.json", tuned)
     write_json(reports_dir / "evaluation.json", details)
-    tracker.log_summary(flatten(metrics))
-    tracker.log_summary({f"reference.{k}": v for k, v in flatten(details).items()})
+    tracker.log_summary(flatten(tuned))
+    reference = {d: {"base": by_model["base"], **details.get(d, {})} for d, by_model in metrics.items()}
+    reference.update({k: v for k, v in details.items() if k not in metrics})
+    tracker.log_summary({f"reference.{k}": v for k, v in flatten(reference).items()})
     for file_name, picture in pictures.items():  # on the pipeline's parent run too: where one looks first
         tracker.log_image(picture, f"samples/{file_name}", parent_name=file_name)
-    tracker.log_artifact(str(reports_dir / "metrics.json"))
-    tracker.log_artifact(str(reports_dir / "evaluation.json"))
+    for file_name in ("metrics.json", "evaluation.json"):
+        tracker.log_artifact(str(reports_dir / file_name))
