@@ -18,7 +18,6 @@ import re
 import statistics
 import subprocess
 from collections import defaultdict
-from pathlib import Path
 
 METRIC = re.compile(r"^(catalogue|generic)\.(base|tuned)\.(clip_score|r_precision|fd_clip)$")
 METRICS = "reports/metrics.json"  # cache: false, so in git: in every experiment's commit
@@ -45,7 +44,7 @@ def runs(all_commits: bool) -> list[dict]:
     def add(state: dict, name: str) -> None:
         data = state.get("data") or {}
         params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
-        metrics = {k: v for k, v in flatten(committed_metrics(state.get("rev", ""))).items() if METRIC.match(k)}
+        metrics = {k: v for k, v in flatten(committed_metrics(state["rev"])).items() if METRIC.match(k)}
         if len(metrics) == len(COLUMNS):
             found.append({"name": name, "params": params, "metrics": metrics})
 
@@ -54,18 +53,15 @@ def runs(all_commits: bool) -> list[dict]:
             add(baseline, baseline.get("name") or baseline["rev"][:7])
         for group in baseline.get("experiments") or []:
             for state in group.get("revs", [])[:1]:
-                add(state, group.get("name") or state.get("name") or state["rev"][:7])
+                if state.get("rev") != "workspace":  # an experiment still running: no results yet
+                    add(state, group.get("name") or state.get("name") or state["rev"][:7])
     return found
 
 
 def committed_metrics(rev: str) -> dict:
-    """The run's reports/metrics.json (its commit; the file on disk for the workspace), or {}."""
-    if rev in ("", "workspace"):
-        text = Path(METRICS).read_text() if Path(METRICS).is_file() else ""
-    else:
-        out = subprocess.run(["git", "show", f"{rev}:{METRICS}"], capture_output=True, text=True)
-        text = out.stdout if out.returncode == 0 else ""
-    return json.loads(text) if text else {}
+    """The run's reports/metrics.json, from its commit, or {} where it has none."""
+    out = subprocess.run(["git", "show", f"{rev}:{METRICS}"], capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 and out.stdout else {}
 
 
 def setting(run: dict) -> tuple:
