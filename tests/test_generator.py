@@ -60,10 +60,17 @@ def test_prior_and_unet_learn_and_a_second_process_gives_the_same_weights(encode
     for kind, curve in curves.items():
         assert curve[-1]["step"] == 3 * 3  # 12 images / batch 4 x 3 epochs
         assert weights_digest(getattr(here, "prior" if kind == "prior" else "unet")) != before[kind]
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        gen.pretrain_generator(there, cache, GENERATOR, seed=0, checkpoints=tmp_path / "b", pool=pool)
+    again = copy.deepcopy(parts)
+    for model, folder in ((there, "b"), (again, "c")):  # a fresh pool process each time
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            gen.pretrain_generator(model, cache, GENERATOR, seed=0, checkpoints=tmp_path / folder, pool=pool)
     for kind in ("prior", "unet"):
         assert weights_digest(getattr(here, kind)) == weights_digest(getattr(there, kind)), kind
+    # the checkpoints are a DVC output: byte-identical, the RNG states Accelerate pickles included
+    files = {f.relative_to(tmp_path / "b"): f.read_bytes() for f in sorted((tmp_path / "b").rglob("*")) if f.is_file()}
+    assert any(f.name.startswith("random_states") for f in files)
+    for name, data in files.items():
+        assert (tmp_path / "c" / name).read_bytes() == data, name
     assert not any(p.requires_grad for p in here.unet.parameters())
 
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing as mp
 import os
 from pathlib import Path
 
 import torch
 
-from fashiondiff.config import GeneratorParams, TrainParams
+from fashiondiff.config import GeneratorParams, TrainParams, seed_everything
 from fashiondiff.data.extract import extract
 from fashiondiff.embed.cache import Encoders, build_cache, open_cache
 from fashiondiff.embedded.tiny import TinyParts, split_clip
@@ -84,6 +85,8 @@ def _train(kind: str, network, scheduler, cache_dir: str, gen: GeneratorParams, 
     """Train ``network`` (the prior or the U-Net) on the cache with the one loop; return its
     weights and logged curve. Runs in this process or in a pool's (arguments pickle)."""
     torch.set_num_threads(1)
+    if mp.parent_process() is not None:  # a pool's fresh process: its global RNGs start from OS
+        seed_everything(seed)            # entropy, and Accelerate pickles them into the checkpoints
     if bar_position:  # tqdm reads its defaults from TQDM_* variables: two bars, two lines
         os.environ["TQDM_POSITION"] = str(bar_position)
     cache = open_cache(cache_dir)
