@@ -398,4 +398,4 @@ def test_real_inputs_run_no_stand_in_stage(project):
     status = sh(project, str(DVC), "status")
     stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
     assert "embedded/dvc.yaml:synthesize" in stale, status
-    assert all(s.startswith("embedded/dvc.yaml:") for s in stale), status
+    assert all(s.startswith("embedded/dvc.yaml:") or s == "register" for s in stale), status  # register: always
