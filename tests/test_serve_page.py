@@ -140,7 +140,10 @@ def open_page(browser, url: str) -> None:
 
 
 def click(browser, selector: str) -> None:
-    browser.find_element("css selector", selector).click()
+    """Click ``selector`` once the page has rendered it (Gradio draws its components one by
+    one: the prompt box can be there before the button is)."""
+    [button] = wait(browser, lambda d: d.find_elements("css selector", selector))
+    button.click()
 
 
 def type_into(browser, selector: str, text: str) -> None:
