@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import yaml
 from PIL import Image
 
 from conftest import params_tree
+from fashiondiff.tracking import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "black leather mini skirt"
@@ -69,12 +69,7 @@ def server(cmd: list[str], url: str, cwd: Path, log: Path, limit: float = 90, **
         wait_until_up(url, proc, log, limit)
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 def wait_until_up(url: str, proc: subprocess.Popen, log: Path, limit: float) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from fashiondiff.tracking import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).with_name("dvc")
@@ -324,11 +325,10 @@ def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experi
                 assert lr and lr[0].text == run.data.params["lr"]
             body = browser.find_element("tag name", "body").text
             assert "evaluate.catalogue.clip_score" in body and "lr" in body
-            assert f"repro-" in body  # the run `dvc repro` made, a row of its own
+            assert "repro-" in body  # the run `dvc repro` made, a row of its own
             browser.save_screenshot(str(project / "mlflow-ui.png"))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_process_group(server, grace_s=30)
 
 
 def test_readme_generate_examples_run_as_written(project, experiments):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 from conftest import REPO, repo_params
 from fashiondiff.errors import PipelineError
 from fashiondiff import tracking
-from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run
+from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run, stop_process_group
 
 # mlflow's own SQLAlchemy models trigger this; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
@@ -309,9 +308,4 @@ def test_stages_against_a_real_tracking_server(tmp_path):
         assert len(list((tmp_path / "server-artifacts").rglob("*.txt"))) == 2  # proxied to the server
         assert not (work / "mlartifacts").exists()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)

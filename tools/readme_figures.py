@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
+
+from fashiondiff.tracking import stop_process_group
 
 PROMPT = "black leather mini skirt"  # the method's prompt (evaluate's image + text figure)
 PHOTO = "data/extracted/validation/images/0000000.png"  # a held-out catalogue photo
@@ -155,8 +156,7 @@ def served(cmd: list[str], marker: str, url: str = "") -> Iterator[str]:
                 sys.exit(f"error: {' '.join(cmd[1:])} did not start in {WAIT_S} s")
             yield url
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            stop_process_group(proc, grace_s=30)
 
 
 @contextlib.contextmanager

@@ -309,7 +309,7 @@ def publish_runs_view(params: Params, metrics: Sequence[str], always: Sequence[s
 
 def serve_ui(tracking_uri: str, host: str, port: int) -> subprocess.Popen:
     """Start ``mlflow ui`` (one worker) on a local tracking store, in a process group of its own
-    (its server process has children): the caller waits for it and stops it with ``stop_ui``."""
+    (its server process has children): the caller waits for it and stops it with ``stop_process_group``."""
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "ui", "--backend-store-uri",
            resolve_tracking_uri(tracking_uri), "--host", host, "--port", str(port), "--workers", "1"]
@@ -320,13 +320,12 @@ def serve_ui(tracking_uri: str, host: str, port: int) -> subprocess.Popen:
         raise PipelineError(f"cannot start `mlflow ui`: {exc}") from None
 
 
-def stop_ui(server: subprocess.Popen, grace_s: float = 15) -> None:
-    """Stop what ``serve_ui`` started, its children too: SIGTERM to its group, then SIGKILL."""
+def stop_process_group(server: subprocess.Popen, grace_s: float = 15) -> None:
+    """Stop a process started in a session of its own (``serve_ui``'s, a test's server) and its
+    children: SIGTERM to its group, then SIGKILL after ``grace_s``."""
     import signal
 
-    if server.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError):  # the group, even if its leader has exited
         os.killpg(server.pid, signal.SIGTERM)
     try:
         server.wait(timeout=grace_s)

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise PipelineError(f"--port must be in 1..65535, got {args.port}")
     from fashiondiff.config import load_params
-    from fashiondiff.tracking import publish_runs_view, serve_ui, stop_ui
+    from fashiondiff.tracking import publish_runs_view, serve_ui, stop_process_group
 
     params = load_params(args.params)
     address = publish_runs_view(params, HEADLINE_METRICS, ALWAYS_PARAMS)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
               f"  {root}{address}", flush=True)
         server.wait()
     finally:
-        stop_ui(server)
+        stop_process_group(server)
 
 
 def _wait_until_up(url: str, server) -> None:
