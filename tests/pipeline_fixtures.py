@@ -61,7 +61,10 @@ def run_stage(cwd: Path, params: dict, script: str, *args: str, launcher: list[s
     cmd = (launcher or [sys.executable]) + [str(REPO / "stages" / script), *map(str, args)]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **popen)
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        # under `accelerate launch` the last lines are rank 0's; a crashed rank's own error is earlier
+        errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line)[-3000:]
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}\n"
+                             f"-- every error line --\n{errors}")
     return result
 
 
