@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fashiondiff.data.extract import extract, make_caption
+from fashiondiff.data.extract import _Encoder, extract, make_caption
 from fashiondiff.data.fashiongen import FashionGen, read_rows
 from fashiondiff.errors import PipelineError
 
@@ -221,13 +221,48 @@ def test_a_killed_worker_fails_the_stage_within_seconds(make_h5, tmp_path):
     deadline = time.monotonic() + 60
     while not _children(stage.pid) and time.monotonic() < deadline and stage.poll() is None:
         time.sleep(0.01)
+    # Freeze the stage the moment its workers exist, so the kill lands with most of the rows
+    # still to encode (a busy machine once let the stage finish first, and it rightly exited 0).
+    assert stage.poll() is None, "the stage ended before it started a worker"
+    os.kill(stage.pid, signal.SIGSTOP)  # not reaped yet (poll saw it running): a safe pid
     workers = _children(stage.pid)
     assert workers, "the stage started no worker"
     os.kill(workers[0], signal.SIGKILL)
     killed = time.monotonic()
+    os.kill(stage.pid, signal.SIGCONT)
     _, stderr = stage.communicate(timeout=30)
     assert time.monotonic() - killed < 10
     assert stage.returncode == 1, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "died" in lines[0], stderr
     assert sorted(os.listdir(tmp_path)) == ["big.h5"]
+
+
+def test_a_worker_that_died_between_tasks_fails_the_next_submit(synthetic_h5, tmp_path):
+    """A worker killed after the last result was collected: the next task's submit, not only a
+    pending result, fails with the one-line error (the executor raises on submit once broken)."""
+    with pytest.raises(PipelineError, match="PNG encoder process died"):
+        with _Encoder(Path(synthetic_h5), workers=1) as encoder:
+            encoder.drain()
+            encoder.submit((str(tmp_path), 0, 1, [0]))
+            assert encoder.drain() == 1
+            process = next(iter(encoder.pool._processes.values()))
+            process.kill()
+            process.join(10)
+            deadline = time.monotonic() + 10
+            while not encoder.pool._broken and time.monotonic() < deadline:
+                time.sleep(0.01)
+            encoder.submit((str(tmp_path), 1, 2, [0]))
+            encoder.drain()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_files_of_two_image_sizes_extract_in_one_process(make_h5, tmp_path, workers):
+    """A process's reused pixel buffer follows the file's image size (a 16 px file after a
+    32 px one, inline or in forked workers that inherit the parent's buffer)."""
+    for size in (32, 16):
+        pixels = np.random.default_rng(size).integers(0, 256, size=(4, size, size, 3), dtype=np.uint8)
+        h5 = make_h5(tmp_path / f"{size}.h5", input_image=pixels)
+        extract(h5, tmp_path / f"out{size}", "{name}", 4, workers=workers)
+        for row in range(4):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / f"out{size}/images/{row:07d}.png")), pixels[row])

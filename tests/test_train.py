@@ -161,6 +161,13 @@ def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache, variant
     metrics = json.loads((tmp_path / "prior.json").read_text())
     assert metrics["steps"] == 6 * 16 // (4 * 2)
     assert metrics["loss_last_epoch"] < metrics["loss_first_epoch"]
+    # Every checkpoint holds both ranks' RNG states, and no half-built folder is left: rank 0
+    # once renamed a checkpoint before rank 1 had written its part (which then recreated the
+    # temporary folder, or crashed when it vanished under it).
+    ckpt = tmp_path / "ckpt" / "prior"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000010", "step-00000012"]
+    for step in ckpt.iterdir():
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in step.iterdir()}
 
 
 def _config(module) -> dict:

@@ -91,8 +91,8 @@ _BUFFER: np.ndarray | None = None  # a worker's reusable pixel buffer
 
 def _open_source(path: str) -> None:
     """Worker initialiser: every process opens the file itself (HDF5 handles must not cross fork)."""
-    global _SOURCE
-    _SOURCE = FashionGen(path)
+    global _SOURCE, _BUFFER
+    _SOURCE, _BUFFER = FashionGen(path), None  # a forked worker inherits the parent's buffer
 
 
 def _save_pngs(folder: str, pixels: np.ndarray, first_row: int, offsets: list[int]) -> int:
@@ -107,7 +107,7 @@ def _encode_rows(task: tuple) -> int:
     global _BUFFER
     folder, start, stop, offsets = task
     n = stop - start
-    if _BUFFER is None or len(_BUFFER) < n:
+    if _BUFFER is None or len(_BUFFER) < n or _BUFFER.shape[1:] != _SOURCE.image_shape:
         _BUFFER = np.empty((n, *_SOURCE.image_shape), dtype=np.uint8)
     return _save_pngs(folder, _SOURCE.read_images(start, stop, out=_BUFFER), start, offsets)
 
@@ -135,7 +135,10 @@ class _Encoder:
         """Queue one task; return how many images finished meanwhile."""
         if self.pool is None:
             return _encode_rows(task)
-        self.pending.append(self.pool.submit(_encode_rows, task))
+        try:
+            self.pending.append(self.pool.submit(_encode_rows, task))
+        except BrokenProcessPool:  # a worker died after the last result was collected
+            raise self._died() from None
         done = 0
         while len(self.pending) > 2 * self.workers:
             done += self._result(self.pending.popleft())
@@ -148,12 +151,15 @@ class _Encoder:
         return done
 
     @staticmethod
-    def _result(future) -> int:
+    def _died() -> PipelineError:
+        return PipelineError("extract: a PNG encoder process died (killed, or out of memory?); "
+                             "nothing was written, rerun to start again")
+
+    def _result(self, future) -> int:
         try:
             return future.result()
         except BrokenProcessPool:
-            raise PipelineError("extract: a PNG encoder process died (killed, or out of memory?); "
-                                "nothing was written, rerun to start again") from None
+            raise self._died() from None
 
     def __enter__(self) -> "_Encoder":
         return self

@@ -340,6 +340,9 @@ class Checkpoints:
             self.root.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp), safe_serialization=True)
+        # Every rank writes its own RNG state into tmp and save_state has no barrier after it:
+        # rename only once all have (else a slow rank recreated tmp, or crashed writing into it).
+        self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": step, "fingerprint": self.fingerprint, **extra}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
