@@ -225,11 +225,13 @@ def test_a_killed_worker_fails_the_stage_within_seconds(make_h5, tmp_path):
     # still to encode (a busy machine once let the stage finish first, and it rightly exited 0).
     assert stage.poll() is None, "the stage ended before it started a worker"
     os.kill(stage.pid, signal.SIGSTOP)  # not reaped yet (poll saw it running): a safe pid
-    workers = _children(stage.pid)
-    assert workers, "the stage started no worker"
-    os.kill(workers[0], signal.SIGKILL)
-    killed = time.monotonic()
-    os.kill(stage.pid, signal.SIGCONT)
+    try:
+        workers = _children(stage.pid)
+        assert workers, "the stage started no worker"
+        os.kill(workers[0], signal.SIGKILL)
+        killed = time.monotonic()
+    finally:
+        os.kill(stage.pid, signal.SIGCONT)
     _, stderr = stage.communicate(timeout=30)
     assert time.monotonic() - killed < 10
     assert stage.returncode == 1, stderr
