@@ -91,8 +91,8 @@ _BUFFER: np.ndarray | None = None  # a worker's reusable pixel buffer
 
 def _open_source(path: str) -> None:
     """Worker initialiser: every process opens the file itself (HDF5 handles must not cross fork)."""
-    global _SOURCE, _BUFFER
-    _SOURCE, _BUFFER = FashionGen(path), None  # a forked worker inherits the parent's buffer
+    global _SOURCE
+    _SOURCE = FashionGen(path)
 
 
 def _save_pngs(folder: str, pixels: np.ndarray, first_row: int, offsets: list[int]) -> int:
@@ -107,6 +107,7 @@ def _encode_rows(task: tuple) -> int:
     global _BUFFER
     folder, start, stop, offsets = task
     n = stop - start
+    # the shape too: a process may read files of two sizes, and forked workers inherit the parent's
     if _BUFFER is None or len(_BUFFER) < n or _BUFFER.shape[1:] != _SOURCE.image_shape:
         _BUFFER = np.empty((n, *_SOURCE.image_shape), dtype=np.uint8)
     return _save_pngs(folder, _SOURCE.read_images(start, stop, out=_BUFFER), start, offsets)
