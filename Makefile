@@ -64,4 +64,4 @@ serve: $(STAMP)
 	fashiondiff serve
 
 clean:
-	rm -rf build data models checkpoints reports/metrics.json reports/scores.json reports/evaluation.json reports/plots reports/samples reports/embedded
+	rm -rf build data models checkpoints reports/metrics.json reports/scores.json reports/evaluation.json reports/plots reports/samples reports/standin

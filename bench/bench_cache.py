@@ -5,7 +5,7 @@ Usage: python bench/bench_cache.py [--products 20000] [--batch 32] [--repeats 20
 
 1. Bytes per image, full size, float16. No encoder runs: the arrays of both layouts are
    allocated (``.npy`` files, headers included) with the shapes of the published 2.1
-   networks (fashiondiff.models.full: CLIP ViT-L/14 width 768, M-CLIP XLM-R-large width
+   networks (fashiondiff.models.published: CLIP ViT-L/14 width 768, M-CLIP XLM-R-large width
    1024, MoVQ 4 x 32 x 32 latents at 256 px) for a FashionGen-like catalogue:
    2 to 6 poses per product (mean 4), 10% of products reuse another product's title,
    (also none), CLIP title lengths of 2 + ceil(1.3 x words) tokens, words ~ 2 + Poisson(2.5)
@@ -33,11 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import setup, timed  # noqa: E402
 
-from fashiondiff.embed.cache import FORMAT_VERSION, TEXT_LENGTH, Cache, open_cache  # noqa: E402
-from fashiondiff.models.full import FULL_MOVQ, FULL_PRIOR, FULL_UNET  # noqa: E402
+from fashiondiff.cache.format import FORMAT_VERSION, TEXT_LENGTH
+from fashiondiff.cache.reader import Cache  # noqa: E402
+from fashiondiff.models.published import MOVQ as FULL_MOVQ  # noqa: E402
+from fashiondiff.models.published import PRIOR as FULL_PRIOR
+from fashiondiff.models.published import UNET as FULL_UNET
 from fashiondiff.train.decoder import DecoderTask  # noqa: E402
 from fashiondiff.train.loop import step_generator  # noqa: E402
-from fashiondiff.train.prior import PriorTask, _tensor  # noqa: E402
+from fashiondiff.train.batch import to_tensor as _tensor  # noqa: E402
+from fashiondiff.train.prior import PriorTask  # noqa: E402
 
 RESOLUTION = 256
 CLIP_WIDTH = FULL_PRIOR["embedding_dim"]  # CLIP text hidden size = projection dim = prior width

@@ -20,11 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fashiondiff.cache.reader import open_cache
 from fashiondiff.data.extract import extract
-from fashiondiff.embedded.synthetic import write_synthetic
-from fashiondiff.embed.cache import build_cache, load_encoders, open_cache
+from fashiondiff.embed.encoders import load_encoders
+from fashiondiff.embed.writer import build_cache
 from fashiondiff.models.loader import load_decoder, load_prior
-from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
+from fashiondiff.standin.synthetic import write_synthetic
+from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.loop import step_generator
 from fashiondiff.train.prior import PriorTask

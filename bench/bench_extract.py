@@ -34,7 +34,7 @@ POSES = 4
 
 
 def make_input(n_images: int) -> Path:
-    from fashiondiff.embedded.synthetic import write_synthetic
+    from fashiondiff.standin.synthetic import write_synthetic
 
     path = OUT / "fashiongen_bench.h5"
     if path.exists():

@@ -64,13 +64,14 @@ class RandomCache:
 def build(kind: str, smoke: bool):
     """The network to train: 2.1's at full size on the GPU, or the tiny one (--smoke)."""
     if smoke:
-        from fashiondiff.embedded.tiny import build_tiny
+        from fashiondiff.standin.tiny import build_tiny
 
         parts = build_tiny(["a b c"], seed=0)
         return parts.prior if kind == "prior" else parts.unet
     from diffusers import PriorTransformer, UNet2DConditionModel
 
-    from fashiondiff.models.full import FULL_PRIOR, FULL_UNET
+    from fashiondiff.models.published import PRIOR as FULL_PRIOR
+    from fashiondiff.models.published import UNET as FULL_UNET
 
     with torch.device("cuda"):
         if kind == "prior":
@@ -81,8 +82,8 @@ def build(kind: str, smoke: bool):
 
 
 def measure(kind: str, mode: str, batch: int, steps: int, smoke: bool = False) -> dict:
-    from fashiondiff.config import load_params
-    from fashiondiff.embedded.tiny import decoder_scheduler, prior_scheduler
+    from fashiondiff.config.schema import load_params
+    from fashiondiff.standin.tiny import decoder_scheduler, prior_scheduler
     from fashiondiff.train.decoder import DecoderTask
     from fashiondiff.train.loop import Schedule, train
     from fashiondiff.train.prior import PriorTask

@@ -34,8 +34,8 @@ RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv
 def full_size_table() -> list[str]:
     import dataclasses
 
-    from fashiondiff.config import load_params
-    from fashiondiff.models.full import build_full
+    from fashiondiff.config.schema import load_params
+    from fashiondiff.models.published import build_full
     from fashiondiff.train.lora import add_lora
 
     params = load_params(REPO / "params.yaml")
@@ -57,7 +57,9 @@ def _gib(n: int) -> str:
 
 def tiny_table(epochs: int) -> list[str]:
     sys.path.insert(0, str(REPO / "bench"))
-    from bench_train import setup  # the embedded default's tiny models and a 64-image cache
+    from bench_train import (
+        setup,  # the embedded default's tiny models and a 64-image cache
+    )
 
     lines = ["| model | fine-tuning | peak RSS | samples/s | checkpoint | adapter |",
              "| --- | --- | --- | --- | --- | --- |"]

@@ -23,13 +23,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fashiondiff.cache.reader import open_cache
 from fashiondiff.data.extract import extract
-from fashiondiff.embedded.synthetic import write_synthetic
-from fashiondiff.embed.cache import (
-    build_cache, clip_pixels, encode_images, encode_texts, load_encoders, movq_pixels, open_cache,
+from fashiondiff.embed.encoders import (
+    clip_pixels,
+    encode_images,
+    encode_texts,
+    load_encoders,
+    movq_pixels,
 )
+from fashiondiff.embed.writer import build_cache
 from fashiondiff.models.loader import load_decoder, load_prior
-from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
+from fashiondiff.standin.synthetic import write_synthetic
+from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.loop import step_generator
 from fashiondiff.train.prior import PriorTask

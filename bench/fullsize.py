@@ -9,7 +9,7 @@ In a scratch folder (--work, default build/fullsize) with its own params.yaml it
 1. writes FashionGen-layout HDF5 files (synthetic: a few dozen rows, 4 poses per product; and a
    held-out generic-domain file),
 2. saves 2.1's networks at published sizes with random weights as diffusers folders laid out
-   like kandinsky-community/kandinsky-2-1-prior and kandinsky-2-1 (fashiondiff.embedded.full),
+   like kandinsky-community/kandinsky-2-1-prior and kandinsky-2-1 (fashiondiff.standin.fullsize),
 3. runs the REAL stage entry points, each in its own process: stages/extract.py (train,
    validation, generic) -> stages/embed.py (float16) -> stages/train_prior.py, stages/train_decoder.py
    (a few steps) -> stages/evaluate.py (a few prompts and sampling steps) -> `fashiondiff
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import runpy
 import shutil
 import subprocess
@@ -148,11 +147,11 @@ def build_models(work: Path, args, captions: list[str]) -> dict:
     if base.exists():
         shutil.rmtree(base)
     if args.tiny:
-        from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
+        from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 
         save_pipelines(build_tiny(captions, TinySpec(clip_image_size=64, clip_patch_size=16)), base)
         return {}
-    from fashiondiff.embedded.full import save_full_pipelines
+    from fashiondiff.standin.fullsize import save_full_pipelines
 
     return save_full_pipelines(captions, base)
 
@@ -233,7 +232,7 @@ def main() -> None:
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     sys.path.insert(0, str(REPO / "src"))
-    from fashiondiff.embedded.synthetic import GENERIC, write_synthetic
+    from fashiondiff.standin.synthetic import GENERIC, write_synthetic
 
     started = time.perf_counter()
     report: dict = {"mode": "tiny" if args.tiny else "full size, random weights", "device": args.device,

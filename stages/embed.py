@@ -9,10 +9,12 @@ import argparse
 
 import pandas as pd
 
-from fashiondiff.config import seed_everything, stage_params
+from fashiondiff.config.view import stage_params
 from fashiondiff.data.split import select_split
-from fashiondiff.embed.cache import build_cache, load_encoders
+from fashiondiff.embed.encoders import load_encoders
+from fashiondiff.embed.writer import build_cache
 from fashiondiff.errors import cli
+from fashiondiff.runtime import limit_threads, seed_everything
 
 
 @cli
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("split", choices=("train", "validation"), help="which rows to keep")
     parser.add_argument("out", help="cache folder to write")
     args = parser.parse_args(argv)
+    limit_threads()
     params = stage_params("embed")
     seed_everything(params.seed)
     captions = pd.read_parquet(f"{args.extracted}/captions.parquet")

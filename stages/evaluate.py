@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fashiondiff.config import seed_everything, stage_params
+from fashiondiff.config.view import stage_params
 from fashiondiff.errors import PipelineError, cli
 from fashiondiff.evaluate.run import DOMAINS, ModelPair, evaluate
+from fashiondiff.runtime import limit_threads, seed_everything
 from fashiondiff.tracking import stage_run
 
 FID_WEIGHTS_DIR = "weights/inception"  # a dep of this stage in dvc.yaml: new weights rerun it
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tuned", required=True, metavar="DIR", help="folder with the tuned prior/ and decoder/")
     parser.add_argument("--reports", required=True, metavar="DIR", help="where metrics.json, scores.json, evaluation.json and samples/ go")
     args = parser.parse_args(argv)
+    limit_threads()
     params = stage_params("evaluate")
     weights = params.evaluate.fid_weights
     if weights and Path(weights).parent != Path(FID_WEIGHTS_DIR):

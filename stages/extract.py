@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from fashiondiff.config import stage_params
+from fashiondiff.config.view import stage_params
 from fashiondiff.data.extract import extract
 from fashiondiff.errors import cli
+from fashiondiff.runtime import limit_threads
 
 
 @cli
@@ -19,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("input", help="FashionGen-layout .h5 file")
     parser.add_argument("output", help="folder to write images/ and captions.parquet into")
     args = parser.parse_args(argv)
+    limit_threads()
     data = stage_params("extract").data
     extract(args.input, args.output, data.caption, data.chunk_size, data.workers)
 

@@ -15,55 +15,11 @@ the log and MLflow, never into an output.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from fashiondiff.config import seed_everything, stage_params
-from fashiondiff.data.captions import check_template, make_caption
-from fashiondiff.data.fashiongen import read_rows
-from fashiondiff.embedded import generator as gen
-from fashiondiff.embedded import pretrain as pt
-from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
+from fashiondiff.config.view import stage_params
 from fashiondiff.errors import cli
-from fashiondiff.io import atomic_dir, atomic_file, write_json
-from fashiondiff.tracking import stage_run
-
-DOMAINS = ("catalogue", "generic")
-
-
-def load_split(path: str, template: str):
-    rows = read_rows(path, 0, 2**62)  # the whole file: the embedded default's few hundred rows
-    fields = [dict(zip(rows.text, values)) for values in zip(*rows.text.values())]
-    return rows.images, [make_caption(template, f) for f in fields], rows.product_ids.tolist()
-
-
-def diagnostics(parts, validation: dict, resolution: int, curves: dict) -> dict:
-    """What the stand-in learnt, on each domain's held-out file (no wall-clock values)."""
-    captions = [c for _, caps, _ in validation.values() for c in caps]
-    return {
-        "retrieval": {d: pt.retrieval_accuracy(parts, *validation[d]) for d in DOMAINS},
-        "mclip": pt.distillation_agreement(parts, pt.case_variants(captions)),
-        "movq": {d: pt.reconstruction_error(parts.movq, validation[d][0], resolution) for d in DOMAINS},
-        "final_loss": {k: float(np.mean(v[-10:])) for k, v in curves.items() if v},
-    }
-
-
-def reconstructions(parts, validation: dict, resolution: int) -> Image.Image:
-    grids = []
-    for domain in DOMAINS:
-        images, _, products = validation[domain]
-        first_view = np.sort(np.unique(products, return_index=True)[1])
-        grids.append(pt.reconstruction_grid(parts.movq, images[first_view], resolution))
-    out = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
-    for k, grid in enumerate(grids):
-        out.paste(grid, (0, sum(g.height for g in grids[:k])))
-    return out
+from fashiondiff.runtime import limit_threads, seed_everything
+from fashiondiff.standin.base import DOMAINS, pretrain_base
 
 
 @cli
@@ -74,50 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("out", "reports", "checkpoints"):
         parser.add_argument(f"--{name}", required=True)
     args = parser.parse_args(argv)
+    limit_threads()
     params = stage_params("pretrain")
-    template, cfg, res = params.data.caption, params.embedded.pretrain, params.model.resolution
-    check_template(template)
     seed_everything(params.seed)
-    started = time.perf_counter()
-    train = {d: load_split(getattr(args, d)[0], template) for d in DOMAINS}
-    validation = {d: load_split(getattr(args, d)[1], template) for d in DOMAINS}
-    images = np.concatenate([train[d][0] for d in DOMAINS])
-    captions = [c for d in DOMAINS for c in train[d][1]]
-    parts = build_tiny(pt.case_variants(captions), TinySpec(clip_image_size=params.clip_image_size),
-                       seed=params.seed)
-    # Two processes, one thread each: the MoVQ and then the U-Net train in the second.
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool, \
-            tempfile.TemporaryDirectory(prefix="fashiondiff-pretrain-") as work:
-        result = pt.pretrain_encoders(parts, images, captions, cfg, res, params.seed, pool=pool)
-        pt.set_prior_statistics(parts, pt.clip_pixels(train["generic"][0], parts.image_processor))
-        cache = gen.generic_cache(parts, args.generic[0], template, params.clip_image_size, res, Path(work))
-        generator_started = time.perf_counter()
-        history = gen.pretrain_generator(parts, cache, cfg.generator, params.seed, args.checkpoints, pool)
-        result.seconds["generator"] = round(time.perf_counter() - generator_started, 1)
-    curves = {**result.losses, **{k: [p["loss"] for p in v] for k, v in history.items()}}
-    report = diagnostics(parts, validation, res, curves)
-    with stage_run("pretrain", params) as tracker:
-        with atomic_dir(args.out) as tmp:  # prior/ and decoder/, two DVC outputs
-            save_pipelines(parts, tmp)
-        grid = reconstructions(parts, validation, res)
-        with atomic_file(Path(args.reports) / "movq_reconstructions.png", "wb") as handle:
-            grid.save(handle, format="PNG")
-        write_json(Path(args.reports) / "pretrain.json", report)
-        for kind, points in history.items():
-            tracker.log_curve(f"{kind}_loss", [(p["step"], p["loss"]) for p in points])
-        seconds = {**result.seconds, "total": round(time.perf_counter() - started, 1)}
-        tracker.log_summary({f"{group}.{domain}.{k}": float(v) for group in ("retrieval", "movq")
-                             for domain in DOMAINS for k, v in report[group][domain].items()})
-        tracker.log_summary({f"{group}.{k}": float(v) for group in ("mclip", "final_loss")
-                             for k, v in report[group].items()})
-        tracker.log_summary({f"seconds.{k}": float(v) for k, v in seconds.items()})
-        tracker.log_image(grid, "movq_reconstructions.png")
-        tracker.log_artifact(Path(args.reports) / "pretrain.json")
-    r, m = report["retrieval"], report["movq"]
-    print("pretrain: " + "; ".join(
-        f"{d}: CLIP top-1 {r[d]['top1']:.2f} (chance {r[d]['top1_chance']:.2f}), MoVQ PSNR {m[d]['psnr']:.1f} dB"
-        for d in DOMAINS) + f"; final loss prior {report['final_loss']['prior']:.3f}, "
-        f"U-Net {report['final_loss']['unet']:.3f}; {seconds['total']} s")
+    pretrain_base({d: tuple(getattr(args, d)) for d in DOMAINS}, params, args.out, args.reports, args.checkpoints)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from fashiondiff.config import stage_params
+from fashiondiff.config.view import stage_params
 from fashiondiff.errors import cli
+from fashiondiff.runtime import limit_threads
 from fashiondiff.serving.register import register
 from fashiondiff.tracking import stage_run
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models_dir", help="folder with the tuned prior/ and decoder/")
     args = parser.parse_args(argv)
+    limit_threads()
     params = stage_params("register")
     with stage_run("register", params) as tracker:
         register(args.models_dir, params, tracker)

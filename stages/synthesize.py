@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-from fashiondiff.config import stage_params
-from fashiondiff.embedded.synthetic import synthesize
+from fashiondiff.config.view import stage_params
 from fashiondiff.errors import cli
+from fashiondiff.runtime import limit_threads
+from fashiondiff.standin.synthetic import synthesize
 
 
 @cli
@@ -19,8 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write the four .h5 files into")
     args = parser.parse_args(argv)
+    limit_threads()
     params = stage_params("synthesize")
-    paths = synthesize(args.out_dir, params.embedded.synthetic, params.seed)
+    paths = synthesize(args.out_dir, params.standin.synthetic, params.seed)
     print(f"synthesize: wrote {', '.join(str(p) for p in paths.values())}")
 
 

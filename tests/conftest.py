@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: see below
 
@@ -19,8 +18,8 @@ import yaml
 # longer on a 2-core machine.
 torch.set_num_threads(1)
 
-from fashiondiff.config import Params, params_from_dict
-from fashiondiff.embedded.synthetic import write_synthetic
+from fashiondiff.config.schema import Params, params_from_dict
+from fashiondiff.standin.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +42,12 @@ def merge(tree: dict, over: dict) -> dict:
             node = node.setdefault(part, {})
         node[last] = merge(node.get(last, {}), value) if isinstance(value, dict) else value
     return tree
+
+
+def replaced(section, **changes):
+    """A params section with ``changes`` (like dataclasses.replace; not validated again, so a test
+    can hand a library function a value params.yaml would refuse)."""
+    return section.model_copy(update=changes)
 
 
 def params_tree(**overrides) -> dict:

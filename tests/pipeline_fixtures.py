@@ -15,8 +15,8 @@ import yaml
 from conftest import merge, params_tree
 
 from fashiondiff.data.extract import extract
-from fashiondiff.embedded.synthetic import write_synthetic
-from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
+from fashiondiff.standin.synthetic import write_synthetic
+from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPEC = TinySpec(clip_image_size=64, clip_patch_size=16)

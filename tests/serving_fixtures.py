@@ -16,10 +16,10 @@ from typing import Iterator
 import numpy as np
 import pytest
 import yaml
+from conftest import params_tree
 from PIL import Image
 
-from conftest import params_tree
-from fashiondiff.tracking import stop_process_group
+from fashiondiff.processes import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "black leather mini skirt"
@@ -30,7 +30,7 @@ SIDE = 64  # model.resolution of the served tiny models
 def served(tmp_path_factory) -> Path:
     """``models/base/{prior,decoder}`` and ``models/{prior,decoder}`` (other random weights: the
     "tuned" one), a photo, a non-image named .png, a params.yaml pointing at the base."""
-    from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
+    from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 
     root = tmp_path_factory.mktemp("served")
     texts = [PROMPT, "white cotton shirt", "blue denim jacket", "red silk dress"] * 3
@@ -94,8 +94,8 @@ def adapters(served) -> Path:
     """``served/adapters/decoder/lora``: a rank-4 LoRA adapter for the base U-Net, as training
     writes it, with random B weights (a fresh adapter's B is zero: it would change nothing)."""
     import torch
-
     from conftest import repo_params
+
     from fashiondiff.models.loader import load_component
     from fashiondiff.train.lora import add_lora, save_adapter
 

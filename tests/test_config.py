@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import REPO, params_tree, repo_params
-from fashiondiff.config import ParamsView, declared_params, params_from_dict, stage_params
+
+from fashiondiff.config.schema import params_from_dict
+from fashiondiff.config.view import ParamsView, declared_params, stage_params
 from fashiondiff.errors import PipelineError
 
 
@@ -29,13 +30,13 @@ def test_a_declared_section_opens_everything_under_it_and_nothing_else():
 def test_flat_records_only_declared_keys():
     flat = view(["lr", "train", "model.prior"]).flat()
     assert "lr" in flat and "train.warmup_steps" in flat and "model.prior" in flat
-    assert not any(k.startswith(("evaluate", "embedded", "model.decoder", "mlflow")) for k in flat)
+    assert not any(k.startswith(("evaluate", "standin", "model.decoder", "mlflow")) for k in flat)
 
 
 def test_stage_params_use_the_stages_own_list_in_dvc_yaml():
     assert "prior" in declared_params("train_prior", REPO) and "decoder" not in declared_params("train_prior", REPO)
     assert declared_params("extract", REPO) == ["data.caption", "data.chunk_size", "data.workers"]  # foreach
-    assert "embedded.synthetic" in declared_params("synthesize", REPO)  # embedded/dvc.yaml
+    assert "standin.synthetic" in declared_params("synthesize", REPO)  # standin/dvc.yaml
     params = stage_params("extract", REPO / "params.yaml", REPO)
     assert params.data.chunk_size == 256
     with pytest.raises(PipelineError, match="params key seed"):
@@ -77,3 +78,30 @@ def test_exponent_floats_dvc_writes_read_back_as_floats():
     assert params_from_dict(yaml.safe_load(text)).lr == 1e-05
     with pytest.raises(PipelineError, match="lr must be a float"):
         repo_params(lr="fast")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t["train"].update(warmup_stepz=3), r"params: unknown key train\.warmup_stepz \(known: adam_beta1, "),
+    (lambda t: t.update(decoder=None), r"params: decoder must be a mapping, got NoneType"),
+    (lambda t: t["decoder"].update(gradient_checkpointing="yes"),
+     r"params: decoder\.gradient_checkpointing must be true or false, got 'yes'"),
+    (lambda t: t.update(batch_size=32.0), r"params: batch_size must be an integer, got 32\.0"),
+    (lambda t: t["train"].update(lr_schedule="step"),
+     r"params: train\.lr_schedule must be constant_with_warmup, cosine or linear"),
+    (lambda t: t["prior"].update(lora_rank=4, trainable="blocks"),
+     r"params: prior\.lora_rank > 0 trains a LoRA adapter and nothing else, so prior\.trainable must be all"),
+    (lambda t: t["train"].update(checkpoint_every=3, gradient_accumulation_steps=2),
+     r"train\.checkpoint_every must be a multiple of train\.gradient_accumulation_steps"),
+])
+def test_pydantic_errors_read_as_one_line_naming_the_key(change, message):
+    tree = params_tree()
+    change(tree)
+    with pytest.raises(PipelineError, match=message):
+        params_from_dict(tree)
+
+
+def test_params_are_read_only():
+    with pytest.raises(Exception):
+        repo_params().train.warmup_steps = 3
+    with pytest.raises(AttributeError, match="params are read-only"):
+        view(["train"]).lr = 1.0

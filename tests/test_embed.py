@@ -10,12 +10,24 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from pipeline_fixtures import (  # noqa: F401
+    TINY_SPEC,
+    extracted,
+    run_stage,
+    stage_params,
+    tiny_base,
+    train_cache,
+)
 
-from fashiondiff.embed.cache import (
-    clip_pixels, encode_images, encode_texts, load_encoders, movq_pixels, open_cache,
+from fashiondiff.cache.reader import open_cache
+from fashiondiff.embed.encoders import (
+    clip_pixels,
+    encode_images,
+    encode_texts,
+    load_encoders,
+    movq_pixels,
 )
 from fashiondiff.errors import PipelineError
-from pipeline_fixtures import TINY_SPEC, extracted, run_stage, stage_params, tiny_base, train_cache  # noqa: F401
 
 
 def _on_the_fly(enc, extracted, rows) -> dict[str, torch.Tensor]:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import replaced, repo_params
+from inception_fixtures import inception_weights  # noqa: F401
 from PIL import Image
 
-from conftest import repo_params
 from fashiondiff.data.split import select_split
 from fashiondiff.evaluate.run import ModelPair, choose_prompts, evaluate
-from inception_fixtures import inception_weights  # noqa: F401
 
 NAMES = ["black leather mini skirt", "white cotton shirt", "blue denim jacket", "red silk dress",
          "grey wool coat", "green linen trousers", "yellow rain jacket", "pink knit sweater"]
@@ -56,7 +55,7 @@ def extracted_folder(folder, names, poses, rng, first_product=100):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
+    from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 
     root = tmp_path_factory.mktemp("evaluate")
     save_pipelines(build_tiny((NAMES + OBJECTS) * 2, TinySpec(clip_image_size=32, clip_patch_size=16)),
@@ -65,11 +64,11 @@ def setup(tmp_path_factory):
     folders = {"catalogue": extracted_folder(root / "validation", NAMES, 2, rng),
                "generic": extracted_folder(root / "generic", OBJECTS, 1, rng, first_product=500)}
     base = repo_params()
-    params = dataclasses.replace(
+    params = replaced(
         base, clip_image_size=32, diffusion_steps=2,
-        data=dataclasses.replace(base.data, holdout_fraction=0.5),
-        model=dataclasses.replace(base.model, resolution=64),  # MoVQ factor 8: sizes step by 64
-        evaluate=dataclasses.replace(base.evaluate, num_prompts=3, prior_steps=2, batch_size=2,
+        data=replaced(base.data, holdout_fraction=0.5),
+        model=replaced(base.model, resolution=64),  # MoVQ factor 8: sizes step by 64
+        evaluate=replaced(base.evaluate, num_prompts=3, prior_steps=2, batch_size=2,
                                      r_precision_candidates=4, workers=1),
     )
     return root, folders, params
@@ -77,7 +76,7 @@ def setup(tmp_path_factory):
 
 def run(setup, name, **evaluate_params):
     root, folders, params = setup
-    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, **evaluate_params))
+    params = replaced(params, evaluate=replaced(params.evaluate, **evaluate_params))
     pair = ModelPair(str(root / "models" / "prior"), str(root / "models" / "decoder"))
     tracker = RecordingTracker()
     report = evaluate(folders, pair, pair, params, root / name, tracker)

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
+from inception_fixtures import inception_weights, make_images  # noqa: F401
 from PIL import Image
 
 from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate.fid import inception_fid
 from fashiondiff.evaluate.run import to_uint8
-from inception_fixtures import inception_weights, make_images  # noqa: F401
 
 REL_TOL = 1e-3  # the implementations agree to <= 4e-5; the two resizes differ by >= 0.25
 

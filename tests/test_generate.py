@@ -17,7 +17,7 @@ FAST = ["--steps", "2", "--prior-steps", "2", "--height", "64", "--width", "64"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines
+    from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 
     root = tmp_path_factory.mktemp("generate")
     texts = ["black leather mini skirt", "white cotton shirt", "blue denim jacket"] * 4

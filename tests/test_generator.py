@@ -4,21 +4,21 @@ generic domain; the U-Net in a second process gives exactly what it gives in thi
 from __future__ import annotations
 
 import copy
-import dataclasses
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
 import torch
+from conftest import replaced
 
-from fashiondiff.config import GeneratorParams, PretrainParams
+from fashiondiff.cache.reader import open_cache
+from fashiondiff.config.schema import GeneratorParams, PretrainParams
 from fashiondiff.data.fashiongen import read_rows
-from fashiondiff.embed.cache import open_cache
-from fashiondiff.embedded import generator as gen
-from fashiondiff.embedded import pretrain as pt
-from fashiondiff.embedded.synthetic import GENERIC, write_synthetic
-from fashiondiff.embedded.tiny import TinySpec, build_tiny
+from fashiondiff.standin import generator as gen
+from fashiondiff.standin import pretrain as pt
+from fashiondiff.standin.synthetic import GENERIC, write_synthetic
+from fashiondiff.standin.tiny import TinySpec, build_tiny
 from fashiondiff.train.loop import weights_digest
 
 SPEC = TinySpec(clip_image_size=64, clip_patch_size=16)
@@ -83,6 +83,6 @@ def test_a_finished_pretraining_resumes_from_its_checkpoint_and_other_params_sta
     gen.pretrain_generator(again, cache, GENERATOR, seed=0, checkpoints=tmp_path)
     assert "resumed from step 9 of 9" in capsys.readouterr().out
     assert weights_digest(again.unet) == weights_digest(first.unet)
-    other = dataclasses.replace(GENERATOR, lr=1e-3)
+    other = replaced(GENERATOR, lr=1e-3)
     gen.pretrain_generator(copy.deepcopy(parts), cache, other, seed=0, checkpoints=tmp_path)
     assert "starting afresh" in capsys.readouterr().out

@@ -4,7 +4,6 @@ on the tiny models, as under `dvc repro`; the kill -9 resume test is in test_tra
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -13,14 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import replaced, repo_params
 from PIL import Image
+from pipeline_fixtures import (  # noqa: F401
+    REPO,
+    extracted,
+    run_stage,
+    stage_params,
+    tiny_base,
+    train_cache,
+)
 from safetensors.torch import load_file
 
-from conftest import repo_params
 from fashiondiff.errors import PipelineError
 from fashiondiff.train.lora import ADAPTER_FILE, add_lora, load_adapter
 from fashiondiff.train.run import fingerprint
-from pipeline_fixtures import REPO, extracted, run_stage, stage_params, tiny_base, train_cache  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 
@@ -80,7 +86,7 @@ def test_checkpoint_fingerprint_covers_the_lora_params():
     params = repo_params()
     base = fingerprint("decoder", params, {"fingerprint": "cache"})
     for change in ({"lora_rank": 4}, {"lora_alpha": 8.0}, {"lora_dropout": 0.1}, {"lora_targets": "to_q"}):
-        changed = dataclasses.replace(params, decoder=dataclasses.replace(params.decoder, **change))
+        changed = replaced(params, decoder=replaced(params.decoder, **change))
         assert fingerprint("decoder", changed, {"fingerprint": "cache"}) != base, change
 
 
@@ -109,7 +115,7 @@ def test_default_targets_adapt_every_attention_and_freeze_the_base(tiny_base, ki
 
 
 def test_targets_that_match_nothing_name_the_key(tiny_base):
-    section = dataclasses.replace(repo_params().prior, lora_rank=4, lora_targets="no_such_proj")
+    section = replaced(repo_params().prior, lora_rank=4, lora_targets="no_such_proj")
     with pytest.raises(PipelineError, match=r"params: prior\.lora_targets='no_such_proj' matches no module"):
         add_lora(_load(tiny_base, "prior"), section, "prior")
 

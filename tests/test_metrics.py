@@ -5,18 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fashiondiff.evaluate.clip import ClipEncoder, clip_score, count_truncated
+from fashiondiff.evaluate.fid import inception_fid
 from fashiondiff.evaluate.metrics import (
-    ClipEncoder,
     GaussianStats,
-    clip_score,
-    count_truncated,
     frechet_distance,
     frechet_distance_from_features,
-    inception_fid,
     r_precision,
     r_precision_candidates,
 )
-
 
 
 def reference_fd(mu1, s1, mu2, s2) -> float:
@@ -123,7 +120,7 @@ def test_r_precision_on_hand_made_vectors():
 
 @pytest.fixture(scope="module")
 def tiny_prior():
-    from fashiondiff.embedded.tiny import TinySpec, build_tiny, prior_pipeline
+    from fashiondiff.standin.tiny import TinySpec, build_tiny, prior_pipeline
 
     texts = ["black leather mini skirt", "white cotton shirt", "blue denim jacket"] * 4
     return prior_pipeline(build_tiny(texts, TinySpec(clip_image_size=32, clip_patch_size=16)))

@@ -4,7 +4,6 @@ load and generate in plain diffusers, and a loader that never downloads."""
 from __future__ import annotations
 
 import copy as copy_module
-import dataclasses
 import os
 import subprocess
 import sys
@@ -14,25 +13,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import replaced
 from diffusers import (
     DDIMScheduler,
     KandinskyImg2ImgPipeline,
     KandinskyPipeline,
     KandinskyPriorPipeline,
     PriorTransformer,
-    UNet2DConditionModel,
     UnCLIPScheduler,
+    UNet2DConditionModel,
     VQModel,
 )
 from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-from fashiondiff.config import GeneratorParams, PretrainParams
+from fashiondiff.config.schema import GeneratorParams, PretrainParams
 from fashiondiff.errors import PipelineError
-from fashiondiff.embedded import pretrain as pt
 from fashiondiff.models.loader import load_decoder, load_prior
-from fashiondiff.embedded.tiny import TinySpec, build_tiny, save_pipelines, train_tokenizers
+from fashiondiff.standin import pretrain as pt
+from fashiondiff.standin.tiny import (
+    TinySpec,
+    build_tiny,
+    save_pipelines,
+    train_tokenizers,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = TinySpec(clip_image_size=64, clip_patch_size=16)
@@ -187,7 +192,7 @@ def test_hub_id_not_in_cache_fails_fast_and_says_how_to_download():
 
 def test_pretraining_is_deterministic_from_the_seed():
     images, captions, _ = shapes_data()
-    config = dataclasses.replace(CONFIG, clip_steps=2, movq_steps=2, mclip_steps=2, batch_size=4)
+    config = replaced(CONFIG, clip_steps=2, movq_steps=2, mclip_steps=2, batch_size=4)
     parts = build_tiny(captions, SPEC, seed=3)
     runs = []
     for copy in (copy_module.deepcopy(parts), copy_module.deepcopy(parts)):
@@ -235,7 +240,7 @@ def test_case_variants_and_hard_negative_batches():
 
 TOKENIZER_FILES = """
 import hashlib, sys, tempfile, pathlib
-from fashiondiff.embedded.tiny import TinySpec, train_tokenizers
+from fashiondiff.standin.tiny import TinySpec, train_tokenizers
 captions = sys.stdin.read().splitlines()
 digests = []
 for tok in train_tokenizers(captions, TinySpec()):
@@ -248,7 +253,7 @@ print(" ".join(digests))
 
 def test_tokenizer_files_are_identical_across_processes():
     """The `tokenizers` trainers order ties by a per-process hash: ours must not."""
-    from fashiondiff.embedded.synthetic import _catalogue
+    from fashiondiff.standin.synthetic import _catalogue
 
     captions = [p.text["input_name"] for p in _catalogue(40, 1, seed=0, first_product_id=0)[0]]
     outputs = set()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fashiondiff.tracking import stop_process_group
+from fashiondiff.processes import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).with_name("dvc")
@@ -29,7 +29,7 @@ TERMINAL = 200  # columns of the terminal `dvc exp show` must fit its headline i
 
 SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps kept
     "epochs": 2, "diffusion_steps": 4,
-    "embedded": {"synthetic": {"train_products": 6, "validation_products": 3, "poses_per_product": 2,
+    "standin": {"synthetic": {"train_products": 6, "validation_products": 3, "poses_per_product": 2,
                                "generic_train_items": 4, "generic_validation_items": 3},
                  "pretrain": {"clip_steps": 4, "movq_steps": 4, "mclip_steps": 4, "batch_size": 8,
                               "generator": {"prior_epochs": 2, "unet_epochs": 2, "batch_size": 4,
@@ -90,18 +90,18 @@ def project(tmp_path_factory) -> Path:
 
 
 def dvc_stages(root: Path) -> dict[str, dict]:
-    """Every stage of dvc.yaml and embedded/dvc.yaml by name (foreach stages once)."""
+    """Every stage of dvc.yaml and standin/dvc.yaml by name (foreach stages once)."""
     stages = {}
-    for name in ("dvc.yaml", "embedded/dvc.yaml"):
+    for name in ("dvc.yaml", "standin/dvc.yaml"):
         for stage, body in yaml.safe_load((root / name).read_text())["stages"].items():
             stages[stage] = body.get("do", body)
     return stages
 
 
 def lock_md5s(root: Path) -> dict[str, str]:
-    """path -> md5 of every output in dvc.lock and embedded/dvc.lock."""
+    """path -> md5 of every output in dvc.lock and standin/dvc.lock."""
     found = {}
-    for name in ("dvc.lock", "embedded/dvc.lock"):
+    for name in ("dvc.lock", "standin/dvc.lock"):
         for stage in yaml.safe_load((root / name).read_text())["stages"].values():
             for out in stage.get("outs", []):
                 found[out["path"]] = out["md5"]
@@ -156,7 +156,7 @@ def test_params_comments_name_the_stages_that_declare_each_key(project):
             for p in body.get("params", []))}
         assert named == declaring, (dotted, sorted(named), sorted(declaring))
         checked.append(dotted)
-    assert {"lr", "data", "data.chunk_size", "embedded.pretrain", "serve"} <= set(checked), checked
+    assert {"lr", "data", "data.chunk_size", "standin.pretrain", "serve"} <= set(checked), checked
 
 
 def test_repro_leaves_every_declared_output(project):
@@ -292,7 +292,6 @@ def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experi
     one row per pipeline run, among them both README experiments with their lr, and the
     catalogue's fd_clip of each as shown in MLflow."""
     import mlflow
-
     from browser import chromium, wait
     from serving_fixtures import free_port
 
@@ -390,12 +389,12 @@ def test_real_inputs_run_no_stand_in_stage(project):
     params["serve"]["max_log_mb"] = 0  # as real weights are: too large to log (register skips it)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dry = sh(project, str(DVC), "repro", "--dry")
-    assert "embedded/dvc.yaml" not in dry and "Running stage 'evaluate'" in dry, dry
+    assert "standin/dvc.yaml" not in dry and "Running stage 'evaluate'" in dry, dry
     ran = sh(project, str(DVC), "repro")
-    assert "embedded/dvc.yaml" not in ran, ran
-    synthetic = project / "src/fashiondiff/embedded/synthetic.py"
+    assert "standin/dvc.yaml" not in ran, ran
+    synthetic = project / "src/fashiondiff/standin/synthetic.py"
     synthetic.write_text(synthetic.read_text() + "\n# an edit to the stand-in\n")
     status = sh(project, str(DVC), "status")
     stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
-    assert "embedded/dvc.yaml:synthesize" in stale, status
-    assert all(s.startswith("embedded/dvc.yaml:") or s == "register" for s in stale), status  # register: always
+    assert "standin/dvc.yaml:synthesize" in stale, status
+    assert all(s.startswith("standin/dvc.yaml:") or s == "register" for s in stale), status  # register: always

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import os
@@ -15,12 +14,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import replaced
 from PIL import Image
-
-from fashiondiff.config import ParamsView, declared_params, load_params, stage_params
-from fashiondiff.generate import Sampling
-from fashiondiff.tracking import Tracker, stage_run
 from serving_fixtures import PROMPT, REPO, SIDE, free_port, served, server  # noqa: F401
+
+from fashiondiff.config.schema import load_params
+from fashiondiff.config.view import ParamsView, declared_params, stage_params
+from fashiondiff.sampling import Sampling
+from fashiondiff.serving.registry import log_model
+from fashiondiff.tracking import Tracker, stage_run
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy"),
               pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # mlflow's, with pandas 3
@@ -110,7 +112,7 @@ def test_a_model_that_fails_its_input_example_is_not_registered(served, tmp_path
     uri = f"sqlite:///{served / 'mlflow.db'}"
     with stage_run("register", params, tracking_uri=uri) as tracker:
         with pytest.raises(PipelineError, match="the logged model fails its input example: .*decoder"):
-            tracker.log_model(ENTRY, "broken-model", {}, artifacts={"prior": str(served / "models/prior"),
+            log_model(tracker, ENTRY, "broken-model", {}, artifacts={"prior": str(served / "models/prior"),
                                                                    "decoder": str(broken)},
                               signature=pyfunc.signature(), input_example=pyfunc.input_example(2),
                               pip_requirements=[], model_config=pyfunc.model_config(Sampling()))
@@ -123,7 +125,7 @@ def test_a_pipeline_over_the_size_cap_is_not_logged(served, capsys):
     from fashiondiff.serving.register import register
 
     params = load_params(served / "params.yaml")
-    never = dataclasses.replace(params, serve=dataclasses.replace(params.serve, max_log_mb=0.0))
+    never = replaced(params, serve=replaced(params.serve, max_log_mb=0.0))
     view = ParamsView(never, "register", frozenset(declared_params("register", REPO)))
     assert register(served / "models", view, Tracker("register")) == ""
     assert "over serve.max_log_mb 0: not logged (raise serve.max_log_mb" in capsys.readouterr().err

@@ -14,10 +14,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from browser import chromium
 from browser import wait as wait_until
+from PIL import Image
 from serving_fixtures import PROMPT, SIDE, adapters, free_port, python, served, server  # noqa: F401
 
 UPLOAD_CAP_MB = 0.05  # the photo is ~6 KB, big.png ~120 KB

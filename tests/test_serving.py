@@ -3,7 +3,6 @@ page's backend (base and tuned side by side, a missing folder, LoRA on the base)
 
 from __future__ import annotations
 
-import base64
 import io
 import shutil
 from dataclasses import replace
@@ -11,13 +10,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from PIL import Image
+from serving_fixtures import PROMPT, SIDE, adapters, served  # noqa: F401
 
 from fashiondiff.errors import PipelineError
-from fashiondiff.generate import Sampling
+from fashiondiff.sampling import Sampling
 from fashiondiff.serving.engine import Limits, Request, check_request
 from fashiondiff.serving.images import b64decode_photo, open_photo, png_base64
 from fashiondiff.serving.studio import Side, Studio, find_adapters
-from serving_fixtures import PROMPT, SIDE, adapters, served  # noqa: F401
 
 FAST = Sampling(steps=2, prior_steps=2, height=SIDE, width=SIDE)
 

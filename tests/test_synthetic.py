@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -12,14 +11,21 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from conftest import params_tree, replaced
 from PIL import Image
 
-from fashiondiff.config import SyntheticParams
-from fashiondiff.embedded import generic, synthetic
-from fashiondiff.embedded.synthetic import COLOURS, GARMENTS, Pose, Product, render, synthesize
-from fashiondiff.embedded.synthetic import write_synthetic
+from fashiondiff.config.schema import SyntheticParams
 from fashiondiff.errors import PipelineError
-from conftest import params_tree
+from fashiondiff.standin import generic, synthetic
+from fashiondiff.standin.synthetic import (
+    COLOURS,
+    GARMENTS,
+    Pose,
+    Product,
+    render,
+    synthesize,
+    write_synthetic,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_KEYS = {"input_name", "input_description", "input_category", "input_subcategory",
@@ -112,7 +118,8 @@ def test_materials_are_drawn_differently():
 
 
 def sizes(train=3, validation=2, poses=1, generic_train=2, generic_validation=1) -> SyntheticParams:
-    return SyntheticParams(train, validation, poses, generic_train, generic_validation)
+    return SyntheticParams(train_products=train, validation_products=validation, poses_per_product=poses,
+                           generic_train_items=generic_train, generic_validation_items=generic_validation)
 
 
 def test_synthesize_four_files_with_disjoint_products(tmp_path):
@@ -164,7 +171,7 @@ def test_a_wall_always_stands_out_from_the_object():
 
 
 def test_stage_writes_the_four_files(tmp_path):
-    tree = params_tree(**{"seed": 3, "embedded.synthetic": {
+    tree = params_tree(**{"seed": 3, "standin.synthetic": {
         "train_products": 2, "validation_products": 1, "poses_per_product": 2,
         "generic_train_items": 2, "generic_validation_items": 1}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
@@ -177,7 +184,7 @@ def test_stage_writes_the_four_files(tmp_path):
 
 @pytest.mark.parametrize("which", ["validation_products", "generic_train_items", "poses_per_product"])
 def test_synthesize_rejects_empty_sizes_naming_the_param(tmp_path, which):
-    bad = dataclasses.replace(sizes(), **{which: 0})
+    bad = replaced(sizes(), **{which: 0})
     with pytest.raises(PipelineError, match=f"synthetic.{which}"):
         synthesize(tmp_path / "out", bad, seed=0)
     assert os.listdir(tmp_path) == []

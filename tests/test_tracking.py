@@ -6,7 +6,6 @@ Run: PYTHONPATH=src python -m pytest tests/test_tracking.py
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -19,11 +18,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import REPO, replaced, repo_params
 
-from conftest import REPO, repo_params
-from fashiondiff.errors import PipelineError
 from fashiondiff import tracking
-from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run, stop_process_group
+from fashiondiff.commands import ui
+from fashiondiff.errors import PipelineError
+from fashiondiff.processes import stop_process_group
+from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run
 
 # mlflow's own SQLAlchemy models trigger this; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
@@ -33,13 +34,13 @@ EXPERIMENT = repo_params().mlflow.experiment
 
 # One "stage": a few step metrics, stage params, a summary and a small artefact.
 STAGE = textwrap.dedent("""
-    import dataclasses, sys
+    import sys
     from pathlib import Path
-    from fashiondiff.config import load_params
+    from fashiondiff.config.schema import load_params
     from fashiondiff.tracking import stage_run
 
     stage, uri, lr, params_file = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
-    params = dataclasses.replace(load_params(params_file), lr=lr)
+    params = load_params(params_file).model_copy(update={"lr": lr})
     note = Path(f"{stage}.txt")
     note.write_text(stage)
     with stage_run(stage, params, tracking_uri=uri) as tracker:
@@ -129,7 +130,7 @@ def test_two_stage_processes_share_one_parent(local_stage):
         art = tmp_path / "mlartifacts" / child.info.run_id / "artifacts" / "notes"
         assert (art / f"{child.info.run_name}.txt").read_text() == child.info.run_name
 
-    with stage_run("train", dataclasses.replace(repo_params(), lr=0.001)):  # in-process: same cwd
+    with stage_run("train", replaced(repo_params(), lr=0.001)):  # in-process: same cwd
         pass
     parents = _search(client, exp_id, PARENTS)
     assert sorted(p.data.params["lr"] for p in parents) == ["0.0005", "0.001"]
@@ -163,19 +164,19 @@ def test_runs_view_shows_changed_params_and_headline_metrics(local_stage):
 
     params = repo_params()
     with pytest.raises(PipelineError, match="has no pipeline run yet: run `make repro` first"):
-        tracking.publish_runs_view(params, ["train.loss"], ["lr"])
-    for changed in (params, dataclasses.replace(params, lr=0.001, seed=7)):
+        ui.publish_runs_view(params, ["train.loss"], ["lr"])
+    for changed in (params, replaced(params, lr=0.001, seed=7)):
         with stage_run("train", changed) as tracker:
             tracker.log_summary({"loss": 0.25})
             tracker.log_image(Image.new("RGB", (4, 4)), "samples/grid.png", parent_name="grid.png")
-    address = tracking.publish_runs_view(params, ["train.loss"], ["lr"])
+    address = ui.publish_runs_view(params, ["train.loss"], ["lr"])
     client, exp_id = _client(local_stage / "mlflow.db")
     assert address == (f"#/experiments/{exp_id}/runs?workflowType=machine_learning"
-                       f"&viewStateShareKey={tracking.RUNS_VIEW_ID}")
+                       f"&viewStateShareKey={ui.RUNS_VIEW_ID}")
     tags = client.get_experiment(exp_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
-    view = json.loads(tags[f"mlflow.sharedViewState.{tracking.RUNS_VIEW_ID}"])
-    assert view["name"] == tracking.RUNS_VIEW_NAME and isinstance(view["createdAt"], int)
+    view = json.loads(tags[f"mlflow.sharedViewState.{ui.RUNS_VIEW_ID}"])
+    assert view["name"] == ui.RUNS_VIEW_NAME and isinstance(view["createdAt"], int)
     state = json.loads(view["state"])
     assert state["selectedColumns"] == ["params.`lr`", "params.`seed`", "metrics.`train.loss`"]
     assert state["columnOrder"][-3:] == state["selectedColumns"]
@@ -199,7 +200,7 @@ def test_many_and_long_params_are_batched(local_stage):
 def test_pipeline_key(local_stage, monkeypatch):
     base = pipeline_identity(repo_params())
     assert base == pipeline_identity(repo_params())  # no time, no randomness
-    assert pipeline_identity(dataclasses.replace(repo_params(), lr=0.001))["key"] != base["key"]
+    assert pipeline_identity(replaced(repo_params(), lr=0.001))["key"] != base["key"]
     monkeypatch.setenv("DVC_STAGE", "train_prior")
     repro = pipeline_identity(repo_params())
     assert repro["exp_name"] == "repro" and repro["key"] != base["key"]

@@ -16,14 +16,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline_fixtures import (  # noqa: F401
+    REPO,
+    extracted,
+    run_stage,
+    stage_params,
+    tiny_base,
+    train_cache,
+)
 from safetensors.torch import load_file
 
-from fashiondiff.embed.cache import open_cache
+from fashiondiff.cache.reader import open_cache
 from fashiondiff.models.loader import load_decoder, load_prior
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.loop import step_generator
 from fashiondiff.train.prior import PriorTask
-from pipeline_fixtures import REPO, extracted, run_stage, stage_params, tiny_base, train_cache  # noqa: F401
 
 
 def train_args(root: Path, kind: str, cache: Path) -> list:
@@ -183,7 +190,7 @@ def test_training_loads_only_its_network_and_saves_a_complete_pipeline(tmp_path,
     diffusers. Untouched files are byte-identical copies of the base folder's."""
     from diffusers import KandinskyPipeline, KandinskyPriorPipeline
 
-    from fashiondiff.config import params_from_dict
+    from fashiondiff.config.schema import params_from_dict
     from fashiondiff.train.run import make_task, save_pipeline
 
     params = params_from_dict(stage_params(tiny_base))

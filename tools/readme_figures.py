@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from fashiondiff.tracking import stop_process_group
+from fashiondiff.processes import stop_process_group
 
 PROMPT = "black leather mini skirt"  # the method's prompt (evaluate's image + text figure)
 PHOTO = "data/extracted/validation/images/0000000.png"  # a held-out catalogue photo
@@ -49,8 +49,8 @@ NAMES = ("generate_examples", "mlflow", "serve_page")
 def generate_examples(out: Path) -> None:
     from PIL import Image
 
+    from fashiondiff.commands.generate import defaults, generate
     from fashiondiff.evaluate.figures import beside, fit, titled
-    from fashiondiff.generate import defaults, generate
 
     sampling = defaults("params.yaml")
     with tempfile.TemporaryDirectory(prefix="figures-") as work:

@@ -1,48 +1,8 @@
-"""Command line: ``fashiondiff <command> ...`` (or ``python -m fashiondiff <command> ...``).
+"""``python -m fashiondiff``: the command line (``fashiondiff.commands.main``)."""
 
-Usage::
-
-    fashiondiff --help
-    fashiondiff generate "black leather mini skirt" --model models --out skirt.png
-    fashiondiff serve                # the web page, http://127.0.0.1:7860
-    fashiondiff ui                   # the MLflow UI on the pipeline runs, http://127.0.0.1:5000
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from typing import Sequence
 
-from fashiondiff import __version__, generate, ui
-from fashiondiff.errors import cli
-from fashiondiff.serving import web
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fashiondiff",
-        description="Kandinsky 2.1 fine-tuned on FashionGen: generate images from the trained models, "
-                    "serve them, or look at the pipeline runs in MLflow.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    generate.add_parser(commands)
-    web.add_parser(commands)
-    ui.add_parser(commands)
-    return parser
-
-
-@cli
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.print_help(sys.stderr)
-        return 2
-    args.func(args)
-    return 0
-
+from fashiondiff.commands.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

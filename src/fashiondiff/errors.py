@@ -24,7 +24,6 @@ def cli(main: F) -> F:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        _one_thread_per_process()
         try:
             return main(*args, **kwargs)
         except PipelineError as exc:
@@ -42,18 +41,3 @@ def cli(main: F) -> F:
 
     return wrapper  # type: ignore[return-value]
 
-
-def _one_thread_per_process() -> None:
-    """One intra-op thread per process unless OMP_NUM_THREADS says otherwise.
-
-    Measured here (2 cores): the tiny U-Net's training step took 0.3 s with one
-    thread and 6 s with two once anything else ran beside it (OpenMP threads spin
-    and fight). Our stages use the second core through processes instead
-    (extract's pool, embed's image loader, `accelerate launch`).
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""MLflow tracking: one parent run per pipeline run, one nested child run per stage.
+"""MLflow tracking of the stages: one parent run per pipeline run, one nested child run per stage.
 
 Usage, in a stage::
 
@@ -21,15 +21,11 @@ that only holds the stages DVC actually re-ran.
 The parent's status follows the last stage that ran: RUNNING while a stage runs,
 then that stage's FINISHED / FAILED / KILLED.
 
-``tracker.log_model`` logs a pyfunc model on the stage's run and registers it in the
-Model Registry, each version tagged with the pipeline's git commit and DVC experiment.
-
 The experiment is tagged ``mlflow.experimentKind`` = ``custom_model_development``, the tag
 MLflow 3's UI reads (where its "workflow-based navigation" is off) to show a training
-experiment's runs table instead of the GenAI traces layout. ``publish_runs_view`` saves the
-view a newcomer wants (one row per pipeline run, the params that differ and the headline
-metrics as columns) as an MLflow saved view and returns its address; ``serve_ui`` starts
-``mlflow ui`` on the tracking store (``fashiondiff ui``).
+experiment's runs table instead of the GenAI traces layout. The Model Registry is the
+``register`` stage's (``fashiondiff.serving.registry``); the UI's saved view is
+``fashiondiff ui``'s (``fashiondiff.commands.ui``).
 
 ``FASHIONDIFF_TRACKING=off`` turns every call into a no-op (mlflow is not imported).
 Run ids are random: never write them (or anything else from here) into stage outputs.
@@ -48,9 +44,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator
 
-from fashiondiff.config import Params, load_params
+from fashiondiff.config.schema import Params, load_params
 from fashiondiff.errors import PipelineError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,24 +61,12 @@ TAG_EXP_NAME = "dvc.exp_name"
 TAG_BASELINE = "dvc.baseline_rev"
 TAG_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
-TAG_PIPELINE_RUN = "fashiondiff.pipeline_run"  # on model versions: the parent run's id
 # MLflow 3's UI (mlflow/server/js/src/experiment-tracking/utils/ExperimentKindUtils.ts): a kind
 # of "custom_model_development" shows the runs table ("Machine learning"), none the GenAI layout.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-# MLflow 3's saved views (constants.ts, savedViewEnvelope.ts): an experiment tag
-# "mlflow.sharedViewState.<id>" holding {"name", "createdAt", "state": JSON of the page's UI
-# state}, opened by ...#/experiments/<id>/runs?viewStateShareKey=<id>. MLflow 3.17's UI takes
-# its layout from the workflowType URL parameter (else the browser's last choice, else GenAI),
-# no longer from the kind tag, so the address carries workflowType=machine_learning too.
-TAG_VIEW_PREFIX = "mlflow.sharedViewState."
-RUNS_VIEW_ID = "fashiondiff-runs"
-RUNS_VIEW_NAME = "fashiondiff: pipeline runs"
-_VALIDATION_FAILED = "Failed to validate serving input example"  # mlflow/models/model.py's warning
 
-# MLflow's limits (mlflow/utils/validation.py); older servers are stricter, not looser.
-_PARAMS_PER_BATCH = 100
-_METRICS_PER_BATCH = 1000
+# MLflow's limit on a param's value (mlflow/utils/validation.py); log_batch splits batches itself.
 _MAX_PARAM_VALUE = 6000
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9_.@:/-]+$")
 
@@ -100,30 +84,30 @@ class Tracker:
         self.run_id = run_id
         self.parent_run_id = parent_run_id
         self.tracking_uri = tracking_uri
-        self._client = client  # None: tracking is off, every method is a no-op
+        self.client = client  # None: tracking is off, every method is a no-op
         self._last_step = 0
 
     @property
     def enabled(self) -> bool:
         """False when tracking is off: every method is a no-op."""
-        return self._client is not None
+        return self.client is not None
 
     def log_params(self, params: dict) -> None:
         """Stage-specific params on the child run (values stringified, batched by 100)."""
-        if self._client is not None:
-            _log_params(self._client, self.run_id, params)
+        if self.client is not None:
+            _log_params(self.client, self.run_id, params)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Per-step values on the child run, in one request."""
-        if self._client is not None:
-            _log_metrics(self._client, self.run_id, metrics, step)
+        if self.client is not None:
+            _log_metrics(self.client, self.run_id, metrics, step)
             self._last_step = max(self._last_step, int(step or 0))
 
     def log_curve(self, name: str, points: list[tuple[int, float]]) -> None:
         """A whole per-step curve at once, (step, value) pairs, in batched requests: for curves
         computed in another process (the stand-in's pre-training), logged when it is done."""
-        if self._client is not None and points:
-            _log_points(self._client, self.run_id, name, points)
+        if self.client is not None and points:
+            _log_points(self.client, self.run_id, [(name, s, v) for s, v in points])
             self._last_step = max(self._last_step, max(int(s) for s, _ in points))
 
     def log_summary(self, metrics: dict[str, float]) -> None:
@@ -132,23 +116,23 @@ class Tracker:
         On the child they go at the last step logged, so that they are the run's
         latest value even for a key that also has a per-step curve.
         """
-        if self._client is None:
+        if self.client is None:
             return
-        _log_metrics(self._client, self.run_id, metrics, self._last_step)
+        _log_metrics(self.client, self.run_id, metrics, self._last_step)
         prefix = f"{self.stage}."
         up = {(k if k.startswith(prefix) else prefix + k): v for k, v in metrics.items()}
-        _log_metrics(self._client, self.parent_run_id, up, None)
+        _log_metrics(self.client, self.parent_run_id, up, None)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file, or a folder, logged under ``artifact_path/`` keeping its own name."""
-        if self._client is None:
+        if self.client is None:
             return
         path = Path(path)
         if path.is_dir():
             dest = posixpath.join(artifact_path, path.name) if artifact_path else path.name
-            self._client.log_artifacts(self.run_id, str(path), artifact_path=dest)
+            self.client.log_artifacts(self.run_id, str(path), artifact_path=dest)
         elif path.is_file():
-            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
         else:
             raise PipelineError(f"{path}: no such file or folder to log to MLflow")
 
@@ -156,59 +140,12 @@ class Tracker:
         """An image as artifact ``name`` (``.png`` appended when it has no suffix); with
         ``parent_name``, on the pipeline's parent run too, as that (where a newcomer looks first;
         at the artifact root, MLflow's compare page shows it side by side across runs)."""
-        if self._client is None:
+        if self.client is None:
             return
         for run_id, path in ((self.run_id, name), (self.parent_run_id, parent_name)):
             if path:
                 path += "" if posixpath.splitext(path)[1] else ".png"
-                self._client.log_image(run_id, image, artifact_file=path)
-
-    def find_model_version(self, name: str, tag: str, value: str) -> str:
-        """The newest version of registered model ``name`` tagged ``tag`` = ``value``, or ""."""
-        if self._client is None:
-            return ""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            versions = self._client.search_model_versions(f"name = '{name}'")
-        except MlflowException as exc:
-            raise PipelineError(f"mlflow ({_display(self.tracking_uri)}): cannot search model {name!r}: "
-                                f"{exc.message.splitlines()[0]}") from exc
-        found = [int(v.version) for v in versions if v.tags.get(tag) == value]
-        return str(max(found)) if found else ""
-
-    def log_model(self, code: str | Path, registered_name: str, tags: dict[str, str], **model) -> str:
-        """Log a pyfunc model on this stage's run and register it; return its version.
-
-        ``code`` is the file that builds the model (MLflow's models from code: nothing is
-        pickled); ``model`` are ``mlflow.pyfunc.log_model``'s keywords (artifacts,
-        signature, input_example, code_paths, pip_requirements, model_config). MLflow runs
-        the input example through the logged model; if that fails, so does this call. The
-        version is tagged with ``tags`` and the pipeline's git commit, DVC experiment, key
-        and parent run. Tracking off: nothing is logged, the version is "".
-        """
-        if self._client is None:
-            return ""
-        import mlflow
-        from mlflow.exceptions import MlflowException
-        from mlflow.models import Model
-
-        run_tags = self._client.get_run(self.run_id).data.tags
-        tags = {**tags, **{k: run_tags[k] for k in (TAG_COMMIT, TAG_EXP_NAME, TAG_KEY) if k in run_tags},
-                TAG_PIPELINE_RUN: self.parent_run_id}
-        mlflow.set_tracking_uri(self.tracking_uri)  # Model.log and register_model use the global one
-        try:
-            with _failed_validation() as failures:
-                info = Model.log(None, mlflow.pyfunc, name="model", run_id=self.run_id,
-                                 python_model=str(code), **model)
-            if failures:
-                raise PipelineError(f"mlflow: the logged model fails its input example: {failures[0]}")
-            version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
-        except MlflowException as exc:
-            raise PipelineError(f"mlflow ({_display(self.tracking_uri)}): cannot log or register model "
-                                f"{registered_name!r}: {exc.message.splitlines()[0]}") from exc
-        return str(version.version)
-
+                self.client.log_image(run_id, image, artifact_file=path)
 
 @contextlib.contextmanager
 def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[Tracker]:
@@ -269,92 +206,10 @@ def pipeline_identity(params: Params, cwd: str | Path | None = None) -> dict[str
     return identity
 
 
-def publish_runs_view(params: Params, metrics: Sequence[str], always: Sequence[str],
-                      tracking_uri: str | None = None) -> str:
-    """Save the experiment's "pipeline runs" view in MLflow; return its address below the UI root.
-
-    The view (an MLflow saved view, listed under *Views* on the runs page) shows one row per
-    pipeline run (MLflow nests each stage's run under it, collapsed) with these columns: the
-    params in ``always``, every other param whose value differs between the experiment's live
-    pipeline runs (in params.yaml's order), and ``metrics`` as the parent run names them
-    (``evaluate.catalogue.clip_score``). Written again at each call, so the columns
-    follow the runs. No pipeline run yet: a PipelineError saying so.
-    """
-    _quiet_mlflow()
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    uri = resolve_tracking_uri(tracking_uri or params.mlflow.tracking_uri)
-    name = params.mlflow.experiment
-    try:
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(name)
-        runs = [] if exp is None or exp.lifecycle_stage != "active" else client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'")
-        if not runs:
-            raise PipelineError(f"mlflow ({_display(uri)}): experiment {name!r} has no pipeline run yet: "
-                                f"run `make repro` first")
-        keys = list(dict.fromkeys([*params.flat(), *sorted({k for r in runs for k in r.data.params})]))
-        changed = [k for k in keys if k not in always and len({r.data.params.get(k) for r in runs}) > 1]
-        state = _view_state([*always, *changed[:_VIEW_MAX_CHANGED]], metrics)
-        envelope = {"name": RUNS_VIEW_NAME, "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
-        client.set_experiment_tag(exp.experiment_id, TAG_VIEW_PREFIX + RUNS_VIEW_ID, json.dumps(envelope))
-        if TAG_EXPERIMENT_KIND not in exp.tags:
-            client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
-    except MlflowException as exc:
-        raise PipelineError(f"mlflow ({_display(uri)}): {exc.message.splitlines()[0]}") from exc
-    return (f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
-            f"&viewStateShareKey={RUNS_VIEW_ID}")
-
-
-def serve_ui(tracking_uri: str, host: str, port: int) -> subprocess.Popen:
-    """Start ``mlflow ui`` (one worker) on a local tracking store, in a process group of its own
-    (its server process has children): the caller waits for it and stops it with ``stop_process_group``."""
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "ui", "--backend-store-uri",
-           resolve_tracking_uri(tracking_uri), "--host", host, "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-    try:
-        return subprocess.Popen(cmd, env=env, start_new_session=True)
-    except OSError as exc:
-        raise PipelineError(f"cannot start `mlflow ui`: {exc}") from None
-
-
-def stop_process_group(server: subprocess.Popen, grace_s: float = 15) -> None:
-    """Stop a process started in a session of its own (``serve_ui``'s, a test's server) and its
-    children: SIGTERM to its group, then SIGKILL after ``grace_s``."""
-    import signal
-
-    with contextlib.suppress(ProcessLookupError):  # the group, even if its leader has exited
-        os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
 # -- internals ---------------------------------------------------------------------------
 
-_VIEW_MAX_CHANGED = 12  # more differing params than this: the rest stay under *Columns*
-# The runs table's own leading columns (ag-grid column ids in MLflow 3.17's bundle): listed
-# first in columnOrder, which is also what makes the UI apply columnWidths at all.
-_VIEW_LEADING = ("attributes.`Run Name`", "runDateAndNestInfo", "duration")
-_PX_PER_CHAR, _PX_PADDING, _PX_MIN = 6.5, 40, 96  # 13 px header font; sort icon and padding
-
-
-def _view_state(params: Sequence[str], metrics: Sequence[str]) -> dict:
-    """The runs page's UI state (ExperimentPageUIState.tsx): the columns by their canonical keys
-    ``params.`lr``` / ``metrics.`name``` (makeCanonicalSortKey), in this order (params first),
-    each wide enough for its name."""
-    columns = [f"params.`{k}`" for k in params] + [f"metrics.`{m}`" for m in metrics]
-    widths = {col: max(_PX_MIN, round(_PX_PADDING + _PX_PER_CHAR * len(col.split("`")[1]))) for col in columns}
-    return {"selectedColumns": columns, "columnOrder": [*_VIEW_LEADING, *columns], "columnWidths": widths}
-
-
 def _open(stage: str, params: Params, uri: str):
-    _quiet_mlflow()
+    quiet_mlflow()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -371,9 +226,9 @@ def _open(stage: str, params: Params, uri: str):
         _supersede(client, exp_id, parent_id, stage, keep=child.info.run_id)
         client.update_run(parent_id, status="RUNNING")
     except MlflowException as exc:
-        raise PipelineError(f"mlflow ({_display(uri)}): {exc.message.splitlines()[0]}") from exc
+        raise PipelineError(f"mlflow ({display_uri(uri)}): {exc.message.splitlines()[0]}") from exc
     print(f"mlflow: {stage} run {child.info.run_id} in pipeline run {parent_id} "
-          f"({_display(uri)}, experiment {params.mlflow.experiment})", file=sys.stderr)
+          f"({display_uri(uri)}, experiment {params.mlflow.experiment})", file=sys.stderr)
     return client, Tracker(stage, client, child.info.run_id, parent_id, uri)
 
 
@@ -396,7 +251,7 @@ def _status_for(exc: BaseException) -> str:
     return "FAILED"
 
 
-def _quiet_mlflow() -> None:
+def quiet_mlflow() -> None:
     """No emoji run links, progress bars or INFO chatter (database migrations) from mlflow."""
     import logging
 
@@ -405,27 +260,6 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-@contextlib.contextmanager
-def _failed_validation() -> Iterator[list[str]]:
-    """Collect MLflow's "input example failed" warnings: Model.log only logs them."""
-    import logging
-
-    failures: list[str] = []
-
-    class Catch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            text = record.getMessage()
-            if text.startswith(_VALIDATION_FAILED):
-                failures.append(text.rpartition("Got error: ")[2].splitlines()[0])
-
-    logger, handler = logging.getLogger("mlflow.models.model"), Catch(logging.WARNING)
-    logger.addHandler(handler)
-    try:
-        yield failures
-    finally:
-        logger.removeHandler(handler)
 
 
 def _experiment(client, name: str, uri: str) -> str:
@@ -497,27 +331,19 @@ def _supersede(client, exp_id: str, parent_id: str, stage: str, keep: str) -> No
 def _log_params(client, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
 
-    items = [Param(str(k), _text(v)) for k, v in params.items()]
-    for i in range(0, len(items), _PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[i:i + _PARAMS_PER_BATCH])
+    client.log_batch(run_id, params=[Param(str(k), _text(v)) for k, v in params.items()])
 
 
 def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int | None) -> None:
+    _log_points(client, run_id, [(k, int(step or 0), v) for k, v in metrics.items()])
+
+
+def _log_points(client, run_id: str, points: list[tuple[str, int, float]]) -> None:
+    """(name, step, value) points in one call: MlflowClient.log_batch splits it into MLflow's batch sizes."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(str(k), float(v), now, int(step or 0)) for k, v in metrics.items()]
-    for i in range(0, len(items), _METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=items[i:i + _METRICS_PER_BATCH])
-
-
-def _log_points(client, run_id: str, name: str, points: list[tuple[int, float]]) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [Metric(name, float(v), now, int(s)) for s, v in points]
-    for i in range(0, len(items), _METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=items[i:i + _METRICS_PER_BATCH])
+    client.log_batch(run_id, metrics=[Metric(name, float(v), now, int(step)) for name, step, v in points])
 
 
 def _text(value: object) -> str:
@@ -541,6 +367,6 @@ def _user() -> str:
         return "unknown"
 
 
-def _display(uri: str) -> str:
+def display_uri(uri: str) -> str:
     """The URI without credentials, for messages."""
     return re.sub(r"//[^/@]*@", "//", uri)

@@ -50,15 +50,26 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from fashiondiff.config import EDIT_STRENGTH
+from fashiondiff.config.schema import EDIT_STRENGTH
 from fashiondiff.data.split import select_split
 from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate import figures
+from fashiondiff.evaluate.clip import ClipEncoder, clip_score
+from fashiondiff.evaluate.fid import inception_fid
 from fashiondiff.evaluate.metrics import (
-    ClipEncoder, GaussianStats, clip_score, frechet_distance, inception_fid, r_precision, r_precision_candidates,
+    GaussianStats,
+    frechet_distance,
+    r_precision,
+    r_precision_candidates,
 )
-from fashiondiff.generate import Sampling, as_img2img, image_text_to_image, sampling_from_params, text_to_image
 from fashiondiff.io import atomic_dir, write_json
+from fashiondiff.sampling import (
+    Sampling,
+    as_img2img,
+    image_text_to_image,
+    sampling_from_params,
+    text_to_image,
+)
 
 EDIT_PROMPT = "black leather mini skirt"  # the method figure's prompt (image + text -> image)
 REQUIRED_COLUMNS = ("row", "product_id", "caption", "image")

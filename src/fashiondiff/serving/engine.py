@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fashiondiff.errors import PipelineError
-from fashiondiff.generate import Sampling, apply_adapters, as_img2img, image_text_to_image, text_to_image
+from fashiondiff.sampling import Sampling, apply_adapters, as_img2img, image_text_to_image, text_to_image
 
 MAX_SEED = 2**63 - 1  # seeds travel as JSON "long" (int64) in the MLflow signature
 
@@ -78,10 +78,10 @@ class Engine:
     def __init__(self, prior: str, decoder: str, device: str | None = None) -> None:
         import torch
 
-        from fashiondiff.generate import _quiet_libraries
+        from fashiondiff.sampling import quiet_libraries
         from fashiondiff.models.loader import load_decoder, load_prior
 
-        _quiet_libraries()  # no loading bars in a server's log
+        quiet_libraries()  # no loading bars in a server's log
 
         # The same choice as `fashiondiff generate` and evaluate: the GPU when there is one.
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

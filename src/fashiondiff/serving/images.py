@@ -5,6 +5,7 @@ Usage::
     photo = open_photo(Path(upload), limits)          # page upload (a server temp file)
     photo = open_photo(b64decode_photo(text, limits), limits)   # MLflow request field
     text = png_base64(image)                          # what the MLflow model returns
+    image = read_image("shirt.png", "--image")          # a file, or a one-line error naming it
 
 Messages never name the server's temporary paths: the person who uploaded sees what is
 wrong with *their* photo.
@@ -18,11 +19,25 @@ import io
 from pathlib import Path
 
 from fashiondiff.errors import PipelineError
-from fashiondiff.generate import read_image
 from fashiondiff.serving.engine import Limits
 
 PHOTO_FORMATS = "PNG, JPEG or WebP"
 MB = 1 << 20
+
+
+def read_image(path: str | Path, what: str = "--image"):
+    """An RGB PIL image, or a one-line PipelineError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such image ({what})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = type(exc).__name__ if isinstance(exc, UnidentifiedImageError) else str(exc).splitlines()[0]
+        raise PipelineError(f"{path}: cannot read image ({what}): {reason}") from None
+
 
 
 def open_photo(source: Path | bytes, limits: Limits):
@@ -36,7 +51,7 @@ def open_photo(source: Path | bytes, limits: Limits):
     if not isinstance(handle, Path):
         handle.seek(0)
     try:
-        return read_image(handle, "photo")  # generate's reader: decode, convert to RGB
+        return read_image(handle, "photo")  # decode, convert to RGB
     except PipelineError:
         raise PipelineError(f"photo: cannot decode this image ({PHOTO_FORMATS} work)") from None
 

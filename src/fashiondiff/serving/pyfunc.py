@@ -37,7 +37,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
 from fashiondiff.errors import PipelineError
-from fashiondiff.generate import Sampling
+from fashiondiff.sampling import Sampling
 from fashiondiff.serving.engine import Engine, Limits, Request, check_request
 from fashiondiff.serving.images import b64decode_photo, open_photo, png_base64
 

@@ -23,6 +23,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from fashiondiff.serving.registry import find_model_version, log_model
+
 ENTRY = Path(__file__).with_name("mlflow_model.py")  # models from code: what MLflow runs to build it
 PACKAGE = Path(__file__).resolve().parents[1]         # src/fashiondiff, shipped as the model's code/
 TAG_DIGEST = "fashiondiff.models_sha256"             # on each version: the digest of its two folders
@@ -49,7 +51,7 @@ def register(models_dir: str | Path, params, tracker) -> str:
         _say("tracking is off (FASHIONDIFF_TRACKING): not logged")
         return ""
     digest = folders_digest(folders.values())
-    version = tracker.find_model_version(name, TAG_DIGEST, digest)
+    version = find_model_version(tracker, name, TAG_DIGEST, digest)
     if version:
         _say(f"{models_dir} is byte for byte {name} version {version}: not registered again")
     else:
@@ -78,14 +80,14 @@ def requirements() -> list[str]:
 
 
 def _log(folders: dict[str, Path], params, tracker, tags: dict[str, str]) -> str:
-    from fashiondiff.generate import sampling_from_params
+    from fashiondiff.sampling import sampling_from_params
     from fashiondiff.serving import pyfunc
 
     with tempfile.TemporaryDirectory(prefix="fashiondiff-code-") as tmp:
         code = Path(tmp) / PACKAGE.name
         shutil.copytree(PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyi"))
-        return tracker.log_model(
-            ENTRY, params.serve.registered_model, tags,
+        return log_model(
+            tracker, ENTRY, params.serve.registered_model, tags,
             artifacts={part: str(folder) for part, folder in folders.items()},
             signature=pyfunc.signature(), input_example=pyfunc.input_example(EXAMPLE_STEPS),
             code_paths=[str(code)], pip_requirements=requirements(),

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fashiondiff.embed.cache import Cache
-from fashiondiff.train.prior import _tensor, drop
+from fashiondiff.cache.reader import Cache
+from fashiondiff.train.batch import drop, to_tensor
 
 
 class DecoderTask:
@@ -39,7 +39,7 @@ class DecoderTask:
 
     def batch(self, index: np.ndarray, device) -> dict[str, torch.Tensor]:
         fields = self.cache.fetch(index, ("latents", "mclip_hidden", "mclip_embeds", "image_embeds"))
-        return {k: _tensor(v, device) for k, v in fields.items()}
+        return {k: to_tensor(v, device) for k, v in fields.items()}
 
     def loss(self, model, batch, generator) -> torch.Tensor:
         latents = batch["latents"]

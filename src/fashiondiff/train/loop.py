@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fashiondiff.config import TrainParams
+from fashiondiff.config.schema import TrainParams
 from fashiondiff.errors import PipelineError
 
 

@@ -13,18 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fashiondiff.embed.cache import Cache
-
-
-def _tensor(array: np.ndarray, device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    return t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
-
-
-def drop(cond: torch.Tensor, uncond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Rows of ``cond`` where ``mask`` is True become ``uncond`` (broadcast over the batch)."""
-    shape = (-1,) + (1,) * (cond.dim() - 1)
-    return torch.where(mask.view(shape), uncond.to(cond.dtype).expand_as(cond), cond)
+from fashiondiff.cache.reader import Cache
+from fashiondiff.train.batch import drop, to_tensor
 
 
 class PriorTask:
@@ -46,7 +36,7 @@ class PriorTask:
 
     def batch(self, index: np.ndarray, device) -> dict[str, torch.Tensor]:
         fields = self.cache.fetch(index, ("image_embeds", "text_embeds", "text_hidden", "text_mask"))
-        return {k: _tensor(v, device) for k, v in fields.items()}
+        return {k: to_tensor(v, device) for k, v in fields.items()}
 
     def loss(self, model, batch, generator) -> torch.Tensor:
         prior = getattr(model, "module", model)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fashiondiff.embed.cache import cache_identity, open_cache
+from fashiondiff.cache.format import cache_identity
+from fashiondiff.cache.reader import open_cache
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir, atomic_file, write_json
 from fashiondiff.train.lora import add_lora, has_adapter, merge_adapter, save_adapter
@@ -116,8 +117,8 @@ def fingerprint(kind: str, params, cache_meta: dict) -> str:
     """What a checkpoint must share with this run to be resumed."""
     section = params.prior if kind == "prior" else params.decoder
     blob = json.dumps({
-        "kind": kind, "train": dataclasses.asdict(params.train), "schedule": dataclasses.asdict(schedule(params)),
-        "section": dataclasses.asdict(section), "cache": cache_meta["fingerprint"],
+        "kind": kind, "train": params.train.model_dump(), "schedule": dataclasses.asdict(schedule(params)),
+        "section": section.model_dump(), "cache": cache_meta["fingerprint"],
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from fashiondiff.config import seed_everything, stage_params
+from fashiondiff.config.view import stage_params
 from fashiondiff.errors import cli
+from fashiondiff.runtime import limit_threads, seed_everything
 
 
 def parse_args(kind: str, argv: list[str]) -> argparse.Namespace:
@@ -28,6 +29,7 @@ def main(kind: str, argv: list[str]) -> None:
     from fashiondiff.train.run import run_training
 
     args = parse_args(kind, argv)
+    limit_threads()
     params = stage_params(f"train_{kind}")
     seed_everything(params.seed)
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: rank 0 alone tracks

@@ -2,7 +2,7 @@
 
 Kandinsky 2.1's prior and decoder had learned to draw the world (LAION) before anyone
 fine-tuned them on a catalogue. The stand-in's learn to draw the generic domain
-(everyday objects in a room, ``fashiondiff.embedded.generic``) here, through exactly
+(everyday objects in a room, ``fashiondiff.standin.generic``) here, through exactly
 what the fine-tuning stages run: the extraction (``data.extract``), the embedding cache
 (``embed.cache``, made by the freshly pre-trained encoders), the two tasks' losses
 (``train.prior``, ``train.decoder``) and the one training loop (``train.loop``), with its
@@ -13,13 +13,12 @@ The U-Net trains in a second process (one thread each, the project's CPU rule) w
 the prior trains in this one. Usage::
 
     cache = generic_cache(parts, "data/synthetic/generic_train.h5", "{name}", 224, 64, work)
-    curves = pretrain_generator(parts, cache, params.embedded.pretrain.generator, seed=0,
+    curves = pretrain_generator(parts, cache, params.standin.pretrain.generator, seed=0,
                                 checkpoints="checkpoints/pretrain", pool=pool)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -28,10 +27,13 @@ from pathlib import Path
 
 import torch
 
-from fashiondiff.config import GeneratorParams, TrainParams, seed_everything
+from fashiondiff.config.schema import GeneratorParams, TrainParams
+from fashiondiff.runtime import seed_everything
 from fashiondiff.data.extract import extract
-from fashiondiff.embed.cache import Encoders, build_cache, open_cache
-from fashiondiff.embedded.tiny import TinyParts, split_clip
+from fashiondiff.cache.reader import open_cache
+from fashiondiff.embed.encoders import Encoders
+from fashiondiff.embed.writer import build_cache
+from fashiondiff.standin.tiny import TinyParts, split_clip
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.loop import Schedule, train, weights_digest
 from fashiondiff.train.prior import PriorTask
@@ -74,7 +76,7 @@ def loop_params(gen: GeneratorParams) -> TrainParams:
 def fingerprint(gen: GeneratorParams, seed: int, cache_meta: dict, parts: TinyParts) -> str:
     """What a pre-training checkpoint must share with this run to be resumed: the params, the
     cached data and the encoders' weights (they are trained afresh, deterministically, first)."""
-    blob = json.dumps({"generator": dataclasses.asdict(gen), "seed": seed, "cache": cache_meta["fingerprint"],
+    blob = json.dumps({"generator": gen.model_dump(), "seed": seed, "cache": cache_meta["fingerprint"],
                        "encoders": [weights_digest(m) for m in (parts.clip, parts.mclip, parts.movq)]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
             raise PipelineError(what)
     from dataclasses import replace
 
-    from fashiondiff.generate import defaults
+    from fashiondiff.commands.generate import defaults
     from fashiondiff.serving.studio import Side, Studio, find_adapters
 
     prior, decoder = str(Path(args.model) / "prior"), str(Path(args.model) / "decoder")
@@ -80,7 +80,7 @@ def _base(args) -> tuple[str, str]:
     if not Path(args.params).is_file():
         raise PipelineError(f"{args.params}: no params file to take the base model from: "
                             "give --base-prior and --base-decoder")
-    from fashiondiff.config import load_params
+    from fashiondiff.config.schema import load_params
 
     model = load_params(args.params).model
     return args.base_prior or model.prior, args.base_decoder or model.decoder

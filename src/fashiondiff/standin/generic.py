@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fashiondiff.embedded.drawing import (
+from fashiondiff.standin.drawing import (
     COLOURS, DENIM_COLOURS, RGB, SIZE, Placement, draw_shape, ellipse, shade, to_pixels,
 )
 

@@ -10,7 +10,7 @@ pipelines): the CLIP projection dim is the prior's ``embedding_dim``, the
 MultilingualCLIP ``imageDimSize`` and the U-Net ``cross_attention_dim``; the CLIP
 text hidden size equals it too (the prior projects text hidden states with a
 ``Linear(embedding_dim, inner_dim)``); the MultilingualCLIP hidden size is the
-U-Net ``encoder_hid_dim``. Weights start random; ``fashiondiff.embedded.pretrain``
+U-Net ``encoder_hid_dim``. Weights start random; ``fashiondiff.standin.pretrain``
 teaches the encoders the synthetic data's look before anything is saved.
 """
 
@@ -43,9 +43,9 @@ from transformers import (
     XLMRobertaTokenizer,
 )
 
-from fashiondiff.embedded.tokenizers import train_clip_bpe, train_xlmr_unigram
+from fashiondiff.cache.format import TEXT_LENGTH  # CLIP's context length; the prior's num_embeddings
+from fashiondiff.standin.tokenizers import train_clip_bpe, train_xlmr_unigram
 
-TEXT_LENGTH = 77  # CLIP's context length; the prior's num_embeddings; the decoder pads to 77 too
 # XLM-R numbers positions from padding_idx + 1 (= 2), so 77 tokens need position ids up to 78;
 # 81 leaves the same 2-position margin as XLM-R's own 514 for 512 tokens.
 XLMR_POSITIONS = TEXT_LENGTH + 4

@@ -16,108 +16,34 @@ native size). Image ``k`` of ``--num-images`` uses seed ``--seed + k``, so any o
 can be made again alone. ``--lora DIR`` applies LoRA adapters (DIR/prior/lora,
 DIR/decoder/lora, as training writes them) to the base model without a merged copy.
 Kandinsky 2.1 rounds sizes up to a multiple of 64 (MoVQ's 8x downsampling squared), the
-tiny model too. The library functions below are shared with ``evaluate``.
+tiny model too. The sampling itself is ``fashiondiff.sampling``'s.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from fashiondiff.errors import PipelineError
+from fashiondiff.sampling import (
+    Sampling, apply_adapters, decode, generators, image_embeds, mixed_embeds, quiet_libraries, sampling_from_params,
+)
+from fashiondiff.serving.images import read_image
 
-CLI_HELP = __doc__.split(" The library functions")[0].replace("Usage::", "Examples:").replace("``", "")
+CLI_HELP = __doc__.split(" The sampling itself")[0].replace("Usage::", "Examples:").replace("``", "")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How to sample: prior and decoder steps and guidance, output size, img2img strength."""
-
-    steps: int = 100
-    guidance_scale: float = 4.0
-    prior_steps: int = 25
-    prior_guidance_scale: float = 4.0
-    height: int = 512
-    width: int = 512
-    strength: float = 0.6
 
 
-def generators(seeds: Sequence[int]) -> list:
-    """One seeded CPU ``torch.Generator`` per image: the same noise on every device."""
-    import torch
-
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-def image_embeds(prior, prompts: Sequence[str], gens: list, sampling: Sampling):
-    """Prior: captions -> (image_embeds, negative_image_embeds) (2.1's zero-image negative)."""
-    out = prior(list(prompts), generator=gens, num_inference_steps=sampling.prior_steps,
-                guidance_scale=sampling.prior_guidance_scale)
-    return out.image_embeds, out.negative_image_embeds
 
 
-def mixed_embeds(prior, conditions: Sequence, weights: Sequence[float], gen, sampling: Sampling):
-    """2.1's ``prior.interpolate``: the weighted sum of text and image conditions."""
-    out = prior.interpolate(list(conditions), list(weights), generator=gen,
-                            num_inference_steps=sampling.prior_steps,
-                            guidance_scale=sampling.prior_guidance_scale)
-    return out.image_embeds, out.negative_image_embeds
-
-
-def decode(decoder, prompts: Sequence[str], embeds, gens: list, sampling: Sampling, sources=None):
-    """Decoder: (captions, image embeddings[, source images]) -> PIL images.
-
-    With ``sources`` the decoder must be a ``KandinskyImg2ImgPipeline``: each source is
-    noised to ``sampling.strength`` and denoised from there.
-    """
-    positive, negative = embeds
-    kwargs = dict(image_embeds=positive, negative_image_embeds=negative, height=sampling.height,
-                  width=sampling.width, num_inference_steps=sampling.steps,
-                  guidance_scale=sampling.guidance_scale, generator=gens, output_type="pil")
-    if sources is not None:
-        kwargs.update(image=list(sources), strength=sampling.strength)
-    return decoder(list(prompts), **kwargs).images
-
-
-def text_to_image(prior, decoder, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling):
-    """One image per prompt; prompt ``i`` uses a generator seeded with ``seeds[i]``."""
-    gens = generators(seeds)
-    return decode(decoder, prompts, image_embeds(prior, prompts, gens, sampling), gens, sampling)
-
-
-def image_text_to_image(prior, img2img, prompts, sources, seeds, sampling: Sampling):
-    """Image + text -> image: prior embeds the prompt, img2img edits the source toward it."""
-    gens = generators(seeds)
-    embeds = image_embeds(prior, prompts, gens, sampling)
-    return decode(img2img, prompts, embeds, gens, sampling, sources=sources)
-
-
-def as_img2img(decoder):
-    """A ``KandinskyImg2ImgPipeline`` sharing the (already loaded) decoder's components."""
-    from diffusers import KandinskyImg2ImgPipeline
-
-    pipe = KandinskyImg2ImgPipeline(**decoder.components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # --- the command -------------------------------------------------------------------------------
-
-def read_image(path: str | Path, what: str = "--image"):
-    """An RGB PIL image, or a one-line PipelineError naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: no such image ({what})") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = type(exc).__name__ if isinstance(exc, UnidentifiedImageError) else str(exc).splitlines()[0]
-        raise PipelineError(f"{path}: cannot read image ({what}): {reason}") from None
 
 
 def parse_mix(items: Sequence[str]) -> tuple[list, list[float]]:
@@ -231,13 +157,12 @@ def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: 
     paths = output_paths(out, seeds)
 
     if quiet:
-        _quiet_libraries()
-    import torch
-
+        quiet_libraries()
     from fashiondiff.io import atomic_file
     from fashiondiff.models.loader import load_decoder, load_prior
+    from fashiondiff.runtime import default_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     prior_pipe = load_prior(prior_name, "--prior").to(device)
     decoder_pipe = load_decoder(decoder_name, "--decoder", img2img=source_image is not None).to(device)
     apply_adapters(prior_pipe, decoder_pipe, prior_lora, decoder_lora)
@@ -254,17 +179,6 @@ def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: 
             image.save(handle, format="PNG")
     return paths
 
-
-def apply_adapters(prior_pipe, decoder_pipe, prior_lora: str | None, decoder_lora: str | None) -> None:
-    """Load the adapters onto the pipelines' prior and U-Net (unmerged: scale 1)."""
-    if prior_lora is None and decoder_lora is None:
-        return
-    from fashiondiff.train.lora import load_adapter
-
-    if prior_lora is not None:
-        load_adapter(prior_pipe.prior, prior_lora, "--prior-lora")
-    if decoder_lora is not None:
-        load_adapter(decoder_pipe.unet, decoder_lora, "--decoder-lora")
 
 
 def add_parser(subparsers) -> None:
@@ -301,19 +215,12 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def sampling_from_params(params, strength: float = Sampling.strength) -> Sampling:
-    """The sampling settings ``evaluate`` uses: diffusion_steps, evaluate.*, model.resolution."""
-    ev = params.evaluate
-    return Sampling(steps=params.diffusion_steps, guidance_scale=ev.guidance_scale,
-                    prior_steps=ev.prior_steps, prior_guidance_scale=ev.prior_guidance_scale,
-                    height=params.model.resolution, width=params.model.resolution, strength=strength)
-
 
 def defaults(params_path: str | Path) -> Sampling:
     """Sampling defaults from params.yaml when it exists, else 2.1's usual settings."""
     if not Path(params_path).is_file():
         return Sampling()
-    from fashiondiff.config import load_params
+    from fashiondiff.config.schema import load_params
 
     return sampling_from_params(load_params(params_path))
 
@@ -334,13 +241,3 @@ def run(args: argparse.Namespace) -> None:
                      decoder_lora=args.decoder_lora, quiet=True)
     for path in paths:
         print(path)
-
-
-def _quiet_libraries() -> None:
-    """No loading bars or library chatter on the user's terminal; errors still show."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()

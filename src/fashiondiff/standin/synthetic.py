@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fashiondiff.embedded import generic
-from fashiondiff.embedded.drawing import (  # noqa: F401  (COLOURS, MATERIALS: the catalogue's words too)
+from fashiondiff.standin import generic
+from fashiondiff.standin.drawing import (  # noqa: F401  (COLOURS, MATERIALS: the catalogue's words too)
     COLOURS, DENIM_COLOURS, MATERIALS, SIZE, Placement, draw_shape, paint_swatch, shade, to_pixels,
 )
 from fashiondiff.errors import PipelineError
@@ -353,7 +353,7 @@ FILES = {  # file name -> (domain, split)
 def synthesize(out_dir: str | os.PathLike, sizes, seed: int) -> dict[str, Path]:
     """Write the four files of ``FILES`` into ``out_dir``, atomically.
 
-    ``sizes`` is ``params.embedded.synthetic``. Every file has its own seed derived from
+    ``sizes`` is ``params.standin.synthetic``. Every file has its own seed derived from
     ``seed``; product ids are disjoint across all four.
     """
     counts = {"fashiongen_train.h5": sizes.train_products, "fashiongen_validation.h5": sizes.validation_products,
@@ -363,7 +363,7 @@ def synthesize(out_dir: str | os.PathLike, sizes, seed: int) -> dict[str, Path]:
                              "generic_validation_items")))
     for key, value in [*((keys[f], n) for f, n in counts.items()), ("poses_per_product", sizes.poses_per_product)]:
         if value < 1:
-            raise PipelineError(f"params: embedded.synthetic.{key} must be >= 1, got {value}")
+            raise PipelineError(f"params: standin.synthetic.{key} must be >= 1, got {value}")
     out_dir, first_id = Path(out_dir), 100_000
     with atomic_dir(out_dir) as tmp:
         for name, (domain, split) in FILES.items():

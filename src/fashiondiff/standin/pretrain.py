@@ -14,10 +14,10 @@ saw the whole web, they know garments too):
    embeddings of what the prior is trained on (:func:`set_prior_statistics`).
 
 The prior and the U-Net are then pre-trained on the generic domain alone
-(``fashiondiff.embedded.generator``): the base never sees a garment's shape. Usage::
+(``fashiondiff.standin.generator``): the base never sees a garment's shape. Usage::
 
     parts = build_tiny(captions, TinySpec(clip_image_size=224), seed=0)
-    result = pretrain_encoders(parts, images, captions, params.embedded.pretrain, resolution=64,
+    result = pretrain_encoders(parts, images, captions, params.standin.pretrain, resolution=64,
                                seed=0, pool=pool)
     set_prior_statistics(parts, clip_pixels(generic_images, parts.image_processor))
     retrieval_accuracy(parts, val_images, val_captions, val_product_ids)
@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fashiondiff.config import PretrainParams
-from fashiondiff.embedded.tiny import TEXT_LENGTH, TinyParts
-
+from fashiondiff.cache.format import TEXT_LENGTH
+from fashiondiff.config.schema import PretrainParams
+from fashiondiff.standin.tiny import TinyParts
 
 # --- inputs, prepared once ---------------------------------------------------------
 

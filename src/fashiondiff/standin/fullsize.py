@@ -5,7 +5,7 @@ Usage (bench/fullsize.py)::
 
     save_full_pipelines(captions, "work/base")   # -> work/base/prior, work/base/decoder
 
-Networks come from ``fashiondiff.models.full`` (published configs), built and saved one at a
+Networks come from ``fashiondiff.models.published`` (the published configs), built and saved one at a
 time so that the peak memory is one network (the 1.2 B U-Net: 4.9 GB in float32). The
 tokenizers cannot be downloaded: they are this package's deterministic CLIP BPE and XLM-R
 Unigram trainers run on the captions, then filled with unused placeholder entries up to the
@@ -24,30 +24,13 @@ from typing import Iterable
 
 import torch
 
-from fashiondiff.embedded.tiny import TEXT_LENGTH, decoder_scheduler, prior_scheduler
-from fashiondiff.embedded.tokenizers import train_clip_bpe, train_xlmr_unigram
+from fashiondiff.cache.format import TEXT_LENGTH
+from fashiondiff.models.published import CLIP_TEXT, DECODER_INDEX, MCLIP, PRIOR_INDEX
+from fashiondiff.standin.tiny import decoder_scheduler, prior_scheduler
+from fashiondiff.standin.tokenizers import train_clip_bpe, train_xlmr_unigram
 
-CLIP_VOCAB = 49408
-XLMR_VOCAB = 250002
-
-PRIOR_INDEX = {
-    "_class_name": "KandinskyPriorPipeline",
-    "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-    "image_processor": ["transformers", "CLIPImageProcessor"],
-    "prior": ["diffusers", "PriorTransformer"],
-    "scheduler": ["diffusers", "UnCLIPScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-}
-DECODER_INDEX = {
-    "_class_name": "KandinskyPipeline",
-    "movq": ["diffusers", "VQModel"],
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "text_encoder": ["kandinsky", "MultilingualCLIP"],
-    "tokenizer": ["transformers", "XLMRobertaTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-}
-
+CLIP_VOCAB = CLIP_TEXT["vocab_size"]
+XLMR_VOCAB = MCLIP["vocab_size"]
 
 def clip_tokenizer(texts: list[str]):
     """CLIP BPE learnt on ``texts``, padded with unused tokens to CLIP's 49,408 entries."""
@@ -92,40 +75,27 @@ def _index(folder: Path, index: dict) -> None:
 
 def save_full_pipelines(texts: Iterable[str], out_dir: str | Path, seed: int = 0) -> dict:
     """Write ``out_dir/prior`` and ``out_dir/decoder``; returns parameters per network."""
-    from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
-    from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
-    from transformers import (
-        CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
+    from transformers import CLIPImageProcessor
 
-    from fashiondiff.models.full import FULL_MOVQ, FULL_PRIOR, FULL_UNET
+    from fashiondiff.models.published import builders
 
     torch.manual_seed(seed)
     texts = list(texts)
     prior_dir, decoder_dir = Path(out_dir) / "prior", Path(out_dir) / "decoder"
     clip_tok, xlmr_tok = clip_tokenizer(texts), xlmr_tokenizer(texts)
-    builders = {
-        (prior_dir, "text_encoder"): lambda: CLIPTextModelWithProjection(CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            projection_dim=768, vocab_size=CLIP_VOCAB, max_position_embeddings=TEXT_LENGTH,
-            bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id)),
-        (prior_dir, "image_encoder"): lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=224, patch_size=14, projection_dim=768)),
-        (prior_dir, "prior"): lambda: _prior(PriorTransformer(**FULL_PRIOR)),
-        (decoder_dir, "text_encoder"): lambda: MultilingualCLIP(MCLIPConfig(
-            transformerDimSize=1024, imageDimSize=768, hidden_size=1024, intermediate_size=4096,
-            num_hidden_layers=24, num_attention_heads=16, vocab_size=XLMR_VOCAB, max_position_embeddings=514,
-            pad_token_id=xlmr_tok.pad_token_id, bos_token_id=xlmr_tok.bos_token_id,
-            eos_token_id=xlmr_tok.eos_token_id)),
-        (decoder_dir, "unet"): lambda: UNet2DConditionModel(**FULL_UNET),
-        (decoder_dir, "movq"): lambda: VQModel(**FULL_MOVQ),
+    build = builders(clip_bos_token_id=clip_tok.bos_token_id, clip_eos_token_id=clip_tok.eos_token_id,
+                     clip_pad_token_id=clip_tok.pad_token_id)
+    networks = {
+        (prior_dir, "text_encoder"): build["clip_text"],
+        (prior_dir, "image_encoder"): build["clip_vision"],
+        (prior_dir, "prior"): lambda: _prior(build["prior"]()),
+        (decoder_dir, "text_encoder"): build["mclip"],
+        (decoder_dir, "unet"): build["unet"],
+        (decoder_dir, "movq"): build["movq"],
     }
     counts = {}
-    for (folder, name), build in builders.items():
-        net = build()
+    for (folder, name), make in networks.items():
+        net = make()
         counts[f"{folder.name}/{name}"] = sum(p.numel() for p in net.parameters())
         _save(net, folder / name)
         del net

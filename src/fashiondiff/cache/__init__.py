@@ -1,0 +1,1 @@
+"""The embedding cache: its format and its reader (``fashiondiff.embed`` writes it)."""

@@ -1,0 +1,1 @@
+"""The three commands: ``fashiondiff generate``, ``serve`` and ``ui`` (no stage imports them)."""

@@ -1,0 +1,1 @@
+"""``params.yaml``: its schema (``schema``) and the view a stage gets of it (``view``)."""

@@ -1,0 +1,97 @@
+"""Processes that the commands, the tools and the tests start: a free port, the environment of
+the project's own programs, and servers started in a session of their own, waited for and
+stopped with their children. No stage imports this module.
+
+Usage::
+
+    with running(["mlflow", "server", "--port", str(port)], f"http://127.0.0.1:{port}/",
+                 log=Path("server.log")) as proc:
+        ...                                   # the server answers here; stopped on leaving
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Sequence
+
+SRC = Path(__file__).resolve().parents[1]  # the folder that holds this package (src/)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """This environment, set up for the project's programs: this package importable, one thread
+    per process, no Hub access and no telemetry; ``extra`` last."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return {**env, **extra}
+
+
+def start_group(cmd: Sequence[str], log: Path | None = None, **popen) -> subprocess.Popen:
+    """Start ``cmd`` in a session (process group) of its own, its output into ``log`` if given:
+    stop it, children included, with :func:`stop_process_group`."""
+    if log is None:
+        return subprocess.Popen(list(cmd), start_new_session=True, **popen)
+    with open(log, "w") as out:
+        return subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, limit_s: float, log: Path | None = None) -> None:
+    """Return once ``url`` answers 200; RuntimeError (with the log's tail) if ``proc`` exits first
+    or ``limit_s`` passes."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(map(str, proc.args[:3]))} exited with status {proc.returncode}"
+                               f"{_tail(log)}")
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {limit_s:g} s{_tail(log)}")
+
+
+@contextlib.contextmanager
+def running(cmd: Sequence[str], url: str, limit_s: float = 120, log: Path | None = None,
+            grace_s: float = 15, **popen) -> Iterator[subprocess.Popen]:
+    """``cmd`` started in its own group, once ``url`` answers; stopped with its children on leaving."""
+    proc = start_group(cmd, log, **popen)
+    try:
+        wait_until_up(url, proc, limit_s, log)
+        yield proc
+    finally:
+        stop_process_group(proc, grace_s)
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """Stop a process started in a session of its own and its children: SIGTERM to its group,
+    then SIGKILL after ``grace_s``. Signals the group even when its leader has already exited."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _tail(log: Path | None, chars: int = 3000) -> str:
+    if log is None or not Path(log).is_file():
+        return ""
+    return ":\n" + Path(log).read_text(errors="replace")[-chars:]

@@ -1,0 +1,129 @@
+"""Sampling Kandinsky 2.1: text to image, image + text to image, a weighted mix of conditions.
+
+The library that ``evaluate``, the served model (``fashiondiff.serving``) and ``fashiondiff
+generate`` share. Usage::
+
+    prior, decoder = load_prior("models/prior"), load_decoder("models/decoder")
+    images = text_to_image(prior, decoder, ["black leather mini skirt"], seeds=[0], sampling=Sampling())
+    edits = image_text_to_image(prior, as_img2img(decoder), prompts, sources, seeds, sampling)
+
+Prompt ``i`` draws from a CPU generator seeded ``seeds[i]``: the same noise on every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: prior and decoder steps and guidance, output size, img2img strength."""
+
+    steps: int = 100
+    guidance_scale: float = 4.0
+    prior_steps: int = 25
+    prior_guidance_scale: float = 4.0
+    height: int = 512
+    width: int = 512
+    strength: float = 0.6
+
+
+
+def generators(seeds: Sequence[int]) -> list:
+    """One seeded CPU ``torch.Generator`` per image: the same noise on every device."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+
+def image_embeds(prior, prompts: Sequence[str], gens: list, sampling: Sampling):
+    """Prior: captions -> (image_embeds, negative_image_embeds) (2.1's zero-image negative)."""
+    out = prior(list(prompts), generator=gens, num_inference_steps=sampling.prior_steps,
+                guidance_scale=sampling.prior_guidance_scale)
+    return out.image_embeds, out.negative_image_embeds
+
+
+
+def mixed_embeds(prior, conditions: Sequence, weights: Sequence[float], gen, sampling: Sampling):
+    """2.1's ``prior.interpolate``: the weighted sum of text and image conditions."""
+    out = prior.interpolate(list(conditions), list(weights), generator=gen,
+                            num_inference_steps=sampling.prior_steps,
+                            guidance_scale=sampling.prior_guidance_scale)
+    return out.image_embeds, out.negative_image_embeds
+
+
+
+def decode(decoder, prompts: Sequence[str], embeds, gens: list, sampling: Sampling, sources=None):
+    """Decoder: (captions, image embeddings[, source images]) -> PIL images.
+
+    With ``sources`` the decoder must be a ``KandinskyImg2ImgPipeline``: each source is
+    noised to ``sampling.strength`` and denoised from there.
+    """
+    positive, negative = embeds
+    kwargs = dict(image_embeds=positive, negative_image_embeds=negative, height=sampling.height,
+                  width=sampling.width, num_inference_steps=sampling.steps,
+                  guidance_scale=sampling.guidance_scale, generator=gens, output_type="pil")
+    if sources is not None:
+        kwargs.update(image=list(sources), strength=sampling.strength)
+    return decoder(list(prompts), **kwargs).images
+
+
+
+def text_to_image(prior, decoder, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling):
+    """One image per prompt; prompt ``i`` uses a generator seeded with ``seeds[i]``."""
+    gens = generators(seeds)
+    return decode(decoder, prompts, image_embeds(prior, prompts, gens, sampling), gens, sampling)
+
+
+
+def image_text_to_image(prior, img2img, prompts, sources, seeds, sampling: Sampling):
+    """Image + text -> image: prior embeds the prompt, img2img edits the source toward it."""
+    gens = generators(seeds)
+    embeds = image_embeds(prior, prompts, gens, sampling)
+    return decode(img2img, prompts, embeds, gens, sampling, sources=sources)
+
+
+
+def as_img2img(decoder):
+    """A ``KandinskyImg2ImgPipeline`` sharing the (already loaded) decoder's components."""
+    from diffusers import KandinskyImg2ImgPipeline
+
+    pipe = KandinskyImg2ImgPipeline(**decoder.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+
+def sampling_from_params(params, strength: float = Sampling.strength) -> Sampling:
+    """The sampling settings ``evaluate`` uses: diffusion_steps, evaluate.*, model.resolution."""
+    ev = params.evaluate
+    return Sampling(steps=params.diffusion_steps, guidance_scale=ev.guidance_scale,
+                    prior_steps=ev.prior_steps, prior_guidance_scale=ev.prior_guidance_scale,
+                    height=params.model.resolution, width=params.model.resolution, strength=strength)
+
+
+
+def apply_adapters(prior_pipe, decoder_pipe, prior_lora: str | None, decoder_lora: str | None) -> None:
+    """Load the adapters onto the pipelines' prior and U-Net (unmerged: scale 1)."""
+    if prior_lora is None and decoder_lora is None:
+        return
+    from fashiondiff.train.lora import load_adapter
+
+    if prior_lora is not None:
+        load_adapter(prior_pipe.prior, prior_lora, "--prior-lora")
+    if decoder_lora is not None:
+        load_adapter(decoder_pipe.unet, decoder_lora, "--decoder-lora")
+
+
+
+def quiet_libraries() -> None:
+    """No loading bars or library chatter on the user's terminal; errors still show."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+

@@ -1,0 +1,77 @@
+"""Which DVC stages each source file makes stale: the map DVC draws from dvc.yaml's declared deps.
+
+Usage: python tools/stale_map.py            # print the map (Markdown)
+       python tools/stale_map.py --write    # write docs/stale-map.md
+       python tools/stale_map.py --check    # exit 1 if docs/stale-map.md is not what --write writes
+
+DVC hashes whole files: editing a file reruns every stage that lists it (or a folder holding it)
+in its ``deps``. Each stage lists exactly the modules it imports (tests/test_pipeline_e2e.py
+checks that against what the stage process imported), so this map is also the import map of
+the stages. Foreach stages (``extract@train``, ...) appear once, by their name before ``@``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC_FILES = ("dvc.yaml", "standin/dvc.yaml")
+SOURCES = ("src", "stages", "tools", "tests", "bench")
+OUT = Path("docs/stale-map.md")
+
+
+def stage_deps(root: Path = ROOT) -> dict[str, list[str]]:
+    """Stage name -> its declared deps (repository-relative; ``${...}`` data and model paths left out)."""
+    found: dict[str, list[str]] = {}
+    for name in DVC_FILES:
+        stages = yaml.safe_load((root / name).read_text())["stages"]
+        for stage, body in stages.items():
+            body = body.get("do", body)
+            found[stage] = [d for d in body.get("deps", []) if "${" not in d]
+    return found
+
+
+def stale_map(root: Path = ROOT) -> dict[str, list[str]]:
+    """Every Python file under SOURCES -> the stages whose deps hold it (in dvc.yaml order)."""
+    deps = stage_deps(root)
+    files = sorted(str(p.relative_to(root)) for top in SOURCES for p in (root / top).rglob("*.py")
+                   if "__pycache__" not in p.parts)
+    return {f: [s for s, ds in deps.items() if any(f == d or f.startswith(d.rstrip("/") + "/") for d in ds)]
+            for f in files}
+
+
+def render(mapping: dict[str, list[str]]) -> str:
+    lines = ["# Which stages an edit makes stale", "",
+             "Written by `python tools/stale_map.py --write` from the `deps` of `dvc.yaml` and",
+             "`standin/dvc.yaml` (a test checks it is current). DVC reruns a stage when a file it lists",
+             "changes; a file listed nowhere (commands, the web page, the MLflow UI view, tools, tests,",
+             "benchmarks) reruns nothing. `register` runs at every `dvc repro` anyway (`always_changed`).",
+             "", "| file | stages it makes stale |", "| --- | --- |"]
+    lines += [f"| `{f}` | {', '.join(f'`{s}`' for s in stages) or '-'} |" for f, stages in mapping.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help=f"write {OUT}")
+    mode.add_argument("--check", action="store_true", help=f"exit 1 if {OUT} is out of date")
+    args = parser.parse_args(argv)
+    text = render(stale_map())
+    if args.write:
+        (ROOT / OUT).write_text(text)
+    elif args.check:
+        if not (ROOT / OUT).is_file() or (ROOT / OUT).read_text() != text:
+            print(f"{OUT} is out of date: run python tools/stale_map.py --write", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
