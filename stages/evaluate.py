@@ -4,18 +4,22 @@ Usage: python stages/evaluate.py --catalogue DIR --generic DIR --tuned TUNED_DIR
 
 DIRs are extracted held-out files (captions.parquet + images/): the catalogue's and the generic
 domain's. The base model is params ``model.prior`` / ``model.decoder`` (folders or cached Hub
-ids); the tuned one is ``TUNED_DIR/prior`` and ``TUNED_DIR/decoder``.
+ids); the tuned one is ``TUNED_DIR/prior`` and ``TUNED_DIR/decoder``. Runs as is, or under
+`accelerate launch` (params compute.launcher): each process samples a share of the prompts,
+process 0 writes the reports (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from fashiondiff.config.view import stage_params
 from fashiondiff.errors import PipelineError, cli
 from fashiondiff.evaluate.run import DOMAINS, ModelPair, evaluate
 from fashiondiff.runtime import limit_threads, seed_everything
+from fashiondiff.spread import Ranks, stop_on_signals
 from fashiondiff.tracking import stage_run
 
 FID_WEIGHTS_DIR = "weights/inception"  # a dep of this stage in dvc.yaml: new weights rerun it
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tuned", required=True, metavar="DIR", help="folder with the tuned prior/ and decoder/")
     parser.add_argument("--reports", required=True, metavar="DIR", help="where metrics.json, scores.json, evaluation.json and samples/ go")
     args = parser.parse_args(argv)
+    stop_on_signals()
     limit_threads()
     params = stage_params("evaluate")
     weights = params.evaluate.fid_weights
@@ -37,12 +42,17 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"params: evaluate.fid_weights must be a file in {FID_WEIGHTS_DIR}/, the folder "
                             f"this stage declares as a dependency in dvc.yaml (got {weights})")
     seed_everything(params.seed)
+    ranks = Ranks.start("evaluate", params.compute.timeout_s)
+    if not ranks.main:  # process 0 alone tracks
+        os.environ["FASHIONDIFF_TRACKING"] = "off"
     tuned = Path(args.tuned)
     base = ModelPair(params.model.prior, params.model.decoder)
     tuned = ModelPair(str(tuned / "prior"), str(tuned / "decoder"), "tuned prior", "tuned decoder")
     with stage_run("evaluate", params) as tracker:
-        metrics = evaluate({d: getattr(args, d) for d in DOMAINS}, base, tuned, params, args.reports, tracker)
-    for domain, models in metrics.items():
+        metrics = evaluate({d: getattr(args, d) for d in DOMAINS}, base, tuned, params, args.reports, tracker,
+                           ranks)
+    ranks.close()
+    for domain, models in (metrics or {}).items():
         print(f"evaluate {domain}: " + "; ".join(
             f"{m} " + ", ".join(f"{k} {v:g}" for k, v in scores.items()) for m, scores in models.items()))
 

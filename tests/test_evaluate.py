@@ -12,7 +12,8 @@ from inception_fixtures import inception_weights  # noqa: F401
 from PIL import Image
 
 from fashiondiff.data.split import select_split
-from fashiondiff.evaluate.run import ModelPair, choose_prompts, evaluate
+from fashiondiff.evaluate.heldout import choose_prompts
+from fashiondiff.evaluate.run import ModelPair, evaluate
 
 NAMES = ["black leather mini skirt", "white cotton shirt", "blue denim jacket", "red silk dress",
          "grey wool coat", "green linen trousers", "yellow rain jacket", "pink knit sweater"]

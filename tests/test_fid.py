@@ -21,7 +21,7 @@ from PIL import Image
 
 from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate.fid import inception_fid
-from fashiondiff.evaluate.run import to_uint8
+from fashiondiff.evaluate.heldout import to_uint8
 
 REL_TOL = 1e-3  # the implementations agree to <= 4e-5; the two resizes differ by >= 0.25
 

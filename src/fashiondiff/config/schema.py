@@ -144,7 +144,6 @@ class TrainParams(Section):
     checkpoint_every: Count
     checkpoints_keep: int
     log_every: Count
-    launcher: Text
 
     @model_validator(mode="after")
     def _resume_on_a_sync_step(self):
@@ -152,6 +151,11 @@ class TrainParams(Section):
             raise PipelineError("params: train.checkpoint_every must be a multiple of "
                                 "train.gradient_accumulation_steps (resume lands on a sync step)")
         return self
+
+
+class ComputeParams(Section):
+    launcher: Text
+    timeout_s: Positive
 
 
 class LoraSection(Section):
@@ -218,6 +222,7 @@ class Params(Section):
     diffusion_steps: Annotated[Count, _check(lambda v: int(v * EDIT_STRENGTH) >= 1,
                                              f"must be >= 2 (evaluate's img2img runs at strength {EDIT_STRENGTH})")]
     seed: NonNegative
+    compute: ComputeParams
     data: DataParams
     model: ModelParams
     embed: EmbedParams

@@ -5,10 +5,15 @@ Usage::
     build_cache(captions, "data/extracted/train", "data/cache/train", encoders, 224, 64, batch_size=32)
 
 The layout is ``fashiondiff.cache.format``'s. Work goes into ``<out>.partial/`` beside the
-output, with ``.npy`` files allocated at full size (the CLIP token count is known from the
-tokenizer before encoding) and a progress file updated after each flushed batch (captions
-first, then images): a killed run resumes where it stopped, and the finished folder is
-renamed into place whole.
+output, with ``.npy`` files allocated at full size and reserved on disk at once (the CLIP
+token count is known from the tokenizer before encoding; a full disk fails there, in one
+line) and a progress file that lists the batches written (captions first, then images;
+batch ``b`` is rows ``b * batch_size`` on, whatever the number of processes): a stopped or
+killed run resumes where it stopped, and the finished folder is renamed into place whole.
+
+Under ``accelerate launch`` each process encodes a contiguous share of the batches still to
+do, round by round, and hands them to process 0, which writes them: the cache is the same,
+byte for byte, as one process's (each batch is encoded alone, as there).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +37,7 @@ from fashiondiff.embed.encoders import (
 )
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import write_json
+from fashiondiff.spread import HandOverFailed, Ranks, Stopped, disk_full_is_an_error
 
 
 class _Images(torch.utils.data.Dataset):
@@ -90,17 +97,22 @@ def _np_dtype(kind: str, dtype: str):
 
 
 def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Encoders, clip_image_size: int,
-                resolution: int, batch_size: int = 32, dtype: str = "float32", workers: int = 1) -> dict:
-    """Encode every row of ``captions`` (a DataFrame from extract) into ``out_dir``; resumable."""
+                resolution: int, batch_size: int = 32, dtype: str = "float32", workers: int = 1,
+                ranks: Ranks | None = None) -> dict | None:
+    """Encode every row of ``captions`` (a DataFrame from extract) into ``out_dir``; resumable.
+
+    With ``ranks`` (several processes), each encodes a contiguous share of the batches still to
+    do and process 0 writes them all; the others return None once they have handed theirs over.
+    """
     import pandas as pd
 
+    ranks = ranks or Ranks("embed", 0.0)
     out_dir, images_root = Path(out_dir), Path(images_root)
     check_sizes(enc, clip_image_size, resolution)
     identity = cache_identity(enc.prior, enc.decoder, clip_image_size, resolution, dtype)
     # The image processor's class joins the fingerprint: transformers 5 picks a torchvision or
     # a PIL backend by what is installed, and pixels differ by up to 2 uint8 levels between them.
     fingerprint = _fingerprint(captions, {**identity, "image_processor": type(enc.image_processor).__name__})
-    work = out_dir.with_name(f".{out_dir.name}.partial")
     n = len(captions)
     codes, texts = pd.factorize(captions["caption"], sort=False)  # unique captions, first-seen order
     texts = [str(t) for t in texts]
@@ -108,117 +120,241 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     shapes = _shapes(enc, resolution, int(offsets[-1]))
     counts = {"images": n, "captions": len(texts), "tokens": int(offsets[-1])}
-    arrays, state = _open_work(work, fingerprint, shapes, counts, dtype)
-    if state["captions"] or state["images"]:
-        print(f"embed: resuming {out_dir} at {state['captions']}/{len(texts)} captions, "
-              f"{state['images']}/{n} images")
-    else:
-        arrays["caption"][:] = codes
-        arrays["text_offsets"][:] = offsets
+    work = out_dir.with_name(f".{out_dir.name}.partial")
+    writer = _Writer.open(work, out_dir, fingerprint, shapes, counts, dtype, batch_size) if ranks.main else None
+    done = ranks.broadcast(writer and writer.done, f"the list of finished batches ({work})")
+    if writer is not None and not writer.fresh:
+        print(f"embed: resuming {out_dir} at {writer.progress_line()}")
+    elif writer is not None:
+        writer.store_layout(codes, offsets)
     started = time.perf_counter()
-
-    def save_progress() -> None:
-        for arr in arrays.values():
-            arr.flush()
-        write_json(work / "progress.json", {**state, "fingerprint": fingerprint})
-
-    with tqdm(total=len(texts), initial=state["captions"], unit="caption", desc=f"embed {out_dir.name} text",
-              dynamic_ncols=True) as bar:
-        for lo in range(state["captions"], len(texts), batch_size):
-            hi = min(lo + batch_size, len(texts))
-            encoded = {k: v.cpu().numpy() for k, v in encode_texts(enc, texts[lo:hi]).items()}
-            for name in CAPTION_ARRAYS:
-                arrays[name][lo:hi] = encoded[name]
-            if not np.array_equal(encoded["text_mask"].sum(axis=1), lengths[lo:hi]):
-                raise PipelineError(f"embed: CLIP token counts changed between two tokenizer calls ({enc.prior})")
-            hidden = encoded["text_hidden"]
-            for j, c in enumerate(range(lo, hi)):
-                arrays["text_hidden"][offsets[c]:offsets[c + 1]] = hidden[j, : lengths[c]]
-            state["captions"] = hi
-            save_progress()
-            bar.update(hi - lo)
-    done = state["images"]
-    loader = torch.utils.data.DataLoader(
-        _Images(images_root, captions["image"].tolist()[done:], enc.image_processor, clip_image_size,
-                resolution),
-        batch_size=batch_size, num_workers=workers, shuffle=False,
-    )
-    pos = done
-    with tqdm(total=n, initial=done, unit="image", desc=f"embed {out_dir.name} images",
-              dynamic_ncols=True) as bar:
-        for clip_px, movq_px, errors in _batches(loader, lambda: pos):
-            bad = [e for e in errors if e]
-            if bad:
-                raise PipelineError(f"{bad[0]}; the {pos} images before it are kept, rerun to resume")
-            stop = pos + len(clip_px)
-            for name, value in encode_images(enc, clip_px, movq_px).items():
-                arrays[name][pos:stop] = value.cpu().numpy()
-            pos = stop
-            state["images"] = pos
-            save_progress()
-            bar.update(len(clip_px))
-    seconds = time.perf_counter() - started
-    _finish(work, out_dir, captions, enc, identity, fingerprint, shapes, counts, dtype)
+    try:
+        todo = {kind: [b for b in range(-(-counts[kind] // batch_size)) if b not in done[kind]]
+                for kind in ("captions", "images")}
+        _encode_captions(enc, texts, lengths, todo["captions"], batch_size, ranks, writer,
+                         f"embed {out_dir.name} text")
+        _encode_images(enc, captions["image"].tolist(), images_root, todo["images"], batch_size, workers,
+                       clip_image_size, resolution, ranks, writer, f"embed {out_dir.name} images")
+        seconds = time.perf_counter() - started
+        if writer is not None:
+            _finish(work, out_dir, captions, enc, identity, fingerprint, shapes, counts, dtype, writer.kept)
+    except (Stopped, HandOverFailed) as exc:
+        raise type(exc)(f"{'' if str(exc).startswith('embed') else 'embed: '}{exc}; "
+                        f"{writer.kept() if writer else _KEPT_ELSEWHERE}") from None
+    if writer is None:
+        return None
     size = sum(f.stat().st_size for f in out_dir.iterdir())
+    encoded = sum(hi - lo for lo, hi in (_span(b, batch_size, n) for b in todo["images"]))
     summary = {"items": n, "captions": len(texts), "bytes_per_item": size / max(n, 1), "seconds": seconds,
-               "items_per_s": (n - done) / max(seconds, 1e-9)}
+               "items_per_s": encoded / max(seconds, 1e-9), "processes": ranks.count}
     print(f"embed: {n} images, {len(texts)} unique captions into {out_dir} "
-          f"({summary['bytes_per_item'] / 1024:.1f} KiB/image, {summary['items_per_s']:.1f} images/s)")
+          f"({summary['bytes_per_item'] / 1024:.1f} KiB/image, {summary['items_per_s']:.1f} images/s, "
+          f"{ranks.count} process{'es' if ranks.count > 1 else ''})")
     return summary
 
 
-def _batches(loader, done):
-    """The loader's batches; a loader worker that died (OOM killer, kill -9) fails in one line.
-
-    torch notices a dead worker within seconds (its SIGCHLD handler) and raises a
-    RuntimeError; ``done()`` says how many items are safe in the partial cache.
-    """
-    iterator = iter(loader)
-    while True:
-        try:
-            yield next(iterator)
-        except StopIteration:
-            return
-        except RuntimeError as exc:
-            if "DataLoader worker" not in str(exc):
-                raise
-            raise PipelineError(f"embed: the image loader process died ({str(exc).splitlines()[0]}); "
-                                f"the {done()} images before it are kept, rerun to resume") from None
+_KEPT_ELSEWHERE = "the batches process 0 had written are kept, rerun to resume"
 
 
-def _open_work(work: Path, fingerprint: str, shapes: dict, counts: dict, dtype: str):
-    """Reopen a matching partial folder (resume) or start a fresh one."""
-    progress = work / "progress.json"
-    state = {"captions": 0, "images": 0}
-    if progress.is_file():
-        saved = json.loads(progress.read_text())
-        if saved.get("fingerprint") == fingerprint:
-            state = {k: int(saved.get(k, 0)) for k in state}
-    resume = bool(state["captions"] or state["images"])
-    if not resume and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for name, (shape, kind) in shapes.items():
-        path = work / f"{name}.npy"
-        rows = _rows(name, counts["images"], counts["captions"], counts["tokens"])
-        if resume:
-            arrays[name] = np.load(path, mmap_mode="r+")
+def _encode_captions(enc: Encoders, texts: list[str], lengths: np.ndarray, todo: list[int], batch_size: int,
+                     ranks: Ranks, writer: "_Writer | None", desc: str) -> None:
+    """Every caption batch in ``todo``: this process's share encoded here, all written by process 0."""
+    mine = ranks.shard(todo)
+    rounds = ranks.rounds(len(todo))
+    with _bar(writer, "captions", len(texts), desc) as bar:
+        for k in range(rounds):
+            result = None
+            if k < len(mine):
+                lo, hi = _span(mine[k], batch_size, len(texts))
+                encoded = {key: v.cpu().numpy() for key, v in encode_texts(enc, texts[lo:hi]).items()}
+                if not np.array_equal(encoded["text_mask"].sum(axis=1), lengths[lo:hi]):
+                    raise PipelineError(f"embed: CLIP token counts changed between two tokenizer calls ({enc.prior})")
+                hidden = encoded["text_hidden"]
+                result = (mine[k], {name: encoded[name] for name in CAPTION_ARRAYS},
+                          [hidden[j, :lengths[c]] for j, c in enumerate(range(lo, hi))])
+            parts = ranks.gather(result, f"caption batches (round {k + 1} of {rounds})")
+            if writer is not None:
+                bar.update(writer.write_captions([p for p in parts if p is not None]))
+
+
+def _encode_images(enc: Encoders, paths: list[str], root: Path, todo: list[int], batch_size: int, workers: int,
+                   clip_image_size: int, resolution: int, ranks: Ranks, writer: "_Writer | None",
+                   desc: str) -> None:
+    """Every image batch in ``todo``: this process's share read by a DataLoader and encoded here."""
+    mine = ranks.shard(todo)
+    rounds = ranks.rounds(len(todo))
+    loader = torch.utils.data.DataLoader(
+        _Images(root, paths, enc.image_processor, clip_image_size, resolution),
+        batch_sampler=[range(*_span(b, batch_size, len(paths))) for b in mine], num_workers=workers,
+    )
+    batches = iter(loader) if mine else None  # no share, no loader process
+    try:
+        with _bar(writer, "images", len(paths), desc) as bar:
+            for k in range(rounds):
+                result = None
+                if k < len(mine):
+                    clip_px, movq_px, errors = next(batches)
+                    bad = [e for e in errors if e]
+                    if bad:
+                        raise PipelineError(f"{bad[0]}; {writer.kept() if writer else _KEPT_ELSEWHERE}")
+                    result = (mine[k], {name: value.cpu().numpy()
+                                        for name, value in encode_images(enc, clip_px, movq_px).items()})
+                parts = ranks.gather(result, f"image batches (round {k + 1} of {rounds})")
+                if writer is not None:
+                    bar.update(writer.write_images([p for p in parts if p is not None]))
+    except RuntimeError as exc:
+        # A loader process that died (OOM killer, kill -9): torch notices within seconds (its
+        # SIGCHLD handler) and raises wherever this process is, not only in next().
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise PipelineError(f"embed: the image loader process died ({str(exc).splitlines()[0]}); "
+                            f"{writer.kept() if writer else _KEPT_ELSEWHERE}") from None
+
+
+def _span(batch: int, batch_size: int, total: int) -> tuple[int, int]:
+    """Rows of ``batch``: batches are fixed by the batch size, whatever the process count."""
+    return batch * batch_size, min((batch + 1) * batch_size, total)
+
+
+def _bar(writer: "_Writer | None", kind: str, total: int, desc: str):
+    """Process 0's progress bar over what every process finished; the others show none."""
+    initial = writer.count(kind) if writer else 0
+    unit = kind[:-1]
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, disable=writer is None)
+
+
+def _ranges(batches: set[int]) -> list[list[int]]:
+    """Sorted batch numbers as [first, last + 1] runs (progress.json stays small)."""
+    runs: list[list[int]] = []
+    for b in sorted(batches):
+        if runs and runs[-1][1] == b:
+            runs[-1][1] = b + 1
         else:
-            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=_np_dtype(kind, dtype),
-                                                     shape=(rows, *shape))
-    if not resume:
-        write_json(progress, {**state, "fingerprint": fingerprint})
-    return arrays, state
+            runs.append([b, b + 1])
+    return runs
+
+
+def _batches_of(runs) -> set[int]:
+    return {b for lo, hi in runs for b in range(lo, hi)}
+
+
+@dataclass
+class _Writer:
+    """Process 0's partial folder: the arrays (allocated whole), which batches are in, the resume."""
+
+    work: Path
+    out: Path
+    fingerprint: str
+    batch_size: int
+    counts: dict
+    arrays: dict[str, np.ndarray]
+    done: dict[str, set[int]]
+    fresh: bool
+    offsets: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, work: Path, out: Path, fingerprint: str, shapes: dict, counts: dict, dtype: str,
+             batch_size: int) -> "_Writer":
+        """Reopen a matching partial folder (resume) or allocate a fresh one.
+
+        A partial folder made with another ``embed.batch_size`` is not resumed: batches are the
+        unit of work and of the cache's bytes (a batch's convolutions round by its shape).
+        """
+        progress = work / "progress.json"
+        done = {"captions": set(), "images": set()}
+        if progress.is_file():
+            saved = json.loads(progress.read_text())
+            if saved.get("fingerprint") == fingerprint and saved.get("batch_size") == batch_size:
+                done = {k: _batches_of(saved.get(f"{k[:-1]}_batches", [])) for k in done}
+        fresh = not (done["captions"] or done["images"])
+        writer = cls(work, out, fingerprint, batch_size, counts, {}, done, fresh)
+        if fresh and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        for name, (shape, kind) in shapes.items():
+            path = work / f"{name}.npy"
+            rows = _rows(name, counts["images"], counts["captions"], counts["tokens"])
+            with disk_full_is_an_error(path, writer.kept):
+                writer.arrays[name] = (_allocate(path, _np_dtype(kind, dtype), (rows, *shape))
+                                       if fresh else np.load(path, mmap_mode="r+"))
+        if fresh:
+            writer.save()
+        writer.offsets = np.asarray(writer.arrays["text_offsets"])
+        return writer
+
+    def store_layout(self, codes: np.ndarray, offsets: np.ndarray) -> None:
+        self.arrays["caption"][:] = codes
+        self.arrays["text_offsets"][:] = offsets
+        self.offsets = offsets
+
+    def write_captions(self, parts) -> int:
+        """Write gathered caption batches; returns how many captions they held."""
+        written = 0
+        for batch, arrays, hidden in parts:
+            lo, hi = _span(batch, self.batch_size, self.counts["captions"])
+            for name, value in arrays.items():
+                self.arrays[name][lo:hi] = value
+            for c, h in zip(range(lo, hi), hidden):
+                self.arrays["text_hidden"][self.offsets[c]:self.offsets[c + 1]] = h
+            self.done["captions"].add(batch)
+            written += hi - lo
+        self.save()
+        return written
+
+    def write_images(self, parts) -> int:
+        written = 0
+        for batch, arrays in parts:
+            lo, hi = _span(batch, self.batch_size, self.counts["images"])
+            for name, value in arrays.items():
+                self.arrays[name][lo:hi] = value
+            self.done["images"].add(batch)
+            written += hi - lo
+        self.save()
+        return written
+
+    def count(self, kind: str) -> int:
+        """Captions or images in the finished batches."""
+        return sum(hi - lo for lo, hi in (_span(b, self.batch_size, self.counts[kind]) for b in self.done[kind]))
+
+    def progress_line(self) -> str:
+        return ", ".join(f"{self.count(k)}/{self.counts[k]} {k}" for k in ("captions", "images"))
+
+    def kept(self) -> str:
+        return f"the finished {self.progress_line()} are kept in {self.work}, rerun to resume"
+
+    def save(self) -> None:
+        """Flush the arrays, then record their batches (a batch counts once its bytes are on disk)."""
+        for arr in self.arrays.values():
+            arr.flush()
+        with disk_full_is_an_error(self.work / "progress.json", self.kept):
+            write_json(self.work / "progress.json", {
+                "fingerprint": self.fingerprint, "batch_size": self.batch_size,
+                "caption_batches": _ranges(self.done["captions"]), "image_batches": _ranges(self.done["images"]),
+                "captions": int(self.count("captions")), "images": int(self.count("images"))})
+
+
+def _allocate(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A ``.npy`` memory map whose blocks are reserved on disk now: a full disk is an OSError
+    here, not a SIGBUS at the first write into a page the file system cannot place."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as handle:
+        os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    return arr
 
 
 def _finish(work: Path, out_dir: Path, captions, enc: Encoders, identity: dict, fingerprint: str,
-            shapes: dict, counts: dict, dtype: str) -> None:
-    np.save(work / "rows.npy", captions["row"].to_numpy(dtype=np.int64))
+            shapes: dict, counts: dict, dtype: str, kept) -> None:
+    """The per-cache files, then the folder renamed into place (progress.json goes last but one:
+    a full disk before it leaves a partial folder that the rerun finishes)."""
+    def save(name: str, value: np.ndarray) -> None:
+        with disk_full_is_an_error(work / name, kept):
+            np.save(work / name, value)
+
+    save("rows.npy", captions["row"].to_numpy(dtype=np.int64))
     uncond = {k: v.cpu().numpy() for k, v in encode_texts(enc, [""]).items()}
     uncond["image_embeds"] = blank_image_embed(enc).cpu().numpy()
     for name, value in uncond.items():
-        np.save(work / f"uncond_{name}.npy", value.astype(np.bool_ if value.dtype == np.bool_ else dtype))
+        save(f"uncond_{name}.npy", value.astype(np.bool_ if value.dtype == np.bool_ else dtype))
     meta = {
         **identity,
         "format": FORMAT_VERSION,
@@ -236,8 +372,9 @@ def _finish(work: Path, out_dir: Path, captions, enc: Encoders, identity: dict, 
             "image_processor": type(enc.image_processor).__name__,
         },
     }
+    with disk_full_is_an_error(work / "meta.json", kept):
+        write_json(work / "meta.json", meta)
     (work / "progress.json").unlink()
-    write_json(work / "meta.json", meta)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(work, out_dir)

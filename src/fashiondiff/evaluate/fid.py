@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from fashiondiff.errors import PipelineError
+from fashiondiff.spread import disk_full_is_an_error
 
 FID_FEATURES = 2048
 FID_RESIZE = "torch-fidelity's TF1-compatible bilinear resize to 299x299 (antialias=False)"
@@ -103,13 +104,39 @@ def build_fid_metric(path: str | Path, state: dict):
 
     with tempfile.TemporaryDirectory(prefix="fashiondiff-inception-") as tmp:
         copy = Path(tmp) / "inception.pth"
-        torch.save(state, copy)
+        with disk_full_is_an_error(copy, lambda: "TMPDIR names a folder with room for it"):
+            torch.save(state, copy)
         try:
+            # sync_on_compute=False: under `accelerate launch` torchmetrics would gather the states of
+            # every process in compute(), a collective that only process 0 reaches here: the
+            # processes' states are handed over and summed by fid_from_parts instead.
             return FrechetInceptionDistance(feature=FID_FEATURES, reset_real_features=False, normalize=False,
-                                            feature_extractor_weights_path=str(copy), antialias=False)
+                                            feature_extractor_weights_path=str(copy), antialias=False,
+                                            sync_on_compute=False, compute_with_cache=False)
         except RuntimeError as exc:  # load_state_dict: missing/unexpected keys, size mismatch
             raise PipelineError(f"evaluate.fid_weights {path}: not an Inception-v3 state dict "
                                 f"({_state_dict_error(exc)})") from None
+
+
+SIDES = {True: ("real_features_sum", "real_features_cov_sum", "real_features_num_samples"),
+         False: ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples")}
+
+
+def fid_state(metric, real: bool) -> dict:
+    """One side's running sums (torchmetrics' states), on the CPU: what a process hands over."""
+    return {name: getattr(metric, name).detach().cpu().clone() for name in SIDES[real]}
+
+
+def fid_from_parts(metric, real: list[dict], fake: list[dict]) -> float:
+    """The FID of ``metric`` over the states several processes accumulated, summed in the order
+    given (one part: exactly its own state). torchmetrics sums the same way across processes."""
+    for is_real, parts in ((True, real), (False, fake)):
+        for name in SIDES[is_real]:
+            total = parts[0][name].clone()
+            for part in parts[1:]:
+                total += part[name]
+            setattr(metric, name, total.to(metric.device))
+    return float(metric.compute())
 
 
 def _versions() -> str:

@@ -97,16 +97,24 @@ class GaussianStats:
         x = np.asarray(features, np.float64)
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"GaussianStats.update: expected (n, d) features, got shape {x.shape}")
-        n, mean = x.shape[0], x.mean(axis=0)
-        centred = x - mean
-        m2 = centred.T @ centred
-        if self.count == 0:
-            self.count, self.mean, self._m2 = n, mean, m2
+        batch = GaussianStats()
+        batch.count, batch.mean = x.shape[0], x.mean(axis=0)
+        centred = x - batch.mean
+        batch._m2 = centred.T @ centred
+        self.merge(batch)
+
+    def merge(self, other: "GaussianStats") -> None:
+        """Add ``other``'s rows (another batch, or another process's share): Chan's update.
+        Merging in another order changes the last bits only (float64 round-off)."""
+        if other.count == 0:
             return
-        total = self.count + n
-        delta = mean - self.mean
-        self._m2 = self._m2 + m2 + np.outer(delta, delta) * (self.count * n / total)
-        self.mean = self.mean + delta * (n / total)
+        if self.count == 0:
+            self.count, self.mean, self._m2 = other.count, other.mean, other._m2
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self._m2 = self._m2 + other._m2 + np.outer(delta, delta) * (self.count * other.count / total)
+        self.mean = self.mean + delta * (other.count / total)
         self.count = total
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ The *catalogue* is what the model is fine-tuned for (held-out FashionGen rows); 
 *generic* domain is what the base already drew (for the embedded default the stand-in's
 everyday objects; for a real run any FashionGen-layout file of non-catalogue pictures): how
 much of it the tuned model keeps is the price of fine-tuning. For each domain,
-``evaluate.num_prompts`` held-out captions (seeded choice, one row per product first) and both
+``evaluate.num_prompts`` held-out captions (seeded choice, one row per product first; drawn
+with replacement when the domain has fewer rows: ``fashiondiff.evaluate.heldout``) and both
 models generate one image each, prompt ``i`` with seed ``params.seed + i``. Metrics, in the
 base prior's own CLIP space (what the model conditions on), per domain and model:
 
@@ -35,247 +36,169 @@ level, and the FID status; and
 ``grid.png``, ``image_text.png``, every generated image as ``<domain>/<model>/0000.png``, ...
 (prompt ``i`` is file ``i``; lossless, so any FID tool can recompute the numbers) and
 ``<domain>/real_images.txt`` (the held-out real images, relative to that domain's folder).
+
+Memory does not grow with ``evaluate.num_prompts``: images stream, batch by batch, into the
+statistics (``fashiondiff.evaluate.tally``) and onto disk (``fashiondiff.evaluate.samples``,
+which also shares the batches out among ``accelerate launch``'s processes and resumes a stopped
+run); the grid shows the first ``GRID_ROWS`` prompts. Under several processes every number but
+``fd_clip`` and ``fid`` is the one process's, bit for bit; those two sum the processes'
+statistics in another order (float64 round-off, relative 1e-12 here: docs/distributed.md).
 """
 
 from __future__ import annotations
 
-import gc
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+import os
+import shutil
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from fashiondiff.config.schema import EDIT_STRENGTH
-from fashiondiff.data.split import select_split
-from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate import figures
-from fashiondiff.evaluate.clip import ClipEncoder, clip_score
-from fashiondiff.evaluate.fid import inception_fid
-from fashiondiff.evaluate.metrics import (
-    GaussianStats,
-    frechet_distance,
-    r_precision,
-    r_precision_candidates,
+from fashiondiff.evaluate.clip import ClipEncoder
+from fashiondiff.evaluate.fid import fid_from_parts, fid_state, inception_fid
+from fashiondiff.evaluate.heldout import HeldOut, held_out, load_real, to_uint8
+from fashiondiff.evaluate.metrics import frechet_distance
+from fashiondiff.evaluate.samples import (
+    EDIT,
+    EDIT_PROMPT,
+    MODELS,
+    PROGRESS,
+    Job,
+    ModelPair,
+    Partial,
+    Sampler,
+    Task,
+    base_clip,
+    fingerprint,
+    plan,
+    sample,
 )
-from fashiondiff.io import atomic_dir, write_json
-from fashiondiff.sampling import (
-    Sampling,
-    as_img2img,
-    image_text_to_image,
-    sampling_from_params,
-    text_to_image,
-)
+from fashiondiff.evaluate.tally import Tally
+from fashiondiff.io import write_json
+from fashiondiff.sampling import sampling_from_params
+from fashiondiff.spread import HandOverFailed, Ranks, Stopped, disk_full_is_an_error
 
-EDIT_PROMPT = "black leather mini skirt"  # the method figure's prompt (image + text -> image)
-REQUIRED_COLUMNS = ("row", "product_id", "caption", "image")
+__all__ = ["DOMAINS", "ModelPair", "evaluate"]
+
 DOMAINS = ("catalogue", "generic")  # the catalogue first: its first prompt's photo is the edit's source
-MODELS = ("base", "tuned")
+GRID_ROWS = 24  # prompts shown in grid.png (24 rows of 192 px cells and captions: ~6,000 px tall)
 
 
-@dataclass(frozen=True)
-class ModelPair:
-    """A prior and a decoder to evaluate (folders or cached Hub ids) and the keys that named them."""
-
-    prior: str
-    decoder: str
-    prior_key: str = "model.prior"
-    decoder_key: str = "model.decoder"
-
-
-def heldout_rows(captions_dir: str | Path, holdout_fraction: float, seed: int) -> pd.DataFrame:
-    """Held-out rows with a caption, in ``row`` order (``holdout_fraction`` > 0: by product)."""
-    path = Path(captions_dir) / "captions.parquet"
-    try:
-        table = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: no such captions table (run extract first)") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column {missing[0]}")
-    rows = select_split(table, "validation", holdout_fraction, seed)
-    rows = rows[rows["caption"].astype(str).str.strip() != ""]
-    if len(rows) < 2:
-        raise PipelineError(f"{path}: {len(rows)} held-out rows with a caption; evaluation needs >= 2")
-    return rows.sort_values("row", kind="stable").reset_index(drop=True)
-
-
-def choose_prompts(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """``n`` rows in a seeded order: one row per product first, then second poses, ..."""
-    order = np.random.default_rng(seed).permutation(len(rows))
-    shuffled = rows.iloc[order]
-    first = ~shuffled["product_id"].duplicated()
-    return pd.concat([shuffled[first], shuffled[~first]]).head(n).reset_index(drop=True)
-
-
-def load_real(captions_dir: Path, relative: str, resolution: int) -> Image.Image:
-    """A real image at the generation resolution (bicubic), RGB."""
-    path = captions_dir / relative
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (FileNotFoundError, OSError) as exc:
-        raise PipelineError(f"{path}: cannot read held-out image ({type(exc).__name__})") from None
-    if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.BICUBIC)
-    return image
-
-
-def to_uint8(images) -> "object":
-    """PIL images -> uint8 (N, 3, H, W) tensor, the input torchmetrics' FID expects."""
-    import torch
-
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
-
-
-@dataclass
-class HeldOut:
-    """One domain's held-out set, prepared once for both models."""
-
-    name: str
-    folder: Path
-    rows: pd.DataFrame  # every held-out row (the real side of fd_clip and FID)
-    captions: list[str]  # the prompts
-    real_images: list[Image.Image]  # each prompt's own photo
-    texts: list[str]  # the distinct held-out captions: R-precision's pool
-    text_embeds: np.ndarray  # of ``texts``
-    own: np.ndarray  # each prompt's row in ``texts``
-    candidates: np.ndarray  # (prompts, R) rows of ``texts``, own first
-    real_stats: GaussianStats
-    fid: object | None  # torchmetrics FID holding this domain's real features, or None
-
-
-def prepare(name: str, folder: Path, holdout_fraction: float, params, clip: ClipEncoder, fid) -> HeldOut:
-    """Choose the domain's prompts and candidates; embed its captions and every real image."""
-    ev, res = params.evaluate, params.model.resolution
-    rows = heldout_rows(folder, holdout_fraction, params.seed)
-    prompts = choose_prompts(rows, ev.num_prompts, params.seed)
-    captions = prompts["caption"].astype(str).tolist()
-    texts = sorted(set(rows["caption"].astype(str)))
-    r = min(ev.r_precision_candidates, len(texts))
-    if r < 2:
-        raise PipelineError(f"{folder}: 1 distinct held-out caption; R-precision needs >= 2")
-    own = np.array([texts.index(c) for c in captions])
-    stats = GaussianStats()
-    paths = rows["image"].tolist()
-    for start in tqdm(range(0, len(paths), ev.batch_size), desc=f"evaluate real {name}", unit="batch"):
-        batch = [load_real(folder, p, res) for p in paths[start:start + ev.batch_size]]
-        stats.update(clip.encode_images(batch))
+def real_tallies(held: dict[str, HeldOut], clip: ClipEncoder, fids: dict, resolution: int, batch_size: int,
+                 ranks: Ranks) -> dict[tuple[str, str], Tally]:
+    """This process's share of the real side, per domain: every held-out image (``rows``: the real
+    statistics of fd_clip and FID) and each prompt's own photo (``prompts``: the real images'
+    clip_score and r_precision), in batches of ``batch_size``, as one process takes them."""
+    out = {}
+    for domain, h in held.items():
+        rows, prompts = Tally(), Tally()
+        fid = fids.get(domain)
+        paths = h.rows["image"].tolist()
+        for b in ranks.shard(range(-(-len(paths) // batch_size))):
+            images = [load_real(h.folder, p, resolution) for p in paths[b * batch_size:(b + 1) * batch_size]]
+            rows.stats.update(clip.encode_images(images))
+            if fid is not None:
+                fid.update(to_uint8(images).to(fid.device), real=True)
         if fid is not None:
-            fid.update(to_uint8(batch).to(fid.device), real=True)
-    return HeldOut(name, folder, rows, captions, [load_real(folder, p, res) for p in prompts["image"]], texts,
-                   clip.encode_texts(texts), own, r_precision_candidates(own, len(texts), r, params.seed),
-                   stats, fid)
+            rows.fid_parts = [fid_state(fid, real=True)]
+        for b in ranks.shard(range(-(-len(h.prompts) // batch_size))):
+            numbers = range(b * batch_size, min((b + 1) * batch_size, len(h.prompts)))
+            prompts.add_prompts(clip.encode_images(h.real_images(numbers, resolution)), numbers, h)
+        out[("rows", domain)], out[("prompts", domain)] = rows, prompts
+    return out
 
 
-def score(images, held: HeldOut, clip: ClipEncoder) -> dict[str, float]:
+def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, params, reports_dir,
+             tracker, ranks: Ranks | None = None) -> dict | None:
+    """Generate with base and tuned models on each domain, score both, write the reports.
+
+    Under several processes (``ranks``) each takes a share of the work; process 0 writes and
+    returns the metrics, the others return None.
+    """
+    ranks = ranks or Ranks.start("evaluate", 0.0)
+    reports_dir = Path(reports_dir)
+    ev = params.evaluate
+    job = Job({"base": base, "tuned": tuned}, {}, sampling_from_params(params, strength=EDIT_STRENGTH),
+              params.seed, ev.batch_size, params.model.resolution, params.clip_image_size, ev.fid_weights,
+              ranks.device, reports_dir / ".samples.partial")
+    clip = base_clip(job)
+    fids, fid_status = {}, ""
+    for domain in DOMAINS:
+        fids[domain], fid_status = inception_fid(ev.fid_weights, ranks.device)
+        fraction = params.data.holdout_fraction if domain == "catalogue" else 0.0  # generic: all held out
+        job.held[domain] = held_out(domain, Path(folders[domain]), fraction, params, clip)
+    tasks = plan(job.held, ev.batch_size)
+    partial = Partial.open(job, {m: fingerprint(job, m) for m in MODELS}) if ranks.main else None
+    if partial is not None and partial.done:
+        print(f"evaluate: resuming {reports_dir / 'samples'}: {partial.summary()} are read back, not sampled")
+    done = ranks.broadcast(partial and partial.done, f"the list of finished batches ({job.work})")
+    try:
+        tallies = real_tallies(job.held, clip, fids, job.resolution, ev.batch_size, ranks)
+        tallies.update(sample(job, tasks, done, ranks, partial, Sampler(job, clip, fids), ev.workers))
+        parts = ranks.gather(tallies, "the scores")
+        if not ranks.main:
+            return None
+        whole = {key: Tally.merged([p.get(key) for p in parts]) for key in parts[0].keys() | _keys(tasks)}
+        metrics = {d: {m: _rounded(_scores(whole[(m, d)], whole[("rows", d)], fids[d])) for m in MODELS}
+                   for d in DOMAINS}
+        details = describe(job.held, whole, clip, params, fid_status)
+        write_outputs(reports_dir, metrics, details, _figures(job, params.seed), tracker, partial, job.held)
+    except (Stopped, HandOverFailed) as exc:
+        kept = partial.reread().kept() if partial else "the batches process 0 had written are kept, rerun to resume"
+        raise type(exc)(f"{'' if str(exc).startswith('evaluate') else 'evaluate: '}{exc}; {kept}") from None
+    return metrics
+
+
+def _keys(tasks: list[Task]) -> set[tuple[str, str]]:
+    return {(t.model, t.domain) for t in tasks if t.domain != EDIT}
+
+
+def _scores(generated: Tally, real: Tally, fid) -> dict[str, float]:
     """clip_score, r_precision and fd_clip (and fid with its image counts) of one model's images."""
-    embeds = clip.encode_images(images)
-    scores = {"clip_score": clip_score(embeds, held.text_embeds[held.own]),
-              "r_precision": r_precision(embeds, held.text_embeds, held.candidates),
-              "fd_clip": frechet_distance(*GaussianStats.of(embeds).moments(), *held.real_stats.moments())}
-    fid = held.fid
+    scores = {"clip_score": generated.mean("clip"), "r_precision": generated.mean("hits"),
+              "fd_clip": frechet_distance(*generated.stats.moments(), *real.stats.moments())}
     if fid is not None:
-        fid.reset()  # fake side only: reset_real_features=False keeps the real statistics
-        fid.update(to_uint8(images).to(fid.device), real=False)
-        scores["fid"] = float(fid.compute())
+        scores["fid"] = fid_from_parts(fid, real.fid_parts, generated.fid_parts)
         scores["fid_n_generated"] = int(fid.fake_features_num_samples)
         scores["fid_n_real"] = int(fid.real_features_num_samples)
     return scores
 
 
-def sample_model(name: str, pair: ModelPair, prompts: dict[str, list[str]], source: Image.Image, seed: int,
-                 sampling: Sampling, batch_size: int, device: str) -> tuple[dict[str, list], Image.Image]:
-    """One model's images for every domain's prompts (prompt ``i`` seeded ``seed + i``) and its
-    image + text edit of ``source``. Loads the model itself: runs here or in a worker process."""
-    import torch
+def _figures(job: Job, seed: int) -> dict:
+    """grid.png (real, base, tuned for the first GRID_ROWS prompts of each domain) and
+    image_text.png, from the PNGs in the partial folder."""
+    def read(path: Path):
+        with Image.open(path) as image:
+            return image.convert("RGB")
 
-    from fashiondiff.models.loader import load_decoder, load_prior
-
-    if device == "cpu":
-        torch.set_num_threads(1)  # the project's CPU rule: one thread per process
-    prior = load_prior(pair.prior, pair.prior_key).to(device)
-    decoder = load_decoder(pair.decoder, pair.decoder_key).to(device)
-    for pipe in (prior, decoder):
-        pipe.set_progress_bar_config(disable=True)
-    images = {}
-    with tqdm(total=sum(map(len, prompts.values())), desc=f"evaluate {name}", unit="image") as bar:
-        for domain, captions in prompts.items():
-            images[domain] = []
-            for start in range(0, len(captions), batch_size):
-                batch = captions[start:start + batch_size]
-                seeds = [seed + start + k for k in range(len(batch))]
-                images[domain] += text_to_image(prior, decoder, batch, seeds, sampling)
-                bar.update(len(batch))
-    (edit,) = image_text_to_image(prior, as_img2img(decoder), [EDIT_PROMPT], [source], [seed], sampling)
-    del prior, decoder
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return images, edit
+    grids = []
+    for domain, h in job.held.items():
+        first = range(min(GRID_ROWS, len(h.prompts)))
+        columns = {"real": h.real_images(first, job.resolution)}
+        for model in MODELS:
+            columns[model] = [read(path) for b in range(-(-len(first) // job.batch_size))
+                              for path in job.paths(Task(model, domain, b))][:len(first)]
+        grids.append(figures.titled(domain, figures.sample_grid(h.captions[:len(first)], columns)))
+    edits = {m: read(job.paths(Task(m, EDIT, 0))[0]) for m in MODELS}
+    edit = figures.image_text_figure(EDIT_PROMPT, job.edit_source(), edits,
+                                     subtitle=f"img2img, strength {EDIT_STRENGTH}, seed {seed}")
+    return {"grid.png": figures.beside(grids), "image_text.png": edit}
 
 
-def sample_models(pairs: dict[str, ModelPair], prompts: dict[str, list[str]], source: Image.Image, params,
-                  device: str) -> dict[str, tuple]:
-    """Both models' samples: in ``evaluate.workers`` processes (2: base and tuned at once, each
-    with one thread, on a CPU), else one model after the other here (one on the device at a time)."""
-    ev = params.evaluate
-    args = {name: (name, pair, prompts, source, params.seed, sampling_from_params(params, strength=EDIT_STRENGTH),
-                   ev.batch_size, device) for name, pair in pairs.items()}
-    if ev.workers < 2 or device != "cpu":
-        return {name: sample_model(*a) for name, a in args.items()}
-    with ProcessPoolExecutor(min(ev.workers, len(args)), mp_context=mp.get_context("spawn")) as pool:
-        jobs = {name: pool.submit(sample_model, *a) for name, a in args.items()}
-        return {name: job.result() for name, job in jobs.items()}
-
-
-def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, params, reports_dir,
-             tracker) -> dict:
-    """Generate with base and tuned models on each domain, score both, write the reports."""
-    import torch
-
-    from fashiondiff.models.loader import load_prior
-
-    reports_dir = Path(reports_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # The base prior's CLIP towers are the metric space for both models and the real images.
-    clip = ClipEncoder(load_prior(base.prior, base.prior_key, prior=None).to(device), params.clip_image_size,
-                       params.evaluate.batch_size)
-    held, fid_status = {}, ""
-    for domain in DOMAINS:
-        fid, fid_status = inception_fid(params.evaluate.fid_weights, device)
-        fraction = params.data.holdout_fraction if domain == "catalogue" else 0.0  # generic: all held out
-        held[domain] = prepare(domain, Path(folders[domain]), fraction, params, clip, fid)
-    prompts = {d: h.captions for d, h in held.items()}
-    source = held["catalogue"].real_images[0]
-    results = sample_models({"base": base, "tuned": tuned}, prompts, source, params, device)
-    samples = {m: results[m][0] for m in MODELS}
-    metrics = {d: {m: _rounded(score(samples[m][d], held[d], clip)) for m in MODELS} for d in DOMAINS}
-    details = describe(held, clip, params, fid_status)
-    grid = figures.beside([figures.titled(d, figures.sample_grid(
-        held[d].captions, {"real": held[d].real_images, **{m: samples[m][d] for m in MODELS}})) for d in DOMAINS])
-    edit = figures.image_text_figure(EDIT_PROMPT, source, {m: results[m][1] for m in MODELS},
-                                     subtitle=f"img2img, strength {EDIT_STRENGTH}, seed {params.seed}")
-    write_outputs(reports_dir, metrics, details, {"grid.png": grid, "image_text.png": edit}, tracker, samples, held)
-    return metrics
-
-
-def describe(held: dict[str, HeldOut], clip: ClipEncoder, params, fid_status: str) -> dict:
+def describe(held: dict[str, HeldOut], whole: dict[tuple[str, str], Tally], clip: ClipEncoder, params,
+             fid_status: str) -> dict:
     """evaluation.json: the real images' own scores, and what the scores were measured on."""
     out = {}
     for d, h in held.items():
-        real = clip.encode_images(h.real_images)
+        real = whole[("prompts", d)]
         r = h.candidates.shape[1]
-        out[d] = {"prompts": len(h.captions), "real_images": len(h.rows),
+        out[d] = {"prompts": len(h.prompts), "real_images": len(h.rows),
+                  "prompts_with_replacement": h.with_replacement,
                   "distinct_captions": len(h.texts),
                   "r_precision_candidates": r, "r_precision_chance": _sig(1 / r),
                   "truncated_captions": clip.count_truncated(h.captions),
-                  "real": {"clip_score": _sig(clip_score(real, h.text_embeds[h.own])),
-                           "r_precision": _sig(r_precision(real, h.text_embeds, h.candidates))}}
+                  "real": {"clip_score": _sig(real.mean("clip")), "r_precision": _sig(real.mean("hits"))}}
     if params.evaluate.fid_weights and fid_status.startswith("computed"):
         fid_status += (f"; per domain: samples/<domain>/base and samples/<domain>/tuned vs every held-out image "
                        f"of the domain (samples/<domain>/real_images.txt), at model.resolution "
@@ -307,32 +230,30 @@ def flatten(report: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dict, tracker,
-                  samples: dict | None = None, held: dict[str, HeldOut] | None = None) -> None:
-    """samples/ (atomic folder), metrics.json, scores.json and evaluation.json (atomic files); to
-    the tracker: the tuned model's scores as ``<domain>.<metric>``, the base model's and the rest
-    as ``reference.<domain>.base.<metric>``, ``reference.<domain>.real.<metric>``, ...
+def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dict, tracker, partial: Partial,
+                  held: dict[str, HeldOut]) -> None:
+    """samples/ (the partial folder, completed and renamed into place last), metrics.json,
+    scores.json and evaluation.json (atomic files); to the tracker: the tuned model's scores as
+    ``<domain>.<metric>``, the base model's and the rest as ``reference.<domain>.base.<metric>``,
+    ``reference.<domain>.real.<metric>``, ...
 
-    ``metrics``: ``{domain: {"base": {...}, "tuned": {...}}}``. ``samples``: ``{model: {domain:
-    [PIL images]}}``, written as ``samples/<domain>/<model>/0000.png``, ... (PNG, no metadata:
-    the same pixels give the same bytes on every run).
+    ``metrics``: ``{domain: {"base": {...}, "tuned": {...}}}``. The samples are already in the
+    partial folder as ``<domain>/<model>/0000.png``, ... A full disk on the way stops with one
+    line, the partial folder kept: the rerun reads the samples back and writes these again.
     """
-    with atomic_dir(reports_dir / "samples") as folder:
-        for file_name, picture in pictures.items():
-            picture.save(folder / file_name, format="PNG")
-        for model, by_domain in (samples or {}).items():
-            for domain, images in by_domain.items():
-                (folder / domain / model).mkdir(parents=True)
-                width = max(4, len(str(len(images) - 1)))
-                for i, image in enumerate(images):
-                    image.convert("RGB").save(folder / domain / model / f"{i:0{width}d}.png", format="PNG")
-        for domain, h in (held or {}).items():
-            (folder / domain).mkdir(exist_ok=True)
-            (folder / domain / "real_images.txt").write_text("".join(f"{p}\n" for p in h.rows["image"]))
+    work = partial.job.work
+    for file_name, picture in pictures.items():
+        with disk_full_is_an_error(work / file_name, partial.kept):
+            picture.save(work / file_name, format="PNG")
+    for domain, h in held.items():
+        path = work / domain / "real_images.txt"
+        with disk_full_is_an_error(path, partial.kept):
+            path.write_text("".join(f"{p}\n" for p in h.rows["image"]))
     tuned = {d: by_model["tuned"] for d, by_model in metrics.items()}
-    write_json(reports_dir / "metrics.json", metrics)
-    write_json(reports_dir / "scores.json", tuned)
-    write_json(reports_dir / "evaluation.json", details)
+    for name, value in (("metrics.json", metrics), ("scores.json", tuned), ("evaluation.json", details)):
+        with disk_full_is_an_error(reports_dir / name, partial.kept):
+            write_json(reports_dir / name, value)
+    _publish(work, reports_dir / "samples")
     tracker.log_summary(flatten(tuned))
     reference = {d: {"base": by_model["base"], **details.get(d, {})} for d, by_model in metrics.items()}
     reference.update({k: v for k, v in details.items() if k not in metrics})
@@ -341,3 +262,11 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
         tracker.log_image(picture, f"samples/{file_name}", parent_name=file_name)
     for file_name in ("metrics.json", "evaluation.json"):
         tracker.log_artifact(str(reports_dir / file_name))
+
+
+def _publish(work: Path, target: Path) -> None:
+    """The finished partial folder, without its progress files, renamed to ``target``."""
+    shutil.rmtree(work / PROGRESS)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(work, target)

@@ -1,0 +1,356 @@
+"""embed and evaluate under `accelerate launch` (two gloo processes on the CPU): the outputs one
+process writes; a process that dies ends both within seconds, with one line and no output; a
+stopped or killed run resumes; a full disk (a file-size limit) is one line and resumable; and
+evaluate's memory does not grow with the number of prompts."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import params_tree, replaced, repo_params
+from inception_fixtures import inception_weights  # noqa: F401
+from pipeline_fixtures import (  # noqa: F401
+    REPO,
+    extracted,
+    run_stage,
+    stage_params,
+    tiny_base,
+    train_cache,
+)
+from test_evaluate import NAMES, OBJECTS, RecordingTracker, extracted_folder
+
+PROCESS_TIMEOUT = 120  # compute.timeout_s in these tests: a hang fails the test, not the suite
+
+
+def two_processes() -> list[str]:
+    """`accelerate launch` with two processes on a free port (gloo: ACCELERATE_USE_CPU=1)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port)]
+
+
+@pytest.fixture
+def cpu_processes(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    return two_processes()
+
+
+def same_files(a: Path, b: Path) -> list[str]:
+    """The relative paths of every file under ``a``, after checking ``b`` has the same, byte for byte."""
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return names
+
+
+def start(cwd: Path, params: dict, script: str, *args, launcher: list[str] | None = None, **popen):
+    """Start ``stages/<script>`` in ``cwd`` (as run_stage does) without waiting for it."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FASHIONDIFF_TRACKING": "off", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = (launcher or [sys.executable]) + [str(REPO / "stages" / script), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def rank_pids(launcher: int, deadline: float) -> dict[int, int]:
+    """Process number -> pid of the launcher's two processes."""
+    while time.monotonic() < deadline:
+        ranks = {}
+        for pid in children(launcher):
+            try:
+                env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+            except OSError:
+                continue
+            if b"RANK" in env:
+                ranks[int(env[b"RANK"])] = pid
+        if len(ranks) == 2:
+            return ranks
+        time.sleep(0.05)
+    pytest.fail("the launcher's two processes did not start")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(condition, what: str, limit: float = 120, proc=None):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"exited before {what}:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.01)
+    pytest.fail(f"no {what} in {limit} s")
+
+
+def file_limit(size: int):
+    """A child's RLIMIT_FSIZE (`ulimit -f`): a write past ``size`` bytes fails with EFBIG."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+# --- embed ------------------------------------------------------------------------------------
+
+def test_embed_in_two_processes_writes_the_one_process_cache(tmp_path, tiny_base, extracted, train_cache,
+                                                             cpu_processes):
+    params = stage_params(tiny_base, **{"compute.timeout_s": PROCESS_TIMEOUT})
+    result = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes)
+    assert "2 processes" in result.stdout
+    assert len(same_files(train_cache, tmp_path / "cache")) == 17
+    assert not (tmp_path / ".cache.partial").exists()
+
+
+def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, tiny_base, extracted, train_cache,
+                                                                   cpu_processes):
+    """Process 1's image loader killed (kill -9) while process 0 is held at a hand-over: both gone
+    within 30 s, one line, no cache; the rerun (two processes) resumes to the one-process cache."""
+    params = stage_params(tiny_base, **{"compute.timeout_s": PROCESS_TIMEOUT})
+    progress = tmp_path / ".cache.partial" / "progress.json"
+    proc = start(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes)
+    ranks = rank_pids(proc.pid, time.monotonic() + 60)
+
+    def captions_done():
+        try:
+            return json.loads(progress.read_text())["caption_batches"] == [[0, 2]]
+        except (OSError, ValueError, KeyError):
+            return False
+
+    wait_for(captions_done, "finished captions", proc=proc)
+    os.kill(ranks[0], signal.SIGSTOP)  # process 1 then waits at its first image hand-over, loader alive
+    try:
+        (loader,) = wait_for(lambda: children(ranks[1]), "process 1's image loader", 30)
+        os.kill(loader, signal.SIGKILL)
+    finally:
+        os.kill(ranks[0], signal.SIGCONT)
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - killed < 30 and not any(alive(p) for p in ranks.values())
+    assert proc.returncode != 0
+    assert any(line.startswith("error: embed: the image loader process died") for line in error_lines(stderr)), stderr
+    assert not (tmp_path / "cache").exists()
+
+    resumed = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes)
+    assert "embed: resuming" in resumed.stdout and "8/8 captions" in resumed.stdout
+    same_files(train_cache, tmp_path / "cache")
+
+
+def test_embed_sigterm_keeps_the_finished_batches_and_the_rerun_resumes(tmp_path, tiny_base, extracted,
+                                                                        train_cache):
+    params = stage_params(tiny_base)
+    work = tmp_path / ".cache.partial"
+    proc = start(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache")
+    wait_for(lambda: (work / "progress.json").is_file() and '"captions": 8' in (work / "progress.json").read_text(),
+             "finished captions", proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: embed: stopped by SIGTERM; the finished 8/8 captions") and \
+        last.endswith("rerun to resume"), last
+    assert not (tmp_path / "cache").exists()
+    resumed = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache")
+    assert "resuming" in resumed.stdout
+    same_files(train_cache, tmp_path / "cache")
+
+
+def test_embed_full_disk_at_the_start_names_the_file(tmp_path, tiny_base, extracted, train_cache):
+    """The arrays are reserved on disk before any encoding (a full disk mid-run would otherwise be
+    a SIGBUS at a write into a memory map): no room is one line at once, naming the file; an
+    earlier cache in place is left as it was; the rerun with room writes the cache."""
+    shutil.copytree(train_cache, tmp_path / "cache")
+    (tmp_path / "cache" / "meta.json").write_text("{}")  # stands for an older cache, to be replaced
+    old = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    params = stage_params(tiny_base)
+    full = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", check=False,
+                     preexec_fn=file_limit(2048))
+    assert full.returncode == 1
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / '.cache.partial'}/") and ".npy: cannot write, file too large" in last
+    assert "rerun to resume" in last and "Traceback" not in full.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == old
+    run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache")
+    same_files(train_cache, tmp_path / "cache")
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory, inception_weights):
+    """Two different tiny models (base, tuned), two extracted held-out files, FID weights, and
+    the one-process run's reports (``root/one``)."""
+    from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
+
+    root = tmp_path_factory.mktemp("spread_evaluate")
+    spec = TinySpec(clip_image_size=32, clip_patch_size=16)
+    save_pipelines(build_tiny((NAMES + OBJECTS) * 2, spec, seed=0), root / "base")
+    save_pipelines(build_tiny((NAMES + OBJECTS) * 2, spec, seed=1), root / "tuned")
+    rng = np.random.default_rng(0)
+    folders = {"catalogue": extracted_folder(root / "validation", NAMES, 2, rng),
+               "generic": extracted_folder(root / "generic", OBJECTS, 1, rng, first_product=500)}
+    params = params_tree(**{
+        "clip_image_size": 32, "diffusion_steps": 2, "data.holdout_fraction": 0.5, "model.resolution": 64,
+        "model.prior": str(root / "base" / "prior"), "model.decoder": str(root / "base" / "decoder"),
+        "evaluate.num_prompts": 5, "evaluate.prior_steps": 2, "evaluate.batch_size": 2,
+        "evaluate.r_precision_candidates": 4, "evaluate.workers": 1, "compute.timeout_s": PROCESS_TIMEOUT,
+        "evaluate.fid_weights": "weights/inception/weights.pth"})
+    args = ["--catalogue", folders["catalogue"], "--generic", folders["generic"], "--tuned", root / "tuned"]
+
+    def cwd(name: str) -> Path:  # a run's folder, with the FID weights where the stage wants them
+        (root / name / "weights" / "inception").mkdir(parents=True)
+        shutil.copy(inception_weights, root / name / "weights" / "inception" / "weights.pth")
+        return root / name
+
+    run_stage(cwd("one"), params, "evaluate.py", *args, "--reports", "reports")
+    return root, params, args, cwd
+
+
+def test_evaluate_in_two_processes_writes_the_same_samples_and_metrics(evaluation, cpu_processes):
+    """Every sample byte for byte and evaluation.json as is; in metrics.json the CLIP scores,
+    R-precision and counts exactly, fd_clip and fid within one unit of their sixth digit (each
+    process sums its share of the real images' statistics: float64 round-off only)."""
+    root, params, args, cwd = evaluation
+    run_stage(cwd("two"), params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes)
+    one, two = root / "one" / "reports", root / "two" / "reports"
+    names = same_files(one / "samples", two / "samples")
+    assert len(names) == 2 * 2 * 5 + 2 + 2  # domains x models x prompts, two real_images.txt, two figures
+    assert (one / "evaluation.json").read_bytes() == (two / "evaluation.json").read_bytes()
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    for domain in a:
+        for model in a[domain]:
+            x, y = a[domain][model], b[domain][model]
+            assert x.keys() == y.keys() == {"clip_score", "r_precision", "fd_clip", "fid", "fid_n_generated",
+                                            "fid_n_real"}
+            for key in x:
+                if key in ("fd_clip", "fid"):
+                    assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-9), (domain, model, key)
+                else:
+                    assert y[key] == x[key], (domain, model, key)
+    assert a["catalogue"]["base"] != a["catalogue"]["tuned"]  # two different models
+
+
+def test_evaluate_process_killed_stops_both_and_one_process_resumes(evaluation, cpu_processes):
+    """kill -9 of process 1 after the first round: both gone within 30 s, one line, no outputs;
+    one process then resumes the two's partial folder to the one-process reports."""
+    root, params, args, cwd = evaluation
+    folder = cwd("killed")
+    proc = start(folder, params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes)
+    ranks = rank_pids(proc.pid, time.monotonic() + 60)
+    wait_for(lambda: (folder / "reports/.samples.partial/.progress/base.json").is_file(), "a finished round",
+             proc=proc)
+    os.kill(ranks[1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - killed < 30 and not any(alive(p) for p in ranks.values())
+    assert proc.returncode != 0
+    lines = error_lines(stderr)
+    assert any(line.startswith("error: evaluate: ") and "rerun to resume" in line for line in lines), stderr
+    assert sorted(p.name for p in (folder / "reports").iterdir()) == [".samples.partial"]
+
+    resumed = run_stage(folder, params, "evaluate.py", *args, "--reports", "reports")
+    assert "evaluate: resuming" in resumed.stdout
+    same_files(root / "one" / "reports", folder / "reports")
+
+
+def test_evaluate_full_disk_keeps_the_outputs_and_the_rerun_resumes(evaluation):
+    """Under a file-size limit that the samples fit and the grid does not: one line naming the
+    grid, the previous reports untouched; with room, the rerun reads the samples back."""
+    root, params, args, cwd = evaluation
+    folder = cwd("full")
+    params = {**params, "evaluate": {**params["evaluate"], "fid_weights": ""}}  # FID's setup copies 100 MB
+    run_stage(folder, params, "evaluate.py", *args, "--reports", "reports")
+    reference = folder / "reference"
+    shutil.copytree(folder / "reports", reference)
+    before = {p: p.read_bytes() for p in (folder / "reports").rglob("*") if p.is_file()}
+    full = run_stage(folder, params, "evaluate.py", *args, "--reports", "reports", check=False,
+                     preexec_fn=file_limit(64 * 1024))
+    assert full.returncode == 1
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: reports/.samples.partial/grid.png: cannot write, file too large;"), last
+    assert "rerun to resume" in last and "Traceback" not in full.stderr
+    assert {p: p.read_bytes() for p in (folder / "reports").rglob("*") if p.is_file() and ".samples.partial"
+            not in str(p)} == before
+    resumed = run_stage(folder, params, "evaluate.py", *args, "--reports", "reports")
+    assert "evaluate: resuming" in resumed.stdout and "7 of base's batches, 7 of tuned's batches" in resumed.stdout
+    same_files(reference, folder / "reports")
+
+
+def test_evaluate_holds_a_batch_of_images_whatever_the_number_of_prompts(tmp_path, monkeypatch):
+    """The in-suite stand-in for bench/bench_spread.py's RSS at 2,000 vs 200 prompts: the most
+    images alive at any hand-over does not grow with evaluate.num_prompts (a list of every
+    sample, as evaluate once kept, grows with it); prompts past the held-out rows are drawn
+    again and evaluation.json says so."""
+    from PIL import Image
+
+    from fashiondiff.evaluate import samples
+    from fashiondiff.evaluate.run import ModelPair, evaluate
+    from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
+
+    save_pipelines(build_tiny(NAMES + OBJECTS, TinySpec(clip_image_size=32, clip_patch_size=16), seed=0),
+                   tmp_path / "models")
+    rng = np.random.default_rng(0)
+    folders = {"catalogue": extracted_folder(tmp_path / "validation", NAMES, 2, rng),
+               "generic": extracted_folder(tmp_path / "generic", OBJECTS, 1, rng, first_product=500)}
+    live = []
+    take = samples.Partial.take
+
+    def counting(self, results):
+        gc.collect()
+        live.append(sum(isinstance(o, Image.Image) for o in gc.get_objects()))
+        return take(self, results)
+
+    monkeypatch.setattr(samples.Partial, "take", counting)
+    base = repo_params()
+    pair = ModelPair(str(tmp_path / "models" / "prior"), str(tmp_path / "models" / "decoder"))
+    peaks = {}
+    for n in (4, 24):
+        params = replaced(base, clip_image_size=32, diffusion_steps=2, model=replaced(base.model, resolution=64),
+                          evaluate=replaced(base.evaluate, num_prompts=n, prior_steps=1, batch_size=2, workers=1,
+                                            r_precision_candidates=3))
+        live.clear()
+        evaluate(folders, pair, pair, params, tmp_path / f"reports{n}", RecordingTracker())
+        peaks[n] = max(live)
+    assert peaks[24] <= peaks[4] <= 8, peaks
+    details = json.loads((tmp_path / "reports24" / "evaluation.json").read_text())
+    assert details["generic"]["prompts_with_replacement"] and details["generic"]["real_images"] == len(OBJECTS)
+    assert len(list((tmp_path / "reports24" / "samples" / "generic" / "base").glob("*.png"))) == 24
+    assert not json.loads((tmp_path / "reports4" / "evaluation.json").read_text())["catalogue"][
+        "prompts_with_replacement"]
