@@ -27,20 +27,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("split", choices=("train", "validation"), help="which rows to keep")
     parser.add_argument("out", help="cache folder to write")
     args = parser.parse_args(argv)
-    stop_on_signals()
-    limit_threads()
-    params = stage_params("embed")
-    seed_everything(params.seed)
-    ranks = Ranks.start("embed", params.compute.timeout_s)
-    captions = pd.read_parquet(f"{args.extracted}/captions.parquet")
-    captions = select_split(captions, args.split, params.data.holdout_fraction, params.seed)
-    encoders = load_encoders(params.model.prior, params.model.decoder, device=ranks.device)
-    build_cache(
-        captions, args.extracted, args.out, encoders, clip_image_size=params.clip_image_size,
-        resolution=params.model.resolution, batch_size=params.embed.batch_size, dtype=params.embed.dtype,
-        ranks=ranks,
-    )
-    ranks.close()
+    with stop_on_signals():  # SIGTERM/SIGINT: stop, keep the finished batches
+        limit_threads()
+        params = stage_params("embed")
+        seed_everything(params.seed)
+        ranks = Ranks.start("embed", params.compute.timeout_s)
+        captions = pd.read_parquet(f"{args.extracted}/captions.parquet")
+        captions = select_split(captions, args.split, params.data.holdout_fraction, params.seed)
+        encoders = load_encoders(params.model.prior, params.model.decoder, device=ranks.device)
+        build_cache(
+            captions, args.extracted, args.out, encoders, clip_image_size=params.clip_image_size,
+            resolution=params.model.resolution, batch_size=params.embed.batch_size, dtype=params.embed.dtype,
+            ranks=ranks,
+        )
+        ranks.close()
 
 
 if __name__ == "__main__":

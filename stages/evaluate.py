@@ -34,27 +34,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tuned", required=True, metavar="DIR", help="folder with the tuned prior/ and decoder/")
     parser.add_argument("--reports", required=True, metavar="DIR", help="where metrics.json, scores.json, evaluation.json and samples/ go")
     args = parser.parse_args(argv)
-    stop_on_signals()
-    limit_threads()
-    params = stage_params("evaluate")
-    weights = params.evaluate.fid_weights
-    if weights and Path(weights).parent != Path(FID_WEIGHTS_DIR):
-        raise PipelineError(f"params: evaluate.fid_weights must be a file in {FID_WEIGHTS_DIR}/, the folder "
-                            f"this stage declares as a dependency in dvc.yaml (got {weights})")
-    seed_everything(params.seed)
-    ranks = Ranks.start("evaluate", params.compute.timeout_s)
-    if not ranks.main:  # process 0 alone tracks
-        os.environ["FASHIONDIFF_TRACKING"] = "off"
-    tuned = Path(args.tuned)
-    base = ModelPair(params.model.prior, params.model.decoder)
-    tuned = ModelPair(str(tuned / "prior"), str(tuned / "decoder"), "tuned prior", "tuned decoder")
-    with stage_run("evaluate", params) as tracker:
-        metrics = evaluate({d: getattr(args, d) for d in DOMAINS}, base, tuned, params, args.reports, tracker,
-                           ranks)
-    ranks.close()
-    for domain, models in (metrics or {}).items():
-        print(f"evaluate {domain}: " + "; ".join(
-            f"{m} " + ", ".join(f"{k} {v:g}" for k, v in scores.items()) for m, scores in models.items()))
+    with stop_on_signals():  # SIGTERM/SIGINT: stop, keep the finished batches
+        limit_threads()
+        params = stage_params("evaluate")
+        weights = params.evaluate.fid_weights
+        if weights and Path(weights).parent != Path(FID_WEIGHTS_DIR):
+            raise PipelineError(f"params: evaluate.fid_weights must be a file in {FID_WEIGHTS_DIR}/, the folder "
+                                f"this stage declares as a dependency in dvc.yaml (got {weights})")
+        seed_everything(params.seed)
+        ranks = Ranks.start("evaluate", params.compute.timeout_s)
+        if not ranks.main:  # process 0 alone tracks
+            os.environ["FASHIONDIFF_TRACKING"] = "off"
+        tuned = Path(args.tuned)
+        base = ModelPair(params.model.prior, params.model.decoder)
+        tuned = ModelPair(str(tuned / "prior"), str(tuned / "decoder"), "tuned prior", "tuned decoder")
+        with stage_run("evaluate", params) as tracker:
+            metrics = evaluate({d: getattr(args, d) for d in DOMAINS}, base, tuned, params, args.reports, tracker,
+                               ranks)
+        ranks.close()
+        for domain, models in (metrics or {}).items():
+            print(f"evaluate {domain}: " + "; ".join(
+                f"{m} " + ", ".join(f"{k} {v:g}" for k, v in scores.items()) for m, scores in models.items()))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Where this process stands among the launcher's processes, and the hand-overs of ``embed`` and ``evaluate``.
 
-Usage, at the top of the stage (run by ``python`` or by ``accelerate launch``)::
+Usage, in the stage (run by ``python`` or by ``accelerate launch``)::
 
-    stop_on_signals()                                   # SIGTERM/SIGINT raise Stopped
-    ranks = Ranks.start("embed", params.compute.timeout_s)
-    mine = ranks.shard(todo)                            # this process's contiguous part of a list
-    for k in range(ranks.rounds(len(todo))):            # every process takes part in every round
-        parts = ranks.gather(result, f"image batches, round {k + 1}")  # process 0: one per process
+    with stop_on_signals():                             # SIGTERM/SIGINT raise Stopped
+        ranks = Ranks.start("embed", params.compute.timeout_s)
+        mine = ranks.shard(todo)                        # this process's contiguous part of a list
+        for k in range(ranks.rounds(len(todo))):        # every process takes part in every round
+            parts = ranks.gather(result, f"image batches, round {k + 1}")  # process 0: one per process
 
 One process (``compute.launcher: python``): no torch.distributed at all; ``gather`` returns
 ``[obj]``. Several: accelerate's ``PartialState`` joins the process group the launcher set up
@@ -33,12 +33,19 @@ import contextlib
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterator, Sequence
 
 from fashiondiff.errors import PipelineError
 from fashiondiff.runtime import default_device
+
+
+class Interrupted(BaseException):
+    """What the signal handler raises: a BaseException, like KeyboardInterrupt, so that no library's
+    ``except Exception`` swallows it (one did: the stage then ran to its end). The stage's code
+    turns it into :class:`Stopped`, saying what is kept."""
 
 
 class Stopped(PipelineError):
@@ -49,10 +56,14 @@ class HandOverFailed(PipelineError):
     """Another process died during a hand-over, or did not come within ``timeout_s``."""
 
 
-def stop_on_signals() -> None:
-    """SIGTERM and SIGINT raise :class:`Stopped` in this process, so that work in progress is
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGINT raise :class:`Interrupted` (a :class:`Stopped` when it
+    leaves the block), so that work in progress is
     left resumable and the stage ends with one line (Slurm, Kubernetes, spot instances and the
-    launcher's agent stop a job with SIGTERM). A forked child (a DataLoader worker) inherits the
+    launcher's agent stop a job with SIGTERM). Past the block (the error being printed, the
+    interpreter exiting) the previous handlers are back: a late SIGTERM ends the process, not
+    an atexit handler with a traceback. A forked child (a DataLoader worker) inherits the
     handler and keeps the defaults: SIGINT is KeyboardInterrupt there, SIGTERM ends it."""
     owner = os.getpid()
 
@@ -63,10 +74,22 @@ def stop_on_signals() -> None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except Interrupted as exc:  # not inside the stage's resumable work: nothing to add
+        raise Stopped(str(exc)) from None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def with_kept(stage: str, exc: BaseException, kept: str) -> PipelineError:
+    """``exc`` (Interrupted, HandOverFailed) as the stage's one line, ending with what is kept."""
+    text = str(exc) if str(exc).startswith(f"{stage}:") else f"{stage}: {exc}"
+    return (Stopped if isinstance(exc, Interrupted) else HandOverFailed)(f"{text}; {kept}")
 
 
 # A full disk, a quota, or a file-size limit (`ulimit -f`, RLIMIT_FSIZE: Python ignores SIGXFSZ,
@@ -174,15 +197,20 @@ class Ranks:
         """Every process here within ``timeout_s``, or a line saying what was waited for."""
         import torch.distributed as dist
 
+        started = time.monotonic()
         try:
             dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=self.timeout_s),
                                    wait_all_ranks=True)
         except RuntimeError as exc:
             if _foreign(exc):
                 raise
+            waited = time.monotonic() - started
+            if waited < 0.9 * self.timeout_s:  # gloo words a vanished process as a timeout too
+                raise HandOverFailed(f"{self.stage}: process {self.index} of {self.count} lost another process "
+                                     f"at the hand-over of {what} ({_first_line(exc)})") from None
             raise HandOverFailed(
-                f"{self.stage}: process {self.index} of {self.count} waited {self.timeout_s:g} s "
-                f"(compute.timeout_s) at the hand-over of {what}: {_first_line(exc)}") from None
+                f"{self.stage}: process {self.index} of {self.count} waited {waited:.0f} s (compute.timeout_s "
+                f"{self.timeout_s:g}) at the hand-over of {what}: {_first_line(exc)}") from None
 
     def close(self) -> None:
         """Leave the process group (after the last hand-over)."""

@@ -37,7 +37,7 @@ from fashiondiff.embed.encoders import (
 )
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import write_json
-from fashiondiff.spread import HandOverFailed, Ranks, Stopped, disk_full_is_an_error
+from fashiondiff.spread import HandOverFailed, Interrupted, Ranks, disk_full_is_an_error, with_kept
 
 
 class _Images(torch.utils.data.Dataset):
@@ -121,14 +121,16 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
     shapes = _shapes(enc, resolution, int(offsets[-1]))
     counts = {"images": n, "captions": len(texts), "tokens": int(offsets[-1])}
     work = out_dir.with_name(f".{out_dir.name}.partial")
-    writer = _Writer.open(work, out_dir, fingerprint, shapes, counts, dtype, batch_size) if ranks.main else None
-    done = ranks.broadcast(writer and writer.done, f"the list of finished batches ({work})")
-    if writer is not None and not writer.fresh:
-        print(f"embed: resuming {out_dir} at {writer.progress_line()}")
-    elif writer is not None:
-        writer.store_layout(codes, offsets)
-    started = time.perf_counter()
+    writer = None
     try:
+        if ranks.main:
+            writer = _Writer.open(work, out_dir, fingerprint, shapes, counts, dtype, batch_size)
+            if writer.fresh:
+                writer.store_layout(codes, offsets)
+            else:
+                print(f"embed: resuming {out_dir} at {writer.progress_line()}")
+        done = ranks.broadcast(writer and writer.done, f"the list of finished batches ({work})")
+        started = time.perf_counter()
         todo = {kind: [b for b in range(-(-counts[kind] // batch_size)) if b not in done[kind]]
                 for kind in ("captions", "images")}
         _encode_captions(enc, texts, lengths, todo["captions"], batch_size, ranks, writer,
@@ -136,13 +138,12 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
         _encode_images(enc, captions["image"].tolist(), images_root, todo["images"], batch_size, workers,
                        clip_image_size, resolution, ranks, writer, f"embed {out_dir.name} images")
         seconds = time.perf_counter() - started
-        if writer is not None:
-            _finish(work, out_dir, captions, enc, identity, fingerprint, shapes, counts, dtype, writer.kept)
-    except (Stopped, HandOverFailed) as exc:
-        raise type(exc)(f"{'' if str(exc).startswith('embed') else 'embed: '}{exc}; "
-                        f"{writer.kept() if writer else _KEPT_ELSEWHERE}") from None
-    if writer is None:
-        return None
+        if writer is None:
+            return None
+        _finish(work, out_dir, captions, enc, identity, fingerprint, shapes, counts, dtype, writer.kept)
+    except (Interrupted, HandOverFailed) as exc:
+        kept = writer.kept() if writer else (_KEPT_ELSEWHERE if not ranks.main else "no batch was finished yet, rerun to start")
+        raise with_kept("embed", exc, kept) from None
     size = sum(f.stat().st_size for f in out_dir.iterdir())
     encoded = sum(hi - lo for lo, hi in (_span(b, batch_size, n) for b in todo["images"]))
     summary = {"items": n, "captions": len(texts), "bytes_per_item": size / max(n, 1), "seconds": seconds,

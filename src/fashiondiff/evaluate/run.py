@@ -77,7 +77,7 @@ from fashiondiff.evaluate.samples import (
 from fashiondiff.evaluate.tally import Tally
 from fashiondiff.io import write_json
 from fashiondiff.sampling import sampling_from_params
-from fashiondiff.spread import HandOverFailed, Ranks, Stopped, disk_full_is_an_error
+from fashiondiff.spread import HandOverFailed, Interrupted, Ranks, disk_full_is_an_error, with_kept
 
 __all__ = ["DOMAINS", "ModelPair", "evaluate"]
 
@@ -144,9 +144,9 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
                    for d in DOMAINS}
         details = describe(job.held, whole, clip, params, fid_status)
         write_outputs(reports_dir, metrics, details, _figures(job, params.seed), tracker, partial, job.held)
-    except (Stopped, HandOverFailed) as exc:
+    except (Interrupted, HandOverFailed) as exc:
         kept = partial.reread().kept() if partial else "the batches process 0 had written are kept, rerun to resume"
-        raise type(exc)(f"{'' if str(exc).startswith('evaluate') else 'evaluate: '}{exc}; {kept}") from None
+        raise with_kept("evaluate", exc, kept) from None
     return metrics
 
 

@@ -34,7 +34,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -303,8 +302,9 @@ def run_share(sampler: Sampler, tasks: list[Task], done: set[Task], ranks: Ranks
     with tqdm(total=images, desc=desc, unit="image", dynamic_ncols=True, disable=partial is None) as bar:
         for k in range(rounds):
             result = sampler.run(mine[k], mine[k] in done) if k < len(mine) else None
-            parts = [p for p in ranks.gather(result, f"samples (round {k + 1} of {rounds})") if p is not None]
+            parts = ranks.gather(result, f"samples (round {k + 1} of {rounds})")
             if partial is not None:
+                parts = [p for p in parts if p is not None]
                 partial.take(parts)
                 bar.update(sum(len(sampler.job.span(task)) for task, _ in parts))
     sampler.finish()
