@@ -86,6 +86,21 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def batch_runs(batches) -> list[list[int]]:
+    """Finished batch numbers as sorted ``[first, last + 1]`` runs: a progress file stays small."""
+    runs: list[list[int]] = []
+    for b in sorted(batches):
+        if runs and runs[-1][1] == b:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    return runs
+
+
+def batches_in(runs) -> set[int]:
+    return {b for lo, hi in runs for b in range(lo, hi)}
+
+
 def with_kept(stage: str, exc: BaseException, kept: str) -> PipelineError:
     """``exc`` (Interrupted, HandOverFailed) as the stage's one line, ending with what is kept."""
     text = str(exc) if str(exc).startswith(f"{stage}:") else f"{stage}: {exc}"

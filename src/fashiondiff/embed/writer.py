@@ -37,7 +37,9 @@ from fashiondiff.embed.encoders import (
 )
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import write_json
-from fashiondiff.spread import HandOverFailed, Interrupted, Ranks, disk_full_is_an_error, with_kept
+from fashiondiff.spread import (
+    HandOverFailed, Interrupted, Ranks, batch_runs, batches_in, disk_full_is_an_error, with_kept,
+)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -124,7 +126,7 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
     writer = None
     try:
         if ranks.main:
-            writer = _Writer.open(work, out_dir, fingerprint, shapes, counts, dtype, batch_size)
+            writer = _Writer.open(work, fingerprint, shapes, counts, dtype, batch_size)
             if writer.fresh:
                 writer.store_layout(codes, offsets)
             else:
@@ -224,27 +226,11 @@ def _bar(writer: "_Writer | None", kind: str, total: int, desc: str):
     return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, disable=writer is None)
 
 
-def _ranges(batches: set[int]) -> list[list[int]]:
-    """Sorted batch numbers as [first, last + 1] runs (progress.json stays small)."""
-    runs: list[list[int]] = []
-    for b in sorted(batches):
-        if runs and runs[-1][1] == b:
-            runs[-1][1] = b + 1
-        else:
-            runs.append([b, b + 1])
-    return runs
-
-
-def _batches_of(runs) -> set[int]:
-    return {b for lo, hi in runs for b in range(lo, hi)}
-
-
 @dataclass
 class _Writer:
     """Process 0's partial folder: the arrays (allocated whole), which batches are in, the resume."""
 
     work: Path
-    out: Path
     fingerprint: str
     batch_size: int
     counts: dict
@@ -254,7 +240,7 @@ class _Writer:
     offsets: np.ndarray | None = None
 
     @classmethod
-    def open(cls, work: Path, out: Path, fingerprint: str, shapes: dict, counts: dict, dtype: str,
+    def open(cls, work: Path, fingerprint: str, shapes: dict, counts: dict, dtype: str,
              batch_size: int) -> "_Writer":
         """Reopen a matching partial folder (resume) or allocate a fresh one.
 
@@ -266,9 +252,9 @@ class _Writer:
         if progress.is_file():
             saved = json.loads(progress.read_text())
             if saved.get("fingerprint") == fingerprint and saved.get("batch_size") == batch_size:
-                done = {k: _batches_of(saved.get(f"{k[:-1]}_batches", [])) for k in done}
+                done = {k: batches_in(saved.get(f"{k[:-1]}_batches", [])) for k in done}
         fresh = not (done["captions"] or done["images"])
-        writer = cls(work, out, fingerprint, batch_size, counts, {}, done, fresh)
+        writer = cls(work, fingerprint, batch_size, counts, {}, done, fresh)
         if fresh and work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
@@ -330,7 +316,7 @@ class _Writer:
         with disk_full_is_an_error(self.work / "progress.json", self.kept):
             write_json(self.work / "progress.json", {
                 "fingerprint": self.fingerprint, "batch_size": self.batch_size,
-                "caption_batches": _ranges(self.done["captions"]), "image_batches": _ranges(self.done["images"]),
+                "caption_batches": batch_runs(self.done["captions"]), "image_batches": batch_runs(self.done["images"]),
                 "captions": int(self.count("captions")), "images": int(self.count("images"))})
 
 

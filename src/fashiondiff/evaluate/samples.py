@@ -44,7 +44,7 @@ from fashiondiff.evaluate.heldout import HeldOut, to_uint8
 from fashiondiff.evaluate.tally import Tally
 from fashiondiff.io import write_json
 from fashiondiff.sampling import Sampling, as_img2img, image_text_to_image, text_to_image
-from fashiondiff.spread import Ranks, disk_full_is_an_error
+from fashiondiff.spread import Ranks, batch_runs, batches_in, disk_full_is_an_error
 
 EDIT_PROMPT = "black leather mini skirt"  # the method figure's prompt (image + text -> image)
 EDIT = "edit"  # a task's domain for the model's image + text edit of the first catalogue prompt's photo
@@ -130,16 +130,6 @@ def fingerprint(job: Job, model: str) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _runs(batches: set[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for b in sorted(batches):
-        if runs and runs[-1][1] == b:
-            runs[-1][1] = b + 1
-        else:
-            runs.append([b, b + 1])
-    return runs
-
-
 @dataclass
 class Partial:
     """The partial samples folder: PNGs as they come, and which tasks are finished."""
@@ -157,7 +147,7 @@ class Partial:
             saved = json.loads(progress.read_text()) if progress.is_file() else {}
             if saved.get("fingerprint") == wanted:
                 partial.done |= {Task(model, domain, b) for domain, runs in saved.get("done", {}).items()
-                                 for lo, hi in runs for b in range(lo, hi)}
+                                 for b in batches_in(runs)}
             else:
                 for domain in job.held:
                     shutil.rmtree(job.work / domain / model, ignore_errors=True)
@@ -195,7 +185,7 @@ class Partial:
         path = self.job.work / PROGRESS / f"{model}.json"
         with disk_full_is_an_error(path, self.kept):
             write_json(path, {"fingerprint": self.fingerprints[model],
-                              "done": {d: _runs(b) for d, b in sorted(done.items())}})
+                              "done": {d: batch_runs(b) for d, b in sorted(done.items())}})
 
 
 def _png(image: Image.Image) -> bytes:
