@@ -4,6 +4,7 @@ Usage:
     python bench/bench_spread.py --project DIR [--steps 200]    # CPU: one process vs two (gloo)
     python bench/bench_spread.py --project DIR --rss            # evaluate at 200 and 2,000 prompts
     python bench/bench_spread.py --fullsize --processes 1 8     # GPUs: full size, images/s per GPU
+    python bench/bench_spread.py --fullsize --tiny --processes 1 2 --steps 4   # its smoke test, CPU
 
 DIR holds the embedded default's inputs and models (a `dvc repro` done: data/extracted/, models/).
 Each run is the real stage started as dvc.yaml starts it (``python stages/...`` or ``accelerate
@@ -183,12 +184,29 @@ def rss_figures(args) -> dict:
     return out
 
 
+def save_models(captions: list[str], base: Path, tiny: bool) -> tuple[int, int]:
+    """2.1's networks at full size (random weights), or the tiny ones, unless ``base`` has them
+    already; (resolution, CLIP image size)."""
+    sizes = (64, 64) if tiny else (256, 224)
+    if (base / "decoder").is_dir():
+        return sizes
+    if tiny:
+        from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
+
+        save_pipelines(build_tiny(captions, TinySpec(clip_image_size=64, clip_patch_size=16)), base)
+    else:
+        from fashiondiff.standin.fullsize import save_full_pipelines
+
+        save_full_pipelines(captions, base)
+    return sizes
+
+
 def fullsize_figures(args) -> dict:
     """GPU: full-size networks (random weights), synthetic FashionGen-layout data, real stages."""
+    import pandas as pd
     import torch
 
     from fashiondiff.data.extract import extract
-    from fashiondiff.standin.fullsize import save_full_pipelines
     from fashiondiff.standin.synthetic import write_synthetic
 
     work = args.work.resolve()
@@ -197,28 +215,27 @@ def fullsize_figures(args) -> dict:
         for name, products in (("train", args.products), ("validation", 16), ("generic", 16)):
             h5 = write_synthetic(data / f"{name}.h5", n_products=products, poses_per_product=4, seed=len(name))
             extract(h5, data / name, "{name}", 256, 2)
-    if not (work / "base" / "decoder").is_dir():
-        import pandas as pd
-
-        save_full_pipelines(pd.read_parquet(data / "train" / "captions.parquet")["caption"].tolist(), work / "base")
+    captions = pd.read_parquet(data / "train" / "captions.parquet")["caption"].tolist()
+    resolution, clip_size = save_models(captions, work / "base", args.tiny)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params.update(clip_image_size=224, diffusion_steps=args.steps)
-    params["model"].update(prior=str(work / "base/prior"), decoder=str(work / "base/decoder"), resolution=256)
+    params.update(clip_image_size=clip_size, diffusion_steps=args.steps)
+    params["model"].update(prior=str(work / "base/prior"), decoder=str(work / "base/decoder"), resolution=resolution)
     params["embed"].update(batch_size=64, dtype="float16")
     params["evaluate"].update(num_prompts=args.prompts, batch_size=args.batch_size, workers=1)
-    gpu = torch.cuda.get_device_name(0)
-    out = {"gpu": gpu, "steps": args.steps, "embed": {}, "evaluate": {}}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+    out = {"gpu": gpu, "models": "tiny" if args.tiny else "Kandinsky 2.1 full size, random weights", "steps": args.steps, "embed": {}, "evaluate": {}}
     for n in args.processes:
         rec = run(work, f"embed-{n}", params, launcher(n), "embed.py", [data / "train", "train", "cache"],
-                  cpu=False)
+                  cpu=args.tiny)
         rate = float(re.findall(r"([\d.]+) images/s", rec.pop("log"))[-1])
         out["embed"][n] = {**rec, "images_per_s": rate, "images_per_s_per_gpu": round(rate / n, 2)}
         rec = run(work, f"evaluate-{n}", params, launcher(n), "evaluate.py",
                   ["--catalogue", data / "validation", "--generic", data / "generic", "--tuned", work / "base",
-                   "--reports", "reports"], cpu=False)
-        rec.pop("log")
-        rate = images_of(params) / rec["seconds"]
-        out["evaluate"][n] = {**rec, "images_per_s": round(rate, 3), "images_per_s_per_gpu": round(rate / n, 3),
+                   "--reports", "reports"], cpu=args.tiny)
+        sampling = sampling_seconds(rec.pop("log"))
+        rate = images_of(params) / sampling
+        out["evaluate"][n] = {**rec, "sampling_seconds": sampling, "images_per_s": round(rate, 3),
+                              "images_per_s_per_gpu": round(rate / n, 3),
                               "fid_10k_both_models_hours": round(2 * 10_000 / rate / 3600, 2)}
     return out
 
@@ -234,6 +251,7 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=256, help="--fullsize: train products (x 4 poses)")
     parser.add_argument("--prompts", type=int, default=64, help="--fullsize: evaluate.num_prompts")
     parser.add_argument("--batch-size", type=int, default=16, help="--fullsize: evaluate.batch_size")
+    parser.add_argument("--tiny", action="store_true", help="--fullsize with the tiny models (a smoke test, CPU)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.fullsize:

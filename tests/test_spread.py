@@ -165,6 +165,7 @@ def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, ti
         os.kill(ranks[0], signal.SIGCONT)
     killed = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
+    print(f"every process gone {time.monotonic() - killed:.1f} s after the kill")
     assert time.monotonic() - killed < 30 and not any(alive(p) for p in ranks.values())
     assert proc.returncode != 0
     assert any(line.startswith("error: embed: the image loader process died") for line in error_lines(stderr)), stderr
@@ -175,6 +176,7 @@ def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, ti
     same_files(train_cache, tmp_path / "cache")
 
 
+@pytest.mark.slow  # the launcher's SIGTERM path is the loader test's process 0; this is one process
 def test_embed_sigterm_keeps_the_finished_batches_and_the_rerun_resumes(tmp_path, tiny_base, extracted,
                                                                         train_cache):
     """SIGTERM (held with SIGSTOP until sent, so that the run cannot finish first) stops the
@@ -200,7 +202,7 @@ def test_embed_sigterm_keeps_the_finished_batches_and_the_rerun_resumes(tmp_path
 def test_embed_full_disk_at_the_start_names_the_file(tmp_path, tiny_base, extracted, train_cache):
     """The arrays are reserved on disk before any encoding (a full disk mid-run would otherwise be
     a SIGBUS at a write into a memory map): no room is one line at once, naming the file; an
-    earlier cache in place is left as it was; the rerun with room writes the cache."""
+    earlier cache in place is left as it was (the rerun with room: any of the tests above)."""
     shutil.copytree(train_cache, tmp_path / "cache")
     (tmp_path / "cache" / "meta.json").write_text("{}")  # stands for an older cache, to be replaced
     old = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
@@ -212,8 +214,6 @@ def test_embed_full_disk_at_the_start_names_the_file(tmp_path, tiny_base, extrac
     assert last.startswith(f"error: {tmp_path / '.cache.partial'}/") and ".npy: cannot write, file too large" in last
     assert "rerun to resume" in last and "Traceback" not in full.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == old
-    run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache")
-    same_files(train_cache, tmp_path / "cache")
 
 
 # --- evaluate ---------------------------------------------------------------------------------
@@ -285,6 +285,7 @@ def test_evaluate_process_killed_stops_both_and_one_process_resumes(evaluation, 
     os.kill(ranks[1], signal.SIGKILL)
     killed = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
+    print(f"every process gone {time.monotonic() - killed:.1f} s after the kill")
     assert time.monotonic() - killed < 30 and not any(alive(p) for p in ranks.values())
     assert proc.returncode != 0
     lines = error_lines(stderr)
@@ -349,16 +350,16 @@ def test_evaluate_holds_a_batch_of_images_whatever_the_number_of_prompts(tmp_pat
     base = repo_params()
     pair = ModelPair(str(tmp_path / "models" / "prior"), str(tmp_path / "models" / "decoder"))
     peaks = {}
-    for n in (4, 12):
+    for n in (3, 9):
         params = replaced(base, clip_image_size=32, diffusion_steps=2, model=replaced(base.model, resolution=64),
                           evaluate=replaced(base.evaluate, num_prompts=n, prior_steps=2, batch_size=2, workers=1,
                                             r_precision_candidates=3))
         live.clear()
         evaluate(folders, pair, pair, params, tmp_path / f"reports{n}", RecordingTracker())
         peaks[n] = max(live)
-    assert peaks[12] <= peaks[4] + 2, peaks  # every sample kept: + 2 models x 2 domains x 8 prompts
-    details = json.loads((tmp_path / "reports12" / "evaluation.json").read_text())
+    assert peaks[9] <= peaks[3] + 2, peaks  # every sample kept: + 2 models x 2 domains x 6 prompts
+    details = json.loads((tmp_path / "reports9" / "evaluation.json").read_text())
     assert details["generic"]["prompts_with_replacement"] and details["generic"]["real_images"] == len(OBJECTS)
-    assert len(list((tmp_path / "reports12" / "samples" / "generic" / "base").glob("*.png"))) == 12
-    assert not json.loads((tmp_path / "reports4" / "evaluation.json").read_text())["catalogue"][
+    assert len(list((tmp_path / "reports9" / "samples" / "generic" / "base").glob("*.png"))) == 9
+    assert not json.loads((tmp_path / "reports3" / "evaluation.json").read_text())["catalogue"][
         "prompts_with_replacement"]

@@ -42,7 +42,7 @@ statistics (``fashiondiff.evaluate.tally``) and onto disk (``fashiondiff.evaluat
 which also shares the batches out among ``accelerate launch``'s processes and resumes a stopped
 run); the grid shows the first ``GRID_ROWS`` prompts. Under several processes every number but
 ``fd_clip`` and ``fid`` is the one process's, bit for bit; those two sum the processes'
-statistics in another order (float64 round-off, relative 1e-12 here: docs/distributed.md).
+statistics in another order (float64 round-off, ~1e-14 relative: docs/distributed.md).
 """
 
 from __future__ import annotations
