@@ -21,8 +21,9 @@ names the missing process. Measured (accelerate 1.15, torch 2.14, gloo, two CPU 
 
 * plain ``PartialState()`` under ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`` reports
   one process, index 0, on BOTH processes (the group itself has two): ``cpu=`` must be passed;
-* a process that fails (an exception, or kill -9) ends the others in ~0.5 s: the launcher's
-  agent sends them SIGTERM (SIGKILL 30 s later). SIGTERM's default action skips ``finally:``
+* a process that fails (an exception, or kill -9) ends the others in ~0.5 s on an idle machine
+  (5-10 s in tests/test_spread.py on a loaded one): the launcher's agent sends them SIGTERM
+  (SIGKILL 30 s later). SIGTERM's default action skips ``finally:``
   blocks, hence :func:`stop_on_signals`;
 * ``gather_object`` hands numpy arrays over bit for bit.
 """
@@ -59,9 +60,9 @@ class HandOverFailed(PipelineError):
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Inside the block, SIGTERM and SIGINT raise :class:`Interrupted` (a :class:`Stopped` when it
-    leaves the block), so that work in progress is
-    left resumable and the stage ends with one line (Slurm, Kubernetes, spot instances and the
-    launcher's agent stop a job with SIGTERM). Past the block (the error being printed, the
+    leaves the block), so that work in progress is left resumable and the stage ends with one
+    line (Slurm, Kubernetes, spot instances and the launcher's agent stop a job with SIGTERM).
+    Past the block (the error being printed, the
     interpreter exiting) the previous handlers are back: a late SIGTERM ends the process, not
     an atexit handler with a traceback. A forked child (a DataLoader worker) inherits the
     handler and keeps the defaults: SIGINT is KeyboardInterrupt there, SIGTERM ends it."""
