@@ -44,7 +44,7 @@ bench: $(STAMP)
 	for b in bench/bench_*.py; do python $$b || exit 1; done
 
 # Kandinsky 2.1 at its published size (random weights) through every real stage, on a few
-# dozen rows: writes reports/fullsize.json (README "Full-size dry run"). Not part of `make test`.
+# dozen rows: writes reports/fullsize.json (docs/gpu.md, "Full-size dry run"). Not part of `make test`.
 # GPU benchmark: make fullsize FULLSIZE_ARGS="--device cuda --batch-size 32 --bf16"
 FULLSIZE_ARGS ?=
 fullsize: $(STAMP)
@@ -54,12 +54,12 @@ fullsize: $(STAMP)
 ui: $(STAMP)
 	fashiondiff ui
 
-# The README's pictures (reports/figures/*.png) from the current models/ and mlflow.db: after
+# The pictures of the README and docs/ (reports/figures/*.png) from the current models/ and mlflow.db: after
 # `make repro` and two experiments (README "Experiments"). Not part of `make repro`.
 figures: $(STAMP) browser
 	python tools/readme_figures.py
 
-# The web page over the tuned (models/) and base models: http://127.0.0.1:7860 (README "Serving").
+# The web page over the tuned (models/) and base models: http://127.0.0.1:7860 (docs/web-page.md).
 serve: $(STAMP)
 	fashiondiff serve
 

@@ -1,10 +1,10 @@
 """End to end: `dvc repro` on a fresh copy of the repository with shrunken sizes; every
-stage's reads and imports against dvc.yaml; the README's runnable blocks run as written
-(two `dvc exp run -S lr=...`, which rerun only training, evaluation and register; `dvc exp
-show`, which leads with the scores and lr in 200 columns; `fashiondiff generate`); the MLflow
-store, and its UI in headless Chromium showing both experiments with lr and the headline
-metrics; `dvc repro --force` is bit-for-bit reproducible; and a run on "real" inputs (files
-no stage writes) runs no stand-in stage."""
+stage's reads and imports against dvc.yaml; the runnable blocks of README.md and then of
+docs/*.md run as written (two `dvc exp run -S lr=...`, which rerun only training, evaluation
+and register; `dvc exp show`, which leads with the scores and lr in 200 columns; `fashiondiff
+generate`; docs/reproducibility.md's `dvc repro --force`, bit for bit); the MLflow store, and
+its UI in headless Chromium showing both experiments with lr and the headline metrics; and a
+run on "real" inputs (files no stage writes) runs no stand-in stage."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ from fashiondiff.processes import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).with_name("dvc")
-RUNNABLE = "<!-- runnable -->"  # README.md: the next ```bash block runs as written (below)
+RUNNABLE = "<!-- runnable -->"  # README.md, docs/*.md: the next ```bash block runs as written (below)
+# docs/ pages whose runnable blocks run after the README's, in this order (any other page after
+# them, by name), except those a test of their own runs (DOCS_OWN_TEST).
+DOCS_ORDER = ("docs/generating.md", "docs/experiments.md")
+DOCS_OWN_TEST = ("docs/reproducibility.md",)  # test_repro_force_is_bit_for_bit_reproducible
 TERMINAL = 200  # columns of the terminal `dvc exp show` must fit its headline into
 
 SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps kept
@@ -180,12 +184,13 @@ def test_repro_leaves_every_declared_output(project):
     assert "generic.r_precision" in shown and "loss_last_epoch" not in shown and "base" not in shown
 
 
-def runnable_blocks(heading: str) -> list[list[str]]:
-    """The commands of README.md's ```bash blocks marked RUNNABLE under ``## heading``, one per
-    command (continuation lines joined, comments and blank lines dropped)."""
-    text = (REPO / "README.md").read_text()
-    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(rf"{re.escape(RUNNABLE)}\n```bash\n(.*?)\n```", section, flags=re.S)
+def runnable_blocks(page: str, heading: str | None = None) -> list[list[str]]:
+    """The commands of ``page``'s ```bash blocks marked RUNNABLE (under ``## heading`` if
+    given), one per command (continuation lines joined, comments and blank lines dropped)."""
+    text = (REPO / page).read_text()
+    if heading is not None:
+        text = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(rf"{re.escape(RUNNABLE)}\n```bash\n(.*?)\n```", text, flags=re.S)
     found = []
     for block in blocks:
         commands, current = [], ""
@@ -198,6 +203,13 @@ def runnable_blocks(heading: str) -> list[list[str]]:
                 current = ""
         found.append(commands)
     return found
+
+
+def docs_with_runnable_blocks() -> list[str]:
+    """docs/*.md pages with a RUNNABLE block that no test of its own runs, in DOCS_ORDER."""
+    pages = sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md") if runnable_blocks(f"docs/{p.name}"))
+    rank = {page: i for i, page in enumerate(DOCS_ORDER)}
+    return sorted((p for p in pages if p not in DOCS_OWN_TEST), key=lambda p: (rank.get(p, len(rank)), p))
 
 
 def run_as_written(cwd: Path, commands: list[str]) -> dict[str, str]:
@@ -217,8 +229,8 @@ def run_as_written(cwd: Path, commands: list[str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def experiments(project) -> dict[str, str]:
     """README "Experiments", its runnable block as written: two `dvc exp run -S lr=...`, then
-    exp show, metrics diff, plots diff, status. Output per command."""
-    [commands] = runnable_blocks("Experiments")
+    exp show, metrics diff, plots diff. Output per command."""
+    [commands] = runnable_blocks("README.md", "Experiments")
     assert sum(c.startswith("dvc exp run -S lr=") for c in commands) == 2, commands
     return run_as_written(project, commands)
 
@@ -331,31 +343,38 @@ def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experi
 
 
 def test_readme_generate_examples_run_as_written(project, experiments):
-    """README "Generating images", its runnable block as written: every image is written."""
-    [commands] = runnable_blocks("Generating images")
+    """README "Generating and serving", its runnable block as written: every image is written."""
+    [commands] = runnable_blocks("README.md", "Generating and serving")
     outputs = run_as_written(project, commands)
     for command in commands[1:]:
         out = re.search(r"--out (\S+)", command).group(1)
         assert (project / out).is_file() and outputs[command].strip() == out, (command, outputs[command])
 
 
-def test_readme_pictures_and_links_exist():
-    """Every picture the README shows is in the repository, every #anchor it links is a heading."""
-    text = re.sub(r"^```.*?^```", "", (REPO / "README.md").read_text(), flags=re.M | re.S)  # not code
-    for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
-        assert (REPO / picture).is_file(), picture
-    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-               for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
-    for link in re.findall(r"\]\(#([^)]+)\)", text):
-        assert link in anchors, link
+@pytest.mark.parametrize("page", docs_with_runnable_blocks())
+def test_docs_runnable_blocks_run_as_written(project, experiments, page):
+    """A docs/ page's runnable blocks, as written, after the README's (``experiments``): every
+    command succeeds, and each `fashiondiff generate` writes the images it prints."""
+    commands = [c for block in runnable_blocks(page) for c in block]
+    assert commands, page
+    outputs = run_as_written(project, commands)
+    for command in commands:
+        if command.startswith("fashiondiff generate"):
+            printed = outputs[command].split()
+            assert printed and all((project / path).is_file() for path in printed), (command, outputs[command])
+            assert (project / re.search(r"--out (\S+)", command).group(1)).exists(), command
 
 
 def test_repro_force_is_bit_for_bit_reproducible(project):
-    """Same params and seed: identical metrics and an identical md5 for every output."""
+    """docs/reproducibility.md's check, as written (`dvc repro --force`, then `md5sum -c` of
+    both lock files and metrics.json); and here, the md5 of every output compared one by one."""
     metrics = (project / "reports/metrics.json").read_bytes()
     md5s = lock_md5s(project)
     assert {"models/base/prior", "data/cache/train", "models/prior", "reports/samples"} <= set(md5s)
-    sh(project, str(DVC), "repro", "--force")
+    [commands] = runnable_blocks("docs/reproducibility.md")
+    assert "dvc repro --force" in commands, commands
+    checked = run_as_written(project, commands)[commands[-1]]
+    assert checked.split() == ["dvc.lock:", "OK", "standin/dvc.lock:", "OK", "reports/metrics.json:", "OK"], checked
     assert (project / "reports/metrics.json").read_bytes() == metrics
     changed = {p for p, md5 in lock_md5s(project).items() if md5s[p] != md5}
     assert not changed, sorted(changed)
