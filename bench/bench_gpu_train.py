@@ -43,25 +43,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+from flops import FULL_SHAPES, TINY_SHAPES, section_for, count_flops, network, peak_flops  # noqa: E402
 
-# Dense bf16 tensor-core peak per card, FLOP/s (NVIDIA's datasheets, without sparsity).
-BF16_PEAK = {"H200": 989e12, "H100 80GB HBM3": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12,
-             "H100 PCIe": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 CONFIGS = ("prior:full:eager", "prior:full:compiled", "prior:lora4:compiled",
            "decoder:full:eager", "decoder:full:compiled", "decoder:full+checkpointing:compiled",
            "decoder:lora4:compiled")
 
 
-def shapes(embed: int, mclip: int, latent: int) -> dict:
-    """Per-item shapes of the cache: CLIP embedding width, M-CLIP width, latent side."""
-    return {"prior": {"image_embeds": (embed,), "text_embeds": (embed,), "text_hidden": (77, embed),
-                      "text_mask": (77,)},
-            "decoder": {"latents": (4, latent, latent), "mclip_hidden": (77, mclip), "mclip_embeds": (embed,),
-                        "image_embeds": (embed,)}}
-
-
-FULL_SHAPES = shapes(768, 1024, 32)  # 2.1: CLIP ViT-L/14, XLM-R-large M-CLIP, 256 px
-TINY_SHAPES = shapes(64, 48, 8)  # the embedded default's (--smoke, on the CPU)
 TITLE_TOKENS = 12  # a FashionGen title: ~12 CLIP tokens
 
 
@@ -84,70 +73,6 @@ class RandomCache:
         if "text_mask" in out:
             out["text_mask"] = np.broadcast_to(np.arange(77) < TITLE_TOKENS, (len(index), 77)).copy()
         return out
-
-
-def peak_flops(name: str) -> float | None:
-    return next((v for k, v in BF16_PEAK.items() if k in name), None)
-
-
-def network(kind: str, smoke: bool, device: str):
-    """The network to train: 2.1's at full size, or the tiny one (--smoke)."""
-    if smoke:
-        from fashiondiff.standin.tiny import build_tiny
-
-        parts = build_tiny(["a b c"], seed=0)
-        return parts.prior if kind == "prior" else parts.unet
-    from diffusers import PriorTransformer, UNet2DConditionModel
-
-    from fashiondiff.models.published import PRIOR, UNET
-
-    with torch.device(device):
-        net = PriorTransformer(**PRIOR) if kind == "prior" else UNet2DConditionModel(**UNET)
-    if kind == "prior" and device != "meta":
-        net.clip_std.data.fill_(1.0)  # a fresh prior's is 0
-    return net
-
-
-def count_flops(kind: str, mode: str, batch: int, smoke: bool) -> dict:
-    """FLOPs of one training step per sample, on the meta device: forward and backward of the
-    network as the loss calls it. With gradient checkpointing, the extra forward is reported apart."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fashiondiff.train.run import prepare
-
-    shape = (TINY_SHAPES if smoke else FULL_SHAPES)[kind]
-    counts = {}
-    for checkpointing in ((False, True) if "checkpointing" in mode else (False,)):
-        net = network(kind, smoke, "cpu").to("meta") if smoke else network(kind, False, "meta")
-        prepare(net, _section(kind, mode), kind)
-        if checkpointing:
-            net.enable_gradient_checkpointing()
-            net.train()
-        with torch.device("meta"):
-            inputs = {k: torch.randn(batch, *s) for k, s in shape.items() if k != "text_mask"}
-            t = torch.randint(0, 1000, (batch,))
-            with FlopCounterMode(display=False) as counter:
-                if kind == "prior":
-                    out = net(inputs["image_embeds"], timestep=t, proj_embedding=inputs["text_embeds"],
-                              encoder_hidden_states=inputs["text_hidden"],
-                              attention_mask=torch.ones(batch, 77, dtype=torch.bool)).predicted_image_embedding
-                else:
-                    out = net(inputs["latents"], t, encoder_hidden_states=inputs["mclip_hidden"],
-                              added_cond_kwargs={"text_embeds": inputs["mclip_embeds"],
-                                                 "image_embeds": inputs["image_embeds"]}).sample[:, :4]
-                out.float().pow(2).mean().backward()
-        counts[checkpointing] = counter.get_total_flops() / batch
-    result = {"train_flops_per_sample": counts[False]}
-    if True in counts:
-        result["recompute_flops_per_sample"] = counts[True] - counts[False]
-    return result
-
-
-def _section(kind: str, mode: str):
-    from fashiondiff.config.schema import load_params
-
-    section = getattr(load_params(REPO / "params.yaml"), kind)
-    return section.model_copy(update={"lora_rank": 4 if mode.startswith("lora") else 0})
 
 
 def _loop_config(smoke: bool, compiled: bool, log_every: int, checkpoint_every: int):
@@ -177,7 +102,7 @@ def measure(kind: str, mode: str, compiled: bool, batch: int, steps: int, warmup
     device = "cpu" if smoke else "cuda"
     torch.manual_seed(0)
     net = network(kind, smoke, device)
-    trainable = prepare(net, _section(kind, mode), kind)
+    trainable = prepare(net, section_for(kind, mode), kind)
     if "checkpointing" in mode:
         net.enable_gradient_checkpointing()
     log_every = 5
@@ -257,7 +182,7 @@ def loss_curves(kind: str, batch: int, steps: int, smoke: bool, checkpoint_root:
     for compiled in (False, True):
         torch.manual_seed(0)
         net = network(kind, smoke, "cpu" if smoke else "cuda")
-        prepare(net, _section(kind, "full"), kind)
+        prepare(net, section_for(kind, "full"), kind)
         cfg = _loop_config(smoke, compiled, log_every=10, checkpoint_every=10 * steps)
         cache = RandomCache(kind, items, TINY_SHAPES if smoke else FULL_SHAPES)
         folder = Path(tempfile.mkdtemp(prefix=f"curve-{kind}-", dir=checkpoint_root))
