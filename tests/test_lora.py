@@ -38,7 +38,8 @@ def stage_args(root: Path, kind: str, cache: Path) -> list:
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_base, train_cache) -> Path:
     """Both stages trained with LoRA: the decoder under bf16 autocast with accumulation and
-    clipping, the prior with MLflow tracking on (sqlite under the run)."""
+    clipping, the prior with MLflow tracking on (sqlite under the run). Two stage processes
+    (~20 s): every test that uses it is marked slow."""
     root = tmp_path_factory.mktemp("lora_run")
     params = stage_params(tiny_base, **LORA, **{"mlflow.tracking_uri": f"sqlite:///{root}/mlflow.db"})
     decoder = stage_params(tiny_base, **LORA, **{"train.mixed_precision": "bf16", "train.max_grad_norm": 0.5,
@@ -131,6 +132,7 @@ def _output(model, kind: str) -> torch.Tensor:
     return out.predicted_image_embedding if kind == "prior" else out.sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["prior", "decoder"])
 def test_adapter_on_the_base_equals_the_merged_folder(lora_run, tiny_base, kind):
     from diffusers import KandinskyPipeline, KandinskyPriorPipeline
@@ -153,6 +155,7 @@ def test_adapter_on_the_base_equals_the_merged_folder(lora_run, tiny_base, kind)
     torch.testing.assert_close(with_adapter, _output(merged, kind), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")  # the wrong-model case
 def test_loading_the_adapter_the_default_way_loads_nothing_and_ours_says_so(lora_run, tiny_base):
     adapter = lora_run / "models/prior/lora"
@@ -165,6 +168,7 @@ def test_loading_the_adapter_the_default_way_loads_nothing_and_ours_says_so(lora
         load_adapter(_load(tiny_base, "prior"), lora_run / "models/decoder/lora", "--prior-lora")
 
 
+@pytest.mark.slow
 def test_adapter_is_an_artefact_of_its_training_run(lora_run):
     from mlflow.tracking import MlflowClient
 
@@ -201,6 +205,7 @@ def test_generate_applies_adapters_to_the_base_model(lora_run, tiny_base):
     assert np.abs(image["lora"] - image["merged"]).max() <= 1  # the same model, up to rounding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     (["--model", "models", "--lora", "models"], "has the adapter models/prior/lora merged already"),
     (["--lora", "ckpt"], "no prior/lora/pytorch_lora_weights.safetensors"),

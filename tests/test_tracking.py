@@ -240,6 +240,7 @@ def _post(base: str, path: str, body: dict) -> dict:
         return json.load(resp)
 
 
+@pytest.mark.slow
 def test_stages_against_a_real_tracking_server(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
