@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import runpy
 import shutil
@@ -218,14 +217,14 @@ def main() -> None:
     if work.exists():
         shutil.rmtree(work)
     (work / "data").mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-           "FASHIONDIFF_TRACKING": "off", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
     sys.path.insert(0, str(REPO / "src"))
     sys.path.insert(0, str(REPO / "bench"))
+    from fashiondiff.processes import project_env
     from fashiondiff.standin.synthetic import GENERIC, write_synthetic
+
+    # keep what PYTHONPATH already holds (on a GPU machine: the carried wheels, bench/gpu_session.sh)
+    env = project_env(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+                      FASHIONDIFF_TRACKING="off", **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
 
     started = time.perf_counter()
     report: dict = {"mode": "tiny" if args.tiny else "full size, random weights", "device": args.device,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 
 import pytest
-from pipeline_fixtures import extracted, run_stage, stage_params, tiny_base, train_cache  # noqa: F401
+from pipeline_fixtures import run_stage, stage_params
 
 pytestmark = pytest.mark.slow
 STEPS = 200

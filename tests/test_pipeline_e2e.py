@@ -14,13 +14,15 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import merge
 
-from fashiondiff.processes import stop_process_group
+from fashiondiff.processes import free_port, printed_word, project_env, running
+
+pytestmark = pytest.mark.e2e  # `dvc repro` on a copy of the project: minutes
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).with_name("dvc")
@@ -43,35 +45,12 @@ SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps
 }
 
 
-def merge(tree: dict, over: dict) -> dict:
-    for key, value in over.items():
-        tree[key] = merge(tree.get(key, {}), value) if isinstance(value, dict) else value
-    return tree
-
-
-def env_for(cwd: Path, **extra_env: str) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "PYTHONPATH": str(cwd / "src"), "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-            "FASHIONDIFF_TRACKING": "on", **extra_env}
-
-
 def sh(cwd: Path, *cmd: str, **extra_env: str) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env_for(cwd, **extra_env), capture_output=True, text=True)
+    """Run ``cmd`` in the project copy ``cwd`` (its own src/, tracking on); its output."""
+    env = project_env(src=cwd / "src", **{"FASHIONDIFF_TRACKING": "on", **extra_env})
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout + result.stderr
-
-
-def wait_for_line(log: Path, start: str, proc: subprocess.Popen, limit: float = 120) -> str:
-    """The first line of ``log`` that contains ``start``, from there on, once the process wrote it."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            if start in line:
-                return line[line.index(start):].strip()
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args} exited early:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"no {start!r} in {limit} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +161,39 @@ def test_repro_leaves_every_declared_output(project):
     assert details["fid_status"].startswith("skipped") and details["generic"]["r_precision_chance"] == 0.333333
     shown = sh(project, str(DVC), "metrics", "show")  # the evaluation only: train summaries are plain outputs
     assert "generic.r_precision" in shown and "loss_last_epoch" not in shown and "base" not in shown
+
+
+def stale_stages(root: Path) -> set[str]:
+    """The stages `dvc status` lists (``register``, ``standin/dvc.yaml:synthesize``)."""
+    status = sh(root, str(DVC), "status")
+    return {line[:-1] for line in status.splitlines() if line.endswith(":") and not line.startswith(("\t", " "))}
+
+
+# Modules that no stage computes with, one of each kind (docs/stale-map.md): an edit to one
+# must stale no stage. `register` is listed by every `dvc status` (always_changed).
+NO_STAGE_READS = ("src/fashiondiff/commands/generate.py",  # `fashiondiff generate`'s command line
+                  "src/fashiondiff/serving/page.py",  # the web page
+                  "src/fashiondiff/commands/ui.py",  # the MLflow UI's saved view
+                  "tests/conftest.py")  # a test helper
+
+
+def test_an_edit_stales_only_the_stages_that_import_the_module(project):
+    """The stale map (docs/stale-map.md) as DVC itself sees it on the repro'd project: a comment
+    appended to a command, the page, the UI view or a test helper leaves every stage up to date
+    but `register`; the same edit to the sampling library (the control) stales what samples.
+    Each file is restored before the next edit."""
+    assert stale_stages(project) == {"register"}
+    stale = {}
+    for edited in (*NO_STAGE_READS, "src/fashiondiff/sampling.py"):
+        path = project / edited
+        before = path.read_bytes()
+        try:
+            path.write_bytes(before + b"\n# an edit no stage computes with\n")
+            stale[edited] = stale_stages(project)
+        finally:
+            path.write_bytes(before)
+    assert stale == {**{f: {"register"} for f in NO_STAGE_READS},
+                     "src/fashiondiff/sampling.py": {"evaluate", "register"}}
 
 
 def runnable_blocks(page: str, heading: str | None = None) -> list[list[str]]:
@@ -299,13 +311,13 @@ def test_each_pipeline_run_registers_its_tuned_model_tagged_with_commit_and_expe
         assert parent.data.params["lr"] == lr and parent.data.metrics["register.model_version"] == int(version)
 
 
+@pytest.mark.browser
 def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experiments):
     """`fashiondiff ui` (what `make ui` runs) in headless Chromium, at the address it prints:
     one row per pipeline run, among them both README experiments with their lr, and the
     catalogue's fd_clip of each as shown in MLflow."""
     import mlflow
     from browser import chromium, wait
-    from serving_fixtures import free_port
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fashiongen-kandinsky")
@@ -314,11 +326,9 @@ def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experi
     assert len(runs) == 2, [(r.info.run_name, r.data.params["lr"]) for r in parents]
     port = free_port()
     log = project / "ui.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], cwd=project,
-                                  env=env_for(project), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        address = wait_for_line(log, f"http://127.0.0.1:{port}/#/", server)
+    with running([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], f"http://127.0.0.1:{port}/",
+                 log=log, grace_s=30, cwd=project, env=project_env(src=project / "src")) as server:
+        address = printed_word(log, f"http://127.0.0.1:{port}/#/", server, limit_s=60)
         assert "workflowType=machine_learning" in address and "viewStateShareKey=" in address
         with chromium(2400, 1000) as browser:
             browser.get(address)
@@ -338,8 +348,6 @@ def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experi
             assert "evaluate.catalogue.clip_score" in body and "lr" in body
             assert "repro-" in body  # the run `dvc repro` made, a row of its own
             browser.save_screenshot(str(project / "mlflow-ui.png"))
-    finally:
-        stop_process_group(server, grace_s=30)
 
 
 def test_readme_generate_examples_run_as_written(project, experiments):
@@ -413,7 +421,6 @@ def test_real_inputs_run_no_stand_in_stage(project):
     assert "standin/dvc.yaml" not in ran, ran
     synthetic = project / "src/fashiondiff/standin/synthetic.py"
     synthetic.write_text(synthetic.read_text() + "\n# an edit to the stand-in\n")
-    status = sh(project, str(DVC), "status")
-    stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
-    assert "standin/dvc.yaml:synthesize" in stale, status
-    assert all(s.startswith("standin/dvc.yaml:") or s == "register" for s in stale), status  # register: always
+    stale = stale_stages(project)
+    assert "standin/dvc.yaml:synthesize" in stale, stale
+    assert all(s.startswith("standin/dvc.yaml:") or s == "register" for s in stale), stale  # register: always

@@ -6,7 +6,6 @@ bit for bit, as a run that was never stopped. One process and two (gloo, `accele
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_fixtures import REPO, extracted, run_stage, stage_params, tiny_base, train_cache  # noqa: F401
+from pipeline_fixtures import REPO, run_stage, stage_params
 from safetensors.torch import load_file
 
 from fashiondiff.processes import free_port, project_env
@@ -44,12 +43,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identica
     env = {"ACCELERATE_USE_CPU": "1"} if processes > 1 else {}
     cmd = launcher(processes)
     straight = tmp_path / "straight"
-    os.environ.update(env)
-    try:
-        run_stage(straight, params, "train_prior.py", *train_args(straight, train_cache), launcher=cmd)
-    finally:
-        for key in env:
-            del os.environ[key]
+    run_stage(straight, params, "train_prior.py", *train_args(straight, train_cache), launcher=cmd, **env)
 
     stopped = tmp_path / "stopped"
     stopped.mkdir()
@@ -78,13 +72,8 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identica
     if processes == 1:
         assert proc.returncode == 143
 
-    os.environ.update(env)
-    try:
-        resumed = run_stage(stopped, params, "train_prior.py", *train_args(stopped, train_cache), launcher=cmd[:-1]
-                            + [str(free_port())] if processes > 1 else cmd)
-    finally:
-        for key in env:
-            del os.environ[key]
+    resumed = run_stage(stopped, params, "train_prior.py", *train_args(stopped, train_cache),
+                        launcher=launcher(processes), **env)
     assert f"resumed from step {step}" in resumed.stdout + resumed.stderr
     a, b = (load_file(root / "models/prior/prior/diffusion_pytorch_model.safetensors") for root in (straight, stopped))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -119,8 +108,9 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_re
     def small_files():  # bytes per file: the checkpoint's files are larger; the run writes no other file
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
-    full = run_stage(work, params, "train_prior.py", *train_args(work, train_cache), check=False,
-                     preexec_fn=small_files)
+    full = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"), *train_args(work, train_cache)],
+                          cwd=work, env=project_env(FASHIONDIFF_TRACKING="off"), capture_output=True, text=True,
+                          preexec_fn=small_files)
     last = full.stderr.strip().splitlines()[-1]
     assert full.returncode == 1 and last.startswith("error: ") and "cannot write the checkpoint of step" in last, \
         full.stderr[-2000:]
