@@ -164,7 +164,8 @@ def cpu_figures(args) -> dict:
         out["evaluate"][label] = {**rec, "sampling_seconds": sampling,
                                   "images_per_s": round(images_of(p) / sampling, 3)}
     out["evaluate_metrics_identical"] = (
-        (work / "evaluate-1-1/reports/metrics.json").read_bytes() == (work / "evaluate-2-2/reports/metrics.json").read_bytes())
+        (work / "evaluate-1-1/reports/metrics.json").read_bytes()
+        == (work / "evaluate-2-2/reports/metrics.json").read_bytes())
     out["settings"] = {"diffusion_steps": args.steps, "embed_images": "data/extracted/train",
                        "evaluate_images": images_of(ev)}
     return out
@@ -223,7 +224,8 @@ def fullsize_figures(args) -> dict:
     params["embed"].update(batch_size=64, dtype="float16")
     params["evaluate"].update(num_prompts=args.prompts, batch_size=args.batch_size, workers=1)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-    out = {"gpu": gpu, "models": "tiny" if args.tiny else "Kandinsky 2.1 full size, random weights", "steps": args.steps, "embed": {}, "evaluate": {}}
+    out = {"gpu": gpu, "models": "tiny" if args.tiny else "Kandinsky 2.1 full size, random weights",
+           "steps": args.steps, "embed": {}, "evaluate": {}}
     for n in args.processes:
         rec = run(work, f"embed-{n}", params, launcher(n), "embed.py", [data / "train", "train", "cache"],
                   cpu=args.tiny)

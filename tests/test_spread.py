@@ -8,10 +8,8 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,34 +19,21 @@ import numpy as np
 import pytest
 import yaml
 from conftest import params_tree, replaced, repo_params
-from inception_fixtures import inception_weights  # noqa: F401
-from pipeline_fixtures import (  # noqa: F401
-    REPO,
-    extracted,
-    run_stage,
-    stage_params,
-    tiny_base,
-    train_cache,
-)
+from pipeline_fixtures import REPO, run_stage, stage_params
 from test_evaluate import NAMES, OBJECTS, RecordingTracker, extracted_folder
 
+from fashiondiff.processes import free_port, project_env
+
 PROCESS_TIMEOUT = 120  # compute.timeout_s in these tests: a hang fails the test, not the suite
-
-
-def two_processes() -> list[str]:
-    """`accelerate launch` with two processes on a free port (gloo: ACCELERATE_USE_CPU=1)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port)]
+GLOO = {"ACCELERATE_USE_CPU": "1"}  # accelerate's processes on the CPU
 
 
 @pytest.fixture
-def cpu_processes(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    return two_processes()
+def cpu_processes() -> list[str]:
+    """`accelerate launch` with two processes on a free port (run with GLOO in the environment)."""
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
 
 
 def same_files(a: Path, b: Path) -> list[str]:
@@ -60,15 +45,13 @@ def same_files(a: Path, b: Path) -> list[str]:
     return names
 
 
-def start(cwd: Path, params: dict, script: str, *args, launcher: list[str] | None = None, **popen):
+def start(cwd: Path, params: dict, script: str, *args, launcher: list[str] | None = None, **env: str):
     """Start ``stages/<script>`` in ``cwd`` (as run_stage does) without waiting for it."""
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FASHIONDIFF_TRACKING": "off", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
     cmd = (launcher or [sys.executable]) + [str(REPO / "stages" / script), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **popen)
+    return subprocess.Popen(cmd, cwd=cwd, env=project_env(FASHIONDIFF_TRACKING="off", **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def children(pid: int) -> list[int]:
@@ -89,7 +72,8 @@ def rank_pids(launcher: int, deadline: float) -> dict[int, int]:
         ranks = {}
         for pid in children(launcher):
             try:
-                env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+                env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                           if b"=" in v)
             except OSError:
                 continue
             if b"RANK" in env:
@@ -119,9 +103,12 @@ def wait_for(condition, what: str, limit: float = 120, proc=None):
     pytest.fail(f"no {what} in {limit} s")
 
 
-def file_limit(size: int):
-    """A child's RLIMIT_FSIZE (`ulimit -f`): a write past ``size`` bytes fails with EFBIG."""
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+def file_limit(size: int) -> list[str]:
+    """A launcher that sets RLIMIT_FSIZE (`ulimit -f`) before it becomes the stage's Python: a
+    write past ``size`` bytes then fails with EFBIG (Python ignores SIGXFSZ)."""
+    code = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0})); "
+            "os.execv(sys.executable, [sys.executable] + sys.argv[1:])").format(size)
+    return [sys.executable, "-c", code]
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -135,7 +122,8 @@ def error_lines(stderr: str) -> list[str]:
 def test_embed_in_two_processes_writes_the_one_process_cache(tmp_path, tiny_base, extracted, train_cache,
                                                              cpu_processes):
     params = stage_params(tiny_base, **{"compute.timeout_s": PROCESS_TIMEOUT})
-    result = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes)
+    result = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes,
+                       **GLOO)
     assert "2 processes" in result.stdout
     assert len(same_files(train_cache, tmp_path / "cache")) == 17
     assert not (tmp_path / ".cache.partial").exists()
@@ -147,7 +135,8 @@ def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, ti
     within 30 s, one line, no cache; the rerun (two processes) resumes to the one-process cache."""
     params = stage_params(tiny_base, **{"compute.timeout_s": PROCESS_TIMEOUT})
     progress = tmp_path / ".cache.partial" / "progress.json"
-    proc = start(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes)
+    proc = start(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes,
+                 **GLOO)
     ranks = rank_pids(proc.pid, time.monotonic() + 60)
 
     def captions_done():
@@ -171,7 +160,8 @@ def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, ti
     assert any(line.startswith("error: embed: the image loader process died") for line in error_lines(stderr)), stderr
     assert not (tmp_path / "cache").exists()
 
-    resumed = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes)
+    resumed = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache",
+                        launcher=cpu_processes, **GLOO)
     assert "embed: resuming" in resumed.stdout and "8/8 captions" in resumed.stdout
     same_files(train_cache, tmp_path / "cache")
 
@@ -208,7 +198,7 @@ def test_embed_full_disk_at_the_start_names_the_file(tmp_path, tiny_base, extrac
     old = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
     params = stage_params(tiny_base)
     full = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", check=False,
-                     preexec_fn=file_limit(2048))
+                     launcher=file_limit(2048))
     assert full.returncode == 1
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / '.cache.partial'}/") and ".npy: cannot write, file too large" in last
@@ -253,7 +243,7 @@ def test_evaluate_in_two_processes_writes_the_same_samples_and_metrics(evaluatio
     R-precision and counts exactly, fd_clip and fid within one unit of their sixth digit (each
     process sums its share of the real images' statistics: float64 round-off only)."""
     root, params, args, cwd = evaluation
-    run_stage(cwd("two"), params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes)
+    run_stage(cwd("two"), params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes, **GLOO)
     one, two = root / "one" / "reports", root / "two" / "reports"
     names = same_files(one / "samples", two / "samples")
     assert len(names) == 2 * 2 * 5 + 2 + 2  # domains x models x prompts, two real_images.txt, two figures
@@ -278,7 +268,7 @@ def test_evaluate_process_killed_stops_both_and_one_process_resumes(evaluation, 
     one process then resumes the two's partial folder to the one-process reports."""
     root, params, args, cwd = evaluation
     folder = cwd("killed")
-    proc = start(folder, params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes)
+    proc = start(folder, params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes, **GLOO)
     ranks = rank_pids(proc.pid, time.monotonic() + 60)
     wait_for(lambda: (folder / "reports/.samples.partial/.progress/base.json").is_file(), "a finished round",
              proc=proc)
@@ -309,7 +299,7 @@ def test_evaluate_full_disk_keeps_the_outputs_and_the_rerun_resumes(evaluation):
     shutil.copytree(folder / "reports", reference)
     before = {p: p.read_bytes() for p in (folder / "reports").rglob("*") if p.is_file()}
     full = run_stage(folder, params, "evaluate.py", *args, "--reports", "reports", check=False,
-                     preexec_fn=file_limit(64 * 1024))
+                     launcher=file_limit(64 * 1024))
     assert full.returncode == 1
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith("error: reports/.samples.partial/grid.png: cannot write, file too large;"), last

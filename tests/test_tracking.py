@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -23,13 +21,12 @@ from conftest import REPO, replaced, repo_params
 from fashiondiff import tracking
 from fashiondiff.commands import ui
 from fashiondiff.errors import PipelineError
-from fashiondiff.processes import stop_process_group
+from fashiondiff.processes import free_port, project_env, running
 from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run
 
 # mlflow's own SQLAlchemy models trigger this; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 EXPERIMENT = repo_params().mlflow.experiment
 
 # One "stage": a few step metrics, stage params, a summary and a small artefact.
@@ -52,18 +49,12 @@ STAGE = textwrap.dedent("""
 """)
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k != tracking.ENV_SWITCH}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH", "")]))
-    return {**env, **extra}
-
-
 def _run_stages(workdir: Path, uri: str, stages=("prepare", "train"), lr: float = 0.0005) -> None:
     script = workdir / "stage.py"
     script.write_text(STAGE)
     for stage in stages:
         out = subprocess.run([sys.executable, str(script), stage, uri, str(lr), str(REPO / "params.yaml")], cwd=workdir,
-                             env=_clean_env(), capture_output=True, text=True, timeout=120)
+                             env=project_env(FASHIONDIFF_TRACKING="on"), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout == ""  # nothing from mlflow on stdout
         assert out.stderr.count("mlflow:") == 1, out.stderr  # one line, on stderr
@@ -236,12 +227,6 @@ def test_bad_stage_name_fails_early():
 # -- a real tracking server ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(base: str, endpoint: str, **query) -> dict:
     url = f"{base}{endpoint}?{urllib.parse.urlencode(query)}"
     with urllib.request.urlopen(url, timeout=10) as resp:
@@ -255,35 +240,17 @@ def _post(base: str, path: str, body: dict) -> dict:
         return json.load(resp)
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, limit: float = 60) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited early:\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server did not answer /health in {limit} s:\n{log.read_text()[-2000:]}")
-
-
+@pytest.mark.slow
 def test_stages_against_a_real_tracking_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
     work = tmp_path / "work"
     work.mkdir()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
            "--artifacts-destination", str(tmp_path / "server-artifacts")]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                env=_clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                                start_new_session=True)
-    try:
-        _wait_healthy(base, proc, log)
+    with running(cmd, f"{base}/health", log=tmp_path / "server.log", cwd=tmp_path,
+                 env=project_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")):
         _run_stages(work, base)
 
         exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)
@@ -308,5 +275,3 @@ def test_stages_against_a_real_tracking_server(tmp_path):
             assert [f["path"] for f in files["files"]] == [f"notes/{name}.txt"]
         assert len(list((tmp_path / "server-artifacts").rglob("*.txt"))) == 2  # proxied to the server
         assert not (work / "mlartifacts").exists()
-    finally:
-        stop_process_group(proc)

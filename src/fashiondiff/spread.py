@@ -31,7 +31,6 @@ names the missing process. Measured (accelerate 1.15, torch 2.14, gloo, two CPU 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import time
@@ -40,6 +39,7 @@ from datetime import timedelta
 from typing import Callable, Iterator, Sequence
 
 from fashiondiff.errors import PipelineError
+from fashiondiff.io import DISK_FULL
 from fashiondiff.runtime import default_device
 
 
@@ -48,9 +48,17 @@ class Interrupted(BaseException):
     ``except Exception`` swallows it (one did: the stage then ran to its end). The stage's code
     turns it into :class:`Stopped`, saying what is kept."""
 
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
 
 class Stopped(PipelineError):
     """SIGTERM or SIGINT arrived; the stage keeps what it finished and says where."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention, as training's: 143 SIGTERM, 130 SIGINT
 
 
 class HandOverFailed(PipelineError):
@@ -75,13 +83,13 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+        raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     except Interrupted as exc:  # not inside the stage's resumable work: nothing to add
-        raise Stopped(str(exc)) from None
+        raise Stopped(str(exc), exc.signum) from None
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -105,18 +113,17 @@ def batches_in(runs) -> set[int]:
 def with_kept(stage: str, exc: BaseException, kept: str) -> PipelineError:
     """``exc`` (Interrupted, HandOverFailed) as the stage's one line, ending with what is kept."""
     text = str(exc) if str(exc).startswith(f"{stage}:") else f"{stage}: {exc}"
-    return (Stopped if isinstance(exc, Interrupted) else HandOverFailed)(f"{text}; {kept}")
-
-
-# A full disk, a quota, or a file-size limit (`ulimit -f`, RLIMIT_FSIZE: Python ignores SIGXFSZ,
-# so the write fails with EFBIG): to the user the same thing, no room for the output.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if isinstance(exc, Interrupted):
+        return Stopped(f"{text}; {kept}", exc.signum)
+    return HandOverFailed(f"{text}; {kept}")
 
 
 @contextlib.contextmanager
 def disk_full_is_an_error(path, kept: Callable[[], str]) -> Iterator[None]:
-    """Writing ``path`` inside the block: a full disk becomes one line naming it and saying what
-    is kept (``kept()``, asked only then); any other OSError propagates."""
+    """Writing ``path`` inside the block (not through ``fashiondiff.io``, which says it itself): a
+    full disk, a quota or a file-size limit (``ulimit -f``: Python ignores SIGXFSZ, the write
+    fails with EFBIG) becomes one line naming it and saying what is kept (``kept()``, asked
+    only then); any other OSError propagates."""
     try:
         yield
     except OSError as exc:

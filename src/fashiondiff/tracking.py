@@ -244,7 +244,7 @@ def _close(client, tracker: Tracker, status: str) -> None:
 
 
 def _status_for(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", 0) > 128:  # a signal stopped it
         return "KILLED"
     if isinstance(exc, SystemExit) and exc.code in (0, None):
         return "FINISHED"

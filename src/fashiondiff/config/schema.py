@@ -48,6 +48,11 @@ def _yaml_text(value):
     return value
 
 
+def _switch(value):
+    """YAML 1.1 reads a bare on/off as true/false (and `dvc exp run -S` writes them bare)."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 def _check(ok, why: str):
     def check(value):
         if not ok(value):
@@ -144,6 +149,7 @@ class TrainParams(Section):
     checkpoint_every: Count
     checkpoints_keep: int
     log_every: Count
+    compile: Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch)]
 
     @model_validator(mode="after")
     def _resume_on_a_sync_step(self):

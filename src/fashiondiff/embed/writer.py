@@ -144,7 +144,7 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
             return None
         _finish(work, out_dir, captions, enc, identity, fingerprint, shapes, counts, dtype, writer.kept)
     except (Interrupted, HandOverFailed) as exc:
-        kept = writer.kept() if writer else (_KEPT_ELSEWHERE if not ranks.main else "no batch was finished yet, rerun to start")
+        kept = writer.kept() if writer else _KEPT_ELSEWHERE if not ranks.main else _NOTHING_KEPT
         raise with_kept("embed", exc, kept) from None
     size = sum(f.stat().st_size for f in out_dir.iterdir())
     encoded = sum(hi - lo for lo, hi in (_span(b, batch_size, n) for b in todo["images"]))
@@ -157,6 +157,7 @@ def build_cache(captions, images_root: str | Path, out_dir: str | Path, enc: Enc
 
 
 _KEPT_ELSEWHERE = "the batches process 0 had written are kept, rerun to resume"
+_NOTHING_KEPT = "no batch was finished yet, rerun to start"
 
 
 def _encode_captions(enc: Encoders, texts: list[str], lengths: np.ndarray, todo: list[int], batch_size: int,
@@ -313,11 +314,10 @@ class _Writer:
         """Flush the arrays, then record their batches (a batch counts once its bytes are on disk)."""
         for arr in self.arrays.values():
             arr.flush()
-        with disk_full_is_an_error(self.work / "progress.json", self.kept):
-            write_json(self.work / "progress.json", {
-                "fingerprint": self.fingerprint, "batch_size": self.batch_size,
-                "caption_batches": batch_runs(self.done["captions"]), "image_batches": batch_runs(self.done["images"]),
-                "captions": int(self.count("captions")), "images": int(self.count("images"))})
+        write_json(self.work / "progress.json", {  # a full disk: fashiondiff.io's one line, the old file kept
+            "fingerprint": self.fingerprint, "batch_size": self.batch_size,
+            "caption_batches": batch_runs(self.done["captions"]), "image_batches": batch_runs(self.done["images"]),
+            "captions": int(self.count("captions")), "images": int(self.count("images"))})
 
 
 def _allocate(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -359,8 +359,7 @@ def _finish(work: Path, out_dir: Path, captions, enc: Encoders, identity: dict, 
             "image_processor": type(enc.image_processor).__name__,
         },
     }
-    with disk_full_is_an_error(work / "meta.json", kept):
-        write_json(work / "meta.json", meta)
+    write_json(work / "meta.json", meta)
     (work / "progress.json").unlink()
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -251,8 +251,7 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
             path.write_text("".join(f"{p}\n" for p in h.rows["image"]))
     tuned = {d: by_model["tuned"] for d, by_model in metrics.items()}
     for name, value in (("metrics.json", metrics), ("scores.json", tuned), ("evaluation.json", details)):
-        with disk_full_is_an_error(reports_dir / name, partial.kept):
-            write_json(reports_dir / name, value)
+        write_json(reports_dir / name, value)  # a full disk: fashiondiff.io's one line
     _publish(work, reports_dir / "samples")
     tracker.log_summary(flatten(tuned))
     reference = {d: {"base": by_model["base"], **details.get(d, {})} for d, by_model in metrics.items()}

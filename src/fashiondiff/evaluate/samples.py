@@ -183,9 +183,8 @@ class Partial:
             if task.model == model:
                 done.setdefault(task.domain, set()).add(task.batch)
         path = self.job.work / PROGRESS / f"{model}.json"
-        with disk_full_is_an_error(path, self.kept):
-            write_json(path, {"fingerprint": self.fingerprints[model],
-                              "done": {d: batch_runs(b) for d, b in sorted(done.items())}})
+        write_json(path, {"fingerprint": self.fingerprints[model],
+                          "done": {d: batch_runs(b) for d, b in sorted(done.items())}})
 
 
 def _png(image: Image.Image) -> bytes:

@@ -70,7 +70,7 @@ def loop_params(gen: GeneratorParams) -> TrainParams:
     return TrainParams(gradient_accumulation_steps=1, max_grad_norm=1.0, warmup_steps=gen.warmup_steps,
                        lr_schedule=gen.lr_schedule, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
                        mixed_precision="no", ema_decay=0.0, checkpoint_every=gen.checkpoint_every,
-                       checkpoints_keep=1, log_every=10)
+                       checkpoints_keep=1, log_every=10, compile="auto")
 
 
 def fingerprint(gen: GeneratorParams, seed: int, cache_meta: dict, parts: TinyParts) -> str:

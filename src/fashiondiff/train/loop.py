@@ -3,13 +3,30 @@
 A model plugs in through a :class:`Task`: the module to train, a way to fetch a
 batch from the embedding cache, and a ``loss(model, batch, generator)``. The loop
 owns everything else: data order, gradient accumulation and clipping, the LR
-schedule, mixed precision, EMA, checkpoint/resume, NaN guard, logging.
+schedule, mixed precision, EMA, checkpoint/resume, NaN guard, logging, preemption.
 
 Reproducibility: the data order of epoch ``e`` is a permutation seeded by
 ``(seed, e)`` and every random draw of step ``s`` on rank ``r`` comes from a
 generator seeded by ``(seed, s, r)``. No global RNG is read, so a run resumed from
 a checkpoint (trained weights, optimiser, schedule and EMA restored by ``load_state``) ends
 with the same weights, bit for bit on the CPU, as one that never stopped.
+
+Speed on a GPU (issue "the paper's run in a working day"): the host never waits for the
+device inside a step. The next batch is fetched, pinned and queued in a background thread
+while the step runs; each step's loss stays on the device until the loop *settles* every
+``train.log_every`` steps (and before a checkpoint, and at the end): then one transfer
+brings the pending losses home, checks them (a non-finite loss stops the run naming its
+step, and no checkpoint is ever written after one), logs them and agrees across ranks
+whether to stop (SIGTERM). ``train.compile`` compiles the network's forward
+(``torch.compile``); on CUDA the loop also uses fused AdamW, cuDNN autotuning and, for
+convolutional networks, channels-last memory. On the CPU all of that stays off by default:
+compiled and fused kernels change the float results, and the CPU runs are bit-for-bit
+reproducible (``dvc repro --force``).
+
+Preemption: SIGTERM (Slurm's time limit, Kubernetes, spot instances) or SIGINT asks the
+loop to stop; at the next settle point (at most ``log_every`` steps later) every rank saves
+a checkpoint of the finished step and the run ends with :class:`Stopped`, a one-line error;
+the rerun resumes bit-identical. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -19,7 +36,10 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -30,6 +50,7 @@ from tqdm import tqdm
 
 from fashiondiff.config.schema import TrainParams
 from fashiondiff.errors import PipelineError
+from fashiondiff.io import DISK_FULL
 
 
 class Task(Protocol):
@@ -42,6 +63,15 @@ class Task(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor: ...
+
+
+class Stopped(PipelineError):
+    """The run was asked to stop (SIGTERM, SIGINT) and saved a checkpoint to resume from."""
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+        self.step = step
 
 
 @dataclass(frozen=True)
@@ -61,7 +91,8 @@ class TrainResult:
     epoch_losses: list[float] = field(default_factory=list)
     steps: int = 0
     samples_per_s: float = 0.0
-    data_share: float = 0.0  # fraction of step time spent fetching batches
+    data_share: float = 0.0  # fraction of the loop's time spent waiting for batches
+    checkpoint_s: float = 0.0  # seconds spent saving checkpoints (the final one included)
     is_main: bool = True
 
 
@@ -96,6 +127,68 @@ def _plan(n: int, sched: Schedule, world: int, acc) -> _Plan:
     return _Plan(per_rank, steps_per_epoch, steps_per_epoch * sched.epochs)
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How the step runs on this device (see the module doc; ``train.compile``: auto, on, off)."""
+
+    compile: bool
+    fused_adamw: bool
+    channels_last: bool
+    pin_memory: bool
+
+    @classmethod
+    def choose(cls, cfg: TrainParams, device: torch.device, model: torch.nn.Module) -> "Speed":
+        cuda = device.type == "cuda"
+        convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        return cls(compile=cfg.compile == "on" or (cfg.compile == "auto" and cuda), fused_adamw=cuda,
+                   channels_last=cuda and convolutional, pin_memory=cuda)
+
+
+class _Batches:
+    """Each step's batch, fetched (and pinned) in a background thread one step ahead.
+
+    A batch is a pure function of its step (the data order), so fetching ahead changes no
+    number; it only takes the host's work (memory-mapped reads, padding, copies) off the
+    device's critical path.
+    """
+
+    def __init__(self, task: Task, plan: _Plan, n: int, sched: Schedule, world: int, rank: int, speed: Speed):
+        self.task, self.plan, self.n, self.sched, self.world, self.rank = task, plan, n, sched, world, rank
+        self.speed = speed
+        self._orders: dict[int, np.ndarray] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fashiondiff-batches")
+        self._next: tuple[int, object] | None = None
+        self.wait_s = 0.0
+
+    def _index(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.plan.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.n, self.sched.seed, epoch)}
+        lo = (k * self.world + self.rank) * self.plan.per_rank
+        return np.sort(self._orders[epoch][lo:lo + self.plan.per_rank])
+
+    def _fetch(self, step: int) -> dict[str, torch.Tensor]:
+        batch = self.task.batch(self._index(step), torch.device("cpu"))
+        return {k: v.pin_memory() for k, v in batch.items()} if self.speed.pin_memory else batch
+
+    def get(self, step: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Step ``step``'s batch on ``device``; starts fetching step + 1's."""
+        started = time.perf_counter()
+        if self._next is not None and self._next[0] == step:
+            batch = self._next[1].result()
+        else:
+            batch = self._fetch(step)
+        self.wait_s += time.perf_counter() - started
+        if step + 1 < self.plan.total:
+            self._next = (step + 1, self._pool.submit(self._fetch, step + 1))
+        memory = torch.channels_last if self.speed.channels_last else torch.preserve_format
+        return {k: v.to(device, non_blocking=True, memory_format=memory if v.dim() == 4 else torch.preserve_format)
+                for k, v in batch.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _Progress:
     """Logged points, per-epoch loss sums and timings; the first two go into checkpoints."""
 
@@ -103,14 +196,12 @@ class _Progress:
         self.history: list[dict] = state.get("history", [])
         self.epoch_sums = {int(k): tuple(v) for k, v in state.get("epoch_sums", {}).items()}
         self.window: list[float] = []
-        self.fetch_s = self.step_s = 0.0
-        self.seen = 0
+        self.seen, self.seconds = 0, 0.0
 
-    def add(self, epoch: int, loss: float, fetch_s: float, step_s: float, samples: int) -> None:
+    def add(self, epoch: int, loss: float) -> None:
         self.window.append(loss)
         total, count = self.epoch_sums.get(epoch, (0.0, 0))
         self.epoch_sums[epoch] = (total + loss, count + 1)
-        self.fetch_s, self.step_s, self.seen = self.fetch_s + fetch_s, self.step_s + step_s, self.seen + samples
 
     def point(self, step: int, epoch: int, lr: float) -> dict:
         point = {"step": step, "epoch": epoch, "loss": float(np.mean(self.window)), "lr": lr}
@@ -118,9 +209,12 @@ class _Progress:
         self.window = []
         return point
 
+    def timed(self, samples: int, seconds: float) -> None:
+        self.seen, self.seconds = self.seen + samples, self.seconds + seconds
+
     @property
     def speed(self) -> float:
-        return self.seen / max(self.step_s, 1e-9)
+        return self.seen / max(self.seconds, 1e-9)
 
     def state(self) -> dict:
         return {"history": self.history, "epoch_sums": self.epoch_sums}
@@ -129,17 +223,47 @@ class _Progress:
         return [total / count for _, (total, count) in sorted(self.epoch_sums.items())]
 
 
-def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan):
+class _StopRequest:
+    """SIGTERM / SIGINT ask the loop to stop at its next settle point; a second one stops at once.
+
+    Installed only in the main thread (signal handlers cannot be set elsewhere: a pool
+    process's training thread keeps the default behaviour)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan, speed: Speed):
     from diffusers.optimization import get_scheduler
 
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     if not trainable:
         raise PipelineError(f"{task.name}: no trainable parameters (check {task.name}.trainable)")
+    if speed.channels_last:
+        task.model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, **({"fused": True} if speed.fused_adamw else {}))
     schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=math.ceil(plan.total / cfg.gradient_accumulation_steps))
     ema = _make_ema(trainable, cfg.ema_decay)
+    if speed.compile:
+        task.model.compile()  # in place: the state_dict keeps its names (checkpoints, saving)
     model, optimizer = acc.prepare(task.model, optimizer)
     _checkpoint_trainable_only(acc, task.model)
     acc.register_for_checkpointing(schedule)  # stepped by us once per optimiser step
@@ -149,16 +273,22 @@ def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan):
 
 
 def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
-          log: Callable[[dict, int], None] | None = None) -> TrainResult:
+          log: Callable[[dict, int], None] | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``
-    and the same step plan (processes, batch per process, steps)."""
+    and the same step plan (processes, batch per process, steps). ``log(metrics, step)`` gets
+    each logged point (main process); ``on_step(step)`` is called once each step's work is
+    queued (a profiler's clock, bench/bench_gpu_train.py)."""
     from accelerate import Accelerator
 
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision=cfg.mixed_precision)
     world, rank, n = acc.num_processes, acc.process_index, len(task)
     plan = _plan(n, sched, world, acc)
-    model, optimizer, schedule, ema, trainable = _prepare(acc, task, cfg, sched.lr, plan)
+    speed = Speed.choose(cfg, acc.device, task.model)
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
+    model, optimizer, schedule, ema, trainable = _prepare(acc, task, cfg, sched.lr, plan, speed)
     ckpts = Checkpoints(Path(checkpoint_dir), plan_fingerprint(fingerprint, world, plan), cfg.checkpoints_keep, acc)
     state = ckpts.resume()
     start = state.get("step", 0)
@@ -178,36 +308,65 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
             if ema is not None:
                 ema.step(trainable)
 
+    batches = _Batches(task, plan, n, sched, world, rank, speed)
+    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on the device) not yet settled
+    clock = [time.perf_counter(), 0]  # start of the timed stretch, its first step
+
+    def settle(step: int) -> int:
+        """Bring the losses of the steps before ``step`` home: check, record, log; and agree
+        across ranks on a stop request. Returns the signal that asks to stop (0: none)."""
+        if not pending:
+            return 0
+        losses = torch.stack([loss for _, _, loss in pending]).float()
+        flag = torch.tensor([float(stop.signum)], device=losses.device)
+        gathered = acc.gather(torch.cat([losses, flag]).reshape(1, -1)).reshape(world, -1)
+        means = gathered[:, :-1].mean(dim=0).tolist()  # one transfer: the host waits here only
+        signum = int(gathered[:, -1].max().item())
+        now = time.perf_counter()
+        progress.timed((step - clock[1]) * plan.per_rank * world, now - clock[0])
+        clock[0], clock[1] = now, step
+        for (s, lr, _), loss in zip(pending, means):
+            epoch = s // plan.steps_per_epoch
+            if not math.isfinite(loss):
+                raise PipelineError(f"train {task.name}: loss is {loss} at step {s} (epoch {epoch}); "
+                                    f"stopped, last good checkpoint kept: {ckpts.latest() or 'none'}")
+            progress.add(epoch, loss)
+            if (s + 1) % cfg.log_every == 0 or s + 1 == plan.total:
+                point = progress.point(s + 1, epoch, lr)
+                bar.set_postfix(loss=f"{point['loss']:.4f}", samples_s=f"{progress.speed:.0f}")
+                if log is not None and acc.is_main_process:
+                    log({"loss": point["loss"], "lr": point["lr"], "samples_per_s": progress.speed}, s + 1)
+        pending.clear()
+        return signum
+
     bar = tqdm(total=plan.total, initial=start, desc=f"train {task.name}", unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
     model.train()
+    clock[1] = start
     try:
-        for step in range(start, plan.total):
-            epoch, k = divmod(step, plan.steps_per_epoch)
-            t0 = time.perf_counter()
-            lo = (k * world + rank) * plan.per_rank
-            batch = task.batch(np.sort(epoch_order(n, sched.seed, epoch)[lo:lo + plan.per_rank]), acc.device)
-            t1 = time.perf_counter()
-            lr = schedule.get_last_lr()[0]  # the rate this step's update uses
-            with acc.accumulate(model):
-                with acc.autocast():
-                    loss = task.loss(model, batch, step_generator(sched.seed, step, rank, acc.device))
-                if not torch.isfinite(loss):
-                    raise PipelineError(
-                        f"train {task.name}: loss is {loss.item()} at step {step} (epoch {epoch}); "
-                        f"stopped, last good checkpoint kept: {ckpts.latest() or 'none'}")
-                optimise(loss)
-            mean_loss = acc.gather(loss.detach().reshape(1)).mean().item()
-            progress.add(epoch, mean_loss, t1 - t0, time.perf_counter() - t0, plan.per_rank * world)
-            bar.update(1)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == plan.total:
-                point = progress.point(step + 1, epoch, lr)
-                bar.set_postfix(loss=f"{point['loss']:.4f}", samples_s=f"{progress.speed:.0f}")
-                if log is not None and acc.is_main_process:
-                    log({"loss": point["loss"], "lr": point["lr"], "samples_per_s": progress.speed}, step + 1)
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < plan.total:
-                ckpts.save(step + 1, progress.state())
+        with _StopRequest() as stop:
+            for step in range(start, plan.total):
+                lr = schedule.get_last_lr()[0]  # the rate this step's update uses
+                batch = batches.get(step, acc.device)
+                with acc.accumulate(model):
+                    with acc.autocast():
+                        loss = task.loss(model, batch, step_generator(sched.seed, step, rank, acc.device))
+                    optimise(loss)
+                pending.append((step, lr, loss.detach()))
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step)
+                done = step + 1
+                at_checkpoint = done % cfg.checkpoint_every == 0 and done < plan.total
+                if done % cfg.log_every == 0 or at_checkpoint or done == plan.total:
+                    signum = settle(done)
+                    if signum and done < plan.total:
+                        _stop(ckpts, done, progress, plan, task.name, signum, acc)
+                    if at_checkpoint:
+                        ckpts.save(done, progress.state())
+            settle(plan.total)
     finally:
+        batches.close()
         bar.close()
     acc.wait_for_everyone()
     final = acc.unwrap_model(model)
@@ -218,7 +377,17 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
     ckpts.save(plan.total, progress.state())
     return TrainResult(model=final, history=progress.history, epoch_losses=progress.epoch_losses(),
                        steps=plan.total, samples_per_s=progress.speed,
-                       data_share=progress.fetch_s / max(progress.step_s, 1e-9), is_main=acc.is_main_process)
+                       data_share=batches.wait_s / max(progress.seconds, 1e-9), checkpoint_s=ckpts.seconds,
+                       is_main=acc.is_main_process)
+
+
+def _stop(ckpts: "Checkpoints", step: int, progress: _Progress, plan: _Plan, name: str, signum: int, acc) -> None:
+    """Save the finished step on every rank and end the run with a one-line Stopped."""
+    ckpts.save(step, progress.state())
+    saved = ckpts.latest()
+    acc.print(f"train {name}: {signal.Signals(signum).name} received: checkpoint {saved} saved")
+    raise Stopped(f"train {name}: stopped by {signal.Signals(signum).name} at step {step} of {plan.total}; "
+                  f"checkpoint {saved} saved: rerun to resume", signum, step)
 
 
 def plan_fingerprint(fingerprint: str, world: int, plan: _Plan) -> str:
@@ -282,7 +451,9 @@ def _checkpoint_trainable_only(acc, model: torch.nn.Module) -> None:
         if not models:  # FSDP/DeepSpeed load their own (sharded) model state
             return
         path = Path(input_dir) / "model.safetensors"
-        state = {bare(k): v for k, v in load_file(str(path), device=str(acc.device)).items()}
+        # safetensors takes "cpu" or "cuda:N"; a multi-process CPU run's device prints as "cpu:0"
+        device = "cpu" if acc.device.type == "cpu" else str(acc.device)
+        state = {bare(k): v for k, v in load_file(str(path), device=device).items()}
         missing = names - set(state)
         if missing:
             raise PipelineError(f"{path}: checkpoint lacks {len(missing)} trained parameters "
@@ -297,6 +468,16 @@ def _checkpoint_trainable_only(acc, model: torch.nn.Module) -> None:
     acc.register_load_state_pre_hook(load)
 
 
+def _write_error(exc: Exception) -> str:
+    """What went wrong writing a file, in a few words. A full disk or a file-size limit reaches
+    us as OSError (pickle), as SafetensorError naming the OS error, or as torch.save's bare
+    "unexpected pos" RuntimeError."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
 class Checkpoints:
     """``save_state`` folders ``step-00000200`` under one directory: atomic, newest K kept.
 
@@ -306,6 +487,7 @@ class Checkpoints:
 
     def __init__(self, root: Path, fingerprint: str, keep: int, acc):
         self.root, self.fingerprint, self.keep, self.acc = root, fingerprint, max(1, keep), acc
+        self.seconds = 0.0  # spent in save(), barriers included: what checkpointing costs the run
 
     def _all(self) -> list[Path]:
         if not self.root.is_dir():
@@ -332,6 +514,11 @@ class Checkpoints:
         return state
 
     def save(self, step: int, extra: dict) -> None:
+        started = time.perf_counter()
+        self._save(step, extra)
+        self.seconds += time.perf_counter() - started
+
+    def _save(self, step: int, extra: dict) -> None:
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
         self.acc.wait_for_everyone()
@@ -339,15 +526,26 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp), safe_serialization=True)
+        self._write(step, tmp, lambda: self.acc.save_state(str(tmp), safe_serialization=True))
         # Every rank writes its own RNG state into tmp and save_state has no barrier after it:
         # rename only once all have (else a slow rank recreated tmp, or crashed writing into it).
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": step, "fingerprint": self.fingerprint, **extra}
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            self._write(step, tmp, lambda: (tmp / "trainer_state.json").write_text(json.dumps(state)))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self._all()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
+
+    def _write(self, step: int, tmp: Path, write: Callable[[], object]) -> None:
+        """Run ``write`` into ``tmp``; if it fails (a full disk, most often), drop ``tmp`` and say
+        so in one line: the previous checkpoint stays the newest."""
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001 - torch.save, safetensors and pickle each fail their own way
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise PipelineError(f"{tmp}: cannot write the checkpoint of step {step} ({_write_error(exc)}); "
+                                f"the previous checkpoint is kept ({self.latest() or 'none'}): free space "
+                                f"and rerun to resume") from exc

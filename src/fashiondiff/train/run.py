@@ -23,7 +23,7 @@ from fashiondiff.cache.reader import open_cache
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir, atomic_file, write_json
 from fashiondiff.train.lora import add_lora, has_adapter, merge_adapter, save_adapter
-from fashiondiff.train.loop import Schedule, TrainResult, step_generator, train
+from fashiondiff.train.loop import Schedule, Stopped, TrainResult, step_generator, train
 
 KINDS = ("prior", "decoder")
 ADAPTER_DIR = "lora"  # <out>/lora/: the LoRA adapter beside the merged pipeline
@@ -152,8 +152,12 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
     torch.manual_seed(params.seed)
     cache = open_cache(cache_dir, expect=_identity(params))
     pipe, task = make_task(kind, params, cache)
-    result = train(task, params.train, schedule(params), checkpoint_dir, fingerprint(kind, params, cache.meta),
-                   log=tracker.log_metrics)
+    try:
+        result = train(task, params.train, schedule(params), checkpoint_dir, fingerprint(kind, params, cache.meta),
+                       log=tracker.log_metrics)
+    except Stopped as stop:  # preempted: the checkpoint of stop.step is saved; say so on the run
+        tracker.log_metrics({"stopped_at_step": stop.step}, step=stop.step)
+        raise
     if not result.is_main:
         return None
     summary = {
@@ -176,7 +180,8 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
         tracker.log_artifact(path)
     if (Path(out_dir) / ADAPTER_DIR).is_dir():
         tracker.log_artifact(Path(out_dir) / ADAPTER_DIR)  # the small file worth keeping per run
-    tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share})
+    tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share,
+                         "checkpoint_seconds": result.checkpoint_s})
     print(f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
           f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
           f"data {100 * result.data_share:.1f}% of step time")
