@@ -10,6 +10,12 @@ Reproducibility: the data order of epoch ``e`` is a permutation seeded by
 generator seeded by ``(seed, s, r)``. No global RNG is read, so a run resumed from
 a checkpoint (trained weights, optimiser, schedule and EMA restored by ``load_state``) ends
 with the same weights, bit for bit on the CPU, as one that never stopped.
+
+Validation (``validate``, optional: ``fashiondiff.train.validate``) runs every
+``validate_every`` steps and at the last step, between two steps, with the weights the run
+would save. It is outside the training: it draws from no stream above (the global RNGs are
+forked around it), its time is in no step's timing, and the steps it was done at are
+recorded in the checkpoints, so a resumed run does not repeat one.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ from tqdm import tqdm
 
 from fashiondiff.config.schema import TrainParams
 from fashiondiff.errors import PipelineError
+
+
+class Validate(Protocol):
+    """Called on every process at a validation step with the unwrapped model holding the weights
+    the run would save; returns the step's validation record (the main process's is kept)."""
+
+    def __call__(self, step: int, model: torch.nn.Module) -> dict: ...
 
 
 class Task(Protocol):
@@ -63,6 +76,9 @@ class TrainResult:
     samples_per_s: float = 0.0
     data_share: float = 0.0  # fraction of step time spent fetching batches
     is_main: bool = True
+    validations: list[dict] = field(default_factory=list)  # each validation's record, by step
+    train_s: float = 0.0  # time this process spent in steps (since any resume)
+    validation_s: float = 0.0  # time it spent validating, outside the steps' timings
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -102,8 +118,9 @@ class _Progress:
     def __init__(self, state: dict):
         self.history: list[dict] = state.get("history", [])
         self.epoch_sums = {int(k): tuple(v) for k, v in state.get("epoch_sums", {}).items()}
+        self.validations: list[dict] = state.get("validations", [])
         self.window: list[float] = []
-        self.fetch_s = self.step_s = 0.0
+        self.fetch_s = self.step_s = self.validate_s = 0.0
         self.seen = 0
 
     def add(self, epoch: int, loss: float, fetch_s: float, step_s: float, samples: int) -> None:
@@ -123,7 +140,7 @@ class _Progress:
         return self.seen / max(self.step_s, 1e-9)
 
     def state(self) -> dict:
-        return {"history": self.history, "epoch_sums": self.epoch_sums}
+        return {"history": self.history, "epoch_sums": self.epoch_sums, "validations": self.validations}
 
     def epoch_losses(self) -> list[float]:
         return [total / count for _, (total, count) in sorted(self.epoch_sums.items())]
@@ -149,9 +166,9 @@ def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan):
 
 
 def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
-          log: Callable[[dict, int], None] | None = None) -> TrainResult:
+          log: Callable[[dict, int], None] | None = None, validate: Validate | None = None) -> TrainResult:
     """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``
-    and the same step plan (processes, batch per process, steps)."""
+    and the same step plan (processes, batch per process, steps). ``validate``: see the module doc."""
     from accelerate import Accelerator
 
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -205,6 +222,9 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
                 bar.set_postfix(loss=f"{point['loss']:.4f}", samples_s=f"{progress.speed:.0f}")
                 if log is not None and acc.is_main_process:
                     log({"loss": point["loss"], "lr": point["lr"], "samples_per_s": progress.speed}, step + 1)
+            # Before the checkpoint of the same step: a run resumed from it has done this one.
+            if validate is not None and _validation_due(step + 1, cfg.validate_every, plan.total, progress):
+                _validate(validate, step + 1, acc, model, ema, trainable, progress)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < plan.total:
                 ckpts.save(step + 1, progress.state())
     finally:
@@ -218,7 +238,32 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
     ckpts.save(plan.total, progress.state())
     return TrainResult(model=final, history=progress.history, epoch_losses=progress.epoch_losses(),
                        steps=plan.total, samples_per_s=progress.speed,
-                       data_share=progress.fetch_s / max(progress.step_s, 1e-9), is_main=acc.is_main_process)
+                       data_share=progress.fetch_s / max(progress.step_s, 1e-9), is_main=acc.is_main_process,
+                       validations=progress.validations, train_s=progress.step_s, validation_s=progress.validate_s)
+
+
+def _validation_due(step: int, every: int, total: int, progress: _Progress) -> bool:
+    """Every ``every`` steps (0: none) and at the last, unless a checkpoint says it was done."""
+    due = step == total or (every > 0 and step % every == 0)
+    return due and all(v["step"] != step for v in progress.validations)
+
+
+def _validate(validate: Validate, step: int, acc, model, ema, trainable: list, progress: _Progress) -> None:
+    """``validate`` with the weights the run would save (the EMA's, swapped in and back bit for
+    bit) and the global RNGs forked (whatever it draws, LoRA dropout's stream is untouched)."""
+    start = time.perf_counter()
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    cuda = [acc.device.index or 0] if acc.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            record = validate(step, acc.unwrap_model(model))
+    finally:
+        if ema is not None:
+            ema.restore(trainable)
+    progress.validations.append({**record, "step": step})
+    progress.validate_s += time.perf_counter() - start
 
 
 def plan_fingerprint(fingerprint: str, world: int, plan: _Plan) -> str:
