@@ -140,7 +140,10 @@ class _Progress:
         return self.seen / max(self.step_s, 1e-9)
 
     def state(self) -> dict:
-        return {"history": self.history, "epoch_sums": self.epoch_sums, "validations": self.validations}
+        state = {"history": self.history, "epoch_sums": self.epoch_sums}
+        if self.validations:  # a run without validation writes the checkpoint it always wrote
+            state["validations"] = self.validations
+        return state
 
     def epoch_losses(self) -> list[float]:
         return [total / count for _, (total, count) in sorted(self.epoch_sums.items())]

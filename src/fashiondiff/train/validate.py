@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generator
+from collections.abc import Callable, Generator
 
 import numpy as np
 import torch
@@ -56,14 +55,10 @@ PICTURES_KEY = "validation"  # the MLflow image key: the run's Images chart, one
 BUSY, DONE, FAILED = 0, 1, 2  # the main process's heartbeat
 
 
-def validation_loss(task, val_cache, seed: int, batch_size: int) -> float:
-    """The task's loss on a held-out cache, with fixed noise: comparable across steps and runs."""
-    return _run(_loss(task, task.model, val_cache, seed, batch_size))
-
-
 @torch.no_grad()
-def _loss(task, model, val_cache, seed: int, batch_size: int) -> Generator[None, None, float]:
-    """``validation_loss``, one batch per unit of work."""
+def validation_loss(task, model, val_cache, seed: int, batch_size: int) -> Generator[None, None, float]:
+    """The task's loss on a held-out cache with fixed noise (comparable across steps and runs),
+    one batch per unit of work: ``loss = yield from validation_loss(...)``."""
     train_cache = task.cache
     task.cache = val_cache
     was_training = model.training
@@ -133,7 +128,8 @@ class Validator:
         start = time.perf_counter()
         device = next(model.parameters()).device
         with self._autocast(device):
-            record = {"val_loss": (yield from _loss(self.task, model, self.cache, self.seed, self.batch_size))}
+            record = {"val_loss": (yield from validation_loss(self.task, model, self.cache, self.seed,
+                                                               self.batch_size))}
             if len(self.items):
                 pictures, scores = yield from self._draw(step, model, device)
                 record.update(scores)
@@ -192,27 +188,35 @@ class Validator:
         return self.cache.fetch(self.items, names)
 
     def _sample(self, model: torch.nn.Module, device: torch.device) -> tuple[list, dict]:
-        """``fashiondiff.sampling``'s two calls, the captions' encodings read from the cache."""
-        from diffusers import KandinskyPipeline, KandinskyPriorPipeline
+        """``fashiondiff.sampling``'s calls, the captions' encodings read from the cache (the
+        prompts handed to the pipelines are placeholders, never encoded)."""
+        from diffusers import KandinskyPriorPipeline
 
-        k, parts = len(self.items), self.parts
+        k = len(self.items)
         cached = {name: to_tensor(v, device) for name, v in self._fields(
             ("image_embeds", "text_embeds", "text_hidden", "text_mask", "mclip_embeds", "mclip_hidden")).items()}
         empty = {name: to_tensor(v, device) for name, v in self.cache.uncond.items()}
-        unet = parts["decoder"].unet if self.kind == "prior" else model
-        decoder = _quiet(KandinskyPipeline(**{**parts["decoder"].components, "unet": unet}))
-        _encode_from_cache(decoder, (cached["mclip_embeds"], cached["mclip_hidden"], None),
-                           (empty["mclip_embeds"], empty["mclip_hidden"], None), k)
-        gens, prompts = generators([self.seed + i for i in range(k)]), [""] * k  # prompts: never encoded
+        gens, prompts = generators([self.seed + i for i in range(k)]), [""] * k
         if self.kind == "decoder":
-            negative = empty["image_embeds"].expand(k, -1)
+            decoder = self._decoder(model, cached, empty)
+            negative = empty["image_embeds"].expand(k, -1)  # 2.1's: the blank image's embedding
             return decode(decoder, prompts, (cached["image_embeds"], negative), gens, self.sampling), {}
-        prior = _quiet(KandinskyPriorPipeline(**{**parts["prior"].components, "prior": model}))
-        _encode_from_cache(prior, (cached["text_embeds"], cached["text_hidden"], cached["text_mask"]),
-                           (empty["text_embeds"], empty["text_hidden"], empty["text_mask"]), k)
+        prior = _quiet(KandinskyPriorPipeline(**{**self.parts["prior"].components, "prior": model}))
+        _encode_from_cache(prior, tuple(cached[f"text_{n}"] for n in ("embeds", "hidden", "mask")),
+                           tuple(empty[f"text_{n}"] for n in ("embeds", "hidden", "mask")), k)
         embeds = image_embeds(prior, prompts, gens, self.sampling)
         cosine = _mean_cosine(embeds[0], cached["image_embeds"])
+        decoder = self._decoder(self.parts["decoder"].unet, cached, empty)  # the base U-Net
         return decode(decoder, prompts, embeds, gens, self.sampling), {"val_image_embed_cosine": cosine}
+
+    def _decoder(self, unet: torch.nn.Module, cached: dict, empty: dict):
+        """2.1's decoder pipeline with ``unet``, the items' M-CLIP encodings from the cache."""
+        from diffusers import KandinskyPipeline
+
+        pipe = _quiet(KandinskyPipeline(**{**self.parts["decoder"].components, "unet": unet}))
+        _encode_from_cache(pipe, (cached["mclip_embeds"], cached["mclip_hidden"], None),
+                           (empty["mclip_embeds"], empty["mclip_hidden"], None), len(self.items))
+        return pipe
 
     def conclude(self, result: TrainResult) -> dict[str, float]:
         """The last validation's numbers (at the last step), for the run's summary. A rerun of a
@@ -234,7 +238,7 @@ class Validator:
             self.tracker.log_artifact(plot_path)
         if pictures_dir:
             write_pictures(Path(pictures_dir), self.last, self.items, self.cache.rows, self.sampling)
-            self.tracker.log_artifact(pictures_dir)
+            self.tracker.log_artifact(pictures_dir, PICTURES_KEY)  # validation/<folder name>/
 
 
 def _run(work: Generator):
@@ -304,7 +308,10 @@ def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
 
 
-def picture_grid(rows: list[list], pad: int = 4):
+GRID_PAD = 4  # pixels between the grid's pictures (tools/validation_figure.py cuts the grids apart)
+
+
+def picture_grid(rows: list[list], pad: int = GRID_PAD):
     """Rows of equal-size PIL images on a white sheet, ``pad`` pixels apart."""
     from PIL import Image
 
