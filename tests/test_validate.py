@@ -211,7 +211,7 @@ def test_pictures_from_the_cache_are_the_pipelines_pictures_of_the_captions(tiny
     from fashiondiff.cache.reader import open_cache
     from fashiondiff.config.schema import params_from_dict
     from fashiondiff.models.loader import load_decoder, load_prior
-    from fashiondiff.sampling import text_to_image
+    from fashiondiff.sampling import Sampling, text_to_image
     from fashiondiff.tracking import Tracker
     from fashiondiff.train.run import make_task
     from fashiondiff.train.validate import Validator
@@ -226,7 +226,9 @@ def test_pictures_from_the_cache_are_the_pipelines_pictures_of_the_captions(tiny
     rows = pd.read_parquet(extracted / "captions.parquet").set_index("row")
     captions = rows.loc[cache.rows[validator.items], "caption"].tolist()
     prior, decoder = load_prior(str(tiny_base / "prior")), load_decoder(str(tiny_base / "decoder"))
-    expected = text_to_image(prior, decoder, captions, [params.seed + i for i in range(3)], validator.sampling)
+    sampling = Sampling(steps=3, guidance_scale=params.train.validation_guidance, prior_steps=3,
+                        prior_guidance_scale=params.train.validation_guidance, height=64, width=64)
+    expected = text_to_image(prior, decoder, captions, [params.seed + i for i in range(3)], sampling)
     for got, want in zip(images, expected):
         difference = np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int))
         assert difference.max() <= 1, difference.max()  # 8-bit rounding of float-level differences

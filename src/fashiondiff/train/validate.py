@@ -13,8 +13,9 @@ At every ``train.validate_every`` steps and at the last step (docs/monitoring.md
   timesteps and condition dropout from ``step_generator(seed, i, VALIDATION_RANK)``, the
   same at every validation, so the curve moves only with the weights;
 * pictures of ``train.validation_images`` fixed held-out items, item ``k`` from a CPU
-  generator seeded ``seed + k`` (``evaluate``'s rule), drawn by ``fashiondiff.sampling``
-  with ``train.validation_steps`` steps: the decoder from the items' true CLIP image
+  generator seeded ``seed + k`` (``evaluate``'s rule), drawn as ``fashiondiff.sampling`` draws
+  (2.1's pipelines; not imported, so that editing the sampling library retrains nothing:
+  tests/test_validate.py checks the pictures are its pictures) with ``train.validation_steps`` steps: the decoder from the items' true CLIP image
   embeddings (its own job, no prior in the way); the prior turns the items' captions into
   image embeddings that the *base* decoder draws (its own job, the base decoder in the way);
 * ``val_clip_score``: ``fashiondiff.evaluate.clip.clip_score`` of those pictures against
@@ -45,7 +46,6 @@ from tqdm import tqdm
 from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate.clip import ClipEncoder, clip_score
 from fashiondiff.io import atomic_dir, atomic_file, write_json
-from fashiondiff.sampling import Sampling, decode, generators, image_embeds
 from fashiondiff.train.batch import to_tensor
 from fashiondiff.train.loop import TrainResult, step_generator
 
@@ -102,9 +102,8 @@ class Validator:
         self.seed, self.batch_size = params.seed, params.batch_size
         cfg = params.train
         self.dtype = DTYPES[cfg.mixed_precision]
-        self.sampling = Sampling(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
-                                 prior_steps=cfg.validation_steps, prior_guidance_scale=cfg.validation_guidance,
-                                 height=params.model.resolution, width=params.model.resolution)
+        self.steps, self.guidance = cfg.validation_steps, cfg.validation_guidance  # prior's and decoder's
+        self.resolution = params.model.resolution
         self.models = (params.model.prior, params.model.decoder)
         self.clip_image_size = params.clip_image_size
         self.items = choose_items(val_cache.arrays["caption"], cfg.validation_images, params.seed)
@@ -188,26 +187,33 @@ class Validator:
         return self.cache.fetch(self.items, names)
 
     def _sample(self, model: torch.nn.Module, device: torch.device) -> tuple[list, dict]:
-        """``fashiondiff.sampling``'s calls, the captions' encodings read from the cache (the
-        prompts handed to the pipelines are placeholders, never encoded)."""
+        """``fashiondiff.sampling.text_to_image``'s calls (its prior, then its decoder, one CPU
+        generator per item for both), the captions' encodings read from the cache (the prompts
+        handed to the pipelines are placeholders, never encoded)."""
         from diffusers import KandinskyPriorPipeline
 
         k = len(self.items)
         cached = {name: to_tensor(v, device) for name, v in self._fields(
             ("image_embeds", "text_embeds", "text_hidden", "text_mask", "mclip_embeds", "mclip_hidden")).items()}
         empty = {name: to_tensor(v, device) for name, v in self.cache.uncond.items()}
-        gens, prompts = generators([self.seed + i for i in range(k)]), [""] * k
+        gens = [torch.Generator("cpu").manual_seed(self.seed + i) for i in range(k)]
+        steps = {"num_inference_steps": self.steps, "guidance_scale": self.guidance, "generator": gens}
         if self.kind == "decoder":
             decoder = self._decoder(model, cached, empty)
             negative = empty["image_embeds"].expand(k, -1)  # 2.1's: the blank image's embedding
-            return decode(decoder, prompts, (cached["image_embeds"], negative), gens, self.sampling), {}
+            return self._pictures(decoder, cached["image_embeds"], negative, steps), {}
         prior = _quiet(KandinskyPriorPipeline(**{**self.parts["prior"].components, "prior": model}))
         _encode_from_cache(prior, tuple(cached[f"text_{n}"] for n in ("embeds", "hidden", "mask")),
                            tuple(empty[f"text_{n}"] for n in ("embeds", "hidden", "mask")), k)
-        embeds = image_embeds(prior, prompts, gens, self.sampling)
-        cosine = _mean_cosine(embeds[0], cached["image_embeds"])
+        out = prior([""] * k, **steps)
+        cosine = _mean_cosine(out.image_embeds, cached["image_embeds"])
         decoder = self._decoder(self.parts["decoder"].unet, cached, empty)  # the base U-Net
-        return decode(decoder, prompts, embeds, gens, self.sampling), {"val_image_embed_cosine": cosine}
+        pictures = self._pictures(decoder, out.image_embeds, out.negative_image_embeds, steps)
+        return pictures, {"val_image_embed_cosine": cosine}
+
+    def _pictures(self, decoder, embeds: torch.Tensor, negative: torch.Tensor, steps: dict) -> list:
+        return decoder([""] * len(self.items), image_embeds=embeds, negative_image_embeds=negative,
+                       height=self.resolution, width=self.resolution, output_type="pil", **steps).images
 
     def _decoder(self, unet: torch.nn.Module, cached: dict, empty: dict):
         """2.1's decoder pipeline with ``unet``, the items' M-CLIP encodings from the cache."""
@@ -237,7 +243,9 @@ class Validator:
             write_curve(plot_path, result.validations, self.columns)
             self.tracker.log_artifact(plot_path)
         if pictures_dir:
-            write_pictures(Path(pictures_dir), self.last, self.items, self.cache.rows, self.sampling)
+            write_pictures(Path(pictures_dir), self.last, self.items, self.cache.rows,
+                           {"sampling_steps": self.steps, "guidance_scale": self.guidance,
+                            "resolution": self.resolution})
             self.tracker.log_artifact(pictures_dir, PICTURES_KEY)  # validation/<folder name>/
 
 
@@ -334,7 +342,7 @@ def write_curve(path: str, validations: list[dict], columns: tuple[str, ...]) ->
 
 
 def write_pictures(folder: Path, last: Pictures | None, items: np.ndarray, rows: np.ndarray,
-                   sampling: Sampling) -> None:
+                   settings: dict) -> None:
     """``NNNN.png`` per item (PNG without metadata: same pixels, same bytes), ``grid.png`` (held-out
     above, drawn below) and ``items.json`` (which cache positions and captions.parquet rows)."""
     with atomic_dir(folder) as tmp:
@@ -345,5 +353,4 @@ def write_pictures(folder: Path, last: Pictures | None, items: np.ndarray, rows:
         write_json(Path(tmp) / "items.json", {
             "step": last.step if last is not None else None,
             "items": [{"position": int(p), "row": int(rows[p])} for p in items],
-            "sampling_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
-            "resolution": sampling.height})
+            **settings})
