@@ -35,9 +35,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Generator
 
 import numpy as np
 import torch
