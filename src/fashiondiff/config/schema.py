@@ -151,6 +151,10 @@ class TrainParams(Section):
     log_every: Count
     launcher: Text
     compile: Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch)]
+    validate_every: NonNegative  # 0: validate at the last step only
+    validation_images: NonNegative  # 0: the validation loss alone
+    validation_steps: Count
+    validation_guidance: Positive
 
     @model_validator(mode="after")
     def _resume_on_a_sync_step(self):

@@ -27,6 +27,12 @@ Preemption: SIGTERM (Slurm's time limit, Kubernetes, spot instances) or SIGINT a
 loop to stop; at the next settle point (at most ``log_every`` steps later) every rank saves
 a checkpoint of the finished step and the run ends with :class:`Stopped`, a one-line error;
 the rerun resumes bit-identical. A second signal stops at once.
+
+Validation (``validate``, optional: ``fashiondiff.train.validate``) runs every
+``validate_every`` steps and at the last step, between two steps, with the weights the run
+would save. It is outside the training: it draws from no stream above (the global RNGs are
+forked around it), its time is in no step's timing, and the steps it was done at are
+recorded in the checkpoints, so a resumed run does not repeat one.
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ from tqdm import tqdm
 from fashiondiff.config.schema import TrainParams
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import DISK_FULL
+
+
+class Validate(Protocol):
+    """Called on every process at a validation step with the unwrapped model holding the weights
+    the run would save; returns the step's validation record (the main process's is kept)."""
+
+    def __call__(self, step: int, model: torch.nn.Module) -> dict: ...
 
 
 class Task(Protocol):
@@ -94,6 +107,9 @@ class TrainResult:
     data_share: float = 0.0  # fraction of the loop's time spent waiting for batches
     checkpoint_s: float = 0.0  # seconds spent saving checkpoints (the final one included)
     is_main: bool = True
+    validations: list[dict] = field(default_factory=list)  # each validation's record, by step
+    train_s: float = 0.0  # time this process spent in steps (since any resume)
+    validation_s: float = 0.0  # time it spent validating, outside the steps' timings
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -195,8 +211,9 @@ class _Progress:
     def __init__(self, state: dict):
         self.history: list[dict] = state.get("history", [])
         self.epoch_sums = {int(k): tuple(v) for k, v in state.get("epoch_sums", {}).items()}
+        self.validations: list[dict] = state.get("validations", [])
         self.window: list[float] = []
-        self.seen, self.seconds = 0, 0.0
+        self.seen, self.seconds, self.validate_s = 0, 0.0, 0.0
 
     def add(self, epoch: int, loss: float) -> None:
         self.window.append(loss)
@@ -217,7 +234,10 @@ class _Progress:
         return self.seen / max(self.seconds, 1e-9)
 
     def state(self) -> dict:
-        return {"history": self.history, "epoch_sums": self.epoch_sums}
+        state = {"history": self.history, "epoch_sums": self.epoch_sums}
+        if self.validations:  # a run without validation writes the checkpoint it always wrote
+            state["validations"] = self.validations
+        return state
 
     def epoch_losses(self) -> list[float]:
         return [total / count for _, (total, count) in sorted(self.epoch_sums.items())]
@@ -273,12 +293,12 @@ def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan, speed: S
 
 
 def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
-          log: Callable[[dict, int], None] | None = None,
+          log: Callable[[dict, int], None] | None = None, validate: Validate | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``
     and the same step plan (processes, batch per process, steps). ``log(metrics, step)`` gets
-    each logged point (main process); ``on_step(step)`` is called once each step's work is
-    queued (a profiler's clock, bench/bench_gpu_train.py)."""
+    each logged point (main process); ``validate``: see the module doc; ``on_step(step)`` is
+    called once each step's work is queued (a profiler's clock, bench/bench_gpu_train.py)."""
     from accelerate import Accelerator
 
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -358,12 +378,16 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
                     on_step(step)
                 done = step + 1
                 at_checkpoint = done % cfg.checkpoint_every == 0 and done < plan.total
+                signum = 0
                 if done % cfg.log_every == 0 or at_checkpoint or done == plan.total:
                     signum = settle(done)
-                    if signum and done < plan.total:
-                        _stop(ckpts, done, progress, plan, task.name, signum, acc)
-                    if at_checkpoint:
-                        ckpts.save(done, progress.state())
+                # Before the checkpoint of the same step: a run resumed from it has done this one.
+                if validate is not None and _validation_due(done, cfg.validate_every, plan.total, progress):
+                    clock[0] += _validate(validate, done, acc, model, ema, trainable, progress)
+                if signum and done < plan.total:
+                    _stop(ckpts, done, progress, plan, task.name, signum, acc)
+                if at_checkpoint:
+                    ckpts.save(done, progress.state())
             settle(plan.total)
     finally:
         batches.close()
@@ -378,7 +402,35 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
     return TrainResult(model=final, history=progress.history, epoch_losses=progress.epoch_losses(),
                        steps=plan.total, samples_per_s=progress.speed,
                        data_share=batches.wait_s / max(progress.seconds, 1e-9), checkpoint_s=ckpts.seconds,
-                       is_main=acc.is_main_process)
+                       is_main=acc.is_main_process, validations=progress.validations, train_s=progress.seconds,
+                       validation_s=progress.validate_s)
+
+
+def _validation_due(step: int, every: int, total: int, progress: _Progress) -> bool:
+    """Every ``every`` steps (0: none) and at the last, unless a checkpoint says it was done."""
+    due = step == total or (every > 0 and step % every == 0)
+    return due and all(v["step"] != step for v in progress.validations)
+
+
+def _validate(validate: Validate, step: int, acc, model, ema, trainable: list, progress: _Progress) -> float:
+    """``validate`` with the weights the run would save (the EMA's, swapped in and back bit for
+    bit) and the global RNGs forked (whatever it draws, LoRA dropout's stream is untouched).
+    Returns the seconds it took: the caller leaves them out of the steps' timing."""
+    start = time.perf_counter()
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    cuda = [acc.device.index or 0] if acc.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            record = validate(step, acc.unwrap_model(model))
+    finally:
+        if ema is not None:
+            ema.restore(trainable)
+    progress.validations.append({**record, "step": step})
+    seconds = time.perf_counter() - start
+    progress.validate_s += seconds
+    return seconds
 
 
 def _stop(ckpts: "Checkpoints", step: int, progress: _Progress, plan: _Plan, name: str, signum: int, acc) -> None:
