@@ -6,7 +6,6 @@ from the cache what the pipelines draw from the captions."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,16 +18,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from pipeline_fixtures import (  # noqa: F401
-    REPO,
-    extracted,
-    run_stage,
-    stage_params,
-    tiny_base,
-    train_cache,
-)
+from pipeline_fixtures import REPO, run_stage, stage_params
 from safetensors.torch import load_file
 from test_train import train_args
+
+from fashiondiff.processes import free_port, project_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")  # mlflow's own
 
@@ -67,8 +61,7 @@ def watched(tmp_path_factory, tiny_base, train_cache):
     params = stage_params(tiny_base, **WATCHED)
     params["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FASHIONDIFF_TRACKING": "on", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = project_env(FASHIONDIFF_TRACKING="on")
     result = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"), *map(str, validated(root, train_cache))],
                             cwd=root, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,7 +114,7 @@ def test_mlflow_run_has_the_curves_and_pictures_of_each_validation(watched):
 def test_kill_9_and_resume_with_validation_on_repeats_none(tmp_path, watched, train_cache):
     root, params, _ = watched
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FASHIONDIFF_TRACKING": "off"}
+    env = project_env(FASHIONDIFF_TRACKING="off")
     proc = subprocess.Popen([sys.executable, str(REPO / "stages/train_prior.py"),
                              *map(str, validated(tmp_path, train_cache))],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -151,19 +144,14 @@ def test_kill_9_and_resume_with_validation_on_repeats_none(tmp_path, watched, tr
 
 
 def _launcher() -> list[str]:
-    from serving_fixtures import free_port
-
     return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port())]
 
 
 def _two_processes(tmp_path: Path, params: dict, args: list, check: bool = True):
-    os.environ["ACCELERATE_USE_CPU"] = "1"
-    try:
-        return run_stage(tmp_path, params, "train_decoder.py", *args, launcher=_launcher(), check=check, timeout=300)
-    finally:
-        del os.environ["ACCELERATE_USE_CPU"]
+    return run_stage(tmp_path, params, "train_decoder.py", *args, launcher=_launcher(), check=check, timeout=300,
+                     ACCELERATE_USE_CPU="1")
 
 
 def decoder_args(root: Path, cache: Path) -> list:
