@@ -52,14 +52,14 @@ def stage_params(base: Path, **overrides) -> dict:
 
 
 def run_stage(cwd: Path, params: dict, script: str, *args: str, launcher: list[str] | None = None,
-              check: bool = True, **env: str) -> subprocess.CompletedProcess:
+              check: bool = True, timeout: float | None = None, **env: str) -> subprocess.CompletedProcess:
     """Run ``stages/<script>`` in ``cwd`` with ``params`` written to cwd/params.yaml; MLflow
     tracking off unless ``env`` (more environment variables) turns it on."""
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = (launcher or [sys.executable]) + [str(REPO / "stages" / script), *map(str, args)]
     result = subprocess.run(cmd, cwd=cwd, env=project_env(**{"FASHIONDIFF_TRACKING": "off", **env}),
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         # under `accelerate launch` the last lines are rank 0's; a crashed rank's own error is earlier
         errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line)[-3000:]

@@ -149,7 +149,8 @@ def test_repro_leaves_every_declared_output(project):
                  "reports/samples/grid.png", "reports/samples/image_text.png",
                  "data/synthetic/generic_train.h5", "data/extracted/generic/captions.parquet",
                  "checkpoints/pretrain/unet", "reports/samples/generic/tuned/0002.png",
-                 "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv"):
+                 "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv",
+                 "reports/plots/validation_prior.csv", "reports/validation/decoder/grid.png"):
         assert (project / path).exists(), path
     metrics = json.loads((project / "reports/metrics.json").read_text())  # base and tuned
     scores = json.loads((project / "reports/scores.json").read_text())  # the DVC metrics: the tuned model

@@ -147,6 +147,12 @@ class Tracker:
                 path += "" if posixpath.splitext(path)[1] else ".png"
                 self.client.log_image(run_id, image, artifact_file=path)
 
+    def log_image_at(self, image: "PIL.Image.Image", key: str, step: int) -> None:
+        """An image at a training step: MLflow 3's UI shows a run's images per ``key`` with a step
+        slider (``MlflowClient.log_image(key=, step=)``; files under the run's ``images/``)."""
+        if self.client is not None:
+            self.client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True)
+
 @contextlib.contextmanager
 def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[Tracker]:
     """Open ``stage``'s child run under the pipeline's parent run; end it with the block.

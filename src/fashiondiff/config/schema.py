@@ -150,6 +150,10 @@ class TrainParams(Section):
     checkpoints_keep: int
     log_every: Count
     compile: Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch)]
+    validate_every: NonNegative  # 0: validate at the last step only
+    validation_images: NonNegative  # 0: the validation loss alone
+    validation_steps: Count
+    validation_guidance: Positive
 
     @model_validator(mode="after")
     def _resume_on_a_sync_step(self):

@@ -27,15 +27,18 @@ Preemption: SIGTERM (Slurm's time limit, Kubernetes, spot instances) or SIGINT a
 loop to stop; at the next settle point (at most ``log_every`` steps later) every rank saves
 a checkpoint of the finished step and the run ends with :class:`Stopped`, a one-line error;
 the rerun resumes bit-identical. A second signal stops at once.
+
+Validation (``validate``, optional: ``fashiondiff.train.validate``) runs every
+``validate_every`` steps and at the last step, between two steps, with the weights the run
+would save. It is outside the training: it draws from no stream above (the global RNGs are
+forked around it), its time is in no step's timing, and the steps it was done at are
+recorded in the checkpoints, so a resumed run does not repeat one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -50,7 +53,18 @@ from tqdm import tqdm
 
 from fashiondiff.config.schema import TrainParams
 from fashiondiff.errors import PipelineError
-from fashiondiff.io import DISK_FULL
+from fashiondiff.train.checkpoints import (
+    Checkpoints,
+    checkpoint_trainable_only,
+    plan_fingerprint,
+)
+
+
+class Validate(Protocol):
+    """Called on every process at a validation step with the unwrapped model holding the weights
+    the run would save; returns the step's validation record (the main process's is kept)."""
+
+    def __call__(self, step: int, model: torch.nn.Module) -> dict: ...
 
 
 class Task(Protocol):
@@ -94,6 +108,9 @@ class TrainResult:
     data_share: float = 0.0  # fraction of the loop's time spent waiting for batches
     checkpoint_s: float = 0.0  # seconds spent saving checkpoints (the final one included)
     is_main: bool = True
+    validations: list[dict] = field(default_factory=list)  # each validation's record, by step
+    train_s: float = 0.0  # time this process spent in steps (since any resume)
+    validation_s: float = 0.0  # time it spent validating, outside the steps' timings
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -195,8 +212,9 @@ class _Progress:
     def __init__(self, state: dict):
         self.history: list[dict] = state.get("history", [])
         self.epoch_sums = {int(k): tuple(v) for k, v in state.get("epoch_sums", {}).items()}
+        self.validations: list[dict] = state.get("validations", [])
         self.window: list[float] = []
-        self.seen, self.seconds = 0, 0.0
+        self.seen, self.seconds, self.validate_s = 0, 0.0, 0.0
 
     def add(self, epoch: int, loss: float) -> None:
         self.window.append(loss)
@@ -217,7 +235,10 @@ class _Progress:
         return self.seen / max(self.seconds, 1e-9)
 
     def state(self) -> dict:
-        return {"history": self.history, "epoch_sums": self.epoch_sums}
+        state = {"history": self.history, "epoch_sums": self.epoch_sums}
+        if self.validations:  # a run without validation writes the checkpoint it always wrote
+            state["validations"] = self.validations
+        return state
 
     def epoch_losses(self) -> list[float]:
         return [total / count for _, (total, count) in sorted(self.epoch_sums.items())]
@@ -265,7 +286,7 @@ def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan, speed: S
     if speed.compile:
         task.model.compile()  # in place: the state_dict keeps its names (checkpoints, saving)
     model, optimizer = acc.prepare(task.model, optimizer)
-    _checkpoint_trainable_only(acc, task.model)
+    checkpoint_trainable_only(acc, task.model)
     acc.register_for_checkpointing(schedule)  # stepped by us once per optimiser step
     if ema is not None:
         acc.register_for_checkpointing(ema)
@@ -273,12 +294,12 @@ def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan, speed: S
 
 
 def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
-          log: Callable[[dict, int], None] | None = None,
+          log: Callable[[dict, int], None] | None = None, validate: Validate | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``
     and the same step plan (processes, batch per process, steps). ``log(metrics, step)`` gets
-    each logged point (main process); ``on_step(step)`` is called once each step's work is
-    queued (a profiler's clock, bench/bench_gpu_train.py)."""
+    each logged point (main process); ``validate``: see the module doc; ``on_step(step)`` is
+    called once each step's work is queued (a profiler's clock, bench/bench_gpu_train.py)."""
     from accelerate import Accelerator
 
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -358,12 +379,16 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
                     on_step(step)
                 done = step + 1
                 at_checkpoint = done % cfg.checkpoint_every == 0 and done < plan.total
+                signum = 0
                 if done % cfg.log_every == 0 or at_checkpoint or done == plan.total:
                     signum = settle(done)
-                    if signum and done < plan.total:
-                        _stop(ckpts, done, progress, plan, task.name, signum, acc)
-                    if at_checkpoint:
-                        ckpts.save(done, progress.state())
+                # Before the checkpoint of the same step: a run resumed from it has done this one.
+                if validate is not None and _validation_due(done, cfg.validate_every, plan.total, progress):
+                    clock[0] += _validate(validate, done, acc, model, ema, trainable, progress)
+                if signum and done < plan.total:
+                    _stop(ckpts, done, progress, plan, task.name, signum, acc)
+                if at_checkpoint:
+                    ckpts.save(done, progress.state())
             settle(plan.total)
     finally:
         batches.close()
@@ -378,24 +403,44 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
     return TrainResult(model=final, history=progress.history, epoch_losses=progress.epoch_losses(),
                        steps=plan.total, samples_per_s=progress.speed,
                        data_share=batches.wait_s / max(progress.seconds, 1e-9), checkpoint_s=ckpts.seconds,
-                       is_main=acc.is_main_process)
+                       is_main=acc.is_main_process, validations=progress.validations, train_s=progress.seconds,
+                       validation_s=progress.validate_s)
 
 
-def _stop(ckpts: "Checkpoints", step: int, progress: _Progress, plan: _Plan, name: str, signum: int, acc) -> None:
+def _validation_due(step: int, every: int, total: int, progress: _Progress) -> bool:
+    """Every ``every`` steps (0: none) and at the last, unless a checkpoint says it was done."""
+    due = step == total or (every > 0 and step % every == 0)
+    return due and all(v["step"] != step for v in progress.validations)
+
+
+def _validate(validate: Validate, step: int, acc, model, ema, trainable: list, progress: _Progress) -> float:
+    """``validate`` with the weights the run would save (the EMA's, swapped in and back bit for
+    bit) and the global RNGs forked (whatever it draws, LoRA dropout's stream is untouched).
+    Returns the seconds it took: the caller leaves them out of the steps' timing."""
+    start = time.perf_counter()
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    cuda = [acc.device.index or 0] if acc.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            record = validate(step, acc.unwrap_model(model))
+    finally:
+        if ema is not None:
+            ema.restore(trainable)
+    progress.validations.append({**record, "step": step})
+    seconds = time.perf_counter() - start
+    progress.validate_s += seconds
+    return seconds
+
+
+def _stop(ckpts: Checkpoints, step: int, progress: _Progress, plan: _Plan, name: str, signum: int, acc) -> None:
     """Save the finished step on every rank and end the run with a one-line Stopped."""
     ckpts.save(step, progress.state())
     saved = ckpts.latest()
     acc.print(f"train {name}: {signal.Signals(signum).name} received: checkpoint {saved} saved")
     raise Stopped(f"train {name}: stopped by {signal.Signals(signum).name} at step {step} of {plan.total}; "
                   f"checkpoint {saved} saved: rerun to resume", signum, step)
-
-
-def plan_fingerprint(fingerprint: str, world: int, plan: _Plan) -> str:
-    """The caller's fingerprint (params, data) joined with what shapes the step plan here:
-    one process's checkpoint at step 600 means another step in a two-process run."""
-    blob = json.dumps({"run": fingerprint, "processes": world, "per_rank": plan.per_rank,
-                       "steps_per_epoch": plan.steps_per_epoch, "total": plan.total}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -428,124 +473,3 @@ def _make_ema(trainable: list[torch.nn.Parameter], decay: float):
     return EMAModel(trainable, decay=decay, use_ema_warmup=False)
 
 
-def _checkpoint_trainable_only(acc, model: torch.nn.Module) -> None:
-    """Checkpoints hold what training changes: the trainable parameters (with their optimiser,
-    schedule and EMA state, which only ever cover those). The frozen rest is the base model a
-    resumed run loads anyway, and with LoRA it is nearly all of the model's bytes.
-
-    Accelerate saves and strictly loads every model's whole state_dict; these hooks narrow
-    the saved dict and load the narrowed file themselves.
-    """
-    names = {name for name, p in model.named_parameters() if p.requires_grad}
-
-    def bare(key: str) -> str:
-        return key.removeprefix("module.")  # DistributedDataParallel's prefix
-
-    def save(models: list, weights: list[dict], output_dir: str) -> None:
-        for i, state in enumerate(weights):
-            weights[i] = {k: v for k, v in state.items() if bare(k) in names}
-
-    def load(models: list, input_dir: str) -> None:
-        from safetensors.torch import load_file
-
-        if not models:  # FSDP/DeepSpeed load their own (sharded) model state
-            return
-        path = Path(input_dir) / "model.safetensors"
-        # safetensors takes "cpu" or "cuda:N"; a multi-process CPU run's device prints as "cpu:0"
-        device = "cpu" if acc.device.type == "cpu" else str(acc.device)
-        state = {bare(k): v for k, v in load_file(str(path), device=device).items()}
-        missing = names - set(state)
-        if missing:
-            raise PipelineError(f"{path}: checkpoint lacks {len(missing)} trained parameters "
-                                f"(e.g. {sorted(missing)[0]}); delete {Path(input_dir).parent} to start afresh")
-        unexpected = acc.unwrap_model(models[0]).load_state_dict(state, strict=False).unexpected_keys
-        if unexpected:
-            raise PipelineError(f"{path}: checkpoint holds parameters this model lacks (e.g. {unexpected[0]}); "
-                                f"delete {Path(input_dir).parent} to start afresh")
-        models.pop(0)  # loaded: Accelerate's strict load would want the frozen weights too
-
-    acc.register_save_state_pre_hook(save)
-    acc.register_load_state_pre_hook(load)
-
-
-def _write_error(exc: Exception) -> str:
-    """What went wrong writing a file, in a few words. A full disk or a file-size limit reaches
-    us as OSError (pickle), as SafetensorError naming the OS error, or as torch.save's bare
-    "unexpected pos" RuntimeError."""
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-        return exc.strerror
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
-
-
-class Checkpoints:
-    """``save_state`` folders ``step-00000200`` under one directory: atomic, newest K kept.
-
-    A checkpoint records the run's fingerprint (params, data); checkpoints of another
-    run are deleted instead of resumed, so a changed ``lr`` never resumes an old run.
-    """
-
-    def __init__(self, root: Path, fingerprint: str, keep: int, acc):
-        self.root, self.fingerprint, self.keep, self.acc = root, fingerprint, max(1, keep), acc
-        self.seconds = 0.0  # spent in save(), barriers included: what checkpointing costs the run
-
-    def _all(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("step-*") if (p / "trainer_state.json").is_file())
-
-    def latest(self) -> Path | None:
-        found = self._all()
-        return found[-1] if found else None
-
-    def resume(self) -> dict:
-        latest = self.latest()
-        if latest is None:
-            return {}
-        state = json.loads((latest / "trainer_state.json").read_text())
-        if state.get("fingerprint") != self.fingerprint:
-            self.acc.print(f"{self.root}: checkpoints belong to other params or data; starting afresh")
-            self.acc.wait_for_everyone()
-            if self.acc.is_main_process:
-                shutil.rmtree(self.root)
-            self.acc.wait_for_everyone()
-            return {}
-        self.acc.load_state(str(latest))
-        return state
-
-    def save(self, step: int, extra: dict) -> None:
-        started = time.perf_counter()
-        self._save(step, extra)
-        self.seconds += time.perf_counter() - started
-
-    def _save(self, step: int, extra: dict) -> None:
-        final = self.root / f"step-{step:08d}"
-        tmp = self.root / f".tmp-step-{step:08d}"
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.root.mkdir(parents=True, exist_ok=True)
-        self.acc.wait_for_everyone()
-        self._write(step, tmp, lambda: self.acc.save_state(str(tmp), safe_serialization=True))
-        # Every rank writes its own RNG state into tmp and save_state has no barrier after it:
-        # rename only once all have (else a slow rank recreated tmp, or crashed writing into it).
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            state = {"step": step, "fingerprint": self.fingerprint, **extra}
-            self._write(step, tmp, lambda: (tmp / "trainer_state.json").write_text(json.dumps(state)))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self._all()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
-
-    def _write(self, step: int, tmp: Path, write: Callable[[], object]) -> None:
-        """Run ``write`` into ``tmp``; if it fails (a full disk, most often), drop ``tmp`` and say
-        so in one line: the previous checkpoint stays the newest."""
-        try:
-            write()
-        except Exception as exc:  # noqa: BLE001 - torch.save, safetensors and pickle each fail their own way
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise PipelineError(f"{tmp}: cannot write the checkpoint of step {step} ({_write_error(exc)}); "
-                                f"the previous checkpoint is kept ({self.latest() or 'none'}): free space "
-                                f"and rerun to resume") from exc
