@@ -24,6 +24,17 @@ class PipelineError(Exception):
     exit_code = 1
 
 
+class Stopped(PipelineError):
+    """SIGTERM or SIGINT (Slurm, Kubernetes, spot instances, Ctrl-C) stopped the stage; what it
+    finished is kept and the message says where. The exit status follows the shell's convention,
+    128 + the signal: 143 for SIGTERM, 130 for SIGINT. ``step``: the training step it stopped at."""
+
+    def __init__(self, message: str, signum: int, step: int | None = None):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.step = step
+
+
 def cli(main: F) -> F:
     """Run ``main``; turn PipelineError (and Ctrl-C) into a one-line message and exit code."""
 

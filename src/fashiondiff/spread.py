@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterator, Sequence
 
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.io import DISK_FULL
 from fashiondiff.runtime import default_device
 
@@ -51,14 +51,6 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
-
-
-class Stopped(PipelineError):
-    """SIGTERM or SIGINT arrived; the stage keeps what it finished and says where."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's convention, as training's: 143 SIGTERM, 130 SIGINT
 
 
 class HandOverFailed(PipelineError):

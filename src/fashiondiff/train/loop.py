@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from fashiondiff.config.schema import TrainParams
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.train.checkpoints import (
     Checkpoints,
     checkpoint_trainable_only,
@@ -77,15 +77,6 @@ class Task(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor: ...
-
-
-class Stopped(PipelineError):
-    """The run was asked to stop (SIGTERM, SIGINT) and saved a checkpoint to resume from."""
-
-    def __init__(self, message: str, signum: int, step: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
-        self.step = step
 
 
 @dataclass(frozen=True)

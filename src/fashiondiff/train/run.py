@@ -19,9 +19,9 @@ import torch
 
 from fashiondiff.cache.format import cache_identity
 from fashiondiff.cache.reader import open_cache
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.io import atomic_dir, atomic_file, write_json
-from fashiondiff.train.loop import Schedule, Stopped, TrainResult, train
+from fashiondiff.train.loop import Schedule, TrainResult, train
 from fashiondiff.train.lora import add_lora, has_adapter, merge_adapter, save_adapter
 from fashiondiff.train.validate import Validator
 
