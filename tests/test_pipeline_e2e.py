@@ -165,9 +165,11 @@ def test_repro_leaves_every_declared_output(project):
                  "models/prior/model_index.json", "models/decoder/model_index.json",
                  "reports/samples/grid.png", "reports/samples/image_text.png",
                  "data/synthetic/generic_train.h5", "data/extracted/generic/captions.parquet",
-                 "checkpoints/pretrain/unet", "reports/samples/generic/tuned/0002.png",
+                 "reports/samples/generic/tuned/0002.png",
                  "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv"):
         assert (project / path).exists(), path
+    for model in ("pretrain/*/unet", "prior/*/step-*", "decoder/*/step-*"):  # <fingerprint>/: not outputs
+        assert list((project / "checkpoints").glob(model)), model
     metrics = json.loads((project / "reports/metrics.json").read_text())  # base and tuned
     scores = json.loads((project / "reports/scores.json").read_text())  # the DVC metrics: the tuned model
     details = json.loads((project / "reports/evaluation.json").read_text())  # real images' scores, counts

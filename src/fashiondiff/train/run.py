@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fashiondiff.cache.format import cache_identity
 from fashiondiff.cache.reader import open_cache
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir, atomic_file, write_json
+from fashiondiff.project import checkpoint_home
 from fashiondiff.train.lora import add_lora, has_adapter, merge_adapter, save_adapter
 from fashiondiff.train.loop import Schedule, TrainResult, step_generator, train
 
@@ -147,31 +149,23 @@ def validation_loss(task, val_cache, seed: int, batch_size: int) -> float:
 
 def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, out_dir: str,
                  checkpoint_dir: str, summary_path: str, plot_path: str, tracker) -> dict | None:
+    """Train, then write the outputs. Checkpoints go to a folder of this run's own under
+    ``checkpoint_dir`` (relative: under the project's root, which outlives DVC's temporary
+    copies: see fashiondiff.project)."""
     if kind not in KINDS:
         raise PipelineError(f"unknown model kind {kind!r} (prior or decoder)")
     torch.manual_seed(params.seed)
     cache = open_cache(cache_dir, expect=_identity(params))
     pipe, task = make_task(kind, params, cache)
-    result = train(task, params.train, schedule(params), checkpoint_dir, fingerprint(kind, params, cache.meta),
-                   log=tracker.log_metrics)
-    if not result.is_main:
-        return None
-    summary = {
-        "loss_first_epoch": result.epoch_losses[0],
-        "loss_last_epoch": result.epoch_losses[-1],
-        "steps": result.steps,
-        "epochs": params.epochs,
-        "train_items": len(cache),
-    }
-    if val_cache_dir:
-        val = open_cache(val_cache_dir, expect=_identity(params))
-        summary["val_loss"] = validation_loss(task, val, params.seed, params.batch_size)
-    save_pipeline(pipe, out_dir, params, summary)
-    write_json(summary_path, summary)
-    write_plot(plot_path, result)
+    run = fingerprint(kind, params, cache.meta)
+    with checkpoint_home(checkpoint_dir, run, rank=int(os.environ.get("RANK", "0"))) as home:
+        result = train(task, params.train, schedule(params), home, run, log=tracker.log_metrics)
+        if not result.is_main:
+            return None
+        summary = write_outputs(kind, params, task, pipe, result, len(cache), val_cache_dir,
+                                out_dir, summary_path, plot_path)
     tracker.log_summary({k: float(v) for k, v in summary.items()})
-    tracker.log_params({"model_dir": str(Path(out_dir).resolve()),
-                        "checkpoint_dir": str(Path(checkpoint_dir).resolve())})
+    tracker.log_params({"model_dir": str(Path(out_dir).resolve()), "checkpoint_dir": str(home)})
     for path in (summary_path, plot_path, Path(out_dir) / "fashiondiff_config.json"):
         tracker.log_artifact(path)
     if (Path(out_dir) / ADAPTER_DIR).is_dir():
@@ -180,6 +174,25 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
     print(f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
           f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
           f"data {100 * result.data_share:.1f}% of step time")
+    return summary
+
+
+def write_outputs(kind: str, params, task, pipe: BaseParts, result: TrainResult, train_items: int,
+                  val_cache_dir: str | None, out_dir: str, summary_path: str, plot_path: str) -> dict:
+    """The stage's outputs: the tuned pipeline, the summary JSON, the loss curve CSV."""
+    summary = {
+        "loss_first_epoch": result.epoch_losses[0],
+        "loss_last_epoch": result.epoch_losses[-1],
+        "steps": result.steps,
+        "epochs": params.epochs,
+        "train_items": train_items,
+    }
+    if val_cache_dir:
+        val = open_cache(val_cache_dir, expect=_identity(params))
+        summary["val_loss"] = validation_loss(task, val, params.seed, params.batch_size)
+    save_pipeline(pipe, out_dir, params, summary)
+    write_json(summary_path, summary)
+    write_plot(plot_path, result)
     return summary
 
 
