@@ -310,3 +310,98 @@ def test_stages_against_a_real_tracking_server(tmp_path):
         assert not (work / "mlartifacts").exists()
     finally:
         stop_process_group(proc)
+
+
+# -- a tracking server that is not there, or goes away ---------------------------------------
+
+
+def _server(tmp_path: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on ``port`` with its store in ``tmp_path`` (the same store on a restart),
+    once it answers."""
+    from fashiondiff.processes import start_group, wait_until_up
+
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    log = tmp_path / f"server-{time.monotonic_ns()}.log"
+    proc = start_group(cmd, log, cwd=tmp_path, env=_clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    wait_until_up(f"http://127.0.0.1:{port}/health", proc, 120, log)
+    return proc
+
+
+def _history(base: str, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    found = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
+    return sorted((int(m.get("step", 0)), m["value"], int(m["timestamp"])) for m in found)
+
+
+def test_an_unreachable_server_stops_a_stage_before_its_work_with_one_line(tmp_path):
+    """The training stage, pointed at a port nothing listens on and at a cache that does not
+    exist: the error is the tracking server's (so nothing was loaded before), within the bound."""
+    port = _free_port()
+    params = repo_params().model_dump()
+    params["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{port}"
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"), "--cache", "missing", "--out", "m",
+                          "--checkpoints", "c", "--summary", "s.json", "--plot", "p.csv"], cwd=tmp_path,
+                         env=_clean_env(FASHIONDIFF_TRACKING_START_S="3", FASHIONDIFF_TRACKING_RETRY_S="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: mlflow (http://127.0.0.1:{port}): ") and "tried for 3 s" in last, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "c").exists()
+    assert time.monotonic() - started < 120  # imports included, on a busy 2-core machine
+
+
+def test_a_server_away_past_the_stage_end_gets_its_calls_from_the_next_stage(tmp_path, monkeypatch, capsys):
+    """Calls made while the server is down return at once; the stage's end waits
+    FASHIONDIFF_TRACKING_FLUSH_S, then keeps them on disk under the project root; the next stage
+    that reaches the server delivers them (metrics, the artifact, the runs' end)."""
+    for key in [k for k in os.environ if k.startswith("DVC_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv(tracking.ENV_SWITCH, raising=False)
+    for key, value in {"FASHIONDIFF_TRACKING_FLUSH_S": "1", "FASHIONDIFF_TRACKING_RETRY_S": "0.5",
+                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}.items():
+        monkeypatch.setenv(key, value)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = _server(tmp_path, port)
+    note = work / "note.txt"
+    note.write_text("kept")
+    try:
+        with stage_run("train", repo_params(), tracking_uri=base) as tracker:
+            tracker.log_metrics({"loss": 1.0}, step=1)
+            assert tracker.flush(60)
+            stop_process_group(server)
+            down = time.monotonic()
+            for step in (2, 3):
+                tracker.log_metrics({"loss": 1.0 / step}, step=step)
+            tracker.log_summary({"loss": 0.25})
+            tracker.log_artifact(note, "notes")
+            assert time.monotonic() - down < 1  # nothing waits on the server
+        assert time.monotonic() - down < 30  # the end: FLUSH_S, plus a request in flight at most
+        [spool] = list((work / ".fashiondiff/outbox").glob("*/*/ops.jsonl"))
+        note.unlink()  # the spool has its own copy
+        err = capsys.readouterr().err
+        assert "does not answer" in err and f"kept in {spool.parent}" in err, err
+
+        server = _server(tmp_path, port)
+        with stage_run("evaluate", repo_params(), tracking_uri=base):
+            pass
+        assert "delivering 7 tracking calls an earlier stage kept" in capsys.readouterr().err
+        assert not spool.parent.exists()
+        exp_id = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
+        runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
+        train = next(r for r in runs if r["info"]["run_name"] == "train")
+        assert [(s, v) for s, v, _ in _history(base, tracker.run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 0.25),
+                                                                                   (3, 1 / 3)]
+        assert train["info"]["status"] == "FINISHED"
+        files = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=tracker.run_id, path="notes")["files"]
+        assert [f["path"] for f in files] == ["notes/note.txt"]
+        parent = _get(base, "/api/2.0/mlflow/runs/get", run_id=tracker.parent_run_id)["run"]
+        assert {m["key"]: m["value"] for m in parent["data"]["metrics"]} == {"train.loss": 0.25}
+    finally:
+        stop_process_group(server)

@@ -29,12 +29,15 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from fashiondiff.io import atomic_dir
 
 # Seconds, each overridable by its environment variable (read when used).
 RETRY_S = ("FASHIONDIFF_TRACKING_RETRY_S", 5.0)  # between two attempts at an op
@@ -280,8 +283,14 @@ class Outbox:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return text.strip().splitlines()[0][:300]
+    """What went wrong, short: MLflow wraps a refused connection in three lines of urllib3."""
+    text = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip()
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if errno:
+        return errno.group(1).strip()
+    if "timed out" in text or "Timeout" in text:
+        return "timed out"
+    return text.splitlines()[0][:200]
 
 
 @contextlib.contextmanager
