@@ -25,6 +25,7 @@ from fashiondiff.commands import ui
 from fashiondiff.errors import PipelineError
 from fashiondiff.processes import stop_process_group
 from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run
+from pipeline_fixtures import extracted, tiny_base, train_cache  # noqa: F401
 
 # mlflow's own SQLAlchemy models trigger this; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
@@ -330,7 +331,7 @@ def _server(tmp_path: Path, port: int) -> subprocess.Popen:
 
 
 def _history(base: str, run_id: str, key: str) -> list[tuple[int, float, int]]:
-    found = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
+    found = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key=key).get("metrics", [])
     return sorted((int(m.get("step", 0)), m["value"], int(m["timestamp"])) for m in found)
 
 
@@ -405,3 +406,69 @@ def test_a_server_away_past_the_stage_end_gets_its_calls_from_the_next_stage(tmp
         assert {m["key"]: m["value"] for m in parent["data"]["metrics"]} == {"train.loss": 0.25}
     finally:
         stop_process_group(server)
+
+
+@pytest.mark.slow
+def test_a_training_stage_outlives_a_server_stopped_for_a_minute(tmp_path, tiny_base, train_cache):
+    """The issue's check: a real `mlflow server` stopped 60 s while `train_prior` trains, then
+    started again on the same store. The stage keeps training through it (loss points stamped
+    while the server was down), finishes with exit 0, and MLflow ends up with every logged loss
+    point (the loss curve DVC plots, point for point), the summary and the files. The stage's
+    end may wait for the server here (FLUSH_S 600: the training may be over before the minute is)."""
+    from pipeline_fixtures import stage_params
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    params = stage_params(tiny_base, epochs=OUTAGE_EPOCHS, **{"train.log_every": 5, "train.checkpoint_every": 100,
+                                                              "mlflow.tracking_uri": base})
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    server = _server(tmp_path, port)
+    args = ["--cache", train_cache, "--out", "models/prior", "--checkpoints", "ckpt", "--summary", "prior.json",
+            "--plot", "prior.csv"]
+    log = tmp_path / "stage.log"
+    with open(log, "w") as out:
+        stage = subprocess.Popen([sys.executable, str(REPO / "stages/train_prior.py"), *map(str, args)], cwd=tmp_path,
+                                 env=_clean_env(FASHIONDIFF_TRACKING_RETRY_S="2", FASHIONDIFF_TRACKING_FLUSH_S="600",
+                                                HF_HUB_OFFLINE="1"),
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        run_id = _wait_for_first_loss(base, stage, log)
+        stop_process_group(server)
+        down = time.time()
+        time.sleep(60)
+        assert stage.poll() is None, log.read_text()[-2000:]  # training, or waiting to deliver
+        server = _server(tmp_path, port)
+        up = time.time()
+        assert stage.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        stage.kill()
+        stop_process_group(server)
+    text = log.read_text()
+    assert "does not answer" in text and "answers again after" in text, text[-3000:]
+    history = _history(f"http://127.0.0.1:{port}", run_id, "loss")
+    curve = [line.split(",") for line in (tmp_path / "prior.csv").read_text().splitlines()[1:]]
+    assert [(s, v) for s, v, _ in history] == [(int(s), float(v)) for s, _, v, _ in curve]  # every point
+    assert any(down < ts / 1000 < up for _, _, ts in history), "no loss point was logged while the server was down"
+    run = _get(base, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    assert {m["key"] for m in run["data"]["metrics"]} >= {"loss", "lr", "loss_last_epoch", "samples_per_s_mean"}
+    files = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]
+    assert {"prior.json", "prior.csv", "fashiondiff_config.json"} <= {f["path"] for f in files}
+
+
+OUTAGE_EPOCHS = 500  # 2,000 steps of the tiny prior: ~40 s on an idle core, minutes on a busy one
+
+
+def _wait_for_first_loss(base: str, stage: subprocess.Popen, log: Path, limit: float = 300) -> str:
+    """The stage's run id, once MLflow holds a loss point of it."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if stage.poll() is not None:
+            pytest.fail(f"the stage exited early:\n{log.read_text()[-3000:]}")
+        found = [line for line in log.read_text().splitlines() if line.startswith("mlflow: train_prior run ")]
+        if found:
+            run_id = found[0].split()[3]
+            if _history(base, run_id, "loss"):
+                return run_id
+        time.sleep(1)
+    pytest.fail(f"no loss point in MLflow in {limit} s:\n{log.read_text()[-3000:]}")
