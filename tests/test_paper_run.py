@@ -17,44 +17,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from doc_blocks import DOWNLOAD, marked_blocks, run_block
 from inception_fixtures import random_inception_weights
 from test_pipeline_e2e import DVC, SMALL, merge, sh
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs/paper-run.md"
-RUNNABLE, DOWNLOAD = "<!-- runnable -->", "<!-- download -->"
 REAL_STAGES = {"extract@train", "extract@validation", "extract@generic", "embed@train", "embed@validation",
                "train_prior", "train_decoder", "evaluate", "register"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")]
-
-
-def marked_blocks() -> list[tuple[str, list[str]]]:
-    """(mark, commands) of every marked ```bash block, in the page's order (continuation lines
-    joined, comments dropped)."""
-    text = PAGE.read_text()
-    found = []
-    for mark, body in re.findall(rf"({re.escape(RUNNABLE)}|{re.escape(DOWNLOAD)})\n```bash\n(.*?)\n```", text, re.S):
-        commands, current = [], ""
-        for line in body.splitlines():
-            current += line[:-1].rstrip() + " " if line.endswith("\\") else line
-            if not line.endswith("\\"):
-                command = re.sub(r"\s+#[^\"']*$", "", current).strip()
-                if command and not command.startswith("#"):
-                    commands.append(command)
-                current = ""
-        found.append((mark, commands))
-    return found
-
-
-def run_block(cwd: Path, commands: list[str]) -> dict[str, str]:
-    """``commands`` in one bash, stopping at the first that fails; output per command."""
-    marks = [f"@@@ {i}" for i in range(len(commands))]
-    script = "set -e\nexec 2>&1\n" + "".join(f"echo '{m}'\n{c}\n" for m, c in zip(marks, commands))
-    out = sh(cwd, "bash", "-c", script)
-    parts = re.split(r"^@@@ \d+$\n?", out, flags=re.M)[1:]
-    assert len(parts) == len(commands), out[-3000:]
-    return dict(zip(commands, parts))
 
 
 def stand_in_for(block: list[str], root: Path, downloads: Path) -> None:
@@ -84,8 +56,7 @@ def downloads(tmp_path_factory) -> Path:
     """FashionGen-layout files named as FashionGen's, tiny base folders laid out as
     kandinsky-community's two repositories (random weights of the stand-in's classes, the
     params' clip_image_size), and a random Inception-v3 weights file."""
-    from fashiondiff.standin.generic import GENERIC
-    from fashiondiff.standin.synthetic import write_synthetic
+    from fashiondiff.standin.synthetic import GENERIC, write_synthetic
     from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 
     out = tmp_path_factory.mktemp("downloads")
@@ -124,7 +95,7 @@ def clone(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ran(clone, downloads) -> dict[str, str]:
     """The page, block by block; output per runnable command."""
-    blocks = marked_blocks()
+    blocks = marked_blocks(PAGE)
     assert [m for m, _ in blocks].count(DOWNLOAD) == 3, blocks
     outputs = {}
     for mark, commands in blocks:
@@ -139,14 +110,14 @@ def test_the_inputs_are_under_dvc_and_git_has_only_their_dvc_files(ran, clone):
     tracked = sh(clone, "git", "ls-files").split()
     assert {"data/raw.dvc", "models/kandinsky-2-1-prior.dvc", "models/kandinsky-2-1.dvc",
             "weights/inception/weights-inception-2015-12-05-6726825d.pth.dvc"} <= set(tracked)
-    assert not [f for f in tracked if f.startswith(("data/raw/", "models/kandinsky"))]
+    assert not [f for f in tracked if f.startswith(("data/raw/", "models/kandinsky-2-1-prior/", "models/kandinsky-2-1/"))]
     prior = yaml.safe_load((clone / "models/kandinsky-2-1-prior.dvc").read_text())["outs"][0]
     files = [p for p in (clone / "models/kandinsky-2-1-prior").rglob("*") if p.is_file() and ".cache" not in p.parts]
     assert prior["nfiles"] == len(files)  # hf's bookkeeping (.cache/huggingface) is not hashed
 
 
 def test_the_dry_run_lists_the_real_stages_only(ran):
-    [dry] = [out for command, out in ran.items() if command.startswith("dvc exp run --dry")]
+    [dry] = [out for command, out in ran.items() if command.startswith("dvc exp run --dry --force")]
     listed = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
     assert listed == REAL_STAGES, dry
 

@@ -352,6 +352,58 @@ def test_readme_pictures_and_links_exist():
         assert link in anchors, link
 
 
+@pytest.mark.slow
+def test_two_experiments_through_dvc_queue_land_in_the_project_store(project, experiments):
+    """docs/long-runs.md "Sweeps", its runnable block as written: two `dvc exp run --queue -S lr=...`,
+    `dvc queue start -j 2`. Both succeed, rerun the training, evaluation and register stages only
+    (the stand-in's pretrain is up to date in DVC's temporary copies: its checkpoints are no
+    output), never resume each other's checkpoints, and land in the project's mlflow.db, not in a
+    copy DVC deleted: a parent run each, named after the experiment, with its stage runs, every
+    loss point and the scores."""
+    import mlflow
+    from doc_blocks import marked_blocks, run_block
+
+    sh(project, "git", "add", "dvc.lock", "standin/dvc.lock", "params.yaml", "reports")  # as the repository has them
+    sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results")
+    [(_, commands)] = marked_blocks(REPO / "docs/long-runs.md", "Sweeps through DVC's queue")
+    names = [re.search(r"-n (\S+)", c).group(1) for c in commands if c.startswith("dvc exp run --queue")]
+    assert len(names) == 2 and commands[-1] == "dvc queue start -j 2", commands
+    started = time.monotonic()
+    run_block(project, commands)
+    while re.search(r"Queued|Running", status := sh(project, str(DVC), "queue", "status")):
+        assert time.monotonic() - started < 1800, status
+        time.sleep(5)
+    print(f"two queued experiments, -j 2: {time.monotonic() - started:.0f} s")
+    assert all(re.search(rf"{name}\s.*Success", status) for name in names), status
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fashiongen-kandinsky")
+    assert exp.artifact_location == (project / "mlartifacts").as_uri()
+    shown = sh(project, str(DVC), "exp", "show", "--no-pager", "--csv")
+    for name in names:
+        log = sh(project, str(DVC), "queue", "logs", name)
+        ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+        assert ran == {"train_prior", "train_decoder", "evaluate", "register"}, log
+        assert "resumed from" not in log and "waiting for it" not in log, log
+        row = next(line for line in shown.splitlines() if line.startswith(f"{name},"))
+        rev = row.split(",")[1]
+        [parent] = client.search_runs([exp.experiment_id], filter_string=f"tags.`dvc.exp_name` = '{name}' and "
+                                      f"tags.`fashiondiff.role` = 'pipeline'")
+        assert parent.info.run_name == name and parent.info.status == "FINISHED"
+        lr = re.search(r"-n " + re.escape(name) + r" -S lr=(\S+)", " ".join(commands)).group(1)
+        assert parent.data.params["lr"] == lr and lr in row
+        assert "evaluate.catalogue.fd_clip" in parent.data.metrics and "train_decoder.val_loss" in parent.data.metrics
+        children = {c.info.run_name: c for c in client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+        assert set(children) == {"train_prior", "train_decoder", "evaluate", "register"}
+        for kind in ("prior", "decoder"):
+            child = children[f"train_{kind}"]
+            steps = json.loads(sh(project, "git", "show", f"{rev}:reports/train_{kind}.json"))["steps"]
+            assert len(client.get_metric_history(child.info.run_id, "loss")) == steps  # log_every 1: each step
+            assert (project / "mlartifacts" / child.info.run_id / "artifacts" / f"train_{kind}.json").is_file()
+    assert not list((project / ".dvc/tmp/exps").rglob("mlflow.db"))
+
+
 def test_repro_force_is_bit_for_bit_reproducible(project):
     """Same params and seed: identical metrics and an identical md5 for every output."""
     metrics = (project / "reports/metrics.json").read_bytes()

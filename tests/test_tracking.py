@@ -440,21 +440,20 @@ def test_a_training_stage_outlives_a_server_stopped_for_a_minute(tmp_path, tiny_
         server = _server(tmp_path, port)
         up = time.time()
         assert stage.wait(timeout=900) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "does not answer" in text and "answers again after" in text, text[-3000:]
+        history = _history(base, run_id, "loss")
+        run = _get(base, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+        files = {f["path"] for f in _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]}
     finally:
         stage.kill()
         stop_process_group(server)
-    text = log.read_text()
-    assert "does not answer" in text and "answers again after" in text, text[-3000:]
-    history = _history(f"http://127.0.0.1:{port}", run_id, "loss")
     curve = [line.split(",") for line in (tmp_path / "prior.csv").read_text().splitlines()[1:]]
     assert [(s, v) for s, v, _ in history] == [(int(s), float(v)) for s, _, v, _ in curve]  # every point
     assert any(down < ts / 1000 < up for _, _, ts in history), "no loss point was logged while the server was down"
-    run = _get(base, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     assert run["info"]["status"] == "FINISHED"
     assert {m["key"] for m in run["data"]["metrics"]} >= {"loss", "lr", "loss_last_epoch", "samples_per_s_mean"}
-    files = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]
-    assert {"prior.json", "prior.csv", "fashiondiff_config.json"} <= {f["path"] for f in files}
-
+    assert {"prior.json", "prior.csv", "fashiondiff_config.json"} <= files
 
 OUTAGE_EPOCHS = 500  # 2,000 steps of the tiny prior: ~40 s on an idle core, minutes on a busy one
 
