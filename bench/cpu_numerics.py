@@ -2,10 +2,11 @@
 pinning them cost? The embed stage and both trainings, run as the stages run (one thread, their
 own processes) under several settings of the variables that choose CPU code paths.
 
-Usage: python bench/cpu_numerics.py PROJECT [--repeats 2] [--out reports/cpu_numerics.json]
+Usage: python bench/cpu_numerics.py PROJECT [--epochs N] [--repeats 2] [--out reports/cpu_numerics.json]
 
-PROJECT is a checkout after `dvc repro` (it reads data/extracted/train and its params.yaml; the
-stages write into a scratch folder, nothing in PROJECT changes). Per setting it records the
+PROJECT is a checkout after `dvc repro`: the stages read its data/extracted/train, models/ and
+params.yaml (``epochs`` replaced by --epochs if given) and write into a scratch folder; nothing
+in PROJECT changes. Per setting it records the
 SHA-256 of the embedding cache's arrays and of each tuned network's weights, and each stage's
 seconds (the median over --repeats runs; the first setting is repeated, so its digests show
 that one setting is bit for bit reproducible). Settings:
@@ -31,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 SETTINGS = {
     "default": {},
     "aten-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
@@ -50,20 +53,24 @@ def digest(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def run(project: Path, env: dict, argv: list[str]) -> float:
+def run(cwd: Path, env: dict, argv: list[str]) -> float:
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, *map(str, argv)], cwd=project, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{argv[0]} failed under {env.get('ATEN_CPU_CAPABILITY', 'default')}:\n{out.stderr[-3000:]}")
     return time.perf_counter() - started
 
 
-def one_setting(project: Path, settings: dict, scratch: Path) -> dict:
+def one_setting(project: Path, params: dict, settings: dict, scratch: Path) -> dict:
+    """The three stages in ``scratch`` (its own params.yaml, ``models`` linked to the project's)."""
+    (scratch / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (scratch / "models").symlink_to(project / "models")  # params name the base as models/base/...
     env = {k: v for k, v in os.environ.items() if k not in PINNED}
     env.update(settings, PYTHONPATH=str(SRC), FASHIONDIFF_TRACKING="off", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    seconds = {"embed": run(project, env, [STAGES / "embed.py", "data/extracted/train", "train", scratch / "cache"])}
+    seconds = {"embed": run(scratch, env, [STAGES / "embed.py", project / "data/extracted/train", "train",
+                                           scratch / "cache"])}
     for kind in ("prior", "decoder"):
-        seconds[f"train_{kind}"] = run(project, env, [
+        seconds[f"train_{kind}"] = run(scratch, env, [
             STAGES / f"train_{kind}.py", "--cache", scratch / "cache", "--out", scratch / kind,
             "--checkpoints", scratch / "ckpt" / kind, "--summary", scratch / f"{kind}.json",
             "--plot", scratch / f"{kind}.csv"])
@@ -83,16 +90,19 @@ def one_setting(project: Path, settings: dict, scratch: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("project", type=Path)
+    parser.add_argument("--epochs", type=int, default=None, help="instead of params.yaml's (longer: timings)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("reports/cpu_numerics.json"))
     args = parser.parse_args()
     project = args.project.resolve()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["epochs"] = args.epochs or params["epochs"]
     rows = {}
     for name, settings in [("default", SETTINGS["default"]), *SETTINGS.items()]:
         runs = []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory(prefix="cpu-numerics-") as tmp:
-                runs.append(one_setting(project, settings, Path(tmp)))
+                runs.append(one_setting(project, params, settings, Path(tmp)))
         for r in runs[1:]:
             if any(r[k] != runs[0][k] for k in ("cache", "prior", "decoder")):
                 raise SystemExit(f"{name}: two runs of one setting differ: {runs}")
@@ -105,7 +115,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     report = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": 1, "repeats": args.repeats,
-              "params": "the project's params.yaml", "settings": rows}
+              "epochs": params["epochs"], "settings": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out}")
