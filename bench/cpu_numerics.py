@@ -7,9 +7,9 @@ Usage: python bench/cpu_numerics.py PROJECT [--epochs N] [--repeats 2] [--out re
 PROJECT is a checkout after `dvc repro`: the stages read its data/extracted/train, models/ and
 params.yaml (``epochs`` replaced by --epochs if given) and write into a scratch folder; nothing
 in PROJECT changes. Per setting it records the
-SHA-256 of the embedding cache's arrays and of each tuned network's weights, and each stage's
-seconds (the median over --repeats runs; the first setting is repeated, so its digests show
-that one setting is bit for bit reproducible). Settings:
+SHA-256 of the embedding cache's arrays and of each tuned network's weights (the --repeats runs
+of a setting must agree bit for bit, or it stops), and each stage's CPU seconds, the median
+over the runs. Settings:
 
 - default: what torch picks on this CPU (torch.backends.cpu.get_cpu_capability()).
 - aten-avx2: ATEN_CPU_CAPABILITY=avx2 (ATen's own vectorised kernels).
@@ -25,11 +25,11 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -54,11 +54,14 @@ def digest(paths: list[Path]) -> str:
 
 
 def run(cwd: Path, env: dict, argv: list[str]) -> float:
-    started = time.perf_counter()
+    """The CPU seconds (user + system) the stage's process took: on a machine shared with other
+    jobs, wall-clock time measures them as much as the stage."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{argv[0]} failed under {env.get('ATEN_CPU_CAPABILITY', 'default')}:\n{out.stderr[-3000:]}")
-    return time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def one_setting(project: Path, params: dict, settings: dict, scratch: Path) -> dict:
@@ -97,8 +100,8 @@ def main() -> None:
     project = args.project.resolve()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["epochs"] = args.epochs or params["epochs"]
-    rows = {}
-    for name, settings in [("default", SETTINGS["default"]), *SETTINGS.items()]:
+    rows: dict[str, dict] = {}
+    for name, settings in SETTINGS.items():
         runs = []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory(prefix="cpu-numerics-") as tmp:
@@ -107,15 +110,14 @@ def main() -> None:
             if any(r[k] != runs[0][k] for k in ("cache", "prior", "decoder")):
                 raise SystemExit(f"{name}: two runs of one setting differ: {runs}")
         row = {**runs[0], "settings": settings,
-               "seconds": {k: round(statistics.median(r["seconds"][k] for r in runs), 1) for k in runs[0]["seconds"]}}
-        key = name if name not in rows else f"{name} (again)"
-        rows[key] = row
-        print(f"{key:16} {row['capability']:8} cache {row['cache']} prior {row['prior']} decoder {row['decoder']} "
-              f"seconds {row['seconds']}", flush=True)
+               "cpu_seconds": {k: round(statistics.median(r["seconds"][k] for r in runs), 1) for k in runs[0]["seconds"]}}
+        rows[name] = row
+        print(f"{name:10} {row['capability']:8} cache {row['cache']} prior {row['prior']} decoder {row['decoder']} "
+              f"CPU seconds {row['cpu_seconds']}", flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     report = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": 1, "repeats": args.repeats,
-              "epochs": params["epochs"], "settings": rows}
+              "project": str(args.project), "epochs": params["epochs"], "settings": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out}")

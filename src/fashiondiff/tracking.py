@@ -278,6 +278,8 @@ def _open(stage: str, params: Params, uri: str) -> Tracker:
             with store_lock(uri):
                 tracker = _open_runs(client, stage, params, identity, uri)
             break
+        except PipelineError:  # already one line (a deleted experiment)
+            raise
         except Exception as exc:  # noqa: BLE001 - the store's errors: retried or one line
             if not is_transient(exc) or time.monotonic() >= deadline:
                 message = exc.message if isinstance(exc, MlflowException) else str(exc) or repr(exc)
