@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (no GPU, no Hub access):
-#   make repro   build .venv if needed, then run the whole DVC pipeline (embedded default)
-#   make test    build .venv if needed, then run the test suite
+#   make repro       build .venv if needed, then run the whole DVC pipeline (embedded default)
+#   make test        build .venv if needed, then run the whole test suite (CI runs this)
+#   make test-fast   the same without the slow, browser and e2e tests: a minute or two, no sudo
 PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
@@ -11,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install browser repro test bench fullsize ui serve figures clean
+.PHONY: install browser repro test test-fast bench fullsize ui serve figures clean
 
 install: $(STAMP)
 
@@ -36,15 +37,22 @@ browser:
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), each test file in one of them; the
 # tests use one torch thread each (tests/conftest.py), so 2 fills this machine's 2 cores.
+# `make test`: every test, ~7 minutes on 2 cores. `make test-fast`: without the tests marked
+# (pyproject.toml) slow (over ~10 s each), browser (Chromium, so no `make browser`: no apt,
+# no sudo) or e2e (`dvc repro` on a copy of the project: half the suite's time); under 2 minutes.
 TEST_WORKERS ?= 2
+PYTEST := python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP) browser
-	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow and not browser and not e2e"
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do python $$b || exit 1; done
 
 # Kandinsky 2.1 at its published size (random weights) through every real stage, on a few
-# dozen rows: writes reports/fullsize.json (README "Full-size dry run"). Not part of `make test`.
+# dozen rows: writes reports/fullsize.json (docs/gpu.md, "Full-size dry run"). Not part of `make test`.
 # GPU benchmark: make fullsize FULLSIZE_ARGS="--device cuda --batch-size 32 --bf16"
 FULLSIZE_ARGS ?=
 fullsize: $(STAMP)
@@ -54,12 +62,12 @@ fullsize: $(STAMP)
 ui: $(STAMP)
 	fashiondiff ui
 
-# The README's pictures (reports/figures/*.png) from the current models/ and mlflow.db: after
+# The pictures of the README and docs/ (reports/figures/*.png) from the current models/ and mlflow.db: after
 # `make repro` and two experiments (README "Experiments"). Not part of `make repro`.
 figures: $(STAMP) browser
 	python tools/readme_figures.py
 
-# The web page over the tuned (models/) and base models: http://127.0.0.1:7860 (README "Serving").
+# The web page over the tuned (models/) and base models: http://127.0.0.1:7860 (docs/web-page.md).
 serve: $(STAMP)
 	fashiondiff serve
 

@@ -12,7 +12,6 @@ Usage: python bench/bench_lora.py [--epochs 10] [--skip-tiny]
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from fashiondiff.processes import project_env
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = (4, 16, 64)
@@ -82,11 +83,11 @@ def run_stage(root: Path, kind: str, rank: int, epochs: int) -> tuple[int, float
     params["model"].update(prior=str(root / "base/prior"), decoder=str(root / "base/decoder"))
     params[kind]["lora_rank"] = rank
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "FASHIONDIFF_TRACKING": "off", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-c", RSS_WRAPPER, sys.executable, str(REPO / f"stages/train_{kind}.py"),
            "--cache", str(root / "cache"), "--out", "out", "--checkpoints", "ckpt", "--summary", "m.json",
            "--plot", "p.csv"]
-    result = subprocess.run(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(cmd, cwd=work, env=project_env(FASHIONDIFF_TRACKING="off"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
         raise SystemExit(f"train_{kind} rank {rank} failed:\n{result.stdout[-2000:]}")
     speed = float(re.search(r"([0-9.]+) samples/s", result.stdout).group(1))

@@ -2,7 +2,8 @@
 
 Usage:
     python bench/fullsize.py                      # `make fullsize`: CPU, float16 cache, trainable subsets
-    python bench/fullsize.py --device cuda --batch-size 32 --bf16 --trainable all   # the GPU benchmark
+    python bench/fullsize.py --device cuda --batch-size 32 --bf16 --steps 500 --prompts 4   # on a GPU:
+                                                  # reports/fullsize_gpu.json (bench/gpu_session.sh)
     python bench/fullsize.py --tiny               # the same code path on the tiny model (the test)
 
 In a scratch folder (--work, default build/fullsize) with its own params.yaml it
@@ -14,9 +15,12 @@ In a scratch folder (--work, default build/fullsize) with its own params.yaml it
    validation, generic) -> stages/embed.py (float16) -> stages/train_prior.py, stages/train_decoder.py
    (a few steps) -> stages/evaluate.py (a few prompts and sampling steps) -> `fashiondiff
    generate` text->image and image+text->image,
-4. writes reports/fullsize.json (--report): per stage seconds and peak RSS (peak GPU memory on
-   a GPU), per model trainable parameters and optimiser-state bytes (AdamW: two float32 moments
-   per trainable parameter), the cache's bytes per image, samples/s and (on a GPU) MFU.
+4. writes reports/fullsize.json (--report; reports/fullsize_gpu.json with --device cuda): per
+   stage seconds and peak RSS (peak GPU memory on a GPU), embed's images/s, each training's
+   samples/s, evaluate's images/s (at --steps decoder steps, params evaluate.batch_size), per
+   model trainable parameters and optimiser-state bytes (AdamW: two float32 moments per
+   trainable parameter), the cache's bytes per image and (on a GPU) FLOPs per sample counted
+   on the meta device (bench/flops.py) and MFU.
 
 On a 24 GiB CPU machine the U-Net (1.2 B parameters: 16 bytes each for weights, gradients and
 AdamW = 18 GiB before activations) and the prior (1.0 B) cannot be fully fine-tuned: the
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import runpy
 import shutil
@@ -49,7 +52,6 @@ CPU_TRAINABLE = {
 }
 TINY_TRAINABLE = {"prior": "transformer_blocks.1,norm_out,proj_to_clip_embeddings",
                   "decoder": "up_blocks.1,conv_norm_out,conv_out"}
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per card
 EDIT_PROMPT = "black leather mini skirt"
 
 
@@ -122,6 +124,21 @@ def samples_per_s(stdout: str, batch_size: int, kind: str = r"\w+") -> float | N
     return round(steps_per_s * batch_size, 4)
 
 
+def rate(stdout: str, pattern: str) -> float | None:
+    """The last number ``pattern``'s group catches in a stage's output."""
+    found = re.findall(pattern, stdout)
+    return float(found[-1]) if found else None
+
+
+def tqdm_rate(stdout: str, desc: str, unit: str) -> float | None:
+    """Items per second from a progress bar's last rate (tqdm prints ``x unit/s`` or ``x s/unit``)."""
+    rates = re.findall(rf"{re.escape(desc)}: [^\n\r]*?([\d.]+)(s/{unit}|{unit}/s)", stdout)
+    if not rates:
+        return None
+    value, kind = rates[-1]
+    return round(float(value) if kind.endswith("/s") else 1.0 / float(value), 4)
+
+
 def scratch_params(work: Path, args, trainable: dict) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     res, clip = (64, 64) if args.tiny else (256, 224)
@@ -137,7 +154,8 @@ def scratch_params(work: Path, args, trainable: dict) -> dict:
     params["prior"]["trainable"] = trainable["prior"]
     params["decoder"]["trainable"] = trainable["decoder"]
     params["decoder"]["gradient_checkpointing"] = bool(args.gradient_checkpointing)
-    params["evaluate"].update(num_prompts=args.prompts, prior_steps=args.prior_steps, batch_size=2,
+    params["evaluate"].update(num_prompts=args.prompts, prior_steps=args.prior_steps,
+                              batch_size=min(args.prompts, params["evaluate"]["batch_size"]),
                               fid_weights="", workers=1)  # full size: one model in memory at a time
     return params
 
@@ -169,36 +187,6 @@ def trained_counts(folder: Path, component: str, spec: str) -> dict:
             "full_finetune_bytes_before_activations": 16 * total}
 
 
-def train_flops(folder: Path, component: str, spec: str, batch: int, res: int, device: str) -> float | None:
-    """FLOPs of one training step (forward + backward) of the network, counted by torch."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fashiondiff.models.loader import load_component
-    from fashiondiff.train.run import set_trainable
-
-    net = load_component(str(folder), component, "model").to(device)
-    set_trainable(net, spec, "trainable")
-    dt = torch.bfloat16
-    with FlopCounterMode(display=False) as counter, torch.autocast(device_type=device.split(":")[0], dtype=dt):
-        if component == "prior":
-            c = net.config
-            out = net(torch.randn(batch, c.embedding_dim, device=device), timestep=torch.zeros(batch, device=device),
-                      proj_embedding=torch.randn(batch, c.embedding_dim, device=device),
-                      encoder_hidden_states=torch.randn(batch, c.num_embeddings, c.embedding_dim, device=device),
-                      attention_mask=torch.ones(batch, c.num_embeddings, dtype=torch.bool, device=device),
-                      ).predicted_image_embedding
-        else:
-            c = net.config
-            out = net(torch.randn(batch, 4, res // 8, res // 8, device=device), torch.zeros(batch, device=device),
-                      encoder_hidden_states=torch.randn(batch, 77, c.encoder_hid_dim, device=device),
-                      added_cond_kwargs={"text_embeds": torch.randn(batch, c.cross_attention_dim, device=device),
-                                         "image_embeds": torch.randn(batch, c.cross_attention_dim, device=device)},
-                      ).sample
-        out.float().pow(2).mean().backward()
-    return float(counter.get_total_flops())
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return stage_child()
@@ -215,9 +203,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="decoder sampling steps (diffusion_steps)")
     parser.add_argument("--prior-steps", type=int, default=2)
     parser.add_argument("--work", default=str(REPO / "build/fullsize"), help="scratch folder (replaced)")
-    parser.add_argument("--report", default=str(REPO / "reports/fullsize.json"))
+    parser.add_argument("--report", default=None,
+                        help="default reports/fullsize.json, reports/fullsize_gpu.json with --device cuda")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (models: ~26 GB at full size)")
     args = parser.parse_args()
+    args.report = args.report or str(REPO / ("reports/fullsize_gpu.json" if args.device == "cuda" else
+                                             "reports/fullsize.json"))
     trainable_mode = args.trainable or ("all" if args.device == "cuda" else "cpu")
     trainable = ({"prior": "all", "decoder": "all"} if trainable_mode == "all"
                  else TINY_TRAINABLE if args.tiny else CPU_TRAINABLE)
@@ -226,13 +217,14 @@ def main() -> None:
     if work.exists():
         shutil.rmtree(work)
     (work / "data").mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-           "FASHIONDIFF_TRACKING": "off", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
     sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(REPO / "bench"))
+    from fashiondiff.processes import project_env
     from fashiondiff.standin.synthetic import GENERIC, write_synthetic
+
+    # keep what PYTHONPATH already holds (on a GPU machine: the carried wheels, bench/gpu_session.sh)
+    env = project_env(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+                      FASHIONDIFF_TRACKING="off", **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
 
     started = time.perf_counter()
     report: dict = {"mode": "tiny" if args.tiny else "full size, random weights", "device": args.device,
@@ -266,7 +258,8 @@ def main() -> None:
         for split in ("train", "validation", "generic"):
             stage(f"extract@{split}", stages / "extract.py", h5[split], f"data/extracted/{split}")
         for split in ("train", "validation"):
-            stage(f"embed@{split}", stages / "embed.py", f"data/extracted/{split}", split, f"data/cache/{split}")
+            rec = stage(f"embed@{split}", stages / "embed.py", f"data/extracted/{split}", split, f"data/cache/{split}")
+            report["stages"][f"embed@{split}"]["images_per_s"] = rate(rec["_stdout"], r"embed: .*?([\d.]+) images/s")
         for kind in ("prior", "decoder"):
             rec = stage(f"train_{kind}", stages / f"train_{kind}.py", "--cache", "data/cache/train",
                         "--val-cache", "data/cache/validation", "--out", f"models/{kind}",
@@ -274,8 +267,11 @@ def main() -> None:
                         "--plot", f"reports/plots/train_{kind}.csv")
             report["stages"][f"train_{kind}"]["samples_per_s"] = samples_per_s(rec["_stdout"], args.batch_size)
             report["stages"][f"train_{kind}"]["metrics"] = json.loads((work / f"reports/train_{kind}.json").read_text())
-        stage("evaluate", stages / "evaluate.py", "--catalogue", "data/extracted/validation", "--generic",
-              "data/extracted/generic", "--tuned", "models", "--reports", "reports")
+        rec = stage("evaluate", stages / "evaluate.py", "--catalogue", "data/extracted/validation", "--generic",
+                    "data/extracted/generic", "--tuned", "models", "--reports", "reports")
+        report["stages"]["evaluate"].update(
+            diffusion_steps=args.steps, batch_size=params["evaluate"]["batch_size"],
+            images_per_s={m: tqdm_rate(rec["_stdout"], f"evaluate {m}", "image") for m in ("base", "tuned")})
         stage("generate text->image", "-m", "fashiondiff", "generate", EDIT_PROMPT, "--model", "models",
               "--out", "generated/text.png", "--device", args.device)
         source = sorted((work / "data/extracted/validation").rglob("*.png"))[0]
@@ -295,14 +291,15 @@ def main() -> None:
     for kind, component in (("prior", "prior"), ("decoder", "unet")):
         info = trained_counts(work / "models" / kind, component, trainable[kind])
         sps = report["stages"][f"train_{kind}"]["samples_per_s"]
-        if args.device == "cuda":
+        if args.device == "cuda" and trainable_mode == "all" and res == 256:  # 2.1's shapes: count them
             import torch
+            from flops import count_flops, peak_flops
 
-            flops = train_flops(work / "models" / kind, component, trainable[kind], 1, res, "cuda")
+            flops = count_flops(kind, "full", args.batch_size, smoke=False)["train_flops_per_sample"]
             name = torch.cuda.get_device_name()
-            peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-            info.update(train_flops_per_sample=flops, device_name=name, bf16_peak_tflops=peak,
-                        mfu=(flops * sps / (peak * 1e12)) if (peak and sps) else None)
+            peak = peak_flops(name)
+            info.update(train_flops_per_sample=flops, device_name=name, bf16_peak_flops=peak,
+                        mfu=(flops * sps / peak) if (peak and sps) else None)
         report["models"][kind] = info
     report["evaluate_metrics"] = json.loads((work / "reports/metrics.json").read_text())
     report["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -1,7 +1,7 @@
 """DVC stage `train_decoder`: fine-tune Kandinsky 2.1's decoder on the embedding cache.
 
 Usage: python stages/train_decoder.py --cache DIR [--val-cache DIR] --out DIR --checkpoints DIR \
-           --summary FILE --plot FILE
+           --summary FILE --plot FILE [--val-plot FILE --val-pictures DIR]
 Runs as is, or under `accelerate launch` for several processes or GPUs.
 """
 

@@ -23,6 +23,10 @@ from fashiondiff.standin.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The shared fixtures, for every test file to request by name (none imports them): session
+# fixtures, each built at most once per pytest process.
+pytest_plugins = ("pipeline_fixtures", "serving_fixtures", "inception_fixtures")
+
 
 SLOWEST_FIRST = ("test_pipeline_e2e.py",)  # with `make test`'s workers, the longest file starts first
 

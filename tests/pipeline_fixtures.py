@@ -4,7 +4,6 @@ the stage scripts in a scratch folder with its own params.yaml."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import yaml
 from conftest import merge, params_tree
 
 from fashiondiff.data.extract import extract
+from fashiondiff.processes import project_env
 from fashiondiff.standin.synthetic import write_synthetic
 from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 
@@ -52,14 +52,14 @@ def stage_params(base: Path, **overrides) -> dict:
 
 
 def run_stage(cwd: Path, params: dict, script: str, *args: str, launcher: list[str] | None = None,
-              check: bool = True, **popen) -> subprocess.CompletedProcess:
-    """Run ``stages/<script>`` in ``cwd`` with ``params`` written to cwd/params.yaml."""
+              check: bool = True, timeout: float | None = None, **env: str) -> subprocess.CompletedProcess:
+    """Run ``stages/<script>`` in ``cwd`` with ``params`` written to cwd/params.yaml; MLflow
+    tracking off unless ``env`` (more environment variables) turns it on."""
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FASHIONDIFF_TRACKING": "off",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = (launcher or [sys.executable]) + [str(REPO / "stages" / script), *map(str, args)]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **popen)
+    result = subprocess.run(cmd, cwd=cwd, env=project_env(**{"FASHIONDIFF_TRACKING": "off", **env}),
+                            capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         # under `accelerate launch` the last lines are rank 0's; a crashed rank's own error is earlier
         errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line)[-3000:]

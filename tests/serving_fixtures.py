@@ -1,17 +1,9 @@
-"""Shared by the serving tests: tiny base and tuned Kandinsky 2.1 folders, photos, and real
-server processes (started in their own session, stopped by their process group id)."""
+"""Shared by the serving tests: tiny base and tuned Kandinsky 2.1 folders, photos and a LoRA
+adapter (the servers themselves: fashiondiff.processes.running)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -19,9 +11,6 @@ import yaml
 from conftest import params_tree
 from PIL import Image
 
-from fashiondiff.processes import stop_process_group
-
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "black leather mini skirt"
 SIDE = 64  # model.resolution of the served tiny models
 
@@ -46,47 +35,6 @@ def served(tmp_path_factory) -> Path:
              "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
     (root / "params.yaml").write_text(yaml.safe_dump(params_tree(**small)))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "GRADIO_ANALYTICS_ENABLED": "False", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", **extra}
-
-
-@contextlib.contextmanager
-def server(cmd: list[str], url: str, cwd: Path, log: Path, limit: float = 90, **extra_env) -> Iterator[subprocess.Popen]:
-    """Start ``cmd``, wait until ``url`` answers 200, stop it (SIGTERM, then SIGKILL) at exit."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        wait_until_up(url, proc, log, limit)
-        yield proc
-    finally:
-        stop_process_group(proc)
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[:3]} exited early:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        time.sleep(0.3)
-    pytest.fail(f"{url} did not answer in {limit} s:\n{log.read_text()[-3000:]}")
-
-
-def python(*args: str) -> list[str]:
-    return [sys.executable, *args]
 
 
 @pytest.fixture(scope="session")

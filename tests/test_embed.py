@@ -10,14 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from pipeline_fixtures import (  # noqa: F401
-    TINY_SPEC,
-    extracted,
-    run_stage,
-    stage_params,
-    tiny_base,
-    train_cache,
-)
+from pipeline_fixtures import TINY_SPEC, run_stage, stage_params
 
 from fashiondiff.cache.reader import open_cache
 from fashiondiff.embed.encoders import (
@@ -124,6 +117,7 @@ def test_cache_made_by_another_model_fails_clearly(train_cache, tiny_base):
         open_cache(train_cache, expect={"resolution": 256})
 
 
+@pytest.mark.slow
 def test_unreadable_image_fails_then_resumes_to_the_same_cache(tmp_path, tiny_base, extracted, train_cache):
     broken = tmp_path / "extracted"
     shutil.copytree(extracted, broken)
@@ -149,6 +143,7 @@ def test_unreadable_image_fails_then_resumes_to_the_same_cache(tmp_path, tiny_ba
         np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_clip_image_size_must_match_the_encoder(tmp_path, tiny_base, extracted):
     params = stage_params(tiny_base, clip_image_size=224)
     result = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", check=False)

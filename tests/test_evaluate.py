@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import replaced, repo_params
-from inception_fixtures import inception_weights  # noqa: F401
 from PIL import Image
 
 from fashiondiff.data.split import select_split
@@ -132,6 +131,7 @@ def test_evaluate_writes_metrics_and_figures(setup):
     assert tracker.artifacts == [str(root / "reports_a" / f) for f in ("metrics.json", "evaluation.json")]
 
 
+@pytest.mark.slow
 def test_evaluate_is_deterministic_in_one_process_or_two(setup):
     root, _, _ = setup
     run(setup, "reports_b")
@@ -146,6 +146,7 @@ def test_evaluate_is_deterministic_in_one_process_or_two(setup):
             assert all(b.read_bytes() == c.read_bytes() for b, c in zip(files_b, files_c))
 
 
+@pytest.mark.slow
 def test_evaluate_writes_fid_for_both_models(setup, inception_weights, tmp_path):
     """With evaluate.fid_weights: fid and its image counts for base and tuned on each domain,
     and torch-fidelity on the saved sample folder and the listed real images agrees."""

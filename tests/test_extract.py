@@ -19,6 +19,7 @@ from PIL import Image
 from fashiondiff.data.extract import _Encoder, extract, make_caption
 from fashiondiff.data.fashiongen import FashionGen, read_rows
 from fashiondiff.errors import PipelineError
+from fashiondiff.processes import project_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,9 +155,8 @@ def test_unknown_caption_field_names_the_param(synthetic_h5, tmp_path):
 
 
 def _stage(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, str(REPO / "stages/extract.py"), *map(str, args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=project_env(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("kind", ["not_hdf5", "missing_description", "truncated"])
@@ -215,9 +215,8 @@ def test_a_killed_worker_fails_the_stage_within_seconds(make_h5, tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
     h5 = make_h5(tmp_path / "big.h5", n=n, input_image=pixels)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     stage = subprocess.Popen([sys.executable, str(REPO / "stages/extract.py"), str(h5), str(out)], cwd=REPO,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not _children(stage.pid) and time.monotonic() < deadline and stage.poll() is None:
         time.sleep(0.01)

@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from inception_fixtures import inception_weights, make_images  # noqa: F401
+from inception_fixtures import make_images
 from PIL import Image
 
 from fashiondiff.errors import PipelineError
@@ -60,6 +60,7 @@ def project_fid(generated, real, weights) -> float:
     return float(metric.compute())
 
 
+@pytest.mark.slow
 def test_fid_equals_torch_fidelity_with_downsampled_images(tmp_path, inception_weights):
     generated = write_folder(tmp_path / "generated", make_images(6, 512, seed=1))
     real = write_folder(tmp_path / "real", make_images(6, 384, seed=2))

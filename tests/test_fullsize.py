@@ -4,21 +4,25 @@ in its own process, reports/fullsize.json complete (the full-size run itself is 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from fashiondiff.processes import project_env
+
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # every stage as a process: minutes
 
 
 def test_fullsize_script_runs_every_stage_and_reports(tmp_path):
     report = tmp_path / "fullsize.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, str(REPO / "bench/fullsize.py"), "--tiny", "--products", "2", "--batch-size", "4",
          "--prompts", "2", "--steps", "2", "--work", str(tmp_path / "work"), "--report", str(report)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=project_env(), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = json.loads(report.read_text())

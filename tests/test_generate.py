@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from fashiondiff.processes import project_env
+
 FAST = ["--steps", "2", "--prior-steps", "2", "--height", "64", "--width", "64"]
 
 
@@ -29,8 +29,7 @@ def models(tmp_path_factory) -> Path:
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fashiondiff", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "fashiondiff", *args], cwd=cwd, env=project_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -69,6 +68,7 @@ def test_help_lists_generate(tmp_path):
     assert "generate" in result.stdout
 
 
+@pytest.mark.slow
 def test_text_to_image(models, runs):
     result = runs["text"]
     ok(result)
@@ -77,6 +77,7 @@ def test_text_to_image(models, runs):
     assert result.stdout.strip() == "out.png"
 
 
+@pytest.mark.slow
 def test_image_and_text_to_several_images(models, runs):
     ok(runs["image"])
     files = sorted(p.name for p in (models / "edits").iterdir())
@@ -85,6 +86,7 @@ def test_image_and_text_to_several_images(models, runs):
         assert a.size == (64, 64) and not np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_mix_of_text_and_image(models, runs):
     ok(runs["mix"])
     with Image.open(models / "mix.png") as im:

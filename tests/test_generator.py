@@ -52,6 +52,7 @@ def test_the_cache_is_the_embed_stages_made_by_the_tiny_encoders(encoders_and_ca
     assert abs(z.mean().item()) < 0.5 and 0.5 < z.std().item() < 2  # standardised MoVQ latents
 
 
+@pytest.mark.slow
 def test_prior_and_unet_learn_and_a_second_process_gives_the_same_weights(encoders_and_cache, tmp_path):
     parts, cache, _ = encoders_and_cache
     here, there = copy.deepcopy(parts), copy.deepcopy(parts)

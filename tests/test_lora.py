@@ -4,7 +4,6 @@ on the tiny models, as under `dvc repro`; the kill -9 resume test is in test_tra
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,11 @@ import pytest
 import torch
 from conftest import replaced, repo_params
 from PIL import Image
-from pipeline_fixtures import (  # noqa: F401
-    REPO,
-    extracted,
-    run_stage,
-    stage_params,
-    tiny_base,
-    train_cache,
-)
+from pipeline_fixtures import run_stage, stage_params
 from safetensors.torch import load_file
 
 from fashiondiff.errors import PipelineError
+from fashiondiff.processes import project_env
 from fashiondiff.train.lora import ADAPTER_FILE, add_lora, load_adapter
 from fashiondiff.train.run import fingerprint
 
@@ -45,18 +38,14 @@ def stage_args(root: Path, kind: str, cache: Path) -> list:
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_base, train_cache) -> Path:
     """Both stages trained with LoRA: the decoder under bf16 autocast with accumulation and
-    clipping, the prior with MLflow tracking on (sqlite under the run)."""
+    clipping, the prior with MLflow tracking on (sqlite under the run). Two stage processes
+    (~20 s): every test that uses it is marked slow."""
     root = tmp_path_factory.mktemp("lora_run")
     params = stage_params(tiny_base, **LORA, **{"mlflow.tracking_uri": f"sqlite:///{root}/mlflow.db"})
     decoder = stage_params(tiny_base, **LORA, **{"train.mixed_precision": "bf16", "train.max_grad_norm": 0.5,
                                                  "train.gradient_accumulation_steps": 2})
     run_stage(root, decoder, "train_decoder.py", *stage_args(root, "decoder", train_cache))
-    (root / "params.yaml").write_text(__import__("yaml").safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "FASHIONDIFF_TRACKING": "on"}
-    result = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"),
-                             *map(str, stage_args(root, "prior", train_cache))],
-                            cwd=root, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_stage(root, params, "train_prior.py", *stage_args(root, "prior", train_cache), FASHIONDIFF_TRACKING="on")
     return root
 
 
@@ -143,6 +132,7 @@ def _output(model, kind: str) -> torch.Tensor:
     return out.predicted_image_embedding if kind == "prior" else out.sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["prior", "decoder"])
 def test_adapter_on_the_base_equals_the_merged_folder(lora_run, tiny_base, kind):
     from diffusers import KandinskyPipeline, KandinskyPriorPipeline
@@ -165,6 +155,7 @@ def test_adapter_on_the_base_equals_the_merged_folder(lora_run, tiny_base, kind)
     torch.testing.assert_close(with_adapter, _output(merged, kind), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")  # the wrong-model case
 def test_loading_the_adapter_the_default_way_loads_nothing_and_ours_says_so(lora_run, tiny_base):
     adapter = lora_run / "models/prior/lora"
@@ -177,6 +168,7 @@ def test_loading_the_adapter_the_default_way_loads_nothing_and_ours_says_so(lora
         load_adapter(_load(tiny_base, "prior"), lora_run / "models/decoder/lora", "--prior-lora")
 
 
+@pytest.mark.slow
 def test_adapter_is_an_artefact_of_its_training_run(lora_run):
     from mlflow.tracking import MlflowClient
 
@@ -194,11 +186,11 @@ FAST = ["--steps", "2", "--prior-steps", "2", "--height", "64", "--width", "64",
 
 
 def _generate(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "fashiondiff", "generate", "a red dress", *args, *FAST],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=cwd, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_generate_applies_adapters_to_the_base_model(lora_run, tiny_base):
     runs = {  # started together: each spends most of its time importing torch
         "base": _generate(lora_run, "--model", str(tiny_base), "--out", "base.png"),
@@ -213,6 +205,7 @@ def test_generate_applies_adapters_to_the_base_model(lora_run, tiny_base):
     assert np.abs(image["lora"] - image["merged"]).max() <= 1  # the same model, up to rounding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     (["--model", "models", "--lora", "models"], "has the adapter models/prior/lora merged already"),
     (["--lora", "ckpt"], "no prior/lora/pytorch_lora_weights.safetensors"),

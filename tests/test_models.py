@@ -4,7 +4,6 @@ load and generate in plain diffusers, and a loader that never downloads."""
 from __future__ import annotations
 
 import copy as copy_module
-import os
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProject
 from fashiondiff.config.schema import GeneratorParams, PretrainParams
 from fashiondiff.errors import PipelineError
 from fashiondiff.models.loader import load_decoder, load_prior
+from fashiondiff.processes import project_env
 from fashiondiff.standin import pretrain as pt
 from fashiondiff.standin.tiny import (
     TinySpec,
@@ -251,6 +251,7 @@ print(" ".join(digests))
 """
 
 
+@pytest.mark.slow
 def test_tokenizer_files_are_identical_across_processes():
     """The `tokenizers` trainers order ties by a per-process hash: ours must not."""
     from fashiondiff.standin.synthetic import _catalogue
@@ -258,9 +259,8 @@ def test_tokenizer_files_are_identical_across_processes():
     captions = [p.text["input_name"] for p in _catalogue(40, 1, seed=0, first_product_id=0)[0]]
     outputs = set()
     for hash_seed in ("1", "2", "3"):
-        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO / "src")}
         run = subprocess.run([sys.executable, "-c", TOKENIZER_FILES], input="\n".join(captions), text=True,
-                             capture_output=True, env=env, check=True)
+                             capture_output=True, env=project_env(PYTHONHASHSEED=hash_seed), check=True)
         outputs.add(run.stdout)
     assert len(outputs) == 1, outputs
 

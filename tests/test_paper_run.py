@@ -17,16 +17,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import merge
 from doc_blocks import DOWNLOAD, marked_blocks, run_block
 from inception_fixtures import random_inception_weights
-from test_pipeline_e2e import DVC, SMALL, merge, sh
+from test_pipeline_e2e import DVC, SMALL, sh
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs/paper-run.md"
 REAL_STAGES = {"extract@train", "extract@validation", "extract@generic", "embed@train", "embed@validation",
                "train_prior", "train_decoder", "evaluate", "register"}
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")]
 
 
 def stand_in_for(block: list[str], root: Path, downloads: Path) -> None:

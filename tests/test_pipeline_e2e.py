@@ -1,10 +1,10 @@
 """End to end: `dvc repro` on a fresh copy of the repository with shrunken sizes; every
-stage's reads and imports against dvc.yaml; the README's runnable blocks run as written
-(two `dvc exp run -S lr=...`, which rerun only training, evaluation and register; `dvc exp
-show`, which leads with the scores and lr in 200 columns; `fashiondiff generate`); the MLflow
-store, and its UI in headless Chromium showing both experiments with lr and the headline
-metrics; `dvc repro --force` is bit-for-bit reproducible; and a run on "real" inputs (files
-no stage writes) runs no stand-in stage."""
+stage's reads and imports against dvc.yaml; the runnable blocks of README.md and then of
+docs/*.md run as written (two `dvc exp run -S lr=...`, which rerun only training, evaluation
+and register; `dvc exp show`, which leads with the scores and lr in 200 columns; `fashiondiff
+generate`; docs/reproducibility.md's `dvc repro --force`, bit for bit); the MLflow store, and
+its UI in headless Chromium showing both experiments with lr and the headline metrics; and a
+run on "real" inputs (files no stage writes) runs no stand-in stage."""
 
 from __future__ import annotations
 
@@ -14,17 +14,25 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import merge
 
-from fashiondiff.processes import stop_process_group
+from fashiondiff.processes import free_port, printed_word, project_env, running
+
+pytestmark = pytest.mark.e2e  # `dvc repro` on a copy of the project: minutes
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).with_name("dvc")
-RUNNABLE = "<!-- runnable -->"  # README.md: the next ```bash block runs as written (below)
+RUNNABLE = "<!-- runnable -->"  # README.md, docs/*.md: the next ```bash block runs as written (below)
+# docs/ pages whose runnable blocks run after the README's, in this order (any other page after
+# them, by name), except those a test of their own runs (DOCS_OWN_TEST).
+DOCS_ORDER = ("docs/generating.md", "docs/experiments.md")
+DOCS_OWN_TEST = ("docs/reproducibility.md",  # test_repro_force_is_bit_for_bit_reproducible
+                 "docs/long-runs.md",  # test_two_experiments_through_dvc_queue_land_in_the_project_store
+                 "docs/paper-run.md")  # tests/test_paper_run.py, on a project of its own
 TERMINAL = 200  # columns of the terminal `dvc exp show` must fit its headline into
 
 SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps kept
@@ -39,35 +47,12 @@ SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps
 }
 
 
-def merge(tree: dict, over: dict) -> dict:
-    for key, value in over.items():
-        tree[key] = merge(tree.get(key, {}), value) if isinstance(value, dict) else value
-    return tree
-
-
-def env_for(cwd: Path, **extra_env: str) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "PYTHONPATH": str(cwd / "src"), "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-            "FASHIONDIFF_TRACKING": "on", **extra_env}
-
-
 def sh(cwd: Path, *cmd: str, **extra_env: str) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env_for(cwd, **extra_env), capture_output=True, text=True)
+    """Run ``cmd`` in the project copy ``cwd`` (its own src/, tracking on); its output."""
+    env = project_env(src=cwd / "src", **{"FASHIONDIFF_TRACKING": "on", **extra_env})
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout + result.stderr
-
-
-def wait_for_line(log: Path, start: str, proc: subprocess.Popen, limit: float = 120) -> str:
-    """The first line of ``log`` that contains ``start``, from there on, once the process wrote it."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            if start in line:
-                return line[line.index(start):].strip()
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args} exited early:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"no {start!r} in {limit} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +151,8 @@ def test_repro_leaves_every_declared_output(project):
                  "reports/samples/grid.png", "reports/samples/image_text.png",
                  "data/synthetic/generic_train.h5", "data/extracted/generic/captions.parquet",
                  "reports/samples/generic/tuned/0002.png",
-                 "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv"):
+                 "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv",
+                 "reports/plots/validation_prior.csv", "reports/validation/decoder/grid.png"):
         assert (project / path).exists(), path
     for model in ("pretrain/*/unet", "prior/*/step-*", "decoder/*/step-*"):  # <fingerprint>/: not outputs
         assert list((project / "checkpoints").glob(model)), model
@@ -182,12 +168,46 @@ def test_repro_leaves_every_declared_output(project):
     assert "generic.r_precision" in shown and "loss_last_epoch" not in shown and "base" not in shown
 
 
-def runnable_blocks(heading: str) -> list[list[str]]:
-    """The commands of README.md's ```bash blocks marked RUNNABLE under ``## heading``, one per
-    command (continuation lines joined, comments and blank lines dropped)."""
-    text = (REPO / "README.md").read_text()
-    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(rf"{re.escape(RUNNABLE)}\n```bash\n(.*?)\n```", section, flags=re.S)
+def stale_stages(root: Path) -> set[str]:
+    """The stages `dvc status` lists (``register``, ``standin/dvc.yaml:synthesize``)."""
+    status = sh(root, str(DVC), "status")
+    return {line[:-1] for line in status.splitlines() if line.endswith(":") and not line.startswith(("\t", " "))}
+
+
+# Modules that no stage computes with, one of each kind (docs/stale-map.md): an edit to one
+# must stale no stage. `register` is listed by every `dvc status` (always_changed).
+NO_STAGE_READS = ("src/fashiondiff/commands/generate.py",  # `fashiondiff generate`'s command line
+                  "src/fashiondiff/serving/page.py",  # the web page
+                  "src/fashiondiff/commands/ui.py",  # the MLflow UI's saved view
+                  "tests/conftest.py")  # a test helper
+
+
+def test_an_edit_stales_only_the_stages_that_import_the_module(project):
+    """The stale map (docs/stale-map.md) as DVC itself sees it on the repro'd project: a comment
+    appended to a command, the page, the UI view or a test helper leaves every stage up to date
+    but `register`; the same edit to the sampling library (the control) stales what samples.
+    Each file is restored before the next edit."""
+    assert stale_stages(project) == {"register"}
+    stale = {}
+    for edited in (*NO_STAGE_READS, "src/fashiondiff/sampling.py"):
+        path = project / edited
+        before = path.read_bytes()
+        try:
+            path.write_bytes(before + b"\n# an edit no stage computes with\n")
+            stale[edited] = stale_stages(project)
+        finally:
+            path.write_bytes(before)
+    assert stale == {**{f: {"register"} for f in NO_STAGE_READS},
+                     "src/fashiondiff/sampling.py": {"evaluate", "register"}}
+
+
+def runnable_blocks(page: str, heading: str | None = None) -> list[list[str]]:
+    """The commands of ``page``'s ```bash blocks marked RUNNABLE (under ``## heading`` if
+    given), one per command (continuation lines joined, comments and blank lines dropped)."""
+    text = (REPO / page).read_text()
+    if heading is not None:
+        text = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(rf"{re.escape(RUNNABLE)}\n```bash\n(.*?)\n```", text, flags=re.S)
     found = []
     for block in blocks:
         commands, current = [], ""
@@ -200,6 +220,13 @@ def runnable_blocks(heading: str) -> list[list[str]]:
                 current = ""
         found.append(commands)
     return found
+
+
+def docs_with_runnable_blocks() -> list[str]:
+    """docs/*.md pages with a RUNNABLE block that no test of its own runs, in DOCS_ORDER."""
+    pages = sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md") if runnable_blocks(f"docs/{p.name}"))
+    rank = {page: i for i, page in enumerate(DOCS_ORDER)}
+    return sorted((p for p in pages if p not in DOCS_OWN_TEST), key=lambda p: (rank.get(p, len(rank)), p))
 
 
 def run_as_written(cwd: Path, commands: list[str]) -> dict[str, str]:
@@ -219,8 +246,8 @@ def run_as_written(cwd: Path, commands: list[str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def experiments(project) -> dict[str, str]:
     """README "Experiments", its runnable block as written: two `dvc exp run -S lr=...`, then
-    exp show, metrics diff, plots diff, status. Output per command."""
-    [commands] = runnable_blocks("Experiments")
+    exp show, metrics diff, plots diff. Output per command."""
+    [commands] = runnable_blocks("README.md", "Experiments")
     assert sum(c.startswith("dvc exp run -S lr=") for c in commands) == 2, commands
     return run_as_written(project, commands)
 
@@ -289,13 +316,13 @@ def test_each_pipeline_run_registers_its_tuned_model_tagged_with_commit_and_expe
         assert parent.data.params["lr"] == lr and parent.data.metrics["register.model_version"] == int(version)
 
 
+@pytest.mark.browser
 def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experiments):
     """`fashiondiff ui` (what `make ui` runs) in headless Chromium, at the address it prints:
     one row per pipeline run, among them both README experiments with their lr, and the
     catalogue's fd_clip of each as shown in MLflow."""
     import mlflow
     from browser import chromium, wait
-    from serving_fixtures import free_port
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fashiongen-kandinsky")
@@ -304,11 +331,9 @@ def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experi
     assert len(runs) == 2, [(r.info.run_name, r.data.params["lr"]) for r in parents]
     port = free_port()
     log = project / "ui.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], cwd=project,
-                                  env=env_for(project), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        address = wait_for_line(log, f"http://127.0.0.1:{port}/#/", server)
+    with running([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], f"http://127.0.0.1:{port}/",
+                 log=log, grace_s=30, cwd=project, env=project_env(src=project / "src")) as server:
+        address = printed_word(log, f"http://127.0.0.1:{port}/#/", server, limit_s=60)
         assert "workflowType=machine_learning" in address and "viewStateShareKey=" in address
         with chromium(2400, 1000) as browser:
             browser.get(address)
@@ -328,28 +353,29 @@ def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experi
             assert "evaluate.catalogue.clip_score" in body and "lr" in body
             assert "repro-" in body  # the run `dvc repro` made, a row of its own
             browser.save_screenshot(str(project / "mlflow-ui.png"))
-    finally:
-        stop_process_group(server, grace_s=30)
 
 
 def test_readme_generate_examples_run_as_written(project, experiments):
-    """README "Generating images", its runnable block as written: every image is written."""
-    [commands] = runnable_blocks("Generating images")
+    """README "Generating and serving", its runnable block as written: every image is written."""
+    [commands] = runnable_blocks("README.md", "Generating and serving")
     outputs = run_as_written(project, commands)
     for command in commands[1:]:
         out = re.search(r"--out (\S+)", command).group(1)
         assert (project / out).is_file() and outputs[command].strip() == out, (command, outputs[command])
 
 
-def test_readme_pictures_and_links_exist():
-    """Every picture the README shows is in the repository, every #anchor it links is a heading."""
-    text = re.sub(r"^```.*?^```", "", (REPO / "README.md").read_text(), flags=re.M | re.S)  # not code
-    for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
-        assert (REPO / picture).is_file(), picture
-    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-               for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
-    for link in re.findall(r"\]\(#([^)]+)\)", text):
-        assert link in anchors, link
+@pytest.mark.parametrize("page", docs_with_runnable_blocks())
+def test_docs_runnable_blocks_run_as_written(project, experiments, page):
+    """A docs/ page's runnable blocks, as written, after the README's (``experiments``): every
+    command succeeds, and each `fashiondiff generate` writes the images it prints."""
+    commands = [c for block in runnable_blocks(page) for c in block]
+    assert commands, page
+    outputs = run_as_written(project, commands)
+    for command in commands:
+        if command.startswith("fashiondiff generate"):
+            printed = outputs[command].split()
+            assert printed and all((project / path).is_file() for path in printed), (command, outputs[command])
+            assert (project / re.search(r"--out (\S+)", command).group(1)).exists(), command
 
 
 @pytest.mark.slow
@@ -360,16 +386,17 @@ def test_two_experiments_through_dvc_queue_land_in_the_project_store(project, ex
     output), never resume each other's checkpoints, and land in the project's mlflow.db, not in a
     copy DVC deleted: a parent run each, named after the experiment, with its stage runs, every
     loss point and the scores."""
+    import time
+
     import mlflow
-    from doc_blocks import marked_blocks, run_block
 
     sh(project, "git", "add", "dvc.lock", "standin/dvc.lock", "params.yaml", "reports")  # as the repository has them
     sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results")
-    [(_, commands)] = marked_blocks(REPO / "docs/long-runs.md", "Sweeps through DVC's queue")
+    [commands] = runnable_blocks("docs/long-runs.md", "Sweeps through DVC's queue")
     names = [re.search(r"-n (\S+)", c).group(1) for c in commands if c.startswith("dvc exp run --queue")]
     assert len(names) == 2 and commands[-1] == "dvc queue start -j 2", commands
     started = time.monotonic()
-    run_block(project, commands)
+    run_as_written(project, commands)
     while re.search(r"Queued|Running", status := sh(project, str(DVC), "queue", "status")):
         assert time.monotonic() - started < 1800, status
         time.sleep(5)
@@ -392,7 +419,7 @@ def test_two_experiments_through_dvc_queue_land_in_the_project_store(project, ex
         assert parent.info.run_name == name and parent.info.status == "FINISHED"
         lr = re.search(r"-n " + re.escape(name) + r" -S lr=(\S+)", " ".join(commands)).group(1)
         assert parent.data.params["lr"] == lr and lr in row
-        assert "evaluate.catalogue.fd_clip" in parent.data.metrics and "train_decoder.val_loss" in parent.data.metrics
+        assert "evaluate.catalogue.fd_clip" in parent.data.metrics and "train_decoder.loss_last_epoch" in parent.data.metrics
         children = {c.info.run_name: c for c in client.search_runs(
             [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
         assert set(children) == {"train_prior", "train_decoder", "evaluate", "register"}
@@ -405,11 +432,15 @@ def test_two_experiments_through_dvc_queue_land_in_the_project_store(project, ex
 
 
 def test_repro_force_is_bit_for_bit_reproducible(project):
-    """Same params and seed: identical metrics and an identical md5 for every output."""
+    """docs/reproducibility.md's check, as written (`dvc repro --force`, then `md5sum -c` of
+    both lock files and metrics.json); and here, the md5 of every output compared one by one."""
     metrics = (project / "reports/metrics.json").read_bytes()
     md5s = lock_md5s(project)
     assert {"models/base/prior", "data/cache/train", "models/prior", "reports/samples"} <= set(md5s)
-    sh(project, str(DVC), "repro", "--force")
+    [commands] = runnable_blocks("docs/reproducibility.md")
+    assert "dvc repro --force" in commands, commands
+    checked = run_as_written(project, commands)[commands[-1]]
+    assert checked.split() == ["dvc.lock:", "OK", "standin/dvc.lock:", "OK", "reports/metrics.json:", "OK"], checked
     assert (project / "reports/metrics.json").read_bytes() == metrics
     changed = {p for p, md5 in lock_md5s(project).items() if md5s[p] != md5}
     assert not changed, sorted(changed)
@@ -448,7 +479,6 @@ def test_real_inputs_run_no_stand_in_stage(project):
     assert "standin/dvc.yaml" not in ran, ran
     synthetic = project / "src/fashiondiff/standin/synthetic.py"
     synthetic.write_text(synthetic.read_text() + "\n# an edit to the stand-in\n")
-    status = sh(project, str(DVC), "status")
-    stale = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
-    assert "standin/dvc.yaml:synthesize" in stale, status
-    assert all(s.startswith("standin/dvc.yaml:") or s == "register" for s in stale), status  # register: always
+    stale = stale_stages(project)
+    assert "standin/dvc.yaml:synthesize" in stale, stale
+    assert all(s.startswith("standin/dvc.yaml:") or s == "register" for s in stale), stale  # register: always

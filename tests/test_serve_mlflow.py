@@ -14,12 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import replaced
+from conftest import REPO, replaced
 from PIL import Image
-from serving_fixtures import PROMPT, REPO, SIDE, free_port, served, server  # noqa: F401
+from serving_fixtures import PROMPT, SIDE
 
 from fashiondiff.config.schema import load_params
 from fashiondiff.config.view import ParamsView, declared_params, stage_params
+from fashiondiff.processes import free_port, project_env, running
 from fashiondiff.sampling import Sampling
 from fashiondiff.serving.registry import log_model
 from fashiondiff.tracking import Tracker, stage_run
@@ -34,18 +35,13 @@ def registered(served) -> str:
     """The register stage's work in-process, in ``served`` (not a git repository)."""
     from fashiondiff.serving.register import register
 
-    cwd, tracking = os.getcwd(), os.environ.pop("FASHIONDIFF_TRACKING", None)
-    os.chdir(served)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # tracking on, in ``served``; both undone after
+        patch.delenv("FASHIONDIFF_TRACKING", raising=False)
+        patch.chdir(served)
         params = stage_params("register", served / "params.yaml", root=REPO)
         assert params.serve.registered_model == NAME
         with stage_run("register", params) as tracker:
-            version = register(served / "models", params, tracker)
-    finally:
-        os.chdir(cwd)
-        if tracking is not None:
-            os.environ["FASHIONDIFF_TRACKING"] = tracking
-    return version
+            return register(served / "models", params, tracker)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +50,8 @@ def endpoint(served, registered, tmp_path_factory):
     cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{NAME}/{registered}",
            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     log = tmp_path_factory.mktemp("mlflow-serve") / "serve.log"
-    with server(cmd, f"http://127.0.0.1:{port}/ping", served, log,
-                MLFLOW_TRACKING_URI=f"sqlite:///{served / 'mlflow.db'}"):
+    with running(cmd, f"http://127.0.0.1:{port}/ping", log=log, cwd=served,
+                 env=project_env(MLFLOW_TRACKING_URI=f"sqlite:///{served / 'mlflow.db'}")):
         yield f"http://127.0.0.1:{port}/invocations"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +18,11 @@ import pytest
 from browser import chromium
 from browser import wait as wait_until
 from PIL import Image
-from serving_fixtures import PROMPT, SIDE, adapters, free_port, python, served, server  # noqa: F401
+from serving_fixtures import PROMPT, SIDE
+
+from fashiondiff.processes import free_port, project_env, running
+
+pytestmark = pytest.mark.slow  # one server process for the file, started first (~25 s here)
 
 UPLOAD_CAP_MB = 0.05  # the photo is ~6 KB, big.png ~120 KB
 QUEUE = 2
@@ -29,9 +34,9 @@ def page(served, adapters, tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("page") / "serve.log"
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    cmd = python("-m", "fashiondiff", "serve", "--model", "late", "--lora", str(adapters), "--port", str(port),
-                 "--queue-size", str(QUEUE), "--max-upload-mb", str(UPLOAD_CAP_MB))
-    with server(cmd, url, served, log):
+    cmd = [sys.executable, "-m", "fashiondiff", "serve", "--model", "late", "--lora", str(adapters),
+           "--port", str(port), "--queue-size", str(QUEUE), "--max-upload-mb", str(UPLOAD_CAP_MB)]
+    with running(cmd, url, log=log, cwd=served, env=project_env()):
         yield url
 
 
@@ -104,6 +109,7 @@ def browser():
         yield driver
 
 
+@pytest.mark.browser
 def test_typed_prompt_shows_base_and_tuned_images(browser, page, served):
     tuned_in_place(served)
     open_page(browser, page)
@@ -118,6 +124,7 @@ def test_typed_prompt_shows_base_and_tuned_images(browser, page, served):
     browser.save_screenshot(str(served / "page-text.png"))
 
 
+@pytest.mark.browser
 def test_photo_and_prompt_show_edited_images(browser, page, served):
     tuned_in_place(served)
     open_page(browser, page)

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from PIL import Image
-from serving_fixtures import PROMPT, SIDE, adapters, served  # noqa: F401
+from serving_fixtures import PROMPT, SIDE
 
 from fashiondiff.errors import PipelineError
 from fashiondiff.sampling import Sampling

@@ -16,6 +16,7 @@ from PIL import Image
 
 from fashiondiff.config.schema import SyntheticParams
 from fashiondiff.errors import PipelineError
+from fashiondiff.processes import project_env
 from fashiondiff.standin import generic, synthetic
 from fashiondiff.standin.synthetic import (
     COLOURS,
@@ -175,9 +176,8 @@ def test_stage_writes_the_four_files(tmp_path):
         "train_products": 2, "validation_products": 1, "poses_per_product": 2,
         "generic_train_items": 2, "generic_validation_items": 1}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, str(REPO / "stages/synthesize.py"), "raw"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=project_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(tmp_path / "raw")) == sorted(synthetic.FILES)
 

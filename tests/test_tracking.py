@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,14 +22,19 @@ from conftest import REPO, replaced, repo_params
 from fashiondiff import tracking
 from fashiondiff.commands import ui
 from fashiondiff.errors import PipelineError
-from fashiondiff.processes import stop_process_group
+from fashiondiff.processes import (
+    free_port,
+    project_env,
+    running,
+    start_group,
+    stop_process_group,
+    wait_until_up,
+)
 from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run
-from pipeline_fixtures import extracted, tiny_base, train_cache  # noqa: F401
 
 # mlflow's own SQLAlchemy models trigger this; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 EXPERIMENT = repo_params().mlflow.experiment
 
 # One "stage": a few step metrics, stage params, a summary and a small artefact.
@@ -53,18 +57,12 @@ STAGE = textwrap.dedent("""
 """)
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_") and k != tracking.ENV_SWITCH}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH", "")]))
-    return {**env, **extra}
-
-
 def _run_stages(workdir: Path, uri: str, stages=("prepare", "train"), lr: float = 0.0005) -> None:
     script = workdir / "stage.py"
     script.write_text(STAGE)
     for stage in stages:
         out = subprocess.run([sys.executable, str(script), stage, uri, str(lr), str(REPO / "params.yaml")], cwd=workdir,
-                             env=_clean_env(), capture_output=True, text=True, timeout=120)
+                             env=project_env(FASHIONDIFF_TRACKING="on"), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout == ""  # nothing from mlflow on stdout
         assert out.stderr.count("mlflow:") == 1, out.stderr  # one line, on stderr
@@ -237,12 +235,6 @@ def test_bad_stage_name_fails_early():
 # -- a real tracking server ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(base: str, endpoint: str, **query) -> dict:
     url = f"{base}{endpoint}?{urllib.parse.urlencode(query)}"
     with urllib.request.urlopen(url, timeout=10) as resp:
@@ -256,35 +248,17 @@ def _post(base: str, path: str, body: dict) -> dict:
         return json.load(resp)
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, limit: float = 60) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited early:\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server did not answer /health in {limit} s:\n{log.read_text()[-2000:]}")
-
-
+@pytest.mark.slow
 def test_stages_against_a_real_tracking_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
     work = tmp_path / "work"
     work.mkdir()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
            "--artifacts-destination", str(tmp_path / "server-artifacts")]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                env=_clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                                start_new_session=True)
-    try:
-        _wait_healthy(base, proc, log)
+    with running(cmd, f"{base}/health", log=tmp_path / "server.log", cwd=tmp_path,
+                 env=project_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")):
         _run_stages(work, base)
 
         exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)
@@ -309,23 +283,19 @@ def test_stages_against_a_real_tracking_server(tmp_path):
             assert [f["path"] for f in files["files"]] == [f"notes/{name}.txt"]
         assert len(list((tmp_path / "server-artifacts").rglob("*.txt"))) == 2  # proxied to the server
         assert not (work / "mlartifacts").exists()
-    finally:
-        stop_process_group(proc)
 
 
 # -- a tracking server that is not there, or goes away ---------------------------------------
 
 
-def _server(tmp_path: Path, port: int) -> subprocess.Popen:
-    """``mlflow server`` on ``port`` with its store in ``tmp_path`` (the same store on a restart),
-    once it answers."""
-    from fashiondiff.processes import start_group, wait_until_up
-
+def _server(tmp_path: Path, port: int):
+    """``mlflow server`` on ``port`` with its store in ``tmp_path`` (the same store when started
+    again), once it answers; stop it with stop_process_group."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
            "--artifacts-destination", str(tmp_path / "server-artifacts")]
     log = tmp_path / f"server-{time.monotonic_ns()}.log"
-    proc = start_group(cmd, log, cwd=tmp_path, env=_clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    proc = start_group(cmd, log, cwd=tmp_path, env=project_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     wait_until_up(f"http://127.0.0.1:{port}/health", proc, 120, log)
     return proc
 
@@ -335,17 +305,19 @@ def _history(base: str, run_id: str, key: str) -> list[tuple[int, float, int]]:
     return sorted((int(m.get("step", 0)), m["value"], int(m["timestamp"])) for m in found)
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_stops_a_stage_before_its_work_with_one_line(tmp_path):
     """The training stage, pointed at a port nothing listens on and at a cache that does not
     exist: the error is the tracking server's (so nothing was loaded before), within the bound."""
-    port = _free_port()
+    port = free_port()
     params = repo_params().model_dump()
     params["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{port}"
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     started = time.monotonic()
     out = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"), "--cache", "missing", "--out", "m",
                           "--checkpoints", "c", "--summary", "s.json", "--plot", "p.csv"], cwd=tmp_path,
-                         env=_clean_env(FASHIONDIFF_TRACKING_START_S="3", FASHIONDIFF_TRACKING_RETRY_S="1"),
+                         env=project_env(FASHIONDIFF_TRACKING="on", FASHIONDIFF_TRACKING_START_S="3",
+                                         FASHIONDIFF_TRACKING_RETRY_S="1"),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
@@ -354,6 +326,7 @@ def test_an_unreachable_server_stops_a_stage_before_its_work_with_one_line(tmp_p
     assert time.monotonic() - started < 120  # imports included, on a busy 2-core machine
 
 
+@pytest.mark.slow
 def test_a_server_away_past_the_stage_end_gets_its_calls_from_the_next_stage(tmp_path, monkeypatch, capsys):
     """Calls made while the server is down return at once; the stage's end waits
     FASHIONDIFF_TRACKING_FLUSH_S, then keeps them on disk under the project root; the next stage
@@ -367,7 +340,7 @@ def test_a_server_away_past_the_stage_end_gets_its_calls_from_the_next_stage(tmp
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = _server(tmp_path, port)
     note = work / "note.txt"
@@ -394,7 +367,8 @@ def test_a_server_away_past_the_stage_end_gets_its_calls_from_the_next_stage(tmp
             pass
         assert "delivering 7 tracking calls an earlier stage kept" in capsys.readouterr().err
         assert not spool.parent.exists()
-        exp_id = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
+        exp_id = _get(base, "/api/2.0/mlflow/experiments/get-by-name",
+                      experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
         runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
         train = next(r for r in runs if r["info"]["run_name"] == "train")
         assert [(s, v) for s, v, _ in _history(base, tracker.run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 0.25),
@@ -408,6 +382,9 @@ def test_a_server_away_past_the_stage_end_gets_its_calls_from_the_next_stage(tmp
         stop_process_group(server)
 
 
+OUTAGE_EPOCHS = 500  # 2,000 steps of the tiny prior: ~40 s on an idle core, minutes on a busy one
+
+
 @pytest.mark.slow
 def test_a_training_stage_outlives_a_server_stopped_for_a_minute(tmp_path, tiny_base, train_cache):
     """The issue's check: a real `mlflow server` stopped 60 s while `train_prior` trains, then
@@ -417,7 +394,7 @@ def test_a_training_stage_outlives_a_server_stopped_for_a_minute(tmp_path, tiny_
     end may wait for the server here (FLUSH_S 600: the training may be over before the minute is)."""
     from pipeline_fixtures import stage_params
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     params = stage_params(tiny_base, epochs=OUTAGE_EPOCHS, **{"train.log_every": 5, "train.checkpoint_every": 100,
                                                               "mlflow.tracking_uri": base})
@@ -426,11 +403,9 @@ def test_a_training_stage_outlives_a_server_stopped_for_a_minute(tmp_path, tiny_
     args = ["--cache", train_cache, "--out", "models/prior", "--checkpoints", "ckpt", "--summary", "prior.json",
             "--plot", "prior.csv"]
     log = tmp_path / "stage.log"
-    with open(log, "w") as out:
-        stage = subprocess.Popen([sys.executable, str(REPO / "stages/train_prior.py"), *map(str, args)], cwd=tmp_path,
-                                 env=_clean_env(FASHIONDIFF_TRACKING_RETRY_S="2", FASHIONDIFF_TRACKING_FLUSH_S="600",
-                                                HF_HUB_OFFLINE="1"),
-                                 stdout=out, stderr=subprocess.STDOUT)
+    stage = start_group([sys.executable, str(REPO / "stages/train_prior.py"), *map(str, args)], log, cwd=tmp_path,
+                        env=project_env(FASHIONDIFF_TRACKING="on", FASHIONDIFF_TRACKING_RETRY_S="2",
+                                        FASHIONDIFF_TRACKING_FLUSH_S="600"))
     try:
         run_id = _wait_for_first_loss(base, stage, log)
         stop_process_group(server)
@@ -446,7 +421,7 @@ def test_a_training_stage_outlives_a_server_stopped_for_a_minute(tmp_path, tiny_
         run = _get(base, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
         files = {f["path"] for f in _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]}
     finally:
-        stage.kill()
+        stop_process_group(stage)
         stop_process_group(server)
     curve = [line.split(",") for line in (tmp_path / "prior.csv").read_text().splitlines()[1:]]
     assert [(s, v) for s, v, _ in history] == [(int(s), float(v)) for s, _, v, _ in curve]  # every point
@@ -455,10 +430,8 @@ def test_a_training_stage_outlives_a_server_stopped_for_a_minute(tmp_path, tiny_
     assert {m["key"] for m in run["data"]["metrics"]} >= {"loss", "lr", "loss_last_epoch", "samples_per_s_mean"}
     assert {"prior.json", "prior.csv", "fashiondiff_config.json"} <= files
 
-OUTAGE_EPOCHS = 500  # 2,000 steps of the tiny prior: ~40 s on an idle core, minutes on a busy one
 
-
-def _wait_for_first_loss(base: str, stage: subprocess.Popen, log: Path, limit: float = 300) -> str:
+def _wait_for_first_loss(base: str, stage, log: Path, limit: float = 300) -> str:
     """The stage's run id, once MLflow holds a loss point of it."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:

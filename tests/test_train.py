@@ -4,10 +4,8 @@ two processes under `accelerate launch`, and outputs that load in plain diffuser
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import (  # noqa: F401
-    REPO,
-    extracted,
-    run_stage,
-    stage_params,
-    tiny_base,
-    train_cache,
-)
+from pipeline_fixtures import REPO, run_stage, stage_params
 from safetensors.torch import load_file
 
 from fashiondiff.cache.reader import open_cache
 from fashiondiff.models.loader import load_decoder, load_prior
+from fashiondiff.processes import free_port, project_env
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.loop import step_generator
 from fashiondiff.train.prior import PriorTask
@@ -66,6 +58,7 @@ def test_decoder_loss_trains_epsilon_channels_only(tiny_base, train_cache):
     assert grad[4:].abs().sum() == 0  # learned-variance channels: outside the loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [
     pytest.param({}, id="full"),
     # LoRA under all the loop does: EMA (of the adapter), accumulation, clipping, and adapter
@@ -80,11 +73,11 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FASHIONDIFF_TRACKING": "off"}
     (killed / "params.yaml").write_text(json.dumps(params))
     proc = subprocess.Popen([sys.executable, str(REPO / "stages/train_prior.py"),
-                             *map(str, train_args(killed, "prior", train_cache))],
-                            cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             *map(str, train_args(killed, "prior", train_cache))], cwd=killed,
+                            env=project_env(FASHIONDIFF_TRACKING="off"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((killed / "ckpt/prior").glob("*/step-*")) and time.time() < deadline:  # <fingerprint>/
         time.sleep(0.02)
@@ -142,6 +135,7 @@ def test_decoder_stage_output_loads_in_plain_diffusers(tmp_path, tiny_base, trai
     assert image.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [pytest.param({}, id="full"),
                                      pytest.param({"prior.lora_rank": 4, "lr": 0.005}, id="lora")])
 def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache, variant):
@@ -152,17 +146,10 @@ def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache, variant
     params = stage_params(tiny_base, epochs=6, **variant)
     run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache))
     assert json.loads((tmp_path / "prior.json").read_text())["steps"] == 6 * 16 // 4
-    with socket.socket() as sock:  # a free port for the gloo rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     launcher = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    os.environ["ACCELERATE_USE_CPU"] = "1"
-    try:
-        result = run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache),
-                           launcher=launcher)
-    finally:
-        del os.environ["ACCELERATE_USE_CPU"]
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    result = run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache),
+                       launcher=launcher, ACCELERATE_USE_CPU="1")
     assert "2 processes ended with identical weights" in result.stdout + result.stderr
     assert "starting afresh" in result.stdout + result.stderr and "resumed" not in result.stdout + result.stderr
     metrics = json.loads((tmp_path / "prior.json").read_text())

@@ -22,17 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
-from fashiondiff.processes import stop_process_group
+from fashiondiff.processes import free_port, printed_word, project_env, running
 
 PROMPT = "black leather mini skirt"  # the method's prompt (evaluate's image + text figure)
 PHOTO = "data/extracted/validation/images/0000000.png"  # a held-out catalogue photo
@@ -66,7 +62,9 @@ def generate_examples(out: Path) -> None:
 
 
 def mlflow_pictures(out: Path) -> None:
-    with served([sys.executable, "-m", "fashiondiff", "ui", "--port", str(free_port())], "#/experiments/") as address:
+    port = free_port()
+    with served([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], f"http://127.0.0.1:{port}/",
+                "#/experiments/") as address:
         with chromium(1600, 640) as browser:
             browser.get(address.split("#")[0])
             # a browser that chose the sidebar's "Model training" once, as the README says: the
@@ -103,7 +101,7 @@ def mlflow_pictures(out: Path) -> None:
 
 def serve_page(out: Path) -> None:
     port = free_port()
-    with served([sys.executable, "-m", "fashiondiff", "serve", "--port", str(port)], "", url=f"http://127.0.0.1:{port}/"):
+    with served([sys.executable, "-m", "fashiondiff", "serve", "--port", str(port)], f"http://127.0.0.1:{port}/"):
         with chromium(1200, 1120) as browser:
             browser.get(f"http://127.0.0.1:{port}/")
             wait(browser, lambda d: d.find_elements("css selector", "#text-prompt textarea"))
@@ -121,42 +119,14 @@ def serve_page(out: Path) -> None:
 
 # --- helpers --------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
-def served(cmd: list[str], marker: str, url: str = "") -> Iterator[str]:
-    """Start ``cmd``; yield the first printed word containing ``marker`` (or ``url`` once it
-    answers); stop the process group at exit."""
-    import urllib.request
-
-    with tempfile.NamedTemporaryFile("w+", prefix="figures-", suffix=".log") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "DO_NOT_TRACK": "1",
-                                     "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"})
-        try:
-            deadline = time.monotonic() + WAIT_S
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    sys.exit(f"error: {' '.join(cmd[1:])} exited:\n{Path(log.name).read_text()[-2000:]}")
-                if url:
-                    with contextlib.suppress(OSError):
-                        with urllib.request.urlopen(url, timeout=2):
-                            break
-                else:
-                    found = re.search(rf"\S*{re.escape(marker)}\S*", Path(log.name).read_text())
-                    if found:
-                        url = found.group(0)
-                        break
-                time.sleep(0.5)
-            else:
-                sys.exit(f"error: {' '.join(cmd[1:])} did not start in {WAIT_S} s")
-            yield url
-        finally:
-            stop_process_group(proc, grace_s=30)
+def served(cmd: list[str], url: str, marker: str = "") -> Iterator[str]:
+    """``cmd`` started with the project's environment, once ``url`` answers; yield the first word
+    it printed that contains ``marker`` (an address), else ``url``; stopped with its children at exit."""
+    with tempfile.TemporaryDirectory(prefix="figures-") as folder:
+        log = Path(folder) / "server.log"
+        with running(cmd, url, WAIT_S, log, grace_s=30, env=project_env()) as proc:
+            yield printed_word(log, marker, proc, WAIT_S) if marker else url
 
 
 @contextlib.contextmanager

@@ -16,7 +16,12 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 class PipelineError(Exception):
-    """An error caused by the user's input or environment, shown without a traceback."""
+    """An error caused by the user's input or environment, shown without a traceback.
+
+    ``exit_code`` (1 unless a subclass says otherwise, e.g. 143 after SIGTERM) is the status
+    the process ends with."""
+
+    exit_code = 1
 
 
 def cli(main: F) -> F:
@@ -28,7 +33,7 @@ def cli(main: F) -> F:
             return main(*args, **kwargs)
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

@@ -1,18 +1,24 @@
 """Atomic outputs: write to a temporary path beside the target, then rename.
 
 A killed or failing stage therefore never leaves a half-written file or folder
-under its declared output path.
+under its declared output path. A full disk (or a file-size limit, or a quota) while writing
+becomes a one-line PipelineError naming the output, the old one left in place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from fashiondiff.errors import PipelineError
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, a file-size limit, a quota
 
 
 @contextlib.contextmanager
@@ -24,8 +30,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the usual mode
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _disk_full(exc, target)
         raise
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -49,10 +56,17 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _disk_full(exc, target)
         raise
+
+
+def _disk_full(exc: BaseException, target: Path) -> None:
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        raise PipelineError(f"{target}: {exc.strerror} while writing it; the previous one, if any, is "
+                            f"left as it was: free space and rerun") from exc
 
 
 def _umask() -> int:

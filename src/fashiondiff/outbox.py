@@ -96,10 +96,11 @@ def send(client, op: dict) -> None:
 
         with Image.open(op["path"]) as image:
             image.load()
-            if op.get("key"):
-                client.log_image(run, image, key=op["key"], step=op.get("step"), timestamp=op.get("timestamp"))
+            if op.get("key"):  # MLflow's own async logging would retry on its schedule, then drop it
+                client.log_image(run, image, key=op["key"], step=op.get("step"), timestamp=op.get("timestamp"),
+                                 synchronous=True)
             else:
-                client.log_image(run, image, artifact_file=op["artifact_file"])
+                client.log_image(run, image, artifact_file=op["artifact_file"], synchronous=True)
     elif kind == "end":
         client.set_terminated(run, status=op["status"], end_time=op["end_time"])
     else:

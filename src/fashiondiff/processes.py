@@ -4,18 +4,22 @@ stopped with their children. No stage imports this module.
 
 Usage::
 
+    port = free_port()
     with running(["mlflow", "server", "--port", str(port)], f"http://127.0.0.1:{port}/",
-                 log=Path("server.log")) as proc:
+                 log=Path("server.log"), env=project_env()) as proc:
         ...                                   # the server answers here; stopped on leaving
+    subprocess.run(["dvc", "repro"], cwd=copy, env=project_env(src=copy / "src"))  # a copied project
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,11 +36,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def project_env(**extra: str) -> dict[str, str]:
-    """This environment, set up for the project's programs: this package importable, one thread
-    per process, no Hub access and no telemetry; ``extra`` last."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+def project_env(src: Path | None = None, **extra: str) -> dict[str, str]:
+    """This environment, set up for the project's programs: the package in ``src`` importable (by
+    default this one; a copied project names its own), this Python's programs first on PATH (dvc,
+    and the ``python`` that stage commands call), one thread per process, no Hub access, no
+    telemetry, and outside any DVC run (no inherited ``DVC_*``: a program started here is no
+    stage of a run that may have started us); ``extra`` last."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
+    env.update(PYTHONPATH=str(src or SRC), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MLFLOW_DISABLE_TELEMETRY="true",
+               DO_NOT_TRACK="1", GRADIO_ANALYTICS_ENABLED="False")
     env.setdefault("OMP_NUM_THREADS", "1")
     return {**env, **extra}
 
@@ -55,15 +64,27 @@ def wait_until_up(url: str, proc: subprocess.Popen, limit_s: float, log: Path | 
     or ``limit_s`` passes."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(map(str, proc.args[:3]))} exited with status {proc.returncode}"
-                               f"{_tail(log)}")
+        _alive(proc, log)
         with contextlib.suppress(urllib.error.URLError, OSError):
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         time.sleep(0.3)
     raise RuntimeError(f"{url} did not answer within {limit_s:g} s{_tail(log)}")
+
+
+def printed_word(log: Path, marker: str, proc: subprocess.Popen, limit_s: float) -> str:
+    """The first word of ``log`` that contains ``marker`` (an address a server prints once it is
+    up), once ``proc`` has written it; RuntimeError (with the log's tail) if ``proc`` exits first
+    or ``limit_s`` passes."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        found = re.search(rf"\S*{re.escape(marker)}\S*", Path(log).read_text(errors="replace"))
+        if found:
+            return found.group(0)
+        _alive(proc, log)
+        time.sleep(0.3)
+    raise RuntimeError(f"{_name(proc)} printed no {marker!r} within {limit_s:g} s{_tail(log)}")
 
 
 @contextlib.contextmanager
@@ -89,6 +110,16 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _alive(proc: subprocess.Popen, log: Path | None) -> None:
+    """RuntimeError (with the log's tail) if ``proc`` has exited."""
+    if proc.poll() is not None:
+        raise RuntimeError(f"{_name(proc)} exited with status {proc.returncode}{_tail(log)}")
+
+
+def _name(proc: subprocess.Popen) -> str:
+    return " ".join(map(str, proc.args[:3]))
 
 
 def _tail(log: Path | None, chars: int = 3000) -> str:

@@ -54,7 +54,16 @@ from typing import TYPE_CHECKING, Iterator
 
 from fashiondiff.config.schema import Params, load_params
 from fashiondiff.errors import PipelineError
-from fashiondiff.outbox import FLUSH_S, RETRY_S, Outbox, fast_failing_requests, is_transient, seconds, send, store_lock
+from fashiondiff.outbox import (
+    FLUSH_S,
+    RETRY_S,
+    Outbox,
+    fast_failing_requests,
+    is_transient,
+    seconds,
+    send,
+    store_lock,
+)
 from fashiondiff.project import project_root
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -161,6 +170,12 @@ class Tracker:
                 path += "" if posixpath.splitext(path)[1] else ".png"
                 self._image(run_id, image, artifact_file=path)
 
+    def log_image_at(self, image: "PIL.Image.Image", key: str, step: int) -> None:
+        """An image at a training step: MLflow 3's UI shows a run's images per ``key`` with a step
+        slider (``MlflowClient.log_image(key=, step=)``; files under the run's ``images/``)."""
+        if self.client is not None:
+            self._image(self.run_id, image, key=key, step=int(step))
+
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until every call so far is delivered; True if it was."""
         return self.outbox is None or self.outbox.flush(timeout)
@@ -182,7 +197,7 @@ class Tracker:
                step: int | None = None) -> None:
         """``image`` as ``artifact_file``, or as MLflow's stepped image ``key`` at ``step``."""
         if self.outbox is None:
-            self.client.log_image(run_id, image, artifact_file=artifact_file, key=key, step=step)
+            self.client.log_image(run_id, image, artifact_file=artifact_file, key=key, step=step, synchronous=True)
             return
         path = self.outbox.stage_image(image, posixpath.basename(artifact_file or f"{key}.png"))
         op = {"op": "image", "run": run_id, "path": path}
@@ -332,7 +347,7 @@ def _close(tracker: Tracker, status: str) -> None:
 
 
 def _status_for(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", 0) > 128:  # a signal stopped it
         return "KILLED"
     if isinstance(exc, SystemExit) and exc.code in (0, None):
         return "FINISHED"

@@ -29,6 +29,7 @@ from fashiondiff.errors import PipelineError
 from fashiondiff.sampling import (
     Sampling, apply_adapters, decode, generators, image_embeds, mixed_embeds, quiet_libraries, sampling_from_params,
 )
+from fashiondiff.models.select import resolve_adapters, resolve_models
 from fashiondiff.serving.images import read_image
 
 CLI_HELP = __doc__.split(" The sampling itself")[0].replace("Usage::", "Examples:").replace("``", "")
@@ -73,49 +74,6 @@ def output_paths(out: str | Path, seeds: Sequence[int]) -> list[Path]:
     if out.suffix:
         raise PipelineError(f"--out {out}: images are written as PNG; give a .png file or a folder")
     return [out / f"seed-{s}.png" for s in seeds]
-
-
-def resolve_models(model: str | None, prior: str | None, decoder: str | None) -> tuple[str, str]:
-    """The prior and decoder to load: explicit ids/folders win over ``--model``'s subfolders."""
-    from fashiondiff.models.loader import resolve
-
-    if (prior is None or decoder is None) and not Path(model).is_dir():
-        raise PipelineError(f"{model}: no such model folder (--model: a folder with prior/ and decoder/)")
-    prior = prior or str(Path(model) / "prior")
-    decoder = decoder or str(Path(model) / "decoder")
-    resolve(prior, "--prior")
-    resolve(decoder, "--decoder")
-    return prior, decoder
-
-
-def resolve_adapters(lora: str | None, prior_lora: str | None, decoder_lora: str | None,
-                     prior: str, decoder: str) -> tuple[str | None, str | None]:
-    """The adapter folders to apply: explicit ``--prior-lora``/``--decoder-lora`` win over
-    ``--lora``'s ``prior/lora`` and ``decoder/lora``. Each must hold an adapter, and must not
-    sit inside the model folder it would be applied to (that folder has it merged already)."""
-    if lora is None and prior_lora is None and decoder_lora is None:
-        return None, None
-    from fashiondiff.train.lora import ADAPTER_FILE
-
-    if lora is not None:
-        if not Path(lora).is_dir():
-            raise PipelineError(f"{lora}: no such folder (--lora: a folder with prior/lora/ and/or decoder/lora/)")
-        found = {kind: Path(lora) / kind / "lora" for kind in ("prior", "decoder")}
-        found = {kind: str(path) for kind, path in found.items() if (path / ADAPTER_FILE).is_file()}
-        if not found:
-            raise PipelineError(f"{lora}: no prior/lora/{ADAPTER_FILE} or decoder/lora/{ADAPTER_FILE} (--lora)")
-        prior_lora = prior_lora or found.get("prior")
-        decoder_lora = decoder_lora or found.get("decoder")
-    for adapter, model, flag, model_flag in ((prior_lora, prior, "--prior-lora", "--prior"),
-                                            (decoder_lora, decoder, "--decoder-lora", "--decoder")):
-        if adapter is None:
-            continue
-        if not (Path(adapter) / ADAPTER_FILE).is_file():
-            raise PipelineError(f"{adapter}: no LoRA adapter here (no {ADAPTER_FILE}) ({flag})")
-        if Path(adapter).resolve().parent == Path(model).resolve():
-            raise PipelineError(f"{model} has the adapter {adapter} merged already: apply it to the base "
-                                f"model instead ({model_flag} or --model, e.g. --model models/base)")
-    return prior_lora, decoder_lora
 
 
 def check_sampling(sampling: Sampling, img2img: bool) -> None:

@@ -32,11 +32,14 @@ from fashiondiff.tracking import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, TAG_ROLE,
 # The view's columns. Params: the method's rate, always (other params appear when they differ
 # between runs). Metrics, as the pipeline's parent run names them (<stage>.<key in the stage's
 # file>): reports/scores.json, the tuned model's three scores on both domains (README
-# "Evaluation: what the numbers mean"), then the final training losses.
+# "Evaluation: what the numbers mean"), then the final training losses, then the last
+# validation's loss and scores (docs/monitoring.md; their curves and pictures: the stage's run).
 ALWAYS_PARAMS = ("lr",)
 HEADLINE_METRICS = tuple(f"evaluate.{domain}.{metric}" for domain in ("catalogue", "generic")
                          for metric in ("clip_score", "r_precision", "fd_clip")) + (
-    "train_prior.loss_last_epoch", "train_decoder.loss_last_epoch")
+    "train_prior.loss_last_epoch", "train_decoder.loss_last_epoch",
+    "train_prior.val_loss", "train_decoder.val_loss", "train_prior.val_clip_score",
+    "train_decoder.val_clip_score", "train_prior.val_image_embed_cosine")
 START_LIMIT_S = 120  # `mlflow ui` answers after ~15 s here
 
 # MLflow 3's saved views (constants.ts, savedViewEnvelope.ts): an experiment tag

@@ -48,6 +48,11 @@ def _yaml_text(value):
     return value
 
 
+def _switch(value):
+    """YAML 1.1 reads a bare on/off as true/false (and `dvc exp run -S` writes them bare)."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 def _check(ok, why: str):
     def check(value):
         if not ok(value):
@@ -145,6 +150,11 @@ class TrainParams(Section):
     checkpoints_keep: int
     log_every: Count
     launcher: Text
+    compile: Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch)]
+    validate_every: NonNegative  # 0: validate at the last step only
+    validation_images: NonNegative  # 0: the validation loss alone
+    validation_steps: Count
+    validation_guidance: Positive
 
     @model_validator(mode="after")
     def _resume_on_a_sync_step(self):

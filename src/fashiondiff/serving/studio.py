@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fashiondiff.errors import PipelineError
-from fashiondiff.commands.generate import resolve_adapters, resolve_models
+from fashiondiff.models.select import resolve_adapters, resolve_models
 from fashiondiff.sampling import Sampling
 from fashiondiff.serving.engine import Engine, Limits, Request, check_request
 from fashiondiff.serving.images import open_photo

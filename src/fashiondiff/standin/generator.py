@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from fashiondiff.config.schema import GeneratorParams, TrainParams
-from fashiondiff.runtime import seed_everything
-from fashiondiff.data.extract import extract
 from fashiondiff.cache.reader import open_cache
+from fashiondiff.config.schema import GeneratorParams, TrainParams
+from fashiondiff.data.extract import extract
 from fashiondiff.embed.encoders import Encoders
 from fashiondiff.embed.writer import build_cache
 from fashiondiff.project import checkpoint_home
+from fashiondiff.runtime import seed_everything
 from fashiondiff.standin.tiny import TinyParts, split_clip
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.loop import Schedule, train, weights_digest
@@ -67,11 +67,13 @@ def generic_cache(parts: TinyParts, h5_path: str | Path, template: str, clip_ima
 
 def loop_params(gen: GeneratorParams) -> TrainParams:
     """The loop's settings for the pre-training: ``gen``'s, and otherwise the plainest ones
-    (no accumulation, EMA or mixed precision; norm clipping at 1 as in params ``train``)."""
+    (no accumulation, EMA or mixed precision; norm clipping at 1 as in params ``train``). No
+    validation: ``_train`` hands the loop no ``validate``; the validation fields are inert."""
     return TrainParams(gradient_accumulation_steps=1, max_grad_norm=1.0, warmup_steps=gen.warmup_steps,
                        lr_schedule=gen.lr_schedule, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
                        mixed_precision="no", ema_decay=0.0, checkpoint_every=gen.checkpoint_every,
-                       checkpoints_keep=1, log_every=10, launcher="python")
+                       checkpoints_keep=1, log_every=10, launcher="python", compile="auto", validate_every=0,
+                       validation_images=0, validation_steps=1, validation_guidance=1.0)
 
 
 def fingerprint(gen: GeneratorParams, seed: int, cache_meta: dict, parts: TinyParts) -> str:

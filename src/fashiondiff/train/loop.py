@@ -3,23 +3,46 @@
 A model plugs in through a :class:`Task`: the module to train, a way to fetch a
 batch from the embedding cache, and a ``loss(model, batch, generator)``. The loop
 owns everything else: data order, gradient accumulation and clipping, the LR
-schedule, mixed precision, EMA, checkpoint/resume, NaN guard, logging.
+schedule, mixed precision, EMA, checkpoint/resume, NaN guard, logging, preemption.
 
 Reproducibility: the data order of epoch ``e`` is a permutation seeded by
 ``(seed, e)`` and every random draw of step ``s`` on rank ``r`` comes from a
 generator seeded by ``(seed, s, r)``. No global RNG is read, so a run resumed from
 a checkpoint (trained weights, optimiser, schedule and EMA restored by ``load_state``) ends
 with the same weights, bit for bit on the CPU, as one that never stopped.
+
+Speed on a GPU (issue "the paper's run in a working day"): the host never waits for the
+device inside a step. The next batch is fetched, pinned and queued in a background thread
+while the step runs; each step's loss stays on the device until the loop *settles* every
+``train.log_every`` steps (and before a checkpoint, and at the end): then one transfer
+brings the pending losses home, checks them (a non-finite loss stops the run naming its
+step, and no checkpoint is ever written after one), logs them and agrees across ranks
+whether to stop (SIGTERM). ``train.compile`` compiles the network's forward
+(``torch.compile``); on CUDA the loop also uses fused AdamW, cuDNN autotuning and, for
+convolutional networks, channels-last memory. On the CPU all of that stays off by default:
+compiled and fused kernels change the float results, and the CPU runs are bit-for-bit
+reproducible (``dvc repro --force``).
+
+Preemption: SIGTERM (Slurm's time limit, Kubernetes, spot instances) or SIGINT asks the
+loop to stop; at the next settle point (at most ``log_every`` steps later) every rank saves
+a checkpoint of the finished step and the run ends with :class:`Stopped`, a one-line error;
+the rerun resumes bit-identical. A second signal stops at once.
+
+Validation (``validate``, optional: ``fashiondiff.train.validate``) runs every
+``validate_every`` steps and at the last step, between two steps, with the weights the run
+would save. It is outside the training: it draws from no stream above (the global RNGs are
+forked around it), its time is in no step's timing, and the steps it was done at are
+recorded in the checkpoints, so a resumed run does not repeat one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import shutil
+import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -30,6 +53,18 @@ from tqdm import tqdm
 
 from fashiondiff.config.schema import TrainParams
 from fashiondiff.errors import PipelineError
+from fashiondiff.train.checkpoints import (
+    Checkpoints,
+    checkpoint_trainable_only,
+    plan_fingerprint,
+)
+
+
+class Validate(Protocol):
+    """Called on every process at a validation step with the unwrapped model holding the weights
+    the run would save; returns the step's validation record (the main process's is kept)."""
+
+    def __call__(self, step: int, model: torch.nn.Module) -> dict: ...
 
 
 class Task(Protocol):
@@ -42,6 +77,15 @@ class Task(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor: ...
+
+
+class Stopped(PipelineError):
+    """The run was asked to stop (SIGTERM, SIGINT) and saved a checkpoint to resume from."""
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+        self.step = step
 
 
 @dataclass(frozen=True)
@@ -61,8 +105,12 @@ class TrainResult:
     epoch_losses: list[float] = field(default_factory=list)
     steps: int = 0
     samples_per_s: float = 0.0
-    data_share: float = 0.0  # fraction of step time spent fetching batches
+    data_share: float = 0.0  # fraction of the loop's time spent waiting for batches
+    checkpoint_s: float = 0.0  # seconds spent saving checkpoints (the final one included)
     is_main: bool = True
+    validations: list[dict] = field(default_factory=list)  # each validation's record, by step
+    train_s: float = 0.0  # time this process spent in steps (since any resume)
+    validation_s: float = 0.0  # time it spent validating, outside the steps' timings
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -96,21 +144,82 @@ def _plan(n: int, sched: Schedule, world: int, acc) -> _Plan:
     return _Plan(per_rank, steps_per_epoch, steps_per_epoch * sched.epochs)
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How the step runs on this device (see the module doc; ``train.compile``: auto, on, off)."""
+
+    compile: bool
+    fused_adamw: bool
+    channels_last: bool
+    pin_memory: bool
+
+    @classmethod
+    def choose(cls, cfg: TrainParams, device: torch.device, model: torch.nn.Module) -> "Speed":
+        cuda = device.type == "cuda"
+        convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        return cls(compile=cfg.compile == "on" or (cfg.compile == "auto" and cuda), fused_adamw=cuda,
+                   channels_last=cuda and convolutional, pin_memory=cuda)
+
+
+class _Batches:
+    """Each step's batch, fetched (and pinned) in a background thread one step ahead.
+
+    A batch is a pure function of its step (the data order), so fetching ahead changes no
+    number; it only takes the host's work (memory-mapped reads, padding, copies) off the
+    device's critical path.
+    """
+
+    def __init__(self, task: Task, plan: _Plan, n: int, sched: Schedule, world: int, rank: int, speed: Speed):
+        self.task, self.plan, self.n, self.sched, self.world, self.rank = task, plan, n, sched, world, rank
+        self.speed = speed
+        self._orders: dict[int, np.ndarray] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fashiondiff-batches")
+        self._next: tuple[int, object] | None = None
+        self.wait_s = 0.0
+
+    def _index(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.plan.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.n, self.sched.seed, epoch)}
+        lo = (k * self.world + self.rank) * self.plan.per_rank
+        return np.sort(self._orders[epoch][lo:lo + self.plan.per_rank])
+
+    def _fetch(self, step: int) -> dict[str, torch.Tensor]:
+        batch = self.task.batch(self._index(step), torch.device("cpu"))
+        return {k: v.pin_memory() for k, v in batch.items()} if self.speed.pin_memory else batch
+
+    def get(self, step: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Step ``step``'s batch on ``device``; starts fetching step + 1's."""
+        started = time.perf_counter()
+        if self._next is not None and self._next[0] == step:
+            batch = self._next[1].result()
+        else:
+            batch = self._fetch(step)
+        self.wait_s += time.perf_counter() - started
+        if step + 1 < self.plan.total:
+            self._next = (step + 1, self._pool.submit(self._fetch, step + 1))
+        memory = torch.channels_last if self.speed.channels_last else torch.preserve_format
+        return {k: v.to(device, non_blocking=True, memory_format=memory if v.dim() == 4 else torch.preserve_format)
+                for k, v in batch.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _Progress:
     """Logged points, per-epoch loss sums and timings; the first two go into checkpoints."""
 
     def __init__(self, state: dict):
         self.history: list[dict] = state.get("history", [])
         self.epoch_sums = {int(k): tuple(v) for k, v in state.get("epoch_sums", {}).items()}
+        self.validations: list[dict] = state.get("validations", [])
         self.window: list[float] = []
-        self.fetch_s = self.step_s = 0.0
-        self.seen = 0
+        self.seen, self.seconds, self.validate_s = 0, 0.0, 0.0
 
-    def add(self, epoch: int, loss: float, fetch_s: float, step_s: float, samples: int) -> None:
+    def add(self, epoch: int, loss: float) -> None:
         self.window.append(loss)
         total, count = self.epoch_sums.get(epoch, (0.0, 0))
         self.epoch_sums[epoch] = (total + loss, count + 1)
-        self.fetch_s, self.step_s, self.seen = self.fetch_s + fetch_s, self.step_s + step_s, self.seen + samples
 
     def point(self, step: int, epoch: int, lr: float) -> dict:
         point = {"step": step, "epoch": epoch, "loss": float(np.mean(self.window)), "lr": lr}
@@ -118,30 +227,66 @@ class _Progress:
         self.window = []
         return point
 
+    def timed(self, samples: int, seconds: float) -> None:
+        self.seen, self.seconds = self.seen + samples, self.seconds + seconds
+
     @property
     def speed(self) -> float:
-        return self.seen / max(self.step_s, 1e-9)
+        return self.seen / max(self.seconds, 1e-9)
 
     def state(self) -> dict:
-        return {"history": self.history, "epoch_sums": self.epoch_sums}
+        state = {"history": self.history, "epoch_sums": self.epoch_sums}
+        if self.validations:  # a run without validation writes the checkpoint it always wrote
+            state["validations"] = self.validations
+        return state
 
     def epoch_losses(self) -> list[float]:
         return [total / count for _, (total, count) in sorted(self.epoch_sums.items())]
 
 
-def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan):
+class _StopRequest:
+    """SIGTERM / SIGINT ask the loop to stop at its next settle point; a second one stops at once.
+
+    Installed only in the main thread (signal handlers cannot be set elsewhere: a pool
+    process's training thread keeps the default behaviour)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan, speed: Speed):
     from diffusers.optimization import get_scheduler
 
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     if not trainable:
         raise PipelineError(f"{task.name}: no trainable parameters (check {task.name}.trainable)")
+    if speed.channels_last:
+        task.model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, **({"fused": True} if speed.fused_adamw else {}))
     schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=math.ceil(plan.total / cfg.gradient_accumulation_steps))
     ema = _make_ema(trainable, cfg.ema_decay)
+    if speed.compile:
+        task.model.compile()  # in place: the state_dict keeps its names (checkpoints, saving)
     model, optimizer = acc.prepare(task.model, optimizer)
-    _checkpoint_trainable_only(acc, task.model)
+    checkpoint_trainable_only(acc, task.model)
     acc.register_for_checkpointing(schedule)  # stepped by us once per optimiser step
     if ema is not None:
         acc.register_for_checkpointing(ema)
@@ -149,16 +294,22 @@ def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan):
 
 
 def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
-          log: Callable[[dict, int], None] | None = None) -> TrainResult:
+          log: Callable[[dict, int], None] | None = None, validate: Validate | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``
-    and the same step plan (processes, batch per process, steps)."""
+    and the same step plan (processes, batch per process, steps). ``log(metrics, step)`` gets
+    each logged point (main process); ``validate``: see the module doc; ``on_step(step)`` is
+    called once each step's work is queued (a profiler's clock, bench/bench_gpu_train.py)."""
     from accelerate import Accelerator
 
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision=cfg.mixed_precision)
     world, rank, n = acc.num_processes, acc.process_index, len(task)
     plan = _plan(n, sched, world, acc)
-    model, optimizer, schedule, ema, trainable = _prepare(acc, task, cfg, sched.lr, plan)
+    speed = Speed.choose(cfg, acc.device, task.model)
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
+    model, optimizer, schedule, ema, trainable = _prepare(acc, task, cfg, sched.lr, plan, speed)
     ckpts = Checkpoints(Path(checkpoint_dir), plan_fingerprint(fingerprint, world, plan), cfg.checkpoints_keep, acc)
     state = ckpts.resume()
     start = state.get("step", 0)
@@ -178,36 +329,69 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
             if ema is not None:
                 ema.step(trainable)
 
+    batches = _Batches(task, plan, n, sched, world, rank, speed)
+    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on the device) not yet settled
+    clock = [time.perf_counter(), 0]  # start of the timed stretch, its first step
+
+    def settle(step: int) -> int:
+        """Bring the losses of the steps before ``step`` home: check, record, log; and agree
+        across ranks on a stop request. Returns the signal that asks to stop (0: none)."""
+        if not pending:
+            return 0
+        losses = torch.stack([loss for _, _, loss in pending]).float()
+        flag = torch.tensor([float(stop.signum)], device=losses.device)
+        gathered = acc.gather(torch.cat([losses, flag]).reshape(1, -1)).reshape(world, -1)
+        means = gathered[:, :-1].mean(dim=0).tolist()  # one transfer: the host waits here only
+        signum = int(gathered[:, -1].max().item())
+        now = time.perf_counter()
+        progress.timed((step - clock[1]) * plan.per_rank * world, now - clock[0])
+        clock[0], clock[1] = now, step
+        for (s, lr, _), loss in zip(pending, means):
+            epoch = s // plan.steps_per_epoch
+            if not math.isfinite(loss):
+                raise PipelineError(f"train {task.name}: loss is {loss} at step {s} (epoch {epoch}); "
+                                    f"stopped, last good checkpoint kept: {ckpts.latest() or 'none'}")
+            progress.add(epoch, loss)
+            if (s + 1) % cfg.log_every == 0 or s + 1 == plan.total:
+                point = progress.point(s + 1, epoch, lr)
+                bar.set_postfix(loss=f"{point['loss']:.4f}", samples_s=f"{progress.speed:.0f}")
+                if log is not None and acc.is_main_process:
+                    log({"loss": point["loss"], "lr": point["lr"], "samples_per_s": progress.speed}, s + 1)
+        pending.clear()
+        return signum
+
     bar = tqdm(total=plan.total, initial=start, desc=f"train {task.name}", unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
     model.train()
+    clock[1] = start
     try:
-        for step in range(start, plan.total):
-            epoch, k = divmod(step, plan.steps_per_epoch)
-            t0 = time.perf_counter()
-            lo = (k * world + rank) * plan.per_rank
-            batch = task.batch(np.sort(epoch_order(n, sched.seed, epoch)[lo:lo + plan.per_rank]), acc.device)
-            t1 = time.perf_counter()
-            lr = schedule.get_last_lr()[0]  # the rate this step's update uses
-            with acc.accumulate(model):
-                with acc.autocast():
-                    loss = task.loss(model, batch, step_generator(sched.seed, step, rank, acc.device))
-                if not torch.isfinite(loss):
-                    raise PipelineError(
-                        f"train {task.name}: loss is {loss.item()} at step {step} (epoch {epoch}); "
-                        f"stopped, last good checkpoint kept: {ckpts.latest() or 'none'}")
-                optimise(loss)
-            mean_loss = acc.gather(loss.detach().reshape(1)).mean().item()
-            progress.add(epoch, mean_loss, t1 - t0, time.perf_counter() - t0, plan.per_rank * world)
-            bar.update(1)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == plan.total:
-                point = progress.point(step + 1, epoch, lr)
-                bar.set_postfix(loss=f"{point['loss']:.4f}", samples_s=f"{progress.speed:.0f}")
-                if log is not None and acc.is_main_process:
-                    log({"loss": point["loss"], "lr": point["lr"], "samples_per_s": progress.speed}, step + 1)
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < plan.total:
-                ckpts.save(step + 1, progress.state())
+        with _StopRequest() as stop:
+            for step in range(start, plan.total):
+                lr = schedule.get_last_lr()[0]  # the rate this step's update uses
+                batch = batches.get(step, acc.device)
+                with acc.accumulate(model):
+                    with acc.autocast():
+                        loss = task.loss(model, batch, step_generator(sched.seed, step, rank, acc.device))
+                    optimise(loss)
+                pending.append((step, lr, loss.detach()))
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step)
+                done = step + 1
+                at_checkpoint = done % cfg.checkpoint_every == 0 and done < plan.total
+                signum = 0
+                if done % cfg.log_every == 0 or at_checkpoint or done == plan.total:
+                    signum = settle(done)
+                # Before the checkpoint of the same step: a run resumed from it has done this one.
+                if validate is not None and _validation_due(done, cfg.validate_every, plan.total, progress):
+                    clock[0] += _validate(validate, done, acc, model, ema, trainable, progress)
+                if signum and done < plan.total:
+                    _stop(ckpts, done, progress, plan, task.name, signum, acc)
+                if at_checkpoint:
+                    ckpts.save(done, progress.state())
+            settle(plan.total)
     finally:
+        batches.close()
         bar.close()
     acc.wait_for_everyone()
     final = acc.unwrap_model(model)
@@ -218,15 +402,45 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
     ckpts.save(plan.total, progress.state())
     return TrainResult(model=final, history=progress.history, epoch_losses=progress.epoch_losses(),
                        steps=plan.total, samples_per_s=progress.speed,
-                       data_share=progress.fetch_s / max(progress.step_s, 1e-9), is_main=acc.is_main_process)
+                       data_share=batches.wait_s / max(progress.seconds, 1e-9), checkpoint_s=ckpts.seconds,
+                       is_main=acc.is_main_process, validations=progress.validations, train_s=progress.seconds,
+                       validation_s=progress.validate_s)
 
 
-def plan_fingerprint(fingerprint: str, world: int, plan: _Plan) -> str:
-    """The caller's fingerprint (params, data) joined with what shapes the step plan here:
-    one process's checkpoint at step 600 means another step in a two-process run."""
-    blob = json.dumps({"run": fingerprint, "processes": world, "per_rank": plan.per_rank,
-                       "steps_per_epoch": plan.steps_per_epoch, "total": plan.total}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+def _validation_due(step: int, every: int, total: int, progress: _Progress) -> bool:
+    """Every ``every`` steps (0: none) and at the last, unless a checkpoint says it was done."""
+    due = step == total or (every > 0 and step % every == 0)
+    return due and all(v["step"] != step for v in progress.validations)
+
+
+def _validate(validate: Validate, step: int, acc, model, ema, trainable: list, progress: _Progress) -> float:
+    """``validate`` with the weights the run would save (the EMA's, swapped in and back bit for
+    bit) and the global RNGs forked (whatever it draws, LoRA dropout's stream is untouched).
+    Returns the seconds it took: the caller leaves them out of the steps' timing."""
+    start = time.perf_counter()
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    cuda = [acc.device.index or 0] if acc.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            record = validate(step, acc.unwrap_model(model))
+    finally:
+        if ema is not None:
+            ema.restore(trainable)
+    progress.validations.append({**record, "step": step})
+    seconds = time.perf_counter() - start
+    progress.validate_s += seconds
+    return seconds
+
+
+def _stop(ckpts: Checkpoints, step: int, progress: _Progress, plan: _Plan, name: str, signum: int, acc) -> None:
+    """Save the finished step on every rank and end the run with a one-line Stopped."""
+    ckpts.save(step, progress.state())
+    saved = ckpts.latest()
+    acc.print(f"train {name}: {signal.Signals(signum).name} received: checkpoint {saved} saved")
+    raise Stopped(f"train {name}: stopped by {signal.Signals(signum).name} at step {step} of {plan.total}; "
+                  f"checkpoint {saved} saved: rerun to resume", signum, step)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -259,95 +473,3 @@ def _make_ema(trainable: list[torch.nn.Parameter], decay: float):
     return EMAModel(trainable, decay=decay, use_ema_warmup=False)
 
 
-def _checkpoint_trainable_only(acc, model: torch.nn.Module) -> None:
-    """Checkpoints hold what training changes: the trainable parameters (with their optimiser,
-    schedule and EMA state, which only ever cover those). The frozen rest is the base model a
-    resumed run loads anyway, and with LoRA it is nearly all of the model's bytes.
-
-    Accelerate saves and strictly loads every model's whole state_dict; these hooks narrow
-    the saved dict and load the narrowed file themselves.
-    """
-    names = {name for name, p in model.named_parameters() if p.requires_grad}
-
-    def bare(key: str) -> str:
-        return key.removeprefix("module.")  # DistributedDataParallel's prefix
-
-    def save(models: list, weights: list[dict], output_dir: str) -> None:
-        for i, state in enumerate(weights):
-            weights[i] = {k: v for k, v in state.items() if bare(k) in names}
-
-    def load(models: list, input_dir: str) -> None:
-        from safetensors.torch import load_file
-
-        if not models:  # FSDP/DeepSpeed load their own (sharded) model state
-            return
-        path = Path(input_dir) / "model.safetensors"
-        state = {bare(k): v for k, v in load_file(str(path), device=str(acc.device)).items()}
-        missing = names - set(state)
-        if missing:
-            raise PipelineError(f"{path}: checkpoint lacks {len(missing)} trained parameters "
-                                f"(e.g. {sorted(missing)[0]}); delete {Path(input_dir).parent} to start afresh")
-        unexpected = acc.unwrap_model(models[0]).load_state_dict(state, strict=False).unexpected_keys
-        if unexpected:
-            raise PipelineError(f"{path}: checkpoint holds parameters this model lacks (e.g. {unexpected[0]}); "
-                                f"delete {Path(input_dir).parent} to start afresh")
-        models.pop(0)  # loaded: Accelerate's strict load would want the frozen weights too
-
-    acc.register_save_state_pre_hook(save)
-    acc.register_load_state_pre_hook(load)
-
-
-class Checkpoints:
-    """``save_state`` folders ``step-00000200`` under one directory: atomic, newest K kept.
-
-    A checkpoint records the run's fingerprint (params, data); checkpoints of another
-    run are deleted instead of resumed, so a changed ``lr`` never resumes an old run.
-    """
-
-    def __init__(self, root: Path, fingerprint: str, keep: int, acc):
-        self.root, self.fingerprint, self.keep, self.acc = root, fingerprint, max(1, keep), acc
-
-    def _all(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("step-*") if (p / "trainer_state.json").is_file())
-
-    def latest(self) -> Path | None:
-        found = self._all()
-        return found[-1] if found else None
-
-    def resume(self) -> dict:
-        latest = self.latest()
-        if latest is None:
-            return {}
-        state = json.loads((latest / "trainer_state.json").read_text())
-        if state.get("fingerprint") != self.fingerprint:
-            self.acc.print(f"{self.root}: checkpoints belong to other params or data; starting afresh")
-            self.acc.wait_for_everyone()
-            if self.acc.is_main_process:
-                shutil.rmtree(self.root)
-            self.acc.wait_for_everyone()
-            return {}
-        self.acc.load_state(str(latest))
-        return state
-
-    def save(self, step: int, extra: dict) -> None:
-        final = self.root / f"step-{step:08d}"
-        tmp = self.root / f".tmp-step-{step:08d}"
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.root.mkdir(parents=True, exist_ok=True)
-        self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp), safe_serialization=True)
-        # Every rank writes its own RNG state into tmp and save_state has no barrier after it:
-        # rename only once all have (else a slow rank recreated tmp, or crashed writing into it).
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            state = {"step": step, "fingerprint": self.fingerprint, **extra}
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self._all()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()

@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fashiondiff.cache.format import cache_identity
@@ -24,12 +23,12 @@ from fashiondiff.cache.reader import open_cache
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir, atomic_file, write_json
 from fashiondiff.project import checkpoint_home
+from fashiondiff.train.loop import Schedule, Stopped, TrainResult, train
 from fashiondiff.train.lora import add_lora, has_adapter, merge_adapter, save_adapter
-from fashiondiff.train.loop import Schedule, TrainResult, step_generator, train
+from fashiondiff.train.validate import Validator
 
 KINDS = ("prior", "decoder")
 ADAPTER_DIR = "lora"  # <out>/lora/: the LoRA adapter beside the merged pipeline
-VALIDATION_RANK = 2**31 - 1  # a rank no process has: validation noise is no training draw
 
 
 def schedule(params) -> Schedule:
@@ -125,61 +124,56 @@ def fingerprint(kind: str, params, cache_meta: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-@torch.no_grad()
-def validation_loss(task, val_cache, seed: int, batch_size: int) -> float:
-    """The task's loss on a held-out cache, with fixed noise: comparable across runs."""
-    train_cache = task.cache
-    task.cache = val_cache
-    model = task.model
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for i, lo in enumerate(range(0, len(val_cache), batch_size)):
-            index = np.arange(lo, min(lo + batch_size, len(val_cache)))
-            g = step_generator(seed, i, VALIDATION_RANK, device)
-            loss = task.loss(model, task.batch(index, device), g)
-            total, count = total + loss.item() * len(index), count + len(index)
-    finally:
-        task.cache = train_cache
-        model.train(was_training)
-    return total / max(count, 1)
-
-
 def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, out_dir: str,
-                 checkpoint_dir: str, summary_path: str, plot_path: str, tracker) -> dict | None:
-    """Train, then write the outputs. Checkpoints go to a folder of this run's own under
-    ``checkpoint_dir`` (relative: under the project's root, which outlives DVC's temporary
-    copies: see fashiondiff.project)."""
+                 checkpoint_dir: str, summary_path: str, plot_path: str, tracker,
+                 val_plot_path: str | None = None, val_pictures_dir: str | None = None) -> dict | None:
+    """Train, save the pipeline and the reports. With ``val_cache_dir``: validation during training
+    (``fashiondiff.train.validate``), its curve to ``val_plot_path``, its last pictures to
+    ``val_pictures_dir``, the last validation's numbers in the summary. Checkpoints go to a folder
+    of this run's own under ``checkpoint_dir`` (relative: under the project's root, which outlives
+    DVC's temporary copies; see fashiondiff.project)."""
     if kind not in KINDS:
         raise PipelineError(f"unknown model kind {kind!r} (prior or decoder)")
     torch.manual_seed(params.seed)
     cache = open_cache(cache_dir, expect=_identity(params))
     pipe, task = make_task(kind, params, cache)
+    validator = None
+    if val_cache_dir:
+        validator = Validator(kind, task, open_cache(val_cache_dir, expect=_identity(params)), params, tracker)
     run = fingerprint(kind, params, cache.meta)
     with checkpoint_home(checkpoint_dir, run, rank=int(os.environ.get("RANK", "0"))) as home:
-        result = train(task, params.train, schedule(params), home, run, log=tracker.log_metrics)
+        try:
+            result = train(task, params.train, schedule(params), home, run, log=tracker.log_metrics,
+                           validate=validator)
+        except Stopped as stop:  # preempted: the checkpoint of stop.step is saved; say so on the run
+            tracker.log_metrics({"stopped_at_step": stop.step}, step=stop.step)
+            raise
         if not result.is_main:
             return None
-        summary = write_outputs(kind, params, task, pipe, result, len(cache), val_cache_dir,
-                                out_dir, summary_path, plot_path)
+        summary = write_outputs(pipe, params, result, len(cache), validator, out_dir, summary_path, plot_path,
+                                val_plot_path, val_pictures_dir)
     tracker.log_summary({k: float(v) for k, v in summary.items()})
     tracker.log_params({"model_dir": str(Path(out_dir).resolve()), "checkpoint_dir": str(home)})
     for path in (summary_path, plot_path, Path(out_dir) / "fashiondiff_config.json"):
         tracker.log_artifact(path)
     if (Path(out_dir) / ADAPTER_DIR).is_dir():
         tracker.log_artifact(Path(out_dir) / ADAPTER_DIR)  # the small file worth keeping per run
-    tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share})
+    # validation_share: validation's wall time against the steps' (this process's, since any resume)
+    validation_share = result.validation_s / max(result.train_s, 1e-9)
+    tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share,
+                         "checkpoint_seconds": result.checkpoint_s, "train_s": result.train_s,
+                         "validation_s_total": result.validation_s, "validation_share": validation_share})
     print(f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
           f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
-          f"data {100 * result.data_share:.1f}% of step time")
+          f"data {100 * result.data_share:.1f}% of step time; steps {result.train_s:.1f} s, "
+          f"validation {result.validation_s:.1f} s ({100 * validation_share:.1f}%)")
     return summary
 
 
-def write_outputs(kind: str, params, task, pipe: BaseParts, result: TrainResult, train_items: int,
-                  val_cache_dir: str | None, out_dir: str, summary_path: str, plot_path: str) -> dict:
-    """The stage's outputs: the tuned pipeline, the summary JSON, the loss curve CSV."""
+def write_outputs(pipe: BaseParts, params, result: TrainResult, train_items: int, validator, out_dir: str,
+                  summary_path: str, plot_path: str, val_plot_path: str | None, val_pictures_dir: str | None) -> dict:
+    """The stage's outputs: the tuned pipeline, the summary JSON, the loss curve CSV (and the
+    validation's curve and pictures); returns the summary."""
     summary = {
         "loss_first_epoch": result.epoch_losses[0],
         "loss_last_epoch": result.epoch_losses[-1],
@@ -187,12 +181,13 @@ def write_outputs(kind: str, params, task, pipe: BaseParts, result: TrainResult,
         "epochs": params.epochs,
         "train_items": train_items,
     }
-    if val_cache_dir:
-        val = open_cache(val_cache_dir, expect=_identity(params))
-        summary["val_loss"] = validation_loss(task, val, params.seed, params.batch_size)
+    if validator is not None:
+        summary.update(validator.conclude(result))
     save_pipeline(pipe, out_dir, params, summary)
     write_json(summary_path, summary)
     write_plot(plot_path, result)
+    if validator is not None:
+        validator.write(result, val_plot_path, val_pictures_dir)
     return summary
 
 

@@ -20,6 +20,9 @@ def parse_args(kind: str, argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--summary", required=True,
                         help="JSON of the run's summary: final losses, steps (a plain output; MLflow has it too)")
     parser.add_argument("--plot", required=True, help="CSV of the loss curve (DVC plots)")
+    parser.add_argument("--val-plot", default=None,
+                        help="CSV of the validation curve: loss and scores at each validation (DVC plots)")
+    parser.add_argument("--val-pictures", default=None, help="folder for the last validation's pictures")
     return parser.parse_args(argv)
 
 
@@ -36,4 +39,4 @@ def main(kind: str, argv: list[str]) -> None:
         os.environ["FASHIONDIFF_TRACKING"] = "off"
     with stage_run(f"train_{kind}", params) as tracker:
         run_training(kind, params, args.cache, args.val_cache, args.out, args.checkpoints,
-                     args.summary, args.plot, tracker)
+                     args.summary, args.plot, tracker, args.val_plot, args.val_pictures)
