@@ -92,7 +92,7 @@ def run_stage(root: Path, kind: str, rank: int, epochs: int) -> tuple[int, float
         raise SystemExit(f"train_{kind} rank {rank} failed:\n{result.stdout[-2000:]}")
     speed = float(re.search(r"([0-9.]+) samples/s", result.stdout).group(1))
     rss = int(re.search(r"peak_rss_kib (\d+)", result.stdout).group(1)) * 1024
-    (checkpoint,) = (work / "ckpt").glob("step-*")
+    (checkpoint,) = (work / "ckpt").glob("*/step-*")  # ckpt/<run fingerprint>/ (fashiondiff.project)
     return rss, speed, _du(checkpoint), _du(work / "out/lora")
 
 

@@ -2,8 +2,9 @@
 
 Usage: python bench/exp_table.py [--all-commits] [--names PREFIX ...]
 
-Reads `dvc exp show --json` (every experiment of the current commit's baseline, or of every
-commit with --all-commits) for the names and params, and each run's reports/metrics.json
+Reads `dvc exp show --json` (every finished experiment of the current commit's baseline, or of
+every commit with --all-commits: those run with `dvc exp run`, in the workspace, and those run
+through DVC's queue, `dvc exp run --queue` then `dvc queue start -j N`) for the names and params, and each run's reports/metrics.json
 (base and tuned per domain) from its commit, keeps the runs that have it, and prints two
 Markdown tables: one row per run (seed, lr, LoRA rank, each domain's base and tuned
 clip_score / r_precision / fd_clip), then one row per setting (lr, LoRA rank) with the mean
@@ -52,10 +53,20 @@ def runs(all_commits: bool) -> list[dict]:
         if baseline.get("rev") != "workspace":
             add(baseline, baseline.get("name") or baseline["rev"][:7])
         for group in baseline.get("experiments") or []:
+            if not finished(group):
+                continue
             for state in group.get("revs", [])[:1]:
-                if state.get("rev") != "workspace":  # an experiment still running: no results yet
-                    add(state, group.get("name") or state.get("name") or state["rev"][:7])
+                add(state, group.get("name") or state.get("name") or state["rev"][:7])
     return found
+
+
+def finished(group: dict) -> bool:
+    """An experiment with results of its own. A queued or running one (`dvc exp run --queue`)
+    is listed with the commit DVC queued it from, whose metrics are the baseline's; a failed
+    one has none; one running in the workspace shows as the workspace."""
+    state = (group.get("executor") or {}).get("state", "success")
+    revs = group.get("revs") or [{}]
+    return state == "success" and revs[0].get("rev") != "workspace"
 
 
 def committed_metrics(rev: str) -> dict:

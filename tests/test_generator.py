@@ -75,7 +75,7 @@ def test_prior_and_unet_learn_and_a_second_process_gives_the_same_weights(encode
     assert not any(p.requires_grad for p in here.unet.parameters())
 
 
-def test_a_finished_pretraining_resumes_from_its_checkpoint_and_other_params_start_afresh(
+def test_a_finished_pretraining_resumes_from_its_checkpoint_and_other_params_train_apart(
         encoders_and_cache, tmp_path, capsys):
     parts, cache, _ = encoders_and_cache
     first = copy.deepcopy(parts)
@@ -84,6 +84,9 @@ def test_a_finished_pretraining_resumes_from_its_checkpoint_and_other_params_sta
     gen.pretrain_generator(again, cache, GENERATOR, seed=0, checkpoints=tmp_path)
     assert "resumed from step 9 of 9" in capsys.readouterr().out
     assert weights_digest(again.unet) == weights_digest(first.unet)
-    other = replaced(GENERATOR, lr=1e-3)
+    first_home = [p for p in tmp_path.iterdir() if p.is_dir()]
+    other = replaced(GENERATOR, lr=1e-3)  # a folder of its own; finished, it prunes the first run's
     gen.pretrain_generator(copy.deepcopy(parts), cache, other, seed=0, checkpoints=tmp_path)
-    assert "starting afresh" in capsys.readouterr().out
+    assert "resumed" not in capsys.readouterr().out
+    homes = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(first_home) == len(homes) == 1 and homes != first_home

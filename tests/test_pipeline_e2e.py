@@ -30,7 +30,9 @@ RUNNABLE = "<!-- runnable -->"  # README.md, docs/*.md: the next ```bash block r
 # docs/ pages whose runnable blocks run after the README's, in this order (any other page after
 # them, by name), except those a test of their own runs (DOCS_OWN_TEST).
 DOCS_ORDER = ("docs/generating.md", "docs/experiments.md")
-DOCS_OWN_TEST = ("docs/reproducibility.md",)  # test_repro_force_is_bit_for_bit_reproducible
+DOCS_OWN_TEST = ("docs/reproducibility.md",  # test_repro_force_is_bit_for_bit_reproducible
+                 "docs/long-runs.md",  # test_two_experiments_through_dvc_queue_land_in_the_project_store
+                 "docs/paper-run.md")  # tests/test_paper_run.py, on a project of its own
 TERMINAL = 200  # columns of the terminal `dvc exp show` must fit its headline into
 
 SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps kept
@@ -148,10 +150,12 @@ def test_repro_leaves_every_declared_output(project):
                  "models/prior/model_index.json", "models/decoder/model_index.json",
                  "reports/samples/grid.png", "reports/samples/image_text.png",
                  "data/synthetic/generic_train.h5", "data/extracted/generic/captions.parquet",
-                 "checkpoints/pretrain/unet", "reports/samples/generic/tuned/0002.png",
+                 "reports/samples/generic/tuned/0002.png",
                  "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv",
                  "reports/plots/validation_prior.csv", "reports/validation/decoder/grid.png"):
         assert (project / path).exists(), path
+    for model in ("pretrain/*/unet", "prior/*/step-*", "decoder/*/step-*"):  # <fingerprint>/: not outputs
+        assert list((project / "checkpoints").glob(model)), model
     metrics = json.loads((project / "reports/metrics.json").read_text())  # base and tuned
     scores = json.loads((project / "reports/scores.json").read_text())  # the DVC metrics: the tuned model
     details = json.loads((project / "reports/evaluation.json").read_text())  # real images' scores, counts
@@ -372,6 +376,59 @@ def test_docs_runnable_blocks_run_as_written(project, experiments, page):
             printed = outputs[command].split()
             assert printed and all((project / path).is_file() for path in printed), (command, outputs[command])
             assert (project / re.search(r"--out (\S+)", command).group(1)).exists(), command
+
+
+@pytest.mark.slow
+def test_two_experiments_through_dvc_queue_land_in_the_project_store(project, experiments):
+    """docs/long-runs.md "Sweeps", its runnable block as written: two `dvc exp run --queue -S lr=...`,
+    `dvc queue start -j 2`. Both succeed, rerun the training, evaluation and register stages only
+    (the stand-in's pretrain is up to date in DVC's temporary copies: its checkpoints are no
+    output), never resume each other's checkpoints, and land in the project's mlflow.db, not in a
+    copy DVC deleted: a parent run each, named after the experiment, with its stage runs, every
+    loss point and the scores."""
+    import time
+
+    import mlflow
+
+    sh(project, "git", "add", "dvc.lock", "standin/dvc.lock", "params.yaml", "reports")  # as the repository has them
+    sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results")
+    [commands] = runnable_blocks("docs/long-runs.md", "Sweeps through DVC's queue")
+    names = [re.search(r"-n (\S+)", c).group(1) for c in commands if c.startswith("dvc exp run --queue")]
+    assert len(names) == 2 and commands[-1] == "dvc queue start -j 2", commands
+    started = time.monotonic()
+    run_as_written(project, commands)
+    while re.search(r"Queued|Running", status := sh(project, str(DVC), "queue", "status")):
+        assert time.monotonic() - started < 1800, status
+        time.sleep(5)
+    print(f"two queued experiments, -j 2: {time.monotonic() - started:.0f} s")
+    assert all(re.search(rf"{name}\s.*Success", status) for name in names), status
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fashiongen-kandinsky")
+    assert exp.artifact_location == (project / "mlartifacts").as_uri()
+    shown = sh(project, str(DVC), "exp", "show", "--no-pager", "--csv")
+    for name in names:
+        log = sh(project, str(DVC), "queue", "logs", name)
+        ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+        assert ran == {"train_prior", "train_decoder", "evaluate", "register"}, log
+        assert "resumed from" not in log and "waiting for it" not in log, log
+        row = next(line for line in shown.splitlines() if line.startswith(f"{name},"))
+        rev = row.split(",")[1]
+        [parent] = client.search_runs([exp.experiment_id], filter_string=f"tags.`dvc.exp_name` = '{name}' and "
+                                      f"tags.`fashiondiff.role` = 'pipeline'")
+        assert parent.info.run_name == name and parent.info.status == "FINISHED"
+        lr = re.search(r"-n " + re.escape(name) + r" -S lr=(\S+)", " ".join(commands)).group(1)
+        assert parent.data.params["lr"] == lr and lr in row
+        assert "evaluate.catalogue.fd_clip" in parent.data.metrics and "train_decoder.loss_last_epoch" in parent.data.metrics
+        children = {c.info.run_name: c for c in client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+        assert set(children) == {"train_prior", "train_decoder", "evaluate", "register"}
+        for kind in ("prior", "decoder"):
+            child = children[f"train_{kind}"]
+            steps = json.loads(sh(project, "git", "show", f"{rev}:reports/train_{kind}.json"))["steps"]
+            assert len(client.get_metric_history(child.info.run_id, "loss")) == steps  # log_every 1: each step
+            assert (project / "mlartifacts" / child.info.run_id / "artifacts" / f"train_{kind}.json").is_file()
+    assert not list((project / ".dvc/tmp/exps").rglob("mlflow.db"))
 
 
 def test_repro_force_is_bit_for_bit_reproducible(project):

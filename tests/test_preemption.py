@@ -67,7 +67,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identica
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert errors and "stopped by SIGTERM at step" in errors[-1] and "rerun to resume" in errors[-1], text[-3000:]
     step = int(errors[-1].split("at step ")[1].split()[0])
-    assert (stopped / "ckpt" / f"step-{step:08d}" / "trainer_state.json").is_file()
+    assert list((stopped / "ckpt").glob(f"*/step-{step:08d}/trainer_state.json"))  # ckpt/<run fingerprint>/
     assert not (stopped / "models/prior").exists()
     if processes == 1:
         assert proc.returncode == 143
@@ -99,11 +99,11 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_re
                             cwd=work, env=project_env(FASHIONDIFF_TRACKING="off"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list((work / "ckpt").glob("step-*")) and time.monotonic() < deadline:
+    while not list((work / "ckpt").glob("*/step-*")) and time.monotonic() < deadline:  # ckpt/<run fingerprint>/
         time.sleep(0.01)
     proc.kill()  # a run that saved its first checkpoint or two, then died
     proc.wait()
-    kept = sorted((work / "ckpt").glob("step-*"))[-1]
+    kept = sorted((work / "ckpt").glob("*/step-*"))[-1]
 
     def small_files():  # bytes per file: the checkpoint's files are larger; the run writes no other file
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
@@ -115,8 +115,8 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_re
     assert full.returncode == 1 and last.startswith("error: ") and "cannot write the checkpoint of step" in last, \
         full.stderr[-2000:]
     assert f"the previous checkpoint is kept ({kept})" in last and "Traceback" not in full.stderr
-    assert not list((work / "ckpt").glob(".tmp-*")) and not (work / "models/prior").exists()
-    assert sorted((work / "ckpt").glob("step-*"))[-1] == kept
+    assert not list((work / "ckpt").glob("*/.tmp-*")) and not (work / "models/prior").exists()
+    assert sorted((work / "ckpt").glob("*/step-*"))[-1] == kept
 
     resumed = run_stage(work, params, "train_prior.py", *train_args(work, train_cache))
     assert f"resumed from step {int(kept.name[5:])}" in resumed.stdout + resumed.stderr

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -21,7 +22,14 @@ from conftest import REPO, replaced, repo_params
 from fashiondiff import tracking
 from fashiondiff.commands import ui
 from fashiondiff.errors import PipelineError
-from fashiondiff.processes import free_port, project_env, running
+from fashiondiff.processes import (
+    free_port,
+    project_env,
+    running,
+    start_group,
+    stop_process_group,
+    wait_until_up,
+)
 from fashiondiff.tracking import pipeline_identity, resolve_tracking_uri, stage_run
 
 # mlflow's own SQLAlchemy models trigger this; nothing of ours.
@@ -275,3 +283,164 @@ def test_stages_against_a_real_tracking_server(tmp_path):
             assert [f["path"] for f in files["files"]] == [f"notes/{name}.txt"]
         assert len(list((tmp_path / "server-artifacts").rglob("*.txt"))) == 2  # proxied to the server
         assert not (work / "mlartifacts").exists()
+
+
+# -- a tracking server that is not there, or goes away ---------------------------------------
+
+
+def _server(tmp_path: Path, port: int):
+    """``mlflow server`` on ``port`` with its store in ``tmp_path`` (the same store when started
+    again), once it answers; stop it with stop_process_group."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    log = tmp_path / f"server-{time.monotonic_ns()}.log"
+    proc = start_group(cmd, log, cwd=tmp_path, env=project_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    wait_until_up(f"http://127.0.0.1:{port}/health", proc, 120, log)
+    return proc
+
+
+def _history(base: str, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    found = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key=key).get("metrics", [])
+    return sorted((int(m.get("step", 0)), m["value"], int(m["timestamp"])) for m in found)
+
+
+@pytest.mark.slow
+def test_an_unreachable_server_stops_a_stage_before_its_work_with_one_line(tmp_path):
+    """The training stage, pointed at a port nothing listens on and at a cache that does not
+    exist: the error is the tracking server's (so nothing was loaded before), within the bound."""
+    port = free_port()
+    params = repo_params().model_dump()
+    params["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{port}"
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"), "--cache", "missing", "--out", "m",
+                          "--checkpoints", "c", "--summary", "s.json", "--plot", "p.csv"], cwd=tmp_path,
+                         env=project_env(FASHIONDIFF_TRACKING="on", FASHIONDIFF_TRACKING_START_S="3",
+                                         FASHIONDIFF_TRACKING_RETRY_S="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: mlflow (http://127.0.0.1:{port}): ") and "tried for 3 s" in last, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "c").exists()
+    assert time.monotonic() - started < 120  # imports included, on a busy 2-core machine
+
+
+@pytest.mark.slow
+def test_a_server_away_past_the_stage_end_gets_its_calls_from_the_next_stage(tmp_path, monkeypatch, capsys):
+    """Calls made while the server is down return at once; the stage's end waits
+    FASHIONDIFF_TRACKING_FLUSH_S, then keeps them on disk under the project root; the next stage
+    that reaches the server delivers them (metrics, the artifact, the runs' end)."""
+    for key in [k for k in os.environ if k.startswith("DVC_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv(tracking.ENV_SWITCH, raising=False)
+    for key, value in {"FASHIONDIFF_TRACKING_FLUSH_S": "1", "FASHIONDIFF_TRACKING_RETRY_S": "0.5",
+                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}.items():
+        monkeypatch.setenv(key, value)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = _server(tmp_path, port)
+    note = work / "note.txt"
+    note.write_text("kept")
+    try:
+        with stage_run("train", repo_params(), tracking_uri=base) as tracker:
+            tracker.log_metrics({"loss": 1.0}, step=1)
+            assert tracker.flush(60)
+            stop_process_group(server)
+            down = time.monotonic()
+            for step in (2, 3):
+                tracker.log_metrics({"loss": 1.0 / step}, step=step)
+            tracker.log_summary({"loss": 0.25})
+            tracker.log_artifact(note, "notes")
+            assert time.monotonic() - down < 1  # nothing waits on the server
+        assert time.monotonic() - down < 30  # the end: FLUSH_S, plus a request in flight at most
+        [spool] = list((work / ".fashiondiff/outbox").glob("*/*/ops.jsonl"))
+        note.unlink()  # the spool has its own copy
+        err = capsys.readouterr().err
+        assert "does not answer" in err and f"kept in {spool.parent}" in err, err
+
+        server = _server(tmp_path, port)
+        with stage_run("evaluate", repo_params(), tracking_uri=base):
+            pass
+        assert "delivering 7 tracking calls an earlier stage kept" in capsys.readouterr().err
+        assert not spool.parent.exists()
+        exp_id = _get(base, "/api/2.0/mlflow/experiments/get-by-name",
+                      experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
+        runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
+        train = next(r for r in runs if r["info"]["run_name"] == "train")
+        assert [(s, v) for s, v, _ in _history(base, tracker.run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 0.25),
+                                                                                   (3, 1 / 3)]
+        assert train["info"]["status"] == "FINISHED"
+        files = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=tracker.run_id, path="notes")["files"]
+        assert [f["path"] for f in files] == ["notes/note.txt"]
+        parent = _get(base, "/api/2.0/mlflow/runs/get", run_id=tracker.parent_run_id)["run"]
+        assert {m["key"]: m["value"] for m in parent["data"]["metrics"]} == {"train.loss": 0.25}
+    finally:
+        stop_process_group(server)
+
+
+OUTAGE_EPOCHS = 500  # 2,000 steps of the tiny prior: ~40 s on an idle core, minutes on a busy one
+
+
+@pytest.mark.slow
+def test_a_training_stage_outlives_a_server_stopped_for_a_minute(tmp_path, tiny_base, train_cache):
+    """The issue's check: a real `mlflow server` stopped 60 s while `train_prior` trains, then
+    started again on the same store. The stage keeps training through it (loss points stamped
+    while the server was down), finishes with exit 0, and MLflow ends up with every logged loss
+    point (the loss curve DVC plots, point for point), the summary and the files. The stage's
+    end may wait for the server here (FLUSH_S 600: the training may be over before the minute is)."""
+    from pipeline_fixtures import stage_params
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    params = stage_params(tiny_base, epochs=OUTAGE_EPOCHS, **{"train.log_every": 5, "train.checkpoint_every": 100,
+                                                              "mlflow.tracking_uri": base})
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    server = _server(tmp_path, port)
+    args = ["--cache", train_cache, "--out", "models/prior", "--checkpoints", "ckpt", "--summary", "prior.json",
+            "--plot", "prior.csv"]
+    log = tmp_path / "stage.log"
+    stage = start_group([sys.executable, str(REPO / "stages/train_prior.py"), *map(str, args)], log, cwd=tmp_path,
+                        env=project_env(FASHIONDIFF_TRACKING="on", FASHIONDIFF_TRACKING_RETRY_S="2",
+                                        FASHIONDIFF_TRACKING_FLUSH_S="600"))
+    try:
+        run_id = _wait_for_first_loss(base, stage, log)
+        stop_process_group(server)
+        down = time.time()
+        time.sleep(60)
+        assert stage.poll() is None, log.read_text()[-2000:]  # training, or waiting to deliver
+        server = _server(tmp_path, port)
+        up = time.time()
+        assert stage.wait(timeout=900) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "does not answer" in text and "answers again after" in text, text[-3000:]
+        history = _history(base, run_id, "loss")
+        run = _get(base, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+        files = {f["path"] for f in _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]}
+    finally:
+        stop_process_group(stage)
+        stop_process_group(server)
+    curve = [line.split(",") for line in (tmp_path / "prior.csv").read_text().splitlines()[1:]]
+    assert [(s, v) for s, v, _ in history] == [(int(s), float(v)) for s, _, v, _ in curve]  # every point
+    assert any(down < ts / 1000 < up for _, _, ts in history), "no loss point was logged while the server was down"
+    assert run["info"]["status"] == "FINISHED"
+    assert {m["key"] for m in run["data"]["metrics"]} >= {"loss", "lr", "loss_last_epoch", "samples_per_s_mean"}
+    assert {"prior.json", "prior.csv", "fashiondiff_config.json"} <= files
+
+
+def _wait_for_first_loss(base: str, stage, log: Path, limit: float = 300) -> str:
+    """The stage's run id, once MLflow holds a loss point of it."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if stage.poll() is not None:
+            pytest.fail(f"the stage exited early:\n{log.read_text()[-3000:]}")
+        found = [line for line in log.read_text().splitlines() if line.startswith("mlflow: train_prior run ")]
+        if found:
+            run_id = found[0].split()[3]
+            if _history(base, run_id, "loss"):
+                return run_id
+        time.sleep(1)
+    pytest.fail(f"no loss point in MLflow in {limit} s:\n{log.read_text()[-3000:]}")

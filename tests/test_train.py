@@ -79,7 +79,7 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train
                             env=project_env(FASHIONDIFF_TRACKING="off"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list((killed / "ckpt/prior").glob("step-*")) and time.time() < deadline:
+    while not list((killed / "ckpt/prior").glob("*/step-*")) and time.time() < deadline:  # <fingerprint>/
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -94,7 +94,7 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train
         for name in a:
             assert torch.equal(a[name], b[name]), (folder, name)
     if variant:  # checkpoints hold the adapter only (its optimiser and EMA state beside it)
-        checkpoint = weights(killed / "ckpt/prior/step-00000160")
+        checkpoint = weights(next((killed / "ckpt/prior").glob("*/step-00000160")))
         assert checkpoint and all(".lora_" in name for name in checkpoint)
     assert (straight / "prior.csv").read_text() == (killed / "prior.csv").read_text()
     assert json.loads((straight / "prior.json").read_text()) == json.loads((killed / "prior.json").read_text())
@@ -158,9 +158,10 @@ def test_two_processes_agree_and_learn(tmp_path, tiny_base, train_cache, variant
     # Every checkpoint holds both ranks' RNG states, and no half-built folder is left: rank 0
     # once renamed a checkpoint before rank 1 had written its part (which then recreated the
     # temporary folder, or crashed when it vanished under it).
-    ckpt = tmp_path / "ckpt" / "prior"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000010", "step-00000012"]
-    for step in ckpt.iterdir():
+    [ckpt] = [p for p in (tmp_path / "ckpt" / "prior").iterdir() if p.is_dir()]  # one run: one folder
+    steps = [p for p in ckpt.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in steps) == ["step-00000010", "step-00000012"]
+    for step in steps:
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in step.iterdir()}
 
 

@@ -119,7 +119,7 @@ def test_kill_9_and_resume_with_validation_on_repeats_none(tmp_path, watched, tr
                              *map(str, validated(tmp_path, train_cache))],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list((tmp_path / "ckpt/prior").glob("step-*")) and time.time() < deadline:
+    while not list((tmp_path / "ckpt/prior").glob("*/step-*")) and time.time() < deadline:  # <run fingerprint>/
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

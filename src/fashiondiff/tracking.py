@@ -27,6 +27,12 @@ experiment's runs table instead of the GenAI traces layout. The Model Registry i
 ``register`` stage's (``fashiondiff.serving.registry``); the UI's saved view is
 ``fashiondiff ui``'s (``fashiondiff.commands.ui``).
 
+Where the runs go: ``mlflow.tracking_uri``, a relative ``sqlite:///`` path resolved against the
+project's root (``DVC_ROOT``: a queued ``dvc exp run`` runs in a temporary copy DVC deletes).
+Opening a stage's runs needs the store (retried up to ``FASHIONDIFF_TRACKING_START_S`` seconds,
+then a one-line error before any work); every later call goes through an outbox a background
+thread delivers, so a store that goes away mid-run delays nothing (fashiondiff.outbox).
+
 ``FASHIONDIFF_TRACKING=off`` turns every call into a no-op (mlflow is not imported).
 Run ids are random: never write them (or anything else from here) into stage outputs.
 """
@@ -48,6 +54,17 @@ from typing import TYPE_CHECKING, Iterator
 
 from fashiondiff.config.schema import Params, load_params
 from fashiondiff.errors import PipelineError
+from fashiondiff.outbox import (
+    FLUSH_S,
+    RETRY_S,
+    Outbox,
+    fast_failing_requests,
+    is_transient,
+    seconds,
+    send,
+    store_lock,
+)
+from fashiondiff.project import project_root
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
@@ -76,15 +93,21 @@ def tracking_enabled() -> bool:
 
 
 class Tracker:
-    """Logs to one stage's child run (and, for summaries, to the pipeline's parent run)."""
+    """Logs to one stage's child run (and, for summaries, to the pipeline's parent run).
+
+    Every call returns at once: it becomes an op of the stage's :class:`~fashiondiff.outbox.Outbox`,
+    which a background thread delivers (retried while the store does not answer; see there).
+    ``client`` stays usable for what needs an answer now (the register stage's registry calls).
+    """
 
     def __init__(self, stage: str, client=None, run_id: str = "", parent_run_id: str = "",
-                 tracking_uri: str = "") -> None:
+                 tracking_uri: str = "", outbox=None) -> None:
         self.stage = stage
         self.run_id = run_id
         self.parent_run_id = parent_run_id
         self.tracking_uri = tracking_uri
         self.client = client  # None: tracking is off, every method is a no-op
+        self.outbox = outbox  # None with a client: each call is sent before it returns
         self._last_step = 0
 
     @property
@@ -95,19 +118,19 @@ class Tracker:
     def log_params(self, params: dict) -> None:
         """Stage-specific params on the child run (values stringified, batched by 100)."""
         if self.client is not None:
-            _log_params(self.client, self.run_id, params)
+            self._put({"op": "params", "run": self.run_id, "params": {str(k): _text(v) for k, v in params.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Per-step values on the child run, in one request."""
         if self.client is not None:
-            _log_metrics(self.client, self.run_id, metrics, step)
+            self._points(self.run_id, [(k, int(step or 0), v) for k, v in metrics.items()])
             self._last_step = max(self._last_step, int(step or 0))
 
     def log_curve(self, name: str, points: list[tuple[int, float]]) -> None:
         """A whole per-step curve at once, (step, value) pairs, in batched requests: for curves
         computed in another process (the stand-in's pre-training), logged when it is done."""
         if self.client is not None and points:
-            _log_points(self.client, self.run_id, [(name, s, v) for s, v in points])
+            self._points(self.run_id, [(name, s, v) for s, v in points])
             self._last_step = max(self._last_step, max(int(s) for s, _ in points))
 
     def log_summary(self, metrics: dict[str, float]) -> None:
@@ -118,10 +141,10 @@ class Tracker:
         """
         if self.client is None:
             return
-        _log_metrics(self.client, self.run_id, metrics, self._last_step)
+        self._points(self.run_id, [(k, self._last_step, v) for k, v in metrics.items()])
         prefix = f"{self.stage}."
-        up = {(k if k.startswith(prefix) else prefix + k): v for k, v in metrics.items()}
-        _log_metrics(self.client, self.parent_run_id, up, None)
+        self._points(self.parent_run_id, [(k if k.startswith(prefix) else prefix + k, 0, v)
+                                          for k, v in metrics.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file, or a folder, logged under ``artifact_path/`` keeping its own name."""
@@ -130,11 +153,11 @@ class Tracker:
         path = Path(path)
         if path.is_dir():
             dest = posixpath.join(artifact_path, path.name) if artifact_path else path.name
-            self.client.log_artifacts(self.run_id, str(path), artifact_path=dest)
         elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+            dest = artifact_path
         else:
             raise PipelineError(f"{path}: no such file or folder to log to MLflow")
+        self._put({"op": "artifact", "run": self.run_id, "path": str(path.resolve()), "artifact_path": dest})
 
     def log_image(self, image: "PIL.Image.Image", name: str, parent_name: str = "") -> None:
         """An image as artifact ``name`` (``.png`` appended when it has no suffix); with
@@ -145,13 +168,43 @@ class Tracker:
         for run_id, path in ((self.run_id, name), (self.parent_run_id, parent_name)):
             if path:
                 path += "" if posixpath.splitext(path)[1] else ".png"
-                self.client.log_image(run_id, image, artifact_file=path)
+                self._image(run_id, image, artifact_file=path)
 
     def log_image_at(self, image: "PIL.Image.Image", key: str, step: int) -> None:
         """An image at a training step: MLflow 3's UI shows a run's images per ``key`` with a step
         slider (``MlflowClient.log_image(key=, step=)``; files under the run's ``images/``)."""
         if self.client is not None:
-            self.client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True)
+            self._image(self.run_id, image, key=key, step=int(step))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every call so far is delivered; True if it was."""
+        return self.outbox is None or self.outbox.flush(timeout)
+
+    # -- how calls reach the store ---------------------------------------------------------
+
+    def _put(self, op: dict) -> None:
+        if self.outbox is not None:
+            self.outbox.put(op)
+        else:
+            send(self.client, op)
+
+    def _points(self, run_id: str, points: list[tuple[str, int, float]]) -> None:
+        """(name, step, value) points, stamped now (a delayed delivery keeps when they happened)."""
+        now = int(time.time() * 1000)
+        self._put({"op": "metrics", "run": run_id, "points": [[k, float(v), now, int(s)] for k, s, v in points]})
+
+    def _image(self, run_id: str, image, artifact_file: str | None = None, key: str | None = None,
+               step: int | None = None) -> None:
+        """``image`` as ``artifact_file``, or as MLflow's stepped image ``key`` at ``step``."""
+        if self.outbox is None:
+            self.client.log_image(run_id, image, artifact_file=artifact_file, key=key, step=step, synchronous=True)
+            return
+        path = self.outbox.stage_image(image, posixpath.basename(artifact_file or f"{key}.png"))
+        op = {"op": "image", "run": run_id, "path": path}
+        op.update({"artifact_file": artifact_file} if key is None else
+                  {"key": key, "step": int(step or 0), "timestamp": int(time.time() * 1000)})
+        self._put(op)
+
 
 @contextlib.contextmanager
 def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[Tracker]:
@@ -160,8 +213,13 @@ def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[T
     ``params`` is the stage's view (its declared params go on the child run) or a whole
     Params. The parent run, its key and the ``mlflow.*`` settings come from the whole of
     ``params.yaml``: tracking shapes no DVC output, so no stage declares those keys.
-    ``tracking_uri`` overrides ``mlflow.tracking_uri``. On an exception the
+    ``tracking_uri`` overrides ``mlflow.tracking_uri``; a relative ``sqlite:///`` path is the
+    project root's (fashiondiff.project: not inside a DVC temporary copy). On an exception the
     child (and parent) end FAILED (KILLED on Ctrl-C) and the exception propagates.
+
+    Opening the runs needs the store: if it does not answer for ``FASHIONDIFF_TRACKING_START_S``
+    seconds (30), a one-line PipelineError, before the stage's work. After that nothing waits on
+    it (fashiondiff.outbox); leaving the block waits at most ``FASHIONDIFF_TRACKING_FLUSH_S``.
     """
     if not _STAGE_NAME.match(stage):
         raise PipelineError(f"tracking: stage name {stage!r} has characters other than [A-Za-z0-9_.@:/-]")
@@ -170,24 +228,26 @@ def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[T
         return
     whole = params if isinstance(params, Params) else load_params()
     uri = resolve_tracking_uri(tracking_uri or whole.mlflow.tracking_uri)
-    client, tracker = _open(stage, whole, uri)
+    tracker = _open(stage, whole, uri)
     if whole is not params:
         tracker.log_params(params.flat())  # what this stage declares, beside the parent's whole set
     try:
         yield tracker
     except BaseException as exc:
-        _close(client, tracker, _status_for(exc))
+        _close(tracker, _status_for(exc))
         raise
-    _close(client, tracker, "FINISHED")
+    _close(tracker, "FINISHED")
 
 
 def resolve_tracking_uri(uri: str, cwd: str | Path | None = None) -> str:
-    """Make a relative ``sqlite:///path`` absolute against ``cwd`` (default: the current one)."""
+    """Make a relative ``sqlite:///path`` absolute against ``cwd`` (default: the project's root,
+    ``DVC_ROOT`` under DVC: a queued experiment's stages run in a temporary copy of the
+    repository, whose ``mlflow.db`` DVC deletes with it)."""
     prefix = "sqlite:///"
     if uri.startswith(prefix):
         path = uri[len(prefix):]
         if path and not path.startswith("/") and not path.startswith(":memory:"):
-            return prefix + str((Path(cwd or os.getcwd()) / path).resolve())
+            return prefix + str((Path(cwd or project_root()) / path).resolve())
     return uri
 
 
@@ -214,39 +274,76 @@ def pipeline_identity(params: Params, cwd: str | Path | None = None) -> dict[str
 
 # -- internals ---------------------------------------------------------------------------
 
-def _open(stage: str, params: Params, uri: str):
+START_S = ("FASHIONDIFF_TRACKING_START_S", 30.0)  # opening the runs: give up after this
+
+
+def _open(stage: str, params: Params, uri: str) -> Tracker:
+    """Create the stage's runs (retried while the store does not answer, up to START_S), then
+    hand further calls to an outbox. Errors: one line."""
     quiet_mlflow()
+    fast_failing_requests(uri)
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     identity = pipeline_identity(params)
-    try:
-        client = MlflowClient(tracking_uri=uri)
-        exp_id = _experiment(client, params.mlflow.experiment, uri)
-        parent_id = _parent(client, exp_id, identity)
-        _log_params(client, parent_id, params.flat())  # idempotent: same key, same values
-        child = client.create_run(exp_id, run_name=stage, tags={
-            TAG_PARENT: parent_id, TAG_ROLE: "stage", TAG_STAGE: stage, TAG_KEY: identity["key"],
-            TAG_COMMIT: identity["commit"], TAG_EXP_NAME: identity["exp_name"], "mlflow.user": _user(),
-        })
-        _supersede(client, exp_id, parent_id, stage, keep=child.info.run_id)
-        client.update_run(parent_id, status="RUNNING")
-    except MlflowException as exc:
-        raise PipelineError(f"mlflow ({display_uri(uri)}): {exc.message.splitlines()[0]}") from exc
-    print(f"mlflow: {stage} run {child.info.run_id} in pipeline run {parent_id} "
-          f"({display_uri(uri)}, experiment {params.mlflow.experiment})", file=sys.stderr)
-    return client, Tracker(stage, client, child.info.run_id, parent_id, uri)
+    client = MlflowClient(tracking_uri=uri)
+    deadline, waiting = time.monotonic() + seconds(START_S), False
+    while True:
+        try:
+            with store_lock(uri):
+                tracker = _open_runs(client, stage, params, identity, uri)
+            break
+        except PipelineError:  # already one line (a deleted experiment)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store's errors: retried or one line
+            if not is_transient(exc) or time.monotonic() >= deadline:
+                message = exc.message if isinstance(exc, MlflowException) else str(exc) or repr(exc)
+                hint = (f" (tried for {seconds(START_S):g} s: is the server running? FASHIONDIFF_TRACKING=off "
+                        f"runs without tracking)" if is_transient(exc) else "")
+                raise PipelineError(f"mlflow ({display_uri(uri)}): {message.strip().splitlines()[0]}{hint}") from exc
+            if not waiting:
+                print(f"mlflow: {display_uri(uri)} does not answer; retrying for up to {seconds(START_S):g} s",
+                      file=sys.stderr, flush=True)
+                waiting = True
+            time.sleep(min(seconds(RETRY_S), max(0.0, deadline - time.monotonic())))
+    tracker.outbox = Outbox(client, uri, project_root(), label=display_uri(uri))
+    adopted = f"; delivering {tracker.outbox.adopted} tracking calls an earlier stage kept" if tracker.outbox.adopted else ""
+    print(f"mlflow: {stage} run {tracker.run_id} in pipeline run {tracker.parent_run_id} "
+          f"({display_uri(uri)}, experiment {params.mlflow.experiment}){adopted}", file=sys.stderr)
+    return tracker
 
 
-def _close(client, tracker: Tracker, status: str) -> None:
-    """End child then parent; while an exception is propagating, never mask it."""
+def _open_runs(client, stage: str, params: Params, identity: dict[str, str], uri: str) -> Tracker:
+    """The experiment, the pipeline's parent run and this stage's child run (idempotent: a
+    retry finds the parent made before, and supersedes a child made before)."""
+    exp_id = _experiment(client, params.mlflow.experiment, uri)
+    parent_id = _parent(client, exp_id, identity)
+    _log_params(client, parent_id, params.flat())  # idempotent: same key, same values
+    child = client.create_run(exp_id, run_name=stage, tags={
+        TAG_PARENT: parent_id, TAG_ROLE: "stage", TAG_STAGE: stage, TAG_KEY: identity["key"],
+        TAG_COMMIT: identity["commit"], TAG_EXP_NAME: identity["exp_name"], "mlflow.user": _user(),
+    })
+    _supersede(client, exp_id, parent_id, stage, keep=child.info.run_id)
+    client.update_run(parent_id, status="RUNNING")
+    return Tracker(stage, client, child.info.run_id, parent_id, uri)
+
+
+def _close(tracker: Tracker, status: str) -> None:
+    """End child then parent, through the outbox: waits at most FLUSH_S for the store, then
+    keeps what is left on disk for the next stage to deliver. Never masks an exception."""
+    now = int(time.time() * 1000)
+    for run_id in (tracker.run_id, tracker.parent_run_id):
+        tracker.outbox.put({"op": "end", "run": run_id, "status": status, "end_time": now})
     try:
-        client.set_terminated(tracker.run_id, status=status)
-        client.set_terminated(tracker.parent_run_id, status=status)
+        spool = tracker.outbox.close()
     except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not hide the stage's error
         if status == "FINISHED":
             raise
         print(f"mlflow: could not mark run {tracker.run_id} {status}: {exc!r}", file=sys.stderr)
+        return
+    if spool is not None:
+        print(f"mlflow: {display_uri(tracker.tracking_uri)} did not answer for {seconds(FLUSH_S):g} s; its "
+              f"undelivered calls are kept in {spool} for the next stage to deliver", file=sys.stderr)
 
 
 def _status_for(exc: BaseException) -> str:
@@ -338,18 +435,6 @@ def _log_params(client, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
 
     client.log_batch(run_id, params=[Param(str(k), _text(v)) for k, v in params.items()])
-
-
-def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int | None) -> None:
-    _log_points(client, run_id, [(k, int(step or 0), v) for k, v in metrics.items()])
-
-
-def _log_points(client, run_id: str, points: list[tuple[str, int, float]]) -> None:
-    """(name, step, value) points in one call: MlflowClient.log_batch splits it into MLflow's batch sizes."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(name, float(v), now, int(step)) for name, step, v in points])
 
 
 def _text(value: object) -> str:

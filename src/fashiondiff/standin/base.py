@@ -67,9 +67,32 @@ def reconstructions(parts, validation: dict, resolution: int) -> Image.Image:
 
 def pretrain_base(files: dict[str, tuple[str, str]], params, out: str, reports: str, checkpoints: str) -> None:
     """Pre-train the tiny base on ``files`` (domain -> (train .h5, validation .h5)) and write it."""
+    check_template(params.data.caption)
+    # The runs open first: a tracking store that does not answer stops the stage before the work.
+    with stage_run("pretrain", params) as tracker:
+        started = time.perf_counter()
+        parts, validation, history, result = pretrain_parts(files, params, checkpoints)
+        curves = {**result.losses, **{k: [p["loss"] for p in v] for k, v in history.items()}}
+        report = diagnostics(parts, validation, params.model.resolution, curves)
+        with atomic_dir(out) as tmp:  # prior/ and decoder/, two DVC outputs
+            save_pipelines(parts, tmp)
+        grid = reconstructions(parts, validation, params.model.resolution)
+        with atomic_file(Path(reports) / "movq_reconstructions.png", "wb") as handle:
+            grid.save(handle, format="PNG")
+        write_json(Path(reports) / "pretrain.json", report)
+        seconds = {**result.seconds, "total": round(time.perf_counter() - started, 1)}
+        log_pretraining(tracker, report, history, seconds, grid, Path(reports) / "pretrain.json")
+    r, m = report["retrieval"], report["movq"]
+    print("pretrain: " + "; ".join(
+        f"{d}: CLIP top-1 {r[d]['top1']:.2f} (chance {r[d]['top1_chance']:.2f}), MoVQ PSNR {m[d]['psnr']:.1f} dB"
+        for d in DOMAINS) + f"; final loss prior {report['final_loss']['prior']:.3f}, "
+        f"U-Net {report['final_loss']['unet']:.3f}; {seconds['total']} s")
+
+
+def pretrain_parts(files: dict[str, tuple[str, str]], params, checkpoints: str):
+    """The pre-trained tiny parts, the validation splits, the generator's curves and the
+    encoders' result (losses, seconds)."""
     template, cfg, res = params.data.caption, params.standin.pretrain, params.model.resolution
-    check_template(template)
-    started = time.perf_counter()
     train = {d: load_split(files[d][0], template) for d in DOMAINS}
     validation = {d: load_split(files[d][1], template) for d in DOMAINS}
     images = np.concatenate([train[d][0] for d in DOMAINS])
@@ -85,28 +108,16 @@ def pretrain_base(files: dict[str, tuple[str, str]], params, out: str, reports: 
         generator_started = time.perf_counter()
         history = gen.pretrain_generator(parts, cache, cfg.generator, params.seed, checkpoints, pool)
         result.seconds["generator"] = round(time.perf_counter() - generator_started, 1)
-    curves = {**result.losses, **{k: [p["loss"] for p in v] for k, v in history.items()}}
-    report = diagnostics(parts, validation, res, curves)
-    with stage_run("pretrain", params) as tracker:
-        with atomic_dir(out) as tmp:  # prior/ and decoder/, two DVC outputs
-            save_pipelines(parts, tmp)
-        grid = reconstructions(parts, validation, res)
-        with atomic_file(Path(reports) / "movq_reconstructions.png", "wb") as handle:
-            grid.save(handle, format="PNG")
-        write_json(Path(reports) / "pretrain.json", report)
-        for kind, points in history.items():
-            tracker.log_curve(f"{kind}_loss", [(p["step"], p["loss"]) for p in points])
-        seconds = {**result.seconds, "total": round(time.perf_counter() - started, 1)}
-        tracker.log_summary({f"{group}.{domain}.{k}": float(v) for group in ("retrieval", "movq")
-                             for domain in DOMAINS for k, v in report[group][domain].items()})
-        tracker.log_summary({f"{group}.{k}": float(v) for group in ("mclip", "final_loss")
-                             for k, v in report[group].items()})
-        tracker.log_summary({f"seconds.{k}": float(v) for k, v in seconds.items()})
-        tracker.log_image(grid, "movq_reconstructions.png")
-        tracker.log_artifact(Path(reports) / "pretrain.json")
-    r, m = report["retrieval"], report["movq"]
-    print("pretrain: " + "; ".join(
-        f"{d}: CLIP top-1 {r[d]['top1']:.2f} (chance {r[d]['top1_chance']:.2f}), MoVQ PSNR {m[d]['psnr']:.1f} dB"
-        for d in DOMAINS) + f"; final loss prior {report['final_loss']['prior']:.3f}, "
-        f"U-Net {report['final_loss']['unet']:.3f}; {seconds['total']} s")
+    return parts, validation, history, result
 
+
+def log_pretraining(tracker, report: dict, history: dict, seconds: dict, grid: Image.Image, report_file: Path) -> None:
+    for kind, points in history.items():
+        tracker.log_curve(f"{kind}_loss", [(p["step"], p["loss"]) for p in points])
+    tracker.log_summary({f"{group}.{domain}.{k}": float(v) for group in ("retrieval", "movq")
+                         for domain in DOMAINS for k, v in report[group][domain].items()})
+    tracker.log_summary({f"{group}.{k}": float(v) for group in ("mclip", "final_loss")
+                         for k, v in report[group].items()})
+    tracker.log_summary({f"seconds.{k}": float(v) for k, v in seconds.items()})
+    tracker.log_image(grid, "movq_reconstructions.png")
+    tracker.log_artifact(report_file)

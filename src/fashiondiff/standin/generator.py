@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from fashiondiff.config.schema import GeneratorParams, TrainParams
-from fashiondiff.runtime import seed_everything
-from fashiondiff.data.extract import extract
 from fashiondiff.cache.reader import open_cache
+from fashiondiff.config.schema import GeneratorParams, TrainParams
+from fashiondiff.data.extract import extract
 from fashiondiff.embed.encoders import Encoders
 from fashiondiff.embed.writer import build_cache
+from fashiondiff.project import checkpoint_home
+from fashiondiff.runtime import seed_everything
 from fashiondiff.standin.tiny import TinyParts, split_clip
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.loop import Schedule, train, weights_digest
@@ -114,11 +115,12 @@ def pretrain_generator(parts: TinyParts, cache_dir: Path, gen: GeneratorParams, 
     U-Net (else it trains after the prior, here)."""
     cache = open_cache(cache_dir)
     run = fingerprint(gen, seed, cache.meta, parts)
-    unet_args = ("unet", parts.unet, parts.decoder_scheduler, str(cache_dir), gen, seed, str(checkpoints), run)
-    job = pool.submit(_train, *unet_args, 1) if pool is not None else None
-    prior_state, prior_curve = _train("prior", parts.prior, parts.prior_scheduler, str(cache_dir), gen, seed,
-                                      str(checkpoints), run)
-    unet_state, unet_curve = job.result() if job is not None else _train(*unet_args)
+    with checkpoint_home(checkpoints, run) as home:  # <checkpoints>/<run's fingerprint>/{prior,unet}
+        unet_args = ("unet", parts.unet, parts.decoder_scheduler, str(cache_dir), gen, seed, str(home), run)
+        job = pool.submit(_train, *unet_args, 1) if pool is not None else None
+        prior_state, prior_curve = _train("prior", parts.prior, parts.prior_scheduler, str(cache_dir), gen, seed,
+                                          str(home), run)
+        unet_state, unet_curve = job.result() if job is not None else _train(*unet_args)
     parts.prior.load_state_dict(prior_state)
     parts.unet.load_state_dict(unet_state)
     for model in (parts.prior, parts.unet):

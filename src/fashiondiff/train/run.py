@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from fashiondiff.cache.format import cache_identity
 from fashiondiff.cache.reader import open_cache
 from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.io import atomic_dir, atomic_file, write_json
+from fashiondiff.project import checkpoint_home
 from fashiondiff.train.loop import Schedule, TrainResult, train
 from fashiondiff.train.lora import add_lora, has_adapter, merge_adapter, save_adapter
 from fashiondiff.train.validate import Validator
@@ -127,7 +129,9 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
                  val_plot_path: str | None = None, val_pictures_dir: str | None = None) -> dict | None:
     """Train, save the pipeline and the reports. With ``val_cache_dir``: validation during training
     (``fashiondiff.train.validate``), its curve to ``val_plot_path``, its last pictures to
-    ``val_pictures_dir``, the last validation's numbers in the summary."""
+    ``val_pictures_dir``, the last validation's numbers in the summary. Checkpoints go to a folder
+    of this run's own under ``checkpoint_dir`` (relative: under the project's root, which outlives
+    DVC's temporary copies; see fashiondiff.project)."""
     if kind not in KINDS:
         raise PipelineError(f"unknown model kind {kind!r} (prior or decoder)")
     torch.manual_seed(params.seed)
@@ -136,31 +140,20 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
     validator = None
     if val_cache_dir:
         validator = Validator(kind, task, open_cache(val_cache_dir, expect=_identity(params)), params, tracker)
-    try:
-        result = train(task, params.train, schedule(params), checkpoint_dir, fingerprint(kind, params, cache.meta),
-                       log=tracker.log_metrics, validate=validator)
-    except Stopped as stop:  # preempted: the checkpoint of stop.step is saved; say so on the run
-        tracker.log_metrics({"stopped_at_step": stop.step}, step=stop.step)
-        raise
-    if not result.is_main:
-        return None
-    summary = {
-        "loss_first_epoch": result.epoch_losses[0],
-        "loss_last_epoch": result.epoch_losses[-1],
-        "steps": result.steps,
-        "epochs": params.epochs,
-        "train_items": len(cache),
-    }
-    if validator is not None:
-        summary.update(validator.conclude(result))
-    save_pipeline(pipe, out_dir, params, summary)
-    write_json(summary_path, summary)
-    write_plot(plot_path, result)
-    if validator is not None:
-        validator.write(result, val_plot_path, val_pictures_dir)
+    run = fingerprint(kind, params, cache.meta)
+    with checkpoint_home(checkpoint_dir, run, rank=int(os.environ.get("RANK", "0"))) as home:
+        try:
+            result = train(task, params.train, schedule(params), home, run, log=tracker.log_metrics,
+                           validate=validator)
+        except Stopped as stop:  # preempted: the checkpoint of stop.step is saved; say so on the run
+            tracker.log_metrics({"stopped_at_step": stop.step}, step=stop.step)
+            raise
+        if not result.is_main:
+            return None
+        summary = write_outputs(pipe, params, result, len(cache), validator, out_dir, summary_path, plot_path,
+                                val_plot_path, val_pictures_dir)
     tracker.log_summary({k: float(v) for k, v in summary.items()})
-    tracker.log_params({"model_dir": str(Path(out_dir).resolve()),
-                        "checkpoint_dir": str(Path(checkpoint_dir).resolve())})
+    tracker.log_params({"model_dir": str(Path(out_dir).resolve()), "checkpoint_dir": str(home)})
     for path in (summary_path, plot_path, Path(out_dir) / "fashiondiff_config.json"):
         tracker.log_artifact(path)
     if (Path(out_dir) / ADAPTER_DIR).is_dir():
@@ -174,6 +167,27 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
           f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
           f"data {100 * result.data_share:.1f}% of step time; steps {result.train_s:.1f} s, "
           f"validation {result.validation_s:.1f} s ({100 * validation_share:.1f}%)")
+    return summary
+
+
+def write_outputs(pipe: BaseParts, params, result: TrainResult, train_items: int, validator, out_dir: str,
+                  summary_path: str, plot_path: str, val_plot_path: str | None, val_pictures_dir: str | None) -> dict:
+    """The stage's outputs: the tuned pipeline, the summary JSON, the loss curve CSV (and the
+    validation's curve and pictures); returns the summary."""
+    summary = {
+        "loss_first_epoch": result.epoch_losses[0],
+        "loss_last_epoch": result.epoch_losses[-1],
+        "steps": result.steps,
+        "epochs": params.epochs,
+        "train_items": train_items,
+    }
+    if validator is not None:
+        summary.update(validator.conclude(result))
+    save_pipeline(pipe, out_dir, params, summary)
+    write_json(summary_path, summary)
+    write_plot(plot_path, result)
+    if validator is not None:
+        validator.write(result, val_plot_path, val_pictures_dir)
     return summary
 
 

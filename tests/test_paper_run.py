@@ -1,0 +1,144 @@
+"""docs/paper-run.md as written, on a fresh copy of the repository: every ```bash block marked
+RUNNABLE runs verbatim, in order; each block marked DOWNLOAD is replaced by a stand-in at the
+same paths (small FashionGen-layout files, copies of tiny base folders of the stand-in's
+classes, a random Inception-v3 file fetched by the block's own `dvc import-url` from a local
+path instead of its URL). The sizes are the end-to-end test's SMALL ones (params.yaml of the
+copy), so `dvc exp run` with the page's flags trains a few steps."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import merge
+from doc_blocks import DOWNLOAD, marked_blocks, run_block
+from inception_fixtures import random_inception_weights
+from test_pipeline_e2e import DVC, SMALL, sh
+
+REPO = Path(__file__).resolve().parents[1]
+PAGE = REPO / "docs/paper-run.md"
+REAL_STAGES = {"extract@train", "extract@validation", "extract@generic", "embed@train", "embed@validation",
+               "train_prior", "train_decoder", "evaluate", "register"}
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")]
+
+
+def stand_in_for(block: list[str], root: Path, downloads: Path) -> None:
+    """Put at the paths a DOWNLOAD block writes what stands in for the download."""
+    text = " ".join(block)
+    if "data/raw" in text:
+        (root / "data/raw").mkdir(parents=True)
+        for name in re.findall(r"/path/to/(\S+\.h5)", text):
+            shutil.copy(downloads / name, root / "data/raw" / name)
+    elif "hf download" in text:
+        for repo, folder in re.findall(r"hf download (\S+) --local-dir (\S+)", text):
+            part = "prior" if repo.endswith("-prior") else "decoder"
+            shutil.copytree(downloads / "base" / part, root / folder)
+            meta = root / folder / ".cache/huggingface/download/model_index.json.metadata"
+            meta.parent.mkdir(parents=True)  # what `hf download --local-dir` leaves: timestamps
+            meta.write_text(f"{repo}\n{time.time()}\n")
+    elif "dvc import-url" in text:
+        [command] = block
+        url = command.split()[2]
+        run_block(root, [command.replace(url, str(downloads / "inception.pth"))])
+    else:
+        raise AssertionError(f"no stand-in for {block}")
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory) -> Path:
+    """FashionGen-layout files named as FashionGen's, tiny base folders laid out as
+    kandinsky-community's two repositories (random weights of the stand-in's classes, the
+    params' clip_image_size), and a random Inception-v3 weights file."""
+    from fashiondiff.standin.synthetic import GENERIC, write_synthetic
+    from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
+
+    out = tmp_path_factory.mktemp("downloads")
+    # 40 products: data.holdout_fraction=0.1 holds a few of them out (the products' hashes decide)
+    write_synthetic(out / "fashiongen_256_256_validation.h5", n_products=40, poses_per_product=2, seed=5)
+    write_synthetic(out / "fashiongen_256_256_train.h5", n_products=4, poses_per_product=2, seed=6,
+                    first_product_id=200_000)
+    write_synthetic(out / "generic.h5", n_products=6, poses_per_product=1, seed=7, domain=GENERIC)
+    captions = [f"{c} {w}" for c in ("black", "red", "blue", "white") for w in ("dress", "shirt", "mug", "chair")]
+    save_pipelines(build_tiny(captions, TinySpec(clip_image_size=224), seed=0), out / "base")
+    random_inception_weights(out / "inception.pth")
+    return out
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """A fresh clone-like copy (tracked files), SMALL params, one commit, a `.venv` link."""
+    root = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    params = merge(yaml.safe_load((root / "params.yaml").read_text()), SMALL)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    sh(root, "git", "init", "-q")
+    sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fresh clone")
+    sh(root, "git", "config", "user.email", "t@t")
+    sh(root, "git", "config", "user.name", "t")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ran(clone, downloads) -> dict[str, str]:
+    """The page, block by block; output per runnable command."""
+    blocks = marked_blocks(PAGE)
+    assert [m for m, _ in blocks].count(DOWNLOAD) == 3, blocks
+    outputs = {}
+    for mark, commands in blocks:
+        if mark == DOWNLOAD:
+            stand_in_for(commands, clone, downloads)
+        else:
+            outputs.update(run_block(clone, commands))
+    return outputs
+
+
+def test_the_inputs_are_under_dvc_and_git_has_only_their_dvc_files(ran, clone):
+    tracked = sh(clone, "git", "ls-files").split()
+    assert {"data/raw.dvc", "models/kandinsky-2-1-prior.dvc", "models/kandinsky-2-1.dvc",
+            "weights/inception/weights-inception-2015-12-05-6726825d.pth.dvc"} <= set(tracked)
+    assert not [f for f in tracked if f.startswith(("data/raw/", "models/kandinsky-2-1-prior/", "models/kandinsky-2-1/"))]
+    prior = yaml.safe_load((clone / "models/kandinsky-2-1-prior.dvc").read_text())["outs"][0]
+    files = [p for p in (clone / "models/kandinsky-2-1-prior").rglob("*") if p.is_file() and ".cache" not in p.parts]
+    assert prior["nfiles"] == len(files)  # hf's bookkeeping (.cache/huggingface) is not hashed
+
+
+def test_the_dry_run_lists_the_real_stages_only(ran):
+    [dry] = [out for command, out in ran.items() if command.startswith("dvc exp run --dry --force")]
+    listed = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+    assert listed == REAL_STAGES, dry
+
+
+def test_the_run_trains_evaluates_with_fid_and_tracks_it(ran, clone):
+    [run] = [out for command, out in ran.items() if command.startswith("dvc exp run -n paper")]
+    ran_stages = {line.split("'")[1] for line in run.splitlines() if line.startswith("Running stage")}
+    assert ran_stages == REAL_STAGES, run
+    scores = json.loads((clone / "reports/scores.json").read_text())
+    assert "fid" in scores["catalogue"] and scores["catalogue"]["fid_n_generated"] > 0
+    details = json.loads((clone / "reports/evaluation.json").read_text())
+    assert details["catalogue"]["prompts"] > 0 and details["fid_status"].startswith("computed"), details
+    assert "paper" in sh(clone, str(DVC), "exp", "show", "--no-pager", "--csv")
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fashiongen-kandinsky")
+    [parent] = client.search_runs([exp.experiment_id], filter_string="tags.`fashiondiff.role` = 'pipeline'")
+    assert parent.info.run_name == "paper" and parent.data.params["model.prior"] == "models/kandinsky-2-1-prior"
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.info.run_name for c in children} == {"train_prior", "train_decoder", "evaluate", "register"}
+    assert "evaluate.catalogue.fid" in parent.data.metrics
