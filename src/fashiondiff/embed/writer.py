@@ -277,32 +277,33 @@ class _Writer:
 
     def write_captions(self, parts) -> int:
         """Write gathered caption batches; returns how many captions they held."""
-        written = 0
+        written, batches = 0, []
         for batch, arrays, hidden in parts:
             lo, hi = _span(batch, self.batch_size, self.counts["captions"])
             for name, value in arrays.items():
                 self.arrays[name][lo:hi] = value
             for c, h in zip(range(lo, hi), hidden):
                 self.arrays["text_hidden"][self.offsets[c]:self.offsets[c + 1]] = h
-            self.done["captions"].add(batch)
+            batches.append(batch)
             written += hi - lo
-        self.save()
+        self.save("captions", batches)
         return written
 
     def write_images(self, parts) -> int:
-        written = 0
+        written, batches = 0, []
         for batch, arrays in parts:
             lo, hi = _span(batch, self.batch_size, self.counts["images"])
             for name, value in arrays.items():
                 self.arrays[name][lo:hi] = value
-            self.done["images"].add(batch)
+            batches.append(batch)
             written += hi - lo
-        self.save()
+        self.save("images", batches)
         return written
 
-    def count(self, kind: str) -> int:
-        """Captions or images in the finished batches."""
-        return sum(hi - lo for lo, hi in (_span(b, self.batch_size, self.counts[kind]) for b in self.done[kind]))
+    def count(self, kind: str, done: dict[str, set[int]] | None = None) -> int:
+        """Captions or images in the finished batches (``done``, by default the recorded ones)."""
+        done = self.done if done is None else done
+        return sum(hi - lo for lo, hi in (_span(b, self.batch_size, self.counts[kind]) for b in done[kind]))
 
     def progress_line(self) -> str:
         return ", ".join(f"{self.count(k)}/{self.counts[k]} {k}" for k in ("captions", "images"))
@@ -310,14 +311,20 @@ class _Writer:
     def kept(self) -> str:
         return f"the finished {self.progress_line()} are kept in {self.work}, rerun to resume"
 
-    def save(self) -> None:
-        """Flush the arrays, then record their batches (a batch counts once its bytes are on disk)."""
+    def save(self, kind: str | None = None, batches: list[int] = ()) -> None:
+        """Flush the arrays, then record their batches (a batch counts once its bytes are on disk).
+
+        ``batches`` of ``kind`` join ``done`` only once progress.json lists them: a signal during
+        the flush leaves them out of the "kept" line, which says what a rerun will find.
+        """
         for arr in self.arrays.values():
             arr.flush()
+        done = {k: v | set(batches) if k == kind else v for k, v in self.done.items()}
         write_json(self.work / "progress.json", {  # a full disk: fashiondiff.io's one line, the old file kept
             "fingerprint": self.fingerprint, "batch_size": self.batch_size,
-            "caption_batches": batch_runs(self.done["captions"]), "image_batches": batch_runs(self.done["images"]),
-            "captions": int(self.count("captions")), "images": int(self.count("images"))})
+            "caption_batches": batch_runs(done["captions"]), "image_batches": batch_runs(done["images"]),
+            "captions": int(self.count("captions", done)), "images": int(self.count("images", done))})
+        self.done = done
 
 
 def _allocate(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
