@@ -458,27 +458,3 @@ def test_the_documented_activated_venv_form_works(project):
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def test_real_inputs_run_no_stand_in_stage(project):
-    """The paper's run in miniature: FashionGen-layout files and base folders that no stage
-    writes. No stand-in stage runs; editing stand-in code leaves every real stage up to date."""
-    (project / "data/raw").mkdir()
-    for split in ("train", "validation"):
-        shutil.copy(project / f"data/synthetic/fashiongen_{split}.h5", project / f"data/raw/fg_{split}.h5")
-    for part in ("prior", "decoder"):
-        shutil.copytree(project / f"models/base/{part}", project / f"models/kandinsky-{part}")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    shutil.copy(project / "data/synthetic/generic_validation.h5", project / "data/raw/coco_like.h5")
-    params["data"]["files"] = {"train": "data/raw/fg_train.h5", "validation": "data/raw/fg_validation.h5",
-                               "generic": "data/raw/coco_like.h5"}
-    params["model"].update(prior="models/kandinsky-prior", decoder="models/kandinsky-decoder")
-    params["serve"]["max_log_mb"] = 0  # as real weights are: too large to log (register skips it)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dry = sh(project, str(DVC), "repro", "--dry")
-    assert "standin/dvc.yaml" not in dry and "Running stage 'evaluate'" in dry, dry
-    ran = sh(project, str(DVC), "repro")
-    assert "standin/dvc.yaml" not in ran, ran
-    synthetic = project / "src/fashiondiff/standin/synthetic.py"
-    synthetic.write_text(synthetic.read_text() + "\n# an edit to the stand-in\n")
-    stale = stale_stages(project)
-    assert "standin/dvc.yaml:synthesize" in stale, stale
-    assert all(s.startswith("standin/dvc.yaml:") or s == "register" for s in stale), stale  # register: always

@@ -191,8 +191,8 @@ def _encode_images(enc: Encoders, paths: list[str], root: Path, todo: list[int],
         _Images(root, paths, enc.image_processor, clip_image_size, resolution),
         batch_sampler=[range(*_span(b, batch_size, len(paths))) for b in mine], num_workers=workers,
     )
-    batches = iter(loader) if mine else None  # no share, no loader process
     try:
+        batches = iter(loader) if mine else None  # no share, no loader process
         with _bar(writer, "images", len(paths), desc) as bar:
             for k in range(rounds):
                 result = None
@@ -208,7 +208,8 @@ def _encode_images(enc: Encoders, paths: list[str], root: Path, todo: list[int],
                     bar.update(writer.write_images([p for p in parts if p is not None]))
     except RuntimeError as exc:
         # A loader process that died (OOM killer, kill -9): torch notices within seconds (its
-        # SIGCHLD handler) and raises wherever this process is, not only in next().
+        # SIGCHLD handler) and raises wherever this process is, not only in next() (in iter(),
+        # when it dies while starting).
         if "DataLoader worker" not in str(exc):
             raise
         raise PipelineError(f"embed: the image loader process died ({str(exc).splitlines()[0]}); "
