@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from fashiondiff.data.extract import _Encoder, extract, make_caption
@@ -218,13 +219,17 @@ def test_a_killed_worker_fails_the_stage_within_seconds(make_h5, tmp_path):
     stage = subprocess.Popen([sys.executable, str(REPO / "stages/extract.py"), str(h5), str(out)], cwd=REPO,
                              env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not _children(stage.pid) and time.monotonic() < deadline and stage.poll() is None:
+    workers = yaml.safe_load((REPO / "params.yaml").read_text())["data"]["workers"]  # a fork pool starts all at once
+    while len(_children(stage.pid)) < workers and time.monotonic() < deadline and stage.poll() is None:
         time.sleep(0.01)
     # Freeze the stage the moment its workers exist, so the kill lands with most of the rows
     # still to encode (a busy machine once let the stage finish first, and it rightly exited 0).
     assert stage.poll() is None, "the stage ended before it started a worker"
     os.kill(stage.pid, signal.SIGSTOP)  # not reaped yet (poll saw it running): a safe pid
     try:
+        # A child forked to run another program (ctypes' ldconfig) has the stage's command line
+        # until its exec: once frozen, the stage forks none, and such a child has exec'd by now.
+        time.sleep(0.3)
         workers = _children(stage.pid)
         assert workers, "the stage started no worker"
         os.kill(workers[0], signal.SIGKILL)

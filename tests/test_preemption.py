@@ -62,6 +62,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identica
     signalled = time.monotonic()
     proc.wait(timeout=STOP_BOUND_S)
     took = time.monotonic() - signalled
+    print(f"{processes} process(es): stopped {took:.1f} s after SIGTERM")  # docs/long-runs.md's figure
     text = log.read_text()
     assert proc.returncode != 0 and took < STOP_BOUND_S, (proc.returncode, took, text[-3000:])
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
