@@ -1,4 +1,4 @@
-"""The README's results tables, straight from `dvc exp show`: per experiment, and mean ± std over seeds.
+"""docs/results.md's tables, straight from `dvc exp show`: per experiment, and mean ± std over seeds.
 
 Usage: python bench/exp_table.py [--all-commits] [--names PREFIX ...]
 

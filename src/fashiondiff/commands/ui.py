@@ -31,8 +31,8 @@ from fashiondiff.tracking import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, TAG_ROLE,
 
 # The view's columns. Params: the method's rate, always (other params appear when they differ
 # between runs). Metrics, as the pipeline's parent run names them (<stage>.<key in the stage's
-# file>): reports/scores.json, the tuned model's three scores on both domains (README
-# "Evaluation: what the numbers mean"), then the final training losses, then the last
+# file>): reports/scores.json, the tuned model's three scores on both domains
+# (docs/evaluation.md), then the final training losses, then the last
 # validation's loss and scores (docs/monitoring.md; their curves and pictures: the stage's run).
 ALWAYS_PARAMS = ("lr",)
 HEADLINE_METRICS = tuple(f"evaluate.{domain}.{metric}" for domain in ("catalogue", "generic")

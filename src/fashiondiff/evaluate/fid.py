@@ -162,7 +162,7 @@ def inception_fid(weights: str, device=None):
     if not weights:
         return None, ("skipped: evaluate.fid_weights is empty (fetch torch-fidelity's Inception weights "
                       "into weights/inception/ with `dvc import-url`, then set it to weights/inception/"
-                      "weights-inception-2015-12-05-6726825d.pth: README, FID)")
+                      "weights-inception-2015-12-05-6726825d.pth: docs/fid.md)")
     path = Path(weights)
     if not path.is_file():
         return None, f"skipped: evaluate.fid_weights {weights}: no such file"
