@@ -119,6 +119,7 @@ def error_lines(stderr: str) -> list[str]:
 
 # --- embed ------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # over 10 s (make test-fast leaves it out)
 def test_embed_in_two_processes_writes_the_one_process_cache(tmp_path, tiny_base, extracted, train_cache,
                                                              cpu_processes):
     params = stage_params(tiny_base, **{"compute.timeout_s": PROCESS_TIMEOUT})
@@ -129,6 +130,7 @@ def test_embed_in_two_processes_writes_the_one_process_cache(tmp_path, tiny_base
     assert not (tmp_path / ".cache.partial").exists()
 
 
+@pytest.mark.slow  # over 10 s (make test-fast leaves it out)
 def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, tiny_base, extracted, train_cache,
                                                                    cpu_processes):
     """Process 1's image loader killed (kill -9) while process 0 is held at a hand-over: both gone
@@ -238,6 +240,7 @@ def evaluation(tmp_path_factory, inception_weights):
     return root, params, args, cwd
 
 
+@pytest.mark.slow  # over 10 s (make test-fast leaves it out)
 def test_evaluate_in_two_processes_writes_the_same_samples_and_metrics(evaluation, cpu_processes):
     """Every sample byte for byte and evaluation.json as is; in metrics.json the CLIP scores,
     R-precision and counts exactly, fd_clip and fid within one unit of their sixth digit (each
@@ -311,6 +314,7 @@ def test_evaluate_full_disk_keeps_the_outputs_and_the_rerun_resumes(evaluation):
     same_files(reference, folder / "reports")
 
 
+@pytest.mark.slow  # over 10 s (make test-fast leaves it out)
 def test_evaluate_holds_a_batch_of_images_whatever_the_number_of_prompts(tmp_path, monkeypatch):
     """The in-suite stand-in for bench/bench_spread.py's RSS at 2,000 vs 200 prompts: the most
     images alive at any hand-over does not grow with evaluate.num_prompts (a list of every

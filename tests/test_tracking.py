@@ -103,6 +103,7 @@ def _children(parent_id: str) -> str:
 # -- sqlite --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 10 s (make test-fast leaves it out)
 def test_two_stage_processes_share_one_parent(local_stage):
     tmp_path = local_stage
     _run_stages(tmp_path, "sqlite:///mlflow.db")  # relative: resolved against the stage's cwd

@@ -68,6 +68,7 @@ def watched(tmp_path_factory, tiny_base, train_cache):
     return root, params, result.stdout + result.stderr
 
 
+@pytest.mark.slow  # over 10 s (make test-fast leaves it out)
 def test_validation_on_or_off_ends_with_the_same_weights(tmp_path, watched, train_cache):
     root, params, output = watched
     assert steps_validated(output) == VALIDATION_STEPS
@@ -111,6 +112,7 @@ def test_mlflow_run_has_the_curves_and_pictures_of_each_validation(watched):
     assert parent.data.metrics["train_prior.val_clip_score"] == pytest.approx(float(curve[-1].split(",")[2]))
 
 
+@pytest.mark.slow  # over 10 s (make test-fast leaves it out)
 def test_kill_9_and_resume_with_validation_on_repeats_none(tmp_path, watched, train_cache):
     root, params, _ = watched
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -159,6 +161,7 @@ def decoder_args(root: Path, cache: Path) -> list:
             "--val-pictures", root / "pictures"]
 
 
+@pytest.mark.slow  # over 10 s (make test-fast leaves it out)
 def test_two_processes_validate_on_the_main_one_and_agree(tmp_path, tiny_base, train_cache):
     params = stage_params(tiny_base, epochs=2, **{"train.validate_every": 2, "train.validation_images": 2,
                                                   "train.validation_steps": 2})
