@@ -37,9 +37,10 @@ browser:
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), each test file in one of them; the
 # tests use one torch thread each (tests/conftest.py), so 2 fills this machine's 2 cores.
-# `make test`: every test, ~7 minutes on 2 cores. `make test-fast`: without the tests marked
-# (pyproject.toml) slow (over ~10 s each), browser (Chromium, so no `make browser`: no apt,
-# no sudo) or e2e (`dvc repro` on a copy of the project: half the suite's time); under 2 minutes.
+# `make test`: every test, 13-14 minutes on 2 cores (793-823 s measured; 3 workers: 811 s, the
+# CPU is the limit). `make test-fast`: without the tests marked (pyproject.toml) slow (over ~10 s
+# each), browser (Chromium, so no `make browser`: no apt, no sudo) or e2e (`dvc repro` on copies
+# of the project: 40 % of the suite's time); 86 s.
 TEST_WORKERS ?= 2
 PYTEST := python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP) browser

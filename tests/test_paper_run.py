@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import merge
 from doc_blocks import DOWNLOAD, marked_blocks, run_block
 from inception_fixtures import random_inception_weights
-from test_pipeline_e2e import DVC, SMALL, sh, stale_stages
+from test_pipeline_e2e import DVC, SMALL, fresh_copy, sh, stale_stages
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs/paper-run.md"
@@ -76,19 +74,8 @@ def downloads(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
     """A fresh clone-like copy (tracked files), SMALL params, one commit, a `.venv` link."""
-    root = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    params = merge(yaml.safe_load((root / "params.yaml").read_text()), SMALL)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = fresh_copy(tmp_path_factory.mktemp("clone"))
     (root / ".venv").symlink_to(Path(sys.executable).parent.parent)
-    sh(root, "git", "init", "-q")
-    sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
-    sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fresh clone")
     sh(root, "git", "config", "user.email", "t@t")
     sh(root, "git", "config", "user.name", "t")
     return root

@@ -55,21 +55,27 @@ def sh(cwd: Path, *cmd: str, **extra_env: str) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A fresh clone-like copy (tracked files only), small params, one commit, `dvc repro` done."""
-    root = tmp_path_factory.mktemp("project")
+def fresh_copy(root: Path, skip: tuple[str, ...] = ()) -> Path:
+    """A fresh clone-like copy of the repository in ``root``: the files git tracks or would
+    track (but those under ``skip``), SMALL params, one commit."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:
-        if (REPO / name).is_file() and not name.startswith("reports/"):
+        if (REPO / name).is_file() and not name.startswith(skip):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     params = merge(yaml.safe_load((root / "params.yaml").read_text()), SMALL)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(root, "git", "init", "-q")
     sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
-    sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fixture")
+    sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fresh clone")
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh clone-like copy (without reports/), small params, one commit, `dvc repro` done."""
+    root = fresh_copy(tmp_path_factory.mktemp("project"), skip=("reports/",))
     sh(root, str(DVC), "repro", FASHIONDIFF_AUDIT=str(root / "audit"))
     return root
 
@@ -232,15 +238,12 @@ def docs_with_runnable_blocks() -> list[str]:
 def run_as_written(cwd: Path, commands: list[str]) -> dict[str, str]:
     """Run ``commands`` in one bash, as a user types them (``source .venv/bin/activate`` first,
     a `.venv` here is the test's venv); output per command."""
+    from doc_blocks import run_block  # it imports this module's sh
+
     venv = cwd / ".venv"
     if not venv.exists():
         venv.symlink_to(Path(sys.executable).parent.parent)
-    marks = [f"@@@ {i}" for i in range(len(commands))]
-    script = "set -e\nexec 2>&1\n" + "".join(f"echo '{m}'\n{c}\n" for m, c in zip(marks, commands))
-    out = sh(cwd, "bash", "-c", script)
-    parts = re.split(r"^@@@ \d+$\n?", out, flags=re.M)[1:]
-    assert len(parts) == len(commands), out[-3000:]
-    return dict(zip(commands, parts))
+    return run_block(cwd, commands)
 
 
 @pytest.fixture(scope="module")
