@@ -117,6 +117,16 @@ def error_lines(stderr: str) -> list[str]:
     return [line[line.index("error: "):] for line in stderr.replace("\r", "\n").splitlines() if "error: " in line]
 
 
+def all_gone_after(proc: subprocess.Popen, ranks: dict[int, int], killed: float) -> str:
+    """Wait for the launcher after a kill at ``killed``: every process gone within 30 s, a
+    non-zero exit; its stderr."""
+    _, stderr = proc.communicate(timeout=60)
+    print(f"every process gone {time.monotonic() - killed:.1f} s after the kill")
+    assert time.monotonic() - killed < 30 and not any(alive(p) for p in ranks.values())
+    assert proc.returncode != 0
+    return stderr
+
+
 # --- embed ------------------------------------------------------------------------------------
 
 @pytest.mark.slow  # over 10 s (make test-fast leaves it out)
@@ -154,11 +164,7 @@ def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, ti
         os.kill(loader, signal.SIGKILL)
     finally:
         os.kill(ranks[0], signal.SIGCONT)
-    killed = time.monotonic()
-    _, stderr = proc.communicate(timeout=60)
-    print(f"every process gone {time.monotonic() - killed:.1f} s after the kill")
-    assert time.monotonic() - killed < 30 and not any(alive(p) for p in ranks.values())
-    assert proc.returncode != 0
+    stderr = all_gone_after(proc, ranks, time.monotonic())
     assert any(line.startswith("error: embed: the image loader process died") for line in error_lines(stderr)), stderr
     assert not (tmp_path / "cache").exists()
 
@@ -276,11 +282,7 @@ def test_evaluate_process_killed_stops_both_and_one_process_resumes(evaluation, 
     wait_for(lambda: (folder / "reports/.samples.partial/.progress/base.json").is_file(), "a finished round",
              proc=proc)
     os.kill(ranks[1], signal.SIGKILL)
-    killed = time.monotonic()
-    _, stderr = proc.communicate(timeout=60)
-    print(f"every process gone {time.monotonic() - killed:.1f} s after the kill")
-    assert time.monotonic() - killed < 30 and not any(alive(p) for p in ranks.values())
-    assert proc.returncode != 0
+    stderr = all_gone_after(proc, ranks, time.monotonic())
     lines = error_lines(stderr)
     assert any(line.startswith("error: evaluate: ") and "rerun to resume" in line for line in lines), stderr
     assert sorted(p.name for p in (folder / "reports").iterdir()) == [".samples.partial"]
