@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: see below
+os.environ.setdefault("MKL_CBWR", "AUTO")  # before MKL's first call, as the stages (fashiondiff.runtime)
 
 import h5py
 import numpy as np

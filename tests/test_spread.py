@@ -153,7 +153,7 @@ def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, ti
 
     def captions_done():
         try:
-            return json.loads(progress.read_text())["caption_batches"] == [[0, 2]]
+            return json.loads(progress.read_text())["caption_batches"] == [[0, 3]]
         except (OSError, ValueError, KeyError):
             return False
 

@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from fashiondiff.runtime import MKL_REPRODUCIBLE
+
 SRC = Path(__file__).resolve().parents[1]  # the folder that holds this package (src/)
 
 
@@ -39,7 +41,8 @@ def free_port() -> int:
 def project_env(src: Path | None = None, **extra: str) -> dict[str, str]:
     """This environment, set up for the project's programs: the package in ``src`` importable (by
     default this one; a copied project names its own), this Python's programs first on PATH (dvc,
-    and the ``python`` that stage commands call), one thread per process, no Hub access, no
+    and the ``python`` that stage commands call), one thread per process, MKL's reproducible mode
+    (``fashiondiff.runtime.MKL_REPRODUCIBLE``), no Hub access, no
     telemetry, and outside any DVC run (no inherited ``DVC_*``: a program started here is no
     stage of a run that may have started us); ``extra`` last."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
@@ -47,6 +50,8 @@ def project_env(src: Path | None = None, **extra: str) -> dict[str, str]:
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MLFLOW_DISABLE_TELEMETRY="true",
                DO_NOT_TRACK="1", GRADIO_ANALYTICS_ENABLED="False")
     env.setdefault("OMP_NUM_THREADS", "1")
+    for key, value in MKL_REPRODUCIBLE.items():
+        env.setdefault(key, value)
     return {**env, **extra}
 
 
