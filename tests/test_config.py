@@ -54,7 +54,9 @@ def test_params_yaml_is_the_one_source_a_missing_key_is_named(tmp_path):
 
 @pytest.mark.parametrize("key, value, message", [
     ("evaluate.num_prompts", 1, "evaluate.num_prompts must be >= 2"),
-    ("diffusion_steps", 1, "diffusion_steps must be >= 2"),
+    ("diffusion_steps", 1, "diffusion_steps 1 x evaluate.edit_strengths' 0.3 leaves evaluate's img2img no denoising"),
+    ("evaluate.edit_strengths", [0.3, 0.301], "evaluate.edit_strengths must list at least one strength, no two equal"),
+    ("evaluate.edit_strengths", [0.0], "evaluate.edit_strengths.0 must be in \\(0, 1\\]"),
     ("model.resolution", 60, "model.resolution must be a multiple of 8"),
     ("train.mixed_precision", "fp8", "train.mixed_precision must be no, fp16 or bf16"),
     ("epochs", "many", "epochs must be an integer"),

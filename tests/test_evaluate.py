@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,12 +12,24 @@ from conftest import replaced, repo_params
 from PIL import Image
 
 from fashiondiff.data.split import select_split
-from fashiondiff.evaluate.heldout import choose_prompts
+from fashiondiff.evaluate.edits import recoloured
+from fashiondiff.evaluate.heldout import choose_prompts, heldout_rows
 from fashiondiff.evaluate.run import ModelPair, evaluate
 
 NAMES = ["black leather mini skirt", "white cotton shirt", "blue denim jacket", "red silk dress",
          "grey wool coat", "green linen trousers", "yellow rain jacket", "pink knit sweater"]
 OBJECTS = ["red striped mug", "blue ball", "green lamp", "black leather bag", "white kite"]
+TEXT_KEYS = {"clip_score", "fd_clip", "r_precision"}
+EDIT_KEYS = {"edit_fidelity_s50", "edit_clip_score_s50", "edit_fidelity_s100", "edit_clip_score_s100",
+             "mix_fidelity", "mix_clip_score"}
+
+
+def headline(report: dict) -> dict:
+    """What scores.json holds: the tuned text scores per domain, the catalogue edit at the middle strength."""
+    out = {d: {k: v for k, v in report[d]["tuned"].items() if k not in EDIT_KEYS} for d in ("catalogue", "generic")}
+    tuned = report["catalogue"]["tuned"]
+    out["edit"] = {"fidelity": tuned["edit_fidelity_s100"], "clip_score": tuned["edit_clip_score_s100"]}
+    return out
 
 
 class RecordingTracker:
@@ -69,7 +82,7 @@ def setup(tmp_path_factory):
         data=replaced(base.data, holdout_fraction=0.5),
         model=replaced(base.model, resolution=64),  # MoVQ factor 8: sizes step by 64
         evaluate=replaced(base.evaluate, num_prompts=3, prior_steps=2, batch_size=2,
-                                     r_precision_candidates=4, workers=1),
+                          r_precision_candidates=4, workers=1, edit_items=3, edit_strengths=[0.5, 1.0]),
     )
     return root, folders, params
 
@@ -91,16 +104,27 @@ def test_evaluate_writes_metrics_and_figures(setup):
     details = json.loads((root / "reports_a" / "evaluation.json").read_text())
     # metrics.json: base and tuned per domain; scores.json (the DVC metrics): the tuned model alone
     assert everything == report
-    assert written == {d: report[d]["tuned"] for d in ("catalogue", "generic")}
+    assert written == headline(report)
     for domain in ("catalogue", "generic"):
         assert "base" not in details[domain]  # each number in one file
-        for scores in (written[domain], everything[domain]["base"]):
-            assert set(scores) == {"clip_score", "fd_clip", "r_precision"}  # no FID without evaluate.fid_weights
+        assert set(written[domain]) == TEXT_KEYS  # no FID without evaluate.fid_weights
+        for scores in (everything[domain]["tuned"], everything[domain]["base"]):
+            assert set(scores) == TEXT_KEYS | EDIT_KEYS
             assert all(isinstance(v, float) and np.isfinite(v) for v in scores.values())
-            assert 0.0 <= scores["clip_score"] <= 100.0 and scores["fd_clip"] >= 0.0
-            assert 0.0 <= scores["r_precision"] <= 1.0
+            assert all(0.0 <= v <= 100.0 for k, v in scores.items() if k != "fd_clip")
+            assert scores["fd_clip"] >= 0.0 and scores["r_precision"] <= 1.0
         # base and tuned are the same folders here: same prompts and seeds give the same images
-        assert everything[domain]["base"] == written[domain]
+        assert everything[domain]["base"] == everything[domain]["tuned"]
+        edits = details[domain]["edits"]
+        assert edits["photos"] == 3 and edits["strengths"] == [0.5, 1.0] and edits["mix_image_weight"] == 0.5
+        assert 0.0 <= edits["photo_clip_score"] <= 100.0 and 0.0 <= edits["movq_fidelity"] <= 100.0
+        fraction = 0.5 if domain == "catalogue" else 0.0
+        chosen = choose_prompts(heldout_rows(folders[domain], fraction, params.seed), 3, params.seed)
+        assert edits["prompts"] == [recoloured(c) for c in chosen["caption"]]  # every caption has a colour
+        for model in ("base", "tuned"):  # the dvc plots curve: one row per strength
+            curve = (root / "reports_a" / "plots" / f"edits_{domain}_{model}.csv").read_text().splitlines()
+            assert curve[0] == "strength,edit_clip_score,edit_fidelity" and len(curve) == 3
+            assert curve[2].startswith("1.0,") and curve[2].endswith(str(everything[domain][model]["edit_fidelity_s100"]))
     heldout = select_split(pd.read_parquet(folders["catalogue"] / "captions.parquet"), "validation", 0.5,
                            params.seed)
     assert details["catalogue"]["real_images"] == len(heldout) < 16
@@ -112,7 +136,7 @@ def test_evaluate_writes_metrics_and_figures(setup):
         assert d["r_precision_chance"] == pytest.approx(1 / d["r_precision_candidates"], rel=1e-5)
         assert set(d["real"]) == {"clip_score", "r_precision"}
     assert details["fid_status"].startswith("skipped: evaluate.fid_weights is empty")
-    for name, rows in (("grid.png", 3), ("image_text.png", 1)):
+    for name, rows in (("grid.png", 3), ("image_text.png", 3)):
         with Image.open(root / "reports_a" / "samples" / name) as im:
             assert im.format == "PNG" and im.width >= 3 * 192 and im.height >= rows * 192
     samples = root / "reports_a" / "samples"
@@ -122,8 +146,13 @@ def test_evaluate_writes_metrics_and_figures(setup):
             assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "0002.png"]
             with Image.open(folder / "0000.png") as im:
                 assert im.format == "PNG" and im.mode == "RGB" and im.size == (64, 64)
+            for variant in ("s50", "s100", "mix"):  # every edit too: edits/<domain>/<variant>/<model>/
+                folder = samples / "edits" / domain / variant / model
+                assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "0002.png"]
     assert (samples / "catalogue" / "real_images.txt").read_text().split() == heldout["image"].tolist()
     assert tracker.summary["catalogue.clip_score"] == written["catalogue"]["clip_score"]
+    assert tracker.summary["catalogue.edit_fidelity_s50"] == everything["catalogue"]["tuned"]["edit_fidelity_s50"]
+    assert tracker.summary["reference.generic.base.mix_clip_score"] == everything["generic"]["base"]["mix_clip_score"]
     assert tracker.summary["reference.catalogue.base.clip_score"] == everything["catalogue"]["base"]["clip_score"]
     assert tracker.summary["reference.generic.real.r_precision"] == details["generic"]["real"]["r_precision"]
     assert not any("fid_status" in k for k in tracker.summary)
@@ -141,10 +170,11 @@ def test_evaluate_is_deterministic_in_one_process_or_two(setup):
         assert (root / "reports_b" / name).read_bytes() == (root / "reports_c" / name).read_bytes(), name
     for domain in ("catalogue", "generic"):
         for model in ("base", "tuned"):
-            files_b = sorted((root / "reports_b" / "samples" / domain / model).iterdir())
-            files_c = sorted((root / "reports_c" / "samples" / domain / model).iterdir())
-            assert [f.name for f in files_b] == [f.name for f in files_c] and len(files_b) == 3
-            assert all(b.read_bytes() == c.read_bytes() for b, c in zip(files_b, files_c))
+            for sub in (Path(domain), Path("edits") / domain / "s50", Path("edits") / domain / "mix"):
+                files_b = sorted((root / "reports_b" / "samples" / sub / model).iterdir())
+                files_c = sorted((root / "reports_c" / "samples" / sub / model).iterdir())
+                assert [f.name for f in files_b] == [f.name for f in files_c] and len(files_b) == 3
+                assert all(b.read_bytes() == c.read_bytes() for b, c in zip(files_b, files_c))
 
 
 @pytest.mark.slow
@@ -163,10 +193,11 @@ def test_evaluate_writes_fid_for_both_models(setup, inception_weights, tmp_path)
     for domain in ("catalogue", "generic"):
         real = (root / "reports_fid" / "samples" / domain / "real_images.txt").read_text().split()
         for scores in (written[domain], everything[domain]["base"]):  # tuned, base
-            assert set(scores) == {"clip_score", "fd_clip", "r_precision", "fid", "fid_n_generated", "fid_n_real"}
+            assert set(scores) - EDIT_KEYS == {"clip_score", "fd_clip", "r_precision", "fid", "fid_n_generated",
+                                               "fid_n_real"}
             assert np.isfinite(scores["fid"]) and scores["fid"] > 0.0
             assert scores["fid_n_generated"] == 3 and scores["fid_n_real"] == len(real) >= 2
-    assert written == {d: report[d]["tuned"] for d in ("catalogue", "generic")}
+    assert written == headline(report)
     status = details["fid_status"]
     assert status.startswith("computed: torchmetrics FrechetInceptionDistance(feature=2048, antialias=False)")
     assert str(inception_weights) in status and "torch-fidelity" in status

@@ -81,9 +81,13 @@ def test_text_to_image(models, runs):
 def test_image_and_text_to_several_images(models, runs):
     ok(runs["image"])
     files = sorted(p.name for p in (models / "edits").iterdir())
-    assert files == ["seed-0.png", "seed-1.png"]
+    assert files == ["seed-0.beside.png", "seed-0.png", "seed-1.beside.png", "seed-1.png"]
+    assert runs["image"].stdout.split() == [f"edits/{name}" for name in ("seed-0.png", "seed-0.beside.png",
+                                                                          "seed-1.png", "seed-1.beside.png")]
     with Image.open(models / "edits" / "seed-0.png") as a, Image.open(models / "edits" / "seed-1.png") as b:
         assert a.size == (64, 64) and not np.array_equal(np.asarray(a), np.asarray(b))
+    with Image.open(models / "edits" / "seed-0.beside.png") as beside:  # the photo | the edit, titled
+        assert beside.width > 2 * 64 and beside.height > 64
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps
                  "pretrain": {"clip_steps": 4, "movq_steps": 4, "mclip_steps": 4, "batch_size": 8,
                               "generator": {"prior_epochs": 2, "unet_epochs": 2, "batch_size": 4,
                                             "checkpoint_every": 2}}},
-    "evaluate": {"num_prompts": 3, "prior_steps": 3, "batch_size": 3, "r_precision_candidates": 3},
+    "evaluate": {"num_prompts": 3, "prior_steps": 3, "batch_size": 3, "r_precision_candidates": 3, "edit_items": 2},
     "train": {"checkpoint_every": 4, "log_every": 1, "warmup_steps": 0},
 }
 
@@ -156,7 +156,8 @@ def test_repro_leaves_every_declared_output(project):
                  "models/prior/model_index.json", "models/decoder/model_index.json",
                  "reports/samples/grid.png", "reports/samples/image_text.png",
                  "data/synthetic/generic_train.h5", "data/extracted/generic/captions.parquet",
-                 "reports/samples/generic/tuned/0002.png",
+                 "reports/samples/generic/tuned/0002.png", "reports/samples/edits/catalogue/s50/tuned/0001.png",
+                 "reports/plots/edits_catalogue_tuned.csv", "reports/plots/edits_generic_base.csv",
                  "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv",
                  "reports/plots/validation_prior.csv", "reports/validation/decoder/grid.png"):
         assert (project / path).exists(), path
@@ -165,10 +166,14 @@ def test_repro_leaves_every_declared_output(project):
     metrics = json.loads((project / "reports/metrics.json").read_text())  # base and tuned
     scores = json.loads((project / "reports/scores.json").read_text())  # the DVC metrics: the tuned model
     details = json.loads((project / "reports/evaluation.json").read_text())  # real images' scores, counts
+    edit = {f"{kind}_{score}_s{s}" for kind in ("edit",) for score in ("fidelity", "clip_score") for s in (30, 50, 70)}
     for domain in ("catalogue", "generic"):
-        assert scores[domain] == metrics[domain]["tuned"]
+        assert scores[domain] == {k: metrics[domain]["tuned"][k] for k in ("clip_score", "fd_clip", "r_precision")}
         for model in ("base", "tuned"):
-            assert set(metrics[domain][model]) == {"clip_score", "fd_clip", "r_precision"}
+            assert set(metrics[domain][model]) == {"clip_score", "fd_clip", "r_precision", "mix_fidelity",
+                                                   "mix_clip_score"} | edit
+    assert scores["edit"] == {"fidelity": metrics["catalogue"]["tuned"]["edit_fidelity_s50"],
+                              "clip_score": metrics["catalogue"]["tuned"]["edit_clip_score_s50"]}
     assert details["fid_status"].startswith("skipped") and details["generic"]["r_precision_chance"] == 0.333333
     shown = sh(project, str(DVC), "metrics", "show")  # the evaluation only: train summaries are plain outputs
     assert "generic.r_precision" in shown and "loss_last_epoch" not in shown and "base" not in shown

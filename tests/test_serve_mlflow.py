@@ -79,7 +79,7 @@ def test_the_model_is_registered_with_signature_example_and_the_pipeline_tags(se
     assert {"artifacts/prior/model_index.json", "artifacts/decoder/unet/config.json"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pyc", ".pyi"))]  # models from code: nothing pickled
     config = json.loads(json.dumps(info.flavors["python_function"]["config"]))
-    assert config["sampling"]["steps"] == 2 and config["sampling"]["height"] == SIDE
+    assert config["sampling"]["steps"] == 4 and config["sampling"]["strength"] == 0.3 and config["sampling"]["height"] == SIDE
 
 
 def test_the_same_folders_are_not_registered_twice(served, registered, capsys):

@@ -137,6 +137,8 @@ def test_photo_and_prompt_show_edited_images(browser, page, served):
     click(browser, "#photo-go")
     for src in wait_for_new_images(browser, old):
         assert fetch_image(src).size == (SIDE, SIDE)
+    shown = wait(browser, lambda d: d.find_elements("css selector", "#image-source img"))  # the photo beside them
+    assert fetch_image(shown[0].get_attribute("src")).size == Image.open(served / "photo.png").size
     browser.save_screenshot(str(served / "page-photo.png"))
 
 

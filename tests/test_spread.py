@@ -233,6 +233,7 @@ def evaluation(tmp_path_factory, inception_weights):
         "clip_image_size": 32, "diffusion_steps": 2, "data.holdout_fraction": 0.5, "model.resolution": 64,
         "model.prior": str(root / "base" / "prior"), "model.decoder": str(root / "base" / "decoder"),
         "evaluate.num_prompts": 5, "evaluate.prior_steps": 2, "evaluate.batch_size": 2,
+        "evaluate.edit_items": 3, "evaluate.edit_strengths": [0.5],
         "evaluate.r_precision_candidates": 4, "evaluate.workers": 1, "compute.timeout_s": PROCESS_TIMEOUT,
         "evaluate.fid_weights": "weights/inception/weights.pth"})
     args = ["--catalogue", folders["catalogue"], "--generic", folders["generic"], "--tuned", root / "tuned"]
@@ -255,7 +256,8 @@ def test_evaluate_in_two_processes_writes_the_same_samples_and_metrics(evaluatio
     run_stage(cwd("two"), params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes, **GLOO)
     one, two = root / "one" / "reports", root / "two" / "reports"
     names = same_files(one / "samples", two / "samples")
-    assert len(names) == 2 * 2 * 5 + 2 + 2  # domains x models x prompts, two real_images.txt, two figures
+    # domains x models x prompts; x (strength 0.5, mix) x 3 edited photos; two real_images.txt, two figures
+    assert len(names) == 2 * 2 * 5 + 2 * 2 * 2 * 3 + 2 + 2
     assert (one / "evaluation.json").read_bytes() == (two / "evaluation.json").read_bytes()
     a, b = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     for domain in a:
@@ -349,6 +351,7 @@ def test_evaluate_holds_a_batch_of_images_whatever_the_number_of_prompts(tmp_pat
     for n in (3, 9):
         params = replaced(base, clip_image_size=32, diffusion_steps=2, model=replaced(base.model, resolution=64),
                           evaluate=replaced(base.evaluate, num_prompts=n, prior_steps=2, batch_size=2, workers=1,
+                                            edit_items=2, edit_strengths=[0.5],
                                             r_precision_candidates=3))
         live.clear()
         evaluate(folders, pair, pair, params, tmp_path / f"reports{n}", RecordingTracker())

@@ -7,8 +7,8 @@ pipeline runs in the tracking store (the README's two `dvc exp run -S lr=...`); 
 pictures need Debian's chromium and chromium-driver (`make browser`). Writes:
 
 - generate_examples.png: `fashiondiff generate`'s library call with the tuned model (models/),
-  the method's prompt at seeds 0-3, and a held-out catalogue photo plus the prompt (img2img,
-  strength 0.6); sampling settings from params.yaml. The same pixels on every run on one
+  the method's prompt at seeds 0-3, and a held-out catalogue photo (a green sweater) plus
+  "Red sweater" (img2img at generate's default strength); sampling settings from params.yaml. The same pixels on every run on one
   machine and thread count.
 - mlflow_runs.png: the address `fashiondiff ui` prints (the pipeline runs view), in headless
   Chromium; mlflow_compare.png: the two newest pipeline runs ticked, *Compare* pressed.
@@ -52,12 +52,12 @@ def generate_examples(out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="figures-") as work:
         texts = generate(PROMPT, "models/prior", "models/decoder", Path(work) / "text", seed=SEEDS[0],
                          num_images=len(SEEDS), sampling=sampling, quiet=True)
-        [edit] = generate(PROMPT, "models/prior", "models/decoder", Path(work) / "edit.png", source=PHOTO,
+        [edit] = generate(EDIT_PROMPT, "models/prior", "models/decoder", Path(work) / "edit.png", source=PHOTO,
                           sampling=sampling, quiet=True)
         text_row = beside([fit(Image.open(p).convert("RGB"), CELL) for p in texts])
         edit_row = beside([fit(Image.open(p).convert("RGB"), CELL) for p in (PHOTO, edit)])
     figure = beside([titled(f'text -> image: "{PROMPT}" (seeds {SEEDS[0]}-{SEEDS[-1]})', text_row),
-                     titled("image + text -> image", edit_row)])
+                     titled(f'photo + "{EDIT_PROMPT}" -> image (strength {sampling.strength:g})', edit_row)])
     figure.save(out / "generate_examples.png")
 
 

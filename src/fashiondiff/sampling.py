@@ -12,6 +12,7 @@ Prompt ``i`` draws from a CPU generator seeded ``seeds[i]``: the same noise on e
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,7 +27,7 @@ class Sampling:
     prior_guidance_scale: float = 4.0
     height: int = 512
     width: int = 512
-    strength: float = 0.6
+    strength: float = 0.3  # img2img: the page's, generate's and the served model's default
 
 
 
@@ -87,12 +88,47 @@ def image_text_to_image(prior, img2img, prompts, sources, seeds, sampling: Sampl
 
 
 def as_img2img(decoder):
-    """A ``KandinskyImg2ImgPipeline`` sharing the (already loaded) decoder's components."""
-    from diffusers import KandinskyImg2ImgPipeline
-
-    pipe = KandinskyImg2ImgPipeline(**decoder.components)
+    """An image + text pipeline sharing the (already loaded) decoder's components, that noises
+    the source at the noise level its first denoising step expects (:func:`img2img_class`)."""
+    pipe = img2img_class()(**decoder.components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+
+@functools.cache
+def img2img_class():
+    """diffusers' ``KandinskyImg2ImgPipeline`` with the source noised by the decoder's own
+    scheduler, to the timestep the denoising starts from.
+
+    The stock pipeline noises with a hard-coded linear 0.0001-0.02 schedule over 1,000 steps (a
+    copy of ai-forever/Kandinsky-2's img2img helper) at timestep ``int(1000 * strength) - 2``,
+    while 2.1's decoder was trained, and is sampled, on linear 0.00085-0.012 (its scheduler
+    config; ``fashiondiff.train.decoder`` trains with the same ``scheduler.add_noise``). The
+    source then starts noisier than the step that denoises it assumes: at strength 0.3 and 500
+    steps, cumulative alpha 0.40 instead of 0.47; at 0.5, 0.08 instead of 0.16. And a
+    strength below 2 / 1000 indexed the schedule at -1 (pure noise). Here the noise level is the
+    scheduler's at the first timestep run: strength ``s`` runs the last ``int(steps * s)``
+    denoising steps of ``steps``, from the source noised to the first of them; when that is no
+    step at all the source comes back through the MoVQ unchanged.
+    """
+    from diffusers import KandinskyImg2ImgPipeline
+
+    class ScheduledImg2Img(KandinskyImg2ImgPipeline):
+        _first_timestep = None
+
+        def get_timesteps(self, num_inference_steps, strength, device):
+            timesteps, count = super().get_timesteps(num_inference_steps, strength, device)
+            self._first_timestep = timesteps[:1]
+            return timesteps, count
+
+        def add_noise(self, original_samples, noise, timesteps):
+            if len(self._first_timestep) == 0:
+                return original_samples
+            start = self._first_timestep.to(original_samples.device).repeat(len(original_samples))
+            return self.scheduler.add_noise(original_samples, noise, start)
+
+    return ScheduledImg2Img
 
 
 

@@ -5,7 +5,7 @@ Usage::
     fashiondiff generate "black leather mini skirt" --model models --out skirt.png
     fashiondiff generate "black leather mini skirt" --model models/base --out base.png
     fashiondiff generate "black leather mini skirt" --model models/base --lora models --out lora.png
-    fashiondiff generate "black leather mini skirt" --image shirt.png --strength 0.6 --out edit.png
+    fashiondiff generate "black leather mini skirt" --image shirt.png --strength 0.3 --out edit.png
     fashiondiff generate "a dress" --mix "red silk:0.3" --mix shirt.png:0.3 --prompt-weight 0.4 --out mix.png
     fashiondiff generate "a dress" --prior kandinsky-community/kandinsky-2-1-prior \\
         --decoder kandinsky-community/kandinsky-2-1 --num-images 4 --out samples/
@@ -13,7 +13,10 @@ Usage::
 Sampling defaults come from ./params.yaml when it exists (diffusion_steps, evaluate.*,
 model.resolution), else 100 decoder steps, 25 prior steps, guidance 4, 512x512 (2.1's
 native size). Image ``k`` of ``--num-images`` uses seed ``--seed + k``, so any one image
-can be made again alone. ``--lora DIR`` applies LoRA adapters (DIR/prior/lora,
+can be made again alone. With ``--image``, each output ``X.png`` comes with ``X.beside.png``:
+the photo beside the edit. ``--strength`` (default 0.3) is how much of the photo's noise
+schedule is redone: near 0 the photo comes back (through the MoVQ), 1 ignores it (measured
+trade-off: docs/generating.md). ``--lora DIR`` applies LoRA adapters (DIR/prior/lora,
 DIR/decoder/lora, as training writes them) to the base model without a merged copy.
 Kandinsky 2.1 rounds sizes up to a multiple of 64 (MoVQ's 8x downsampling squared), the
 tiny model too. The sampling itself is ``fashiondiff.sampling``'s.
@@ -27,7 +30,8 @@ from typing import Sequence
 
 from fashiondiff.errors import PipelineError
 from fashiondiff.sampling import (
-    Sampling, apply_adapters, decode, generators, image_embeds, mixed_embeds, quiet_libraries, sampling_from_params,
+    Sampling, apply_adapters, as_img2img, decode, generators, image_embeds, mixed_embeds, quiet_libraries,
+    sampling_from_params,
 )
 from fashiondiff.models.select import resolve_adapters, resolve_models
 from fashiondiff.serving.images import read_image
@@ -122,8 +126,10 @@ def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: 
 
     device = device or default_device()
     prior_pipe = load_prior(prior_name, "--prior").to(device)
-    decoder_pipe = load_decoder(decoder_name, "--decoder", img2img=source_image is not None).to(device)
+    decoder_pipe = load_decoder(decoder_name, "--decoder").to(device)
     apply_adapters(prior_pipe, decoder_pipe, prior_lora, decoder_lora)
+    if source_image is not None:
+        decoder_pipe = as_img2img(decoder_pipe)  # the source noised as the decoder's scheduler says
     for path, s in zip(paths, seeds):
         gens = generators([s])
         if conditions:
@@ -135,7 +141,23 @@ def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: 
         (image,) = decode(decoder_pipe, [prompt], embeds, gens, sampling, sources=sources)
         with atomic_file(path, "wb") as handle:
             image.save(handle, format="PNG")
+        if source_image is not None:
+            with atomic_file(beside_path(path), "wb") as handle:
+                beside(source_image, image, prompt, sampling.strength, s).save(handle, format="PNG")
     return paths
+
+
+def beside_path(path: Path) -> Path:
+    """``edit.png`` -> ``edit.beside.png``: the photo beside the edit."""
+    return path.with_name(f"{path.stem}.beside.png")
+
+
+def beside(source, image, prompt: str, strength: float, seed: int):
+    """The photo (at the result's size) beside the edit, the prompt and settings above."""
+    from fashiondiff.evaluate.figures import image_text_figure
+
+    photo = source.convert("RGB").resize(image.size)
+    return image_text_figure(prompt, photo, {f"strength {strength:g}": image}, subtitle=f"seed {seed}")
 
 
 
@@ -154,8 +176,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prior-lora", metavar="DIR", help="a prior adapter folder (overrides --lora's)")
     p.add_argument("--decoder-lora", metavar="DIR", help="a decoder adapter folder (overrides --lora's)")
     p.add_argument("--image", help="source image: image + text -> image (img2img)")
-    p.add_argument("--strength", type=float, default=0.6,
-                   help="img2img: how far from the source to go, (0, 1] (default 0.6)")
+    p.add_argument("--strength", type=float,
+                   help=f"img2img: how far from the source to go, (0, 1] (default {Sampling.strength})")
     p.add_argument("--mix", action="append", default=[], metavar="TEXT_OR_IMAGE:WEIGHT",
                    help="add a weighted condition (repeatable); the prompt takes --prompt-weight")
     p.add_argument("--prompt-weight", type=float, default=1.0, help="the prompt's weight in a --mix")
@@ -199,3 +221,5 @@ def run(args: argparse.Namespace) -> None:
                      decoder_lora=args.decoder_lora, quiet=True)
     for path in paths:
         print(path)
+        if args.image:
+            print(beside_path(path))

@@ -25,8 +25,6 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Val
 
 from fashiondiff.errors import PipelineError
 
-EDIT_STRENGTH = 0.6  # evaluate's image + text example: img2img strength (checked below)
-
 # A float in exponent notation without a dot. YAML 1.1 (PyYAML) reads `1e-05` as a string:
 # its float pattern wants a dot (`1.0e-05`), and `dvc exp run -S lr=0.00001` writes `lr: 1e-05`.
 _EXPONENT_FLOAT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
@@ -211,6 +209,11 @@ class EvaluateParams(Section):
     batch_size: Count
     workers: Count
     fid_weights: Text
+    edit_items: Count
+    edit_strengths: Annotated[list[Annotated[Float, _check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")]],
+                              _check(lambda v: 0 < len(v) == len({round(s * 100) for s in v}),
+                                     "must list at least one strength, no two equal in two digits")]
+    mix_image_weight: Annotated[Float, _check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)")]
 
 
 class ServeParams(Section):
@@ -229,8 +232,7 @@ class Params(Section):
     epochs: Count
     batch_size: Count
     clip_image_size: Annotated[int, _check(lambda v: v >= 16, "must be >= 16")]
-    diffusion_steps: Annotated[Count, _check(lambda v: int(v * EDIT_STRENGTH) >= 1,
-                                             f"must be >= 2 (evaluate's img2img runs at strength {EDIT_STRENGTH})")]
+    diffusion_steps: Count
     seed: NonNegative
     compute: ComputeParams
     data: DataParams
@@ -243,6 +245,14 @@ class Params(Section):
     serve: ServeParams
     mlflow: MlflowParams
     standin: StandinParams
+
+    @model_validator(mode="after")
+    def _every_edit_denoises(self):
+        weakest = min(self.evaluate.edit_strengths)
+        if int(self.diffusion_steps * weakest) < 1:
+            raise PipelineError(f"params: diffusion_steps {self.diffusion_steps} x evaluate.edit_strengths' "
+                                f"{weakest} leaves evaluate's img2img no denoising step: raise either")
+        return self
 
     def flat(self) -> dict[str, object]:
         """All params as ``{"data.caption": "{name}", ...}``, for trackers."""

@@ -47,23 +47,25 @@ statistics in another order (float64 round-off, ~1e-14 relative: docs/distribute
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from fashiondiff.config.schema import EDIT_STRENGTH
 from fashiondiff.evaluate import figures
 from fashiondiff.evaluate.clip import ClipEncoder
+from fashiondiff.evaluate.edits import MIX, pair_scores, variant_name
 from fashiondiff.evaluate.fid import fid_from_parts, fid_state, inception_fid
 from fashiondiff.evaluate.heldout import HeldOut, held_out, load_real, to_uint8
 from fashiondiff.evaluate.metrics import frechet_distance
 from fashiondiff.evaluate.samples import (
-    EDIT,
-    EDIT_PROMPT,
+    EDITS,
     MODELS,
     PROGRESS,
+    TEXT,
     Job,
     ModelPair,
     Partial,
@@ -75,14 +77,15 @@ from fashiondiff.evaluate.samples import (
     sample,
 )
 from fashiondiff.evaluate.tally import Tally
-from fashiondiff.io import write_json
+from fashiondiff.io import atomic_file, write_json
 from fashiondiff.sampling import sampling_from_params
 from fashiondiff.spread import HandOverFailed, Interrupted, Ranks, disk_full_is_an_error, with_kept
 
 __all__ = ["DOMAINS", "ModelPair", "evaluate"]
 
-DOMAINS = ("catalogue", "generic")  # the catalogue first: its first prompt's photo is the edit's source
+DOMAINS = ("catalogue", "generic")
 GRID_ROWS = 24  # prompts shown in grid.png (24 rows of 192 px cells and captions: ~6,000 px tall)
+EDIT_ROWS = 4  # photos per domain shown in image_text.png
 
 
 def real_tallies(held: dict[str, HeldOut], clip: ClipEncoder, fids: dict, resolution: int, batch_size: int,
@@ -119,16 +122,16 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
     ranks = ranks or Ranks.start("evaluate", 0.0)
     reports_dir = Path(reports_dir)
     ev = params.evaluate
-    job = Job({"base": base, "tuned": tuned}, {}, sampling_from_params(params, strength=EDIT_STRENGTH),
-              params.seed, ev.batch_size, params.model.resolution, params.clip_image_size, ev.fid_weights,
-              ranks.device, reports_dir / ".samples.partial")
+    job = Job({"base": base, "tuned": tuned}, {}, sampling_from_params(params), params.seed, ev.batch_size,
+              params.model.resolution, params.clip_image_size, ev.fid_weights, ranks.device,
+              reports_dir / ".samples.partial", ev.edit_items, tuple(ev.edit_strengths), ev.mix_image_weight)
     clip = base_clip(job)
     fids, fid_status = {}, ""
     for domain in DOMAINS:
         fids[domain], fid_status = inception_fid(ev.fid_weights, ranks.device)
         fraction = params.data.holdout_fraction if domain == "catalogue" else 0.0  # generic: all held out
         job.held[domain] = held_out(domain, Path(folders[domain]), fraction, params, clip)
-    tasks = plan(job.held, ev.batch_size)
+    tasks = plan(job)
     partial = Partial.open(job, {m: fingerprint(job, m) for m in MODELS}) if ranks.main else None
     if partial is not None and partial.done:
         print(f"evaluate: resuming {reports_dir / 'samples'}: {partial.summary()} are read back, not sampled")
@@ -140,10 +143,11 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
         if not ranks.main:
             return None
         whole = {key: Tally.merged([p.get(key) for p in parts]) for key in parts[0].keys() | _keys(tasks)}
-        metrics = {d: {m: _rounded(_scores(whole[(m, d)], whole[("rows", d)], fids[d])) for m in MODELS}
+        metrics = {d: {m: _rounded({**_scores(whole[(m, d)], whole[("rows", d)], fids[d]),
+                                    **_edit_scores(whole, m, d, job)}) for m in MODELS}
                    for d in DOMAINS}
-        details = describe(job.held, whole, clip, params, fid_status)
-        write_outputs(reports_dir, metrics, details, _figures(job, params.seed), tracker, partial, job.held)
+        details = describe(job, whole, clip, params, fid_status)
+        write_outputs(reports_dir, metrics, details, _figures(job), tracker, partial, job)
     except (Interrupted, HandOverFailed) as exc:
         kept = partial.reread().kept() if partial else "the batches process 0 had written are kept, rerun to resume"
         raise with_kept("evaluate", exc, kept) from None
@@ -151,7 +155,18 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
 
 
 def _keys(tasks: list[Task]) -> set[tuple[str, str]]:
-    return {(t.model, t.domain) for t in tasks if t.domain != EDIT}
+    return {(t.model, t.key) for t in tasks}
+
+
+def _edit_scores(whole: dict[tuple[str, str], Tally], model: str, domain: str, job: Job) -> dict[str, float]:
+    """``edit_fidelity_sNN`` / ``edit_clip_score_sNN`` per strength, ``mix_fidelity`` / ``mix_clip_score``."""
+    out = {}
+    for variant in job.variants():
+        tally = whole[(model, Task(model, domain, 0, variant).key)]
+        prefix, suffix = ("mix", "") if variant == MIX else ("edit", f"_{variant}")
+        out[f"{prefix}_fidelity{suffix}"] = tally.mean("fidelity")
+        out[f"{prefix}_clip_score{suffix}"] = tally.mean("clip")
+    return out
 
 
 def _scores(generated: Tally, real: Tally, fid) -> dict[str, float]:
@@ -165,31 +180,40 @@ def _scores(generated: Tally, real: Tally, fid) -> dict[str, float]:
     return scores
 
 
-def _figures(job: Job, seed: int) -> dict:
+def _figures(job: Job) -> dict:
     """grid.png (real, base, tuned for the first GRID_ROWS prompts of each domain) and
-    image_text.png, from the PNGs in the partial folder."""
+    image_text.png (the first EDIT_ROWS photos of each domain, each edit variant, base and tuned),
+    from the PNGs in the partial folder."""
     def read(path: Path):
         with Image.open(path) as image:
             return image.convert("RGB")
 
-    grids = []
+    def first(model: str, domain: str, variant: str, n: int) -> list[Image.Image]:
+        return [read(path) for b in range(-(-n // job.batch_size))
+                for path in job.paths(Task(model, domain, b, variant))][:n]
+
+    grids, edits = [], []
     for domain, h in job.held.items():
-        first = range(min(GRID_ROWS, len(h.prompts)))
-        columns = {"real": h.real_images(first, job.resolution)}
+        rows = min(GRID_ROWS, len(h.prompts))
+        columns = {"real": h.real_images(range(rows), job.resolution)}
+        columns.update({model: first(model, domain, TEXT, rows) for model in MODELS})
+        grids.append(figures.titled(domain, figures.sample_grid(h.captions[:rows], columns)))
+        rows = min(EDIT_ROWS, job.count(domain, MIX))
+        columns = {"photo": job.sources(domain, range(rows))}
         for model in MODELS:
-            columns[model] = [read(path) for b in range(-(-len(first) // job.batch_size))
-                              for path in job.paths(Task(model, domain, b))][:len(first)]
-        grids.append(figures.titled(domain, figures.sample_grid(h.captions[:len(first)], columns)))
-    edits = {m: read(job.paths(Task(m, EDIT, 0))[0]) for m in MODELS}
-    edit = figures.image_text_figure(EDIT_PROMPT, job.edit_source(), edits,
-                                     subtitle=f"img2img, strength {EDIT_STRENGTH}, seed {seed}")
-    return {"grid.png": figures.beside(grids), "image_text.png": edit}
+            for variant in job.variants():
+                label = "mix" if variant == MIX else f"{job.strength(variant):g}"
+                columns[f"{model} {label}"] = first(model, domain, variant, rows)
+        edits.append(figures.titled(f"{domain}: photo + edit prompt (img2img strengths, and 2.1's mix)",
+                                    figures.sample_grid(job.edit_prompts(domain)[:rows], columns)))
+    return {"grid.png": figures.beside(grids), "image_text.png": figures.beside(edits)}
 
 
-def describe(held: dict[str, HeldOut], whole: dict[tuple[str, str], Tally], clip: ClipEncoder, params,
+def describe(job: Job, whole: dict[tuple[str, str], Tally], clip: ClipEncoder, params,
              fid_status: str) -> dict:
     """evaluation.json: the real images' own scores, and what the scores were measured on."""
     out = {}
+    held = job.held
     for d, h in held.items():
         real = whole[("prompts", d)]
         r = h.candidates.shape[1]
@@ -198,13 +222,38 @@ def describe(held: dict[str, HeldOut], whole: dict[tuple[str, str], Tally], clip
                   "distinct_captions": len(h.texts),
                   "r_precision_candidates": r, "r_precision_chance": _sig(1 / r),
                   "truncated_captions": clip.count_truncated(h.captions),
-                  "real": {"clip_score": _sig(real.mean("clip")), "r_precision": _sig(real.mean("hits"))}}
+                  "real": {"clip_score": _sig(real.mean("clip")), "r_precision": _sig(real.mean("hits"))},
+                  "edits": {"photos": job.count(d, MIX), "strengths": list(job.strengths),
+                            "mix_image_weight": job.mix_image_weight, **edit_references(job, d, clip),
+                            "prompts": job.edit_prompts(d)}}
     if params.evaluate.fid_weights and fid_status.startswith("computed"):
         fid_status += (f"; per domain: samples/<domain>/base and samples/<domain>/tuned vs every held-out image "
                        f"of the domain (samples/<domain>/real_images.txt), at model.resolution "
                        f"{params.model.resolution}x{params.model.resolution} like the generated ones")
     out["fid_status"] = fid_status
     return out
+
+
+def edit_references(job: Job, domain: str, clip: ClipEncoder) -> dict[str, float]:
+    """What the edit scores are compared with: ``photo_clip_score``, the unedited photos against
+    their edit prompts (what keeping the photo whole scores), and ``movq_fidelity``, their base
+    MoVQ reconstructions against them (the most an edit can keep: every edit is decoded by it)."""
+    import torch
+
+    from fashiondiff.models.loader import load_component
+
+    pair = job.pairs["base"]
+    movq = load_component(pair.decoder, "movq", pair.decoder_key).to(job.device).eval()
+    photos = job.sources(domain, range(job.count(domain, MIX)))
+    rebuilt = []
+    for photo in photos:  # one at a time: the same bits whatever the batch
+        x = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            out = movq.decode(movq.encode(x.to(job.device)).latents, force_not_quantize=True).sample
+        rebuilt.append(Image.fromarray(((out[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()))
+    seen = clip.encode_images(photos)
+    return {"photo_clip_score": _sig(float(pair_scores(seen, clip.encode_texts(job.edit_prompts(domain))).mean())),
+            "movq_fidelity": _sig(float(pair_scores(clip.encode_images(rebuilt), seen).mean()))}
 
 
 def _sig(x: float) -> float:
@@ -231,7 +280,7 @@ def flatten(report: dict, prefix: str = "") -> dict[str, float]:
 
 
 def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dict, tracker, partial: Partial,
-                  held: dict[str, HeldOut]) -> None:
+                  job: Job) -> None:
     """samples/ (the partial folder, completed and renamed into place last), metrics.json,
     scores.json and evaluation.json (atomic files); to the tracker: the tuned model's scores as
     ``<domain>.<metric>``, the base model's and the rest as ``reference.<domain>.base.<metric>``,
@@ -245,13 +294,17 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
     for file_name, picture in pictures.items():
         with disk_full_is_an_error(work / file_name, partial.kept):
             picture.save(work / file_name, format="PNG")
-    for domain, h in held.items():
+    for domain, h in job.held.items():
         path = work / domain / "real_images.txt"
         with disk_full_is_an_error(path, partial.kept):
             path.write_text("".join(f"{p}\n" for p in h.rows["image"]))
     tuned = {d: by_model["tuned"] for d, by_model in metrics.items()}
-    for name, value in (("metrics.json", metrics), ("scores.json", tuned), ("evaluation.json", details)):
+    for name, value in (("metrics.json", metrics), ("scores.json", headline(tuned, job.strengths)),
+                        ("evaluation.json", details)):
         write_json(reports_dir / name, value)  # a full disk: fashiondiff.io's one line
+    for domain in metrics:
+        for model in MODELS:
+            write_csv(reports_dir / "plots" / f"edits_{domain}_{model}.csv", edit_curve(metrics[domain][model], job))
     _publish(work, reports_dir / "samples")
     tracker.log_summary(flatten(tuned))
     reference = {d: {"base": by_model["base"], **details.get(d, {})} for d, by_model in metrics.items()}
@@ -261,6 +314,31 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
         tracker.log_image(picture, f"samples/{file_name}", parent_name=file_name)
     for file_name in ("metrics.json", "evaluation.json"):
         tracker.log_artifact(str(reports_dir / file_name))
+
+
+def headline(tuned: dict, strengths) -> dict:
+    """scores.json, the DVC metrics `dvc exp show` leads with: per domain the tuned model's
+    text -> image scores, and ``edit``: its catalogue edit at the middle strength (two columns:
+    every edit score would push lr out of a 200-column terminal; they are in metrics.json)."""
+    middle = variant_name(sorted(strengths)[len(strengths) // 2])
+    out = {d: {k: v for k, v in scores.items() if not k.startswith(("edit_", "mix_"))} for d, scores in tuned.items()}
+    first = tuned[DOMAINS[0]]
+    out["edit"] = {"fidelity": first[f"edit_fidelity_{middle}"], "clip_score": first[f"edit_clip_score_{middle}"]}
+    return out
+
+
+def edit_curve(scores: dict, job: Job) -> list[dict]:
+    """A model's edits on one domain, strength by strength: the `dvc plots` trade-off curve."""
+    return [{"strength": s, "edit_clip_score": scores[f"edit_clip_score_{variant_name(s)}"],
+             "edit_fidelity": scores[f"edit_fidelity_{variant_name(s)}"]} for s in sorted(job.strengths)]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _publish(work: Path, target: Path) -> None:

@@ -2,14 +2,15 @@
 
 Usage (``fashiondiff.evaluate.run`` does this)::
 
-    tasks = plan(held, batch_size)                       # base's batches, its edit, tuned's, its edit
+    tasks = plan(job)                                    # base's batches, its edits, tuned's, its edits
     partial = Partial.open(reports / ".samples.partial", fingerprints, held, batch_size)   # process 0
     tallies = sample(job, tasks, done, ranks, partial, sampler)   # this process's scores
 
 The work is a fixed list of tasks: for each model (base, then tuned), each domain's batches of
 prompts (batch ``b`` is prompts ``b * evaluate.batch_size`` on; prompt ``i`` seeded ``seed +
-i``), then the model's image + text edit. Who runs a task changes nothing in its images: each
-batch is sampled alone, from its own seeded generators. One process runs them all in order;
+i``), then each domain's image + text edits, one variant (a strength, or the mix) at a time, in
+batches of the same size (``fashiondiff.evaluate.edits``). Who runs a task changes nothing in
+its images: each batch is sampled alone, from its own seeded generators. One process runs them all in order;
 ``evaluate.workers`` 2 on a CPU (one process started by ``python``): one spawned process per
 model, as before; under ``accelerate launch``: each process a contiguous share, round by round,
 handing its PNGs to process 0.
@@ -31,7 +32,7 @@ import multiprocessing as mp
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -39,17 +40,26 @@ from tqdm import tqdm
 
 from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate.clip import ClipEncoder
+from fashiondiff.evaluate.edits import MIX, edit_prompts, pair_scores, variant_name, variants
 from fashiondiff.evaluate.fid import fid_state, inception_fid
 from fashiondiff.evaluate.heldout import HeldOut, to_uint8
 from fashiondiff.evaluate.tally import Tally
 from fashiondiff.io import write_json
-from fashiondiff.sampling import Sampling, as_img2img, image_text_to_image, text_to_image
+from fashiondiff.sampling import (
+    Sampling,
+    as_img2img,
+    decode,
+    generators,
+    image_text_to_image,
+    mixed_embeds,
+    text_to_image,
+)
 from fashiondiff.spread import Ranks, batch_runs, batches_in, disk_full_is_an_error
 
-EDIT_PROMPT = "black leather mini skirt"  # the method figure's prompt (image + text -> image)
-EDIT = "edit"  # a task's domain for the model's image + text edit of the first catalogue prompt's photo
 MODELS = ("base", "tuned")
-PROGRESS = ".progress"  # inside the partial folder: progress files and the edits; not published
+TEXT = "text"  # a task's variant: text -> image of the domain's prompts (else an edit variant)
+EDITS = "edits"  # the edits' folder in samples/: edits/<domain>/<variant>/<model>/0000.png
+PROGRESS = ".progress"  # inside the partial folder: the progress files; not published
 
 
 @dataclass(frozen=True)
@@ -65,8 +75,14 @@ class ModelPair:
 @dataclass(frozen=True)
 class Task:
     model: str
-    domain: str  # a domain, or EDIT
+    domain: str
     batch: int
+    variant: str = TEXT  # or an edit variant: "s30" (img2img at strength 0.3), "mix"
+
+    @property
+    def key(self) -> str:
+        """The task's set of batches in a progress file: ``catalogue``, ``catalogue/s30``..."""
+        return self.domain if self.variant == TEXT else f"{self.domain}/{self.variant}"
 
 
 @dataclass
@@ -83,31 +99,53 @@ class Job:
     fid_weights: str
     device: str
     work: Path  # the partial samples folder
+    edit_items: int = 1  # photos edited per domain (the first prompts' own photos)
+    strengths: tuple[float, ...] = (0.5,)  # img2img strengths
+    mix_image_weight: float = 0.5  # the photo's weight in the mix
+
+    def count(self, domain: str, variant: str) -> int:
+        """Prompts (text) or edited photos of a domain."""
+        prompts = len(self.held[domain].prompts)
+        return prompts if variant == TEXT else min(self.edit_items, prompts)
 
     def span(self, task: Task) -> range:
-        """The prompt numbers of ``task``."""
-        if task.domain == EDIT:
-            return range(1)
-        total = len(self.held[task.domain].prompts)
+        """The prompt (or edited photo) numbers of ``task``."""
+        total = self.count(task.domain, task.variant)
         return range(task.batch * self.batch_size, min((task.batch + 1) * self.batch_size, total))
 
+    def folder(self, domain: str, variant: str, model: str) -> Path:
+        if variant == TEXT:
+            return self.work / domain / model
+        return self.work / EDITS / domain / variant / model
+
     def paths(self, task: Task) -> list[Path]:
-        if task.domain == EDIT:
-            return [self.work / PROGRESS / f"{task.model}.edit.png"]
-        width = max(4, len(str(len(self.held[task.domain].prompts) - 1)))
-        return [self.work / task.domain / task.model / f"{i:0{width}d}.png" for i in self.span(task)]
+        width = max(4, len(str(self.count(task.domain, task.variant) - 1)))
+        folder = self.folder(task.domain, task.variant, task.model)
+        return [folder / f"{i:0{width}d}.png" for i in self.span(task)]
 
-    def edit_source(self) -> Image.Image:
-        """The first catalogue prompt's own photo: the edit's source."""
-        return next(iter(self.held.values())).real_images([0], self.resolution)[0]
+    def variants(self) -> list[str]:
+        return variants(self.strengths)
+
+    def edit_prompts(self, domain: str) -> list[str]:
+        """Each edited photo's prompt: its caption, recoloured (``fashiondiff.evaluate.edits``)."""
+        return edit_prompts(self.held[domain].captions[:self.count(domain, MIX)])
+
+    def sources(self, domain: str, numbers) -> list[Image.Image]:
+        """The edited photos ``numbers``: those prompts' own photos, at the model's resolution."""
+        return self.held[domain].real_images(numbers, self.resolution)
+
+    def strength(self, variant: str) -> float:
+        return next(s for s in self.strengths if variant_name(s) == variant)
 
 
-def plan(held: dict[str, HeldOut], batch_size: int) -> list[Task]:
+def plan(job: Job) -> list[Task]:
+    """Per model: each domain's text batches, then each domain's edit batches, variant by variant."""
     tasks = []
     for model in MODELS:
-        for domain, h in held.items():
-            tasks += [Task(model, domain, b) for b in range(-(-len(h.prompts) // batch_size))]
-        tasks.append(Task(model, EDIT, 0))
+        for variant in [TEXT, *job.variants()]:
+            for domain in job.held:
+                batches = -(-job.count(domain, variant) // job.batch_size)
+                tasks += [Task(model, domain, b, variant) for b in range(batches)]
     return tasks
 
 
@@ -126,7 +164,8 @@ def fingerprint(job: Job, model: str) -> str:
     blob = {"model": [_folder_id(pair.prior), _folder_id(pair.decoder)], "sampling": asdict(job.sampling),
             "seed": job.seed, "batch_size": job.batch_size, "device": job.device.split(":")[0],
             "prompts": {d: h.captions for d, h in job.held.items()},
-            "edit": [EDIT_PROMPT, str(next(iter(job.held.values())).prompts["image"].iloc[0])]}
+            "edits": {"items": job.edit_items, "strengths": list(job.strengths), "mix": job.mix_image_weight,
+                      "sources": {d: h.prompts["image"].astype(str).tolist() for d, h in job.held.items()}}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -146,11 +185,14 @@ class Partial:
             progress = job.work / PROGRESS / f"{model}.json"
             saved = json.loads(progress.read_text()) if progress.is_file() else {}
             if saved.get("fingerprint") == wanted:
-                partial.done |= {Task(model, domain, b) for domain, runs in saved.get("done", {}).items()
-                                 for b in batches_in(runs)}
+                for key, runs in saved.get("done", {}).items():
+                    domain, _, variant = key.partition("/")
+                    partial.done |= {Task(model, domain, b, variant or TEXT) for b in batches_in(runs)}
             else:
                 for domain in job.held:
                     shutil.rmtree(job.work / domain / model, ignore_errors=True)
+                    for folder in (job.work / EDITS / domain).glob(f"*/{model}"):
+                        shutil.rmtree(folder, ignore_errors=True)
                 progress.unlink(missing_ok=True)
         return partial
 
@@ -181,7 +223,7 @@ class Partial:
         done = {}
         for task in self.done:
             if task.model == model:
-                done.setdefault(task.domain, set()).add(task.batch)
+                done.setdefault(task.key, set()).add(task.batch)
         path = self.job.work / PROGRESS / f"{model}.json"
         write_json(path, {"fingerprint": self.fingerprints[model],
                           "done": {d: batch_runs(b) for d, b in sorted(done.items())}})
@@ -220,8 +262,10 @@ class Sampler:
         if images is None:
             images = self._sample(task)
             pngs = [_png(image) for image in images]
-        if task.domain != EDIT:
+        if task.variant == TEXT:
             self._score(task, images)
+        else:
+            self._score_edits(task, images)
         return task, pngs
 
     def _read(self, task: Task) -> list[Image.Image] | None:
@@ -245,18 +289,41 @@ class Sampler:
             decoder = load_decoder(pair.decoder, pair.decoder_key).to(self.job.device)
             for pipe in (prior, decoder):
                 pipe.set_progress_bar_config(disable=True)
-            self.model = (model, prior, decoder)
-        return self.model[1], self.model[2]
+            self.model = (model, prior, decoder, as_img2img(decoder))
+        return self.model[1:]
 
     def _sample(self, task: Task) -> list[Image.Image]:
-        prior, decoder = self._pipelines(task.model)
+        prior, decoder, img2img = self._pipelines(task.model)
         job = self.job
-        if task.domain == EDIT:
-            return image_text_to_image(prior, as_img2img(decoder), [EDIT_PROMPT], [job.edit_source()], [job.seed],
-                                       job.sampling)
         numbers = job.span(task)
-        captions = job.held[task.domain].captions[numbers.start:numbers.stop]
-        return text_to_image(prior, decoder, captions, [job.seed + i for i in numbers], job.sampling)
+        seeds = [job.seed + i for i in numbers]
+        if task.variant == TEXT:
+            captions = job.held[task.domain].captions[numbers.start:numbers.stop]
+            return text_to_image(prior, decoder, captions, seeds, job.sampling)
+        prompts = job.edit_prompts(task.domain)[numbers.start:numbers.stop]
+        sources = job.sources(task.domain, numbers)
+        if task.variant != MIX:
+            strength = job.strength(task.variant)
+            return image_text_to_image(prior, img2img, prompts, sources, seeds, replace(job.sampling, strength=strength))
+        # 2.1's mix, as `fashiondiff generate --mix`: the photo and the prompt through prior.interpolate,
+        # each item with its own generator (prior, then decoder)
+        gens = generators(seeds)
+        weight = job.mix_image_weight
+        embeds = [mixed_embeds(prior, [source, prompt], [weight, 1.0 - weight], gen, job.sampling)
+                  for source, prompt, gen in zip(sources, prompts, gens)]
+        import torch
+
+        batched = tuple(torch.cat([e[k] for e in embeds]) for k in (0, 1))
+        return decode(decoder, prompts, batched, gens, job.sampling)
+
+    def _score_edits(self, task: Task, images: list[Image.Image]) -> None:
+        """Each edit's fidelity to its photo and alignment to its prompt (``fashiondiff.evaluate.edits``)."""
+        numbers = self.job.span(task)
+        edited = self.clip.encode_images(images)
+        sources = self.clip.encode_images(self.job.sources(task.domain, numbers))
+        prompts = self.clip.encode_texts(self.job.edit_prompts(task.domain)[numbers.start:numbers.stop])
+        tally = self.tallies.setdefault((task.model, task.key), Tally())
+        tally.add_pairs(numbers, clip=pair_scores(edited, prompts), fidelity=pair_scores(edited, sources))
 
     def _score(self, task: Task, images: list[Image.Image]) -> None:
         key = (task.model, task.domain)

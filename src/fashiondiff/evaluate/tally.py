@@ -31,6 +31,7 @@ class Tally:
     numbers: list[np.ndarray] = field(default_factory=list)  # prompt numbers, batch by batch
     clip: list[np.ndarray] = field(default_factory=list)  # their CLIP scores
     hits: list[np.ndarray] = field(default_factory=list)  # their R-precision hits (1, 0, or a tie's share)
+    fidelity: list[np.ndarray] = field(default_factory=list)  # edits: each one's CLIP-I to its photo
     stats: GaussianStats = field(default_factory=GaussianStats)  # CLIP image embeddings
     fid_parts: list[dict] = field(default_factory=list)  # FID states of this side, one per process
 
@@ -45,8 +46,14 @@ class Tally:
         self.hits.append(np.array([r_precision(embeds[j:j + 1], held.text_embeds, held.candidates[[i]])
                                    for j, i in enumerate(numbers)]))
 
+    def add_pairs(self, numbers, clip: np.ndarray, fidelity: np.ndarray) -> None:
+        """Edits ``numbers``: each one's alignment to its prompt and fidelity to its photo."""
+        self.numbers.append(np.asarray(list(numbers), dtype=np.int64))
+        self.clip.append(np.asarray(clip, dtype=np.float64))
+        self.fidelity.append(np.asarray(fidelity, dtype=np.float64))
+
     def mean(self, name: str) -> float:
-        """The mean of ``clip`` or ``hits`` over every prompt, taken in prompt order."""
+        """The mean of ``clip``, ``hits`` or ``fidelity`` over every prompt, taken in prompt order."""
         numbers = np.concatenate(self.numbers)
         if not np.array_equal(np.sort(numbers), np.arange(len(numbers))):
             raise RuntimeError(f"evaluate: scores of prompts {sorted(set(range(len(numbers))) - set(numbers))[:5]}"
@@ -65,6 +72,7 @@ class Tally:
             out.numbers += part.numbers
             out.clip += part.clip
             out.hits += part.hits
+            out.fidelity += part.fidelity
             out.stats.merge(part.stats)
             out.fid_parts += part.fid_parts
         return out

@@ -8,8 +8,11 @@ Usage::
 Safety: one generation at a time for both tabs (one concurrency group, limit 1), at most
 ``queue_size`` waiting (more are told the queue is full), uploads over the cap refused by
 the server before they reach the code, and every error a message on the page (gr.Error),
-never a dead server. Element ids (``text-prompt``, ``text-go``, ``photo``, ``photo-prompt``,
-``photo-go``, ``image-base``, ``image-tuned``) are what the browser tests drive.
+never a dead server. A photo + text result shows the photo beside the two models' edits
+(``image-source``, hidden after a text -> image result); the API's ``/photo_to_image`` and
+``/text_to_image`` return (base, tuned, notes). Element ids
+(``text-prompt``, ``text-go``, ``photo``, ``photo-prompt``, ``photo-go``, ``image-source``,
+``image-base``, ``image-tuned``) are what the browser tests drive.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 LOG = logging.getLogger("fashiondiff.serve")
 IMAGE_HEIGHT = 320  # shown size: small models draw 64 px, shown scaled up with crisp pixels
-CSS = ("#image-base img, #image-tuned img, #photo img "
+CSS = ("#image-source img, #image-base img, #image-tuned img, #photo img "
        "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}")
 
 
@@ -73,6 +76,8 @@ def build(studio: Studio, queue_size: int) -> gr.Blocks:
             adapter = gr.Dropdown([NO_ADAPTER, *studio.adapters], value=NO_ADAPTER, visible=bool(studio.adapters),
                                   label="LoRA adapter on the base model")
         with gr.Row():
+            source = gr.Image(label="your photo", format="png", interactive=False, height=IMAGE_HEIGHT,
+                              visible=False, elem_id="image-source")
             images = [gr.Image(label=side.label, format="png", interactive=False, height=IMAGE_HEIGHT,
                                buttons=["download", "fullscreen"], elem_id=f"image-{side.label}")
                       for side in studio.sides]
@@ -88,11 +93,20 @@ def build(studio: Studio, queue_size: int) -> gr.Blocks:
                 raise gr.Error("upload a photo first (or use the Describe tab)")
             return _generate(studio, prompt, photo, seed, steps, guidance, strength, adapter)
 
+        def show_source(photo, strength):
+            return gr.Image(value=photo, visible=True, label=f"your photo (strength {float(strength):g})")
+
+        def hide_source():
+            return gr.Image(value=None, visible=False)
+
         settings = [seed, steps, guidance]
-        text_go.click(on_text, [text_prompt, *settings, adapter], api_name="text_to_image", **events)
-        text_prompt.submit(on_text, [text_prompt, *settings, adapter], api_visibility="private", **events)
+        text_go.click(on_text, [text_prompt, *settings, adapter], api_name="text_to_image", **events).success(
+            hide_source, None, source, api_visibility="private", queue=False)
+        text_prompt.submit(on_text, [text_prompt, *settings, adapter], api_visibility="private", **events).success(
+            hide_source, None, source, api_visibility="private", queue=False)
         photo_go.click(on_photo, [photo, photo_prompt, *settings, strength, adapter],
-                       api_name="photo_to_image", **events)
+                       api_name="photo_to_image", **events).success(
+            show_source, [photo, strength], source, api_visibility="private", queue=False)
     return page.queue(max_size=queue_size, default_concurrency_limit=1)
 
 

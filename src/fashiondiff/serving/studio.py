@@ -7,7 +7,7 @@ Usage::
                     adapters=find_adapters(["models"], "models/base/prior", "models/base/decoder"),
                     limits=Limits(), sampling=Sampling(steps=50, height=64, width=64))
     result = studio.generate("black leather mini skirt", photo=None, seed=0, steps=50,
-                             guidance=4.0, strength=0.6, adapter="none")
+                             guidance=4.0, strength=0.3, adapter="none")
     result.images   # {"base": PIL image or None, "tuned": ...}; result.notes: what failed
 
 A side whose folder is missing (no ``make repro`` yet) does not stop the page: its image is

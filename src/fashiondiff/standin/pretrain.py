@@ -471,14 +471,21 @@ def reconstruct(movq, images: np.ndarray, resolution: int,
 @torch.no_grad()
 def reconstruction_error(movq, images: np.ndarray, resolution: int) -> dict:
     """MSE (pixels in [0, 1]), PSNR and colour MSE (over 8x8-cell averages) of MoVQ
-    reconstructions; latent mean/std."""
+    reconstructions; ``object_colour_error``, the mean distance in RGB levels (0-255) between
+    the original's and the reconstruction's 8x8-cell mean colours over the cells that differ from
+    the picture's background (its border's median colour) by more than 32 levels: the garment's
+    or object's colour, which the whole-picture numbers dilute with background; latent mean/std."""
     x, rec = reconstruct(movq, images, resolution)
     mse = F.mse_loss((rec + 1) / 2, (x + 1) / 2).item()
     block = max(1, x.shape[-1] // 8)  # colours averaged on an 8x8 grid: blur forgiven, hue not
     colour = F.mse_loss(F.avg_pool2d((rec + 1) / 2, block), F.avg_pool2d((x + 1) / 2, block)).item()
+    cells_x, cells_rec = F.avg_pool2d((x + 1) * 127.5, block), F.avg_pool2d((rec + 1) * 127.5, block)
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2).median(dim=2).values
+    objects = (cells_x - (border[:, :, None, None] + 1) * 127.5).norm(dim=1) > 32
+    object_error = (cells_x - cells_rec).norm(dim=1)[objects].mean().item()
     z = torch.cat([movq.encode(x[i:i + 64]).latents for i in range(0, len(x), 64)])
     return {"mse": mse, "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "colour_mse": colour,
-            "latent_mean": z.mean().item(), "latent_std": z.std().item()}
+            "object_colour_error": object_error, "latent_mean": z.mean().item(), "latent_std": z.std().item()}
 
 
 def reconstruction_grid(movq, images: np.ndarray, resolution: int, n: int = 8, zoom: int = 2) -> Image.Image:
