@@ -201,7 +201,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--products", type=int, default=6, help="train products (x4 poses); validation: half")
     parser.add_argument("--prompts", type=int, default=2, help="evaluate.num_prompts")
-    parser.add_argument("--steps", type=int, default=3, help="decoder sampling steps (diffusion_steps)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="decoder sampling steps (diffusion_steps; x the weakest evaluate.edit_strengths >= 1)")
     parser.add_argument("--prior-steps", type=int, default=2)
     parser.add_argument("--work", default=str(REPO / "build/fullsize"), help="scratch folder (replaced)")
     parser.add_argument("--report", default=None,

@@ -131,7 +131,7 @@ def test_unreadable_image_fails_then_resumes_to_the_same_cache(tmp_path, tiny_ba
     assert failed.stderr.strip().splitlines()[-1].startswith(f"error: {victim}: cannot read image")
     assert not (tmp_path / "cache").exists()
     progress = json.loads((tmp_path / ".cache.partial" / "progress.json").read_text())
-    assert progress["images"] == 8  # two batches of 4 finished before the bad row
+    assert progress["images"] == 9  # three batches of 3 finished before the bad row (9)
     assert progress["captions"] == captions["caption"].nunique()  # captions come first
 
     victim.write_bytes(good)

@@ -28,7 +28,7 @@ def headline(report: dict) -> dict:
     """What scores.json holds: the tuned text scores per domain, the catalogue edit at the middle strength."""
     out = {d: {k: v for k, v in report[d]["tuned"].items() if k not in EDIT_KEYS} for d in ("catalogue", "generic")}
     tuned = report["catalogue"]["tuned"]
-    out["edit"] = {"fidelity": tuned["edit_fidelity_s100"], "clip_score": tuned["edit_clip_score_s100"]}
+    out["edit"] = {"kept": tuned["edit_fidelity_s100"], "clip": tuned["edit_clip_score_s100"]}
     return out
 
 

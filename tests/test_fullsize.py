@@ -21,7 +21,7 @@ def test_fullsize_script_runs_every_stage_and_reports(tmp_path):
     report = tmp_path / "fullsize.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "bench/fullsize.py"), "--tiny", "--products", "2", "--batch-size", "4",
-         "--prompts", "2", "--steps", "2", "--work", str(tmp_path / "work"), "--report", str(report)],
+         "--prompts", "2", "--steps", "4", "--work", str(tmp_path / "work"), "--report", str(report)],
         env=project_env(), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -172,8 +172,8 @@ def test_repro_leaves_every_declared_output(project):
         for model in ("base", "tuned"):
             assert set(metrics[domain][model]) == {"clip_score", "fd_clip", "r_precision", "mix_fidelity",
                                                    "mix_clip_score"} | edit
-    assert scores["edit"] == {"fidelity": metrics["catalogue"]["tuned"]["edit_fidelity_s50"],
-                              "clip_score": metrics["catalogue"]["tuned"]["edit_clip_score_s50"]}
+    assert scores["edit"] == {"kept": metrics["catalogue"]["tuned"]["edit_fidelity_s50"],
+                              "clip": metrics["catalogue"]["tuned"]["edit_clip_score_s50"]}
     assert details["fid_status"].startswith("skipped") and details["generic"]["r_precision_chance"] == 0.333333
     shown = sh(project, str(DVC), "metrics", "show")  # the evaluation only: train summaries are plain outputs
     assert "generic.r_precision" in shown and "loss_last_epoch" not in shown and "base" not in shown
@@ -369,7 +369,9 @@ def test_readme_generate_examples_run_as_written(project, experiments):
     outputs = run_as_written(project, commands)
     for command in commands[1:]:
         out = re.search(r"--out (\S+)", command).group(1)
-        assert (project / out).is_file() and outputs[command].strip() == out, (command, outputs[command])
+        printed = [out, out.replace(".png", ".beside.png")] if "--image" in command else [out]  # the photo beside
+        assert all((project / p).is_file() for p in printed) and outputs[command].split() == printed, \
+            (command, outputs[command])
 
 
 @pytest.mark.parametrize("page", docs_with_runnable_blocks())

@@ -264,7 +264,8 @@ def test_evaluate_in_two_processes_writes_the_same_samples_and_metrics(evaluatio
         for model in a[domain]:
             x, y = a[domain][model], b[domain][model]
             assert x.keys() == y.keys() == {"clip_score", "r_precision", "fd_clip", "fid", "fid_n_generated",
-                                            "fid_n_real"}
+                                            "fid_n_real", "edit_fidelity_s50", "edit_clip_score_s50",
+                                            "mix_fidelity", "mix_clip_score"}
             for key in x:
                 if key in ("fd_clip", "fid"):
                     assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-9), (domain, model, key)
@@ -314,7 +315,7 @@ def test_evaluate_full_disk_keeps_the_outputs_and_the_rerun_resumes(evaluation):
     assert {p: p.read_bytes() for p in (folder / "reports").rglob("*") if p.is_file() and ".samples.partial"
             not in str(p)} == before
     resumed = run_stage(folder, params, "evaluate.py", *args, "--reports", "reports")
-    assert "evaluate: resuming" in resumed.stdout and "7 of base's batches, 7 of tuned's batches" in resumed.stdout
+    assert "evaluate: resuming" in resumed.stdout and "14 of base's batches, 14 of tuned's batches" in resumed.stdout
     same_files(reference, folder / "reports")
 
 

@@ -318,12 +318,14 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
 
 def headline(tuned: dict, strengths) -> dict:
     """scores.json, the DVC metrics `dvc exp show` leads with: per domain the tuned model's
-    text -> image scores, and ``edit``: its catalogue edit at the middle strength (two columns:
-    every edit score would push lr out of a 200-column terminal; they are in metrics.json)."""
+    text -> image scores, and ``edit``: its catalogue edit at the middle strength, ``kept``
+    (edit_fidelity_sNN) and ``clip`` (edit_clip_score_sNN), named short: with experiments'
+    names in the first column, every longer name pushes lr out of a 200-column terminal; the
+    full names are in metrics.json."""
     middle = variant_name(sorted(strengths)[len(strengths) // 2])
     out = {d: {k: v for k, v in scores.items() if not k.startswith(("edit_", "mix_"))} for d, scores in tuned.items()}
     first = tuned[DOMAINS[0]]
-    out["edit"] = {"fidelity": first[f"edit_fidelity_{middle}"], "clip_score": first[f"edit_clip_score_{middle}"]}
+    out["edit"] = {"kept": first[f"edit_fidelity_{middle}"], "clip": first[f"edit_clip_score_{middle}"]}
     return out
 
 
