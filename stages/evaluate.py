@@ -3,7 +3,8 @@
 Usage: python stages/evaluate.py --catalogue DIR --generic DIR --tuned TUNED_DIR --reports REPORTS_DIR
 
 DIRs are extracted held-out files (captions.parquet + images/): the catalogue's and the generic
-domain's. The base model is params ``model.prior`` / ``model.decoder`` (folders or cached Hub
+domain's; the generic one is read only when params ``data.files`` names a generic file (without
+one, the generic domain is skipped and the stage says so). The base model is params ``model.prior`` / ``model.decoder`` (folders or cached Hub
 ids); the tuned one is ``TUNED_DIR/prior`` and ``TUNED_DIR/decoder``. Runs as is, or under
 `accelerate launch` (params compute.launcher): each process samples a share of the prompts,
 process 0 writes the reports (docs/distributed.md).
@@ -48,9 +49,12 @@ def main(argv: list[str] | None = None) -> None:
         tuned = Path(args.tuned)
         base = ModelPair(params.model.prior, params.model.decoder)
         tuned = ModelPair(str(tuned / "prior"), str(tuned / "decoder"), "tuned prior", "tuned decoder")
+        folders = {d: getattr(args, d) for d in DOMAINS if d != "generic" or params.data.files.generic is not None}
+        if "generic" not in folders and ranks.main:
+            print("evaluate: params data.files has no generic file: the generic domain (what fine-tuning keeps "
+                  "of what the base drew) is skipped, the catalogue alone is measured")
         with stage_run("evaluate", params) as tracker:
-            metrics = evaluate({d: getattr(args, d) for d in DOMAINS}, base, tuned, params, args.reports, tracker,
-                               ranks)
+            metrics = evaluate(folders, base, tuned, params, args.reports, tracker, ranks)
         ranks.close()
         for domain, models in (metrics or {}).items():
             print(f"evaluate {domain}: " + "; ".join(

@@ -136,7 +136,7 @@ def test_evaluate_writes_metrics_and_figures(setup):
         assert d["r_precision_chance"] == pytest.approx(1 / d["r_precision_candidates"], rel=1e-5)
         assert set(d["real"]) == {"clip_score", "r_precision"}
     assert details["fid_status"].startswith("skipped: evaluate.fid_weights is empty")
-    for name, rows in (("grid.png", 3), ("image_text.png", 3)):
+    for name, rows in (("grid.png", 3), ("base_vs_tuned.png", 3), ("image_text.png", 3)):
         with Image.open(root / "reports_a" / "samples" / name) as im:
             assert im.format == "PNG" and im.width >= 3 * 192 and im.height >= rows * 192
     samples = root / "reports_a" / "samples"
@@ -156,8 +156,9 @@ def test_evaluate_writes_metrics_and_figures(setup):
     assert tracker.summary["reference.catalogue.base.clip_score"] == everything["catalogue"]["base"]["clip_score"]
     assert tracker.summary["reference.generic.real.r_precision"] == details["generic"]["real"]["r_precision"]
     assert not any("fid_status" in k for k in tracker.summary)
-    assert tracker.images == ["samples/grid.png", "samples/image_text.png"]
-    assert tracker.parent_images == ["grid.png", "image_text.png"]  # the pipeline's parent run holds them too
+    assert tracker.images == ["samples/grid.png", "samples/base_vs_tuned.png", "samples/image_text.png"]
+    # the pipeline's parent run holds them too
+    assert tracker.parent_images == ["grid.png", "base_vs_tuned.png", "image_text.png"]
     assert tracker.artifacts == [str(root / "reports_a" / f) for f in ("metrics.json", "evaluation.json")]
 
 
@@ -224,3 +225,19 @@ def test_prompts_prefer_one_row_per_product():
     assert choose_prompts(rows, 4, seed=0).equals(chosen)
     more = choose_prompts(rows, 6, seed=0)
     assert len(more) == 6 and more["row"].is_unique and more.head(4).equals(chosen)
+
+
+def test_without_a_generic_file_evaluate_measures_the_catalogue_alone(setup):
+    """params without data.files.generic: no generic key anywhere, and the generic edit curves
+    (declared outputs of the stage) written with their header only."""
+    root, folders, params = setup
+    pair = ModelPair(str(root / "models" / "prior"), str(root / "models" / "decoder"))
+    report = evaluate({"catalogue": folders["catalogue"]}, pair, pair, params, root / "alone", RecordingTracker())
+    assert set(report) == {"catalogue"}
+    assert set(json.loads((root / "alone/metrics.json").read_text())) == {"catalogue"}
+    assert set(json.loads((root / "alone/scores.json").read_text())) == {"catalogue", "edit"}
+    assert "generic" not in json.loads((root / "alone/evaluation.json").read_text())
+    for model in ("base", "tuned"):
+        assert (root / f"alone/plots/edits_generic_{model}.csv").read_text() == "strength,edit_clip_score,edit_fidelity\n"
+        assert len((root / f"alone/plots/edits_catalogue_{model}.csv").read_text().splitlines()) > 1
+    assert not (root / "alone/samples/generic").exists()

@@ -1,10 +1,12 @@
 """docs/paper-run.md as written, on a fresh copy of the repository: every ```bash block marked
 RUNNABLE runs verbatim, in order; each block marked DOWNLOAD is replaced by a stand-in at the
-same paths (small FashionGen-layout files, copies of tiny base folders of the stand-in's
-classes, a random Inception-v3 file fetched by the block's own `dvc import-url` from a local
-path instead of its URL). The sizes are the end-to-end test's SMALL ones (params.yaml of the
-copy), so `dvc exp run` with the page's flags trains a few steps; the page's
-`evaluate.num_prompts=1000` runs as SMALL's count (PAPER_PROMPTS below)."""
+same paths (small FashionGen-layout files, a COCO-like folder that the page's own
+`fashiondiff convert` turns into the generic file, copies of tiny base folders of the
+stand-in's classes, a random Inception-v3 file fetched by the block's own `dvc import-url` from
+a local path instead of its URL). The sizes are the end-to-end test's SMALL ones (params.yaml
+of the copy), so `fashiondiff run paper` trains a few steps; presets/paper.yaml's
+`evaluate.num_prompts: 1000` runs as SMALL's count (PAPER_PROMPTS below). The README's paper
+command is the page's, character for character."""
 
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ def stand_in_for(block: list[str], root: Path, downloads: Path) -> None:
         (root / "data/raw").mkdir(parents=True)
         for name in re.findall(r"/path/to/(\S+\.h5)", text):
             shutil.copy(downloads / name, root / "data/raw" / name)
+        if "images.cocodataset.org" in text:  # COCO val2017 and its captions, as the zips unpack
+            assert re.search(r"unzip -q val2017\.zip -d data/coco", text), text
+            shutil.copytree(downloads / "coco", root / "data/coco")
     elif "hf download" in text:
         for repo, folder in re.findall(r"hf download (\S+) --local-dir (\S+)", text):
             part = "prior" if repo.endswith("-prior") else "decoder"
@@ -64,11 +69,31 @@ def downloads(tmp_path_factory) -> Path:
     write_synthetic(out / "fashiongen_256_256_validation.h5", n_products=40, poses_per_product=2, seed=5)
     write_synthetic(out / "fashiongen_256_256_train.h5", n_products=4, poses_per_product=2, seed=6,
                     first_product_id=200_000)
-    write_synthetic(out / "generic.h5", n_products=6, poses_per_product=1, seed=7, domain=GENERIC)
+    coco_like(out / "coco", write_synthetic(out / "generic.h5", n_products=6, poses_per_product=1, seed=7,
+                                             domain=GENERIC))
     captions = [f"{c} {w}" for c in ("black", "red", "blue", "white") for w in ("dress", "shirt", "mug", "chair")]
     save_pipelines(build_tiny(captions, TinySpec(clip_image_size=224), seed=0), out / "base")
     random_inception_weights(out / "inception.pth")
     return out
+
+
+def coco_like(root: Path, h5: Path) -> None:
+    """val2017/*.jpg and annotations/captions_val2017.json, laid out as COCO's zips unpack, from
+    a generic-domain file's pictures and names (two captions per picture, as COCO has five)."""
+    from PIL import Image
+
+    from fashiondiff.data.fashiongen import read_rows
+
+    rows = read_rows(h5, 0, 6)
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, notes = [], []
+    for i, (pixels, name) in enumerate(zip(rows.images, rows.text["name"])):
+        file = f"{i + 1:012d}.jpg"
+        Image.fromarray(pixels).resize((320, 240)).save(root / "val2017" / file, quality=90)
+        images.append({"id": i + 1, "file_name": file, "width": 320, "height": 240})
+        notes += [{"id": 10 * i + k, "image_id": i + 1, "caption": f"{name}{' on a floor' * k}"} for k in (1, 2)]
+    (root / "annotations/captions_val2017.json").write_text(json.dumps({"images": images, "annotations": notes}))
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +106,12 @@ def clone(tmp_path_factory) -> Path:
     return root
 
 
-# The one change to the page's commands: its 1,000 prompts per domain (the paper's setting)
-# are 4,000 sampled images and an Inception pass over them, 18 minutes of this machine's CPU,
-# for no more plumbing than 3 prompts exercise. The page must still say 1,000.
-PAPER_PROMPTS, TEST_PROMPTS = "-S evaluate.num_prompts=1000", f"-S evaluate.num_prompts={SMALL['evaluate']['num_prompts']}"
+# The one change to the run: the preset's 1,000 prompts per domain (the paper's setting) are
+# 4,000 sampled images and an Inception pass over them, 18 minutes of this machine's CPU, for no
+# more plumbing than 3 prompts exercise. The preset must still say 1,000.
+PRESET = REPO / "presets/paper.yaml"
+PAPER_PROMPTS, TEST_PROMPTS = "evaluate.num_prompts: 1000", f"evaluate.num_prompts: {SMALL['evaluate']['num_prompts']}"
+COMMAND = ["fashiondiff run paper --dry", "fashiondiff run paper"]  # README.md's and the page's opening block
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +119,35 @@ def ran(clone, downloads) -> dict[str, str]:
     """The page, block by block; output per runnable command (keyed as the page writes it)."""
     blocks = marked_blocks(PAGE)
     assert [m for m, _ in blocks].count(DOWNLOAD) == 3, blocks
-    assert sum(PAPER_PROMPTS in c for _, commands in blocks for c in commands) == 2, "the page's prompt count changed"
+    preset = clone / "presets/paper.yaml"
+    assert preset.read_text().count(PAPER_PROMPTS) == 1, "the preset's prompt count changed"
+    preset.write_text(preset.read_text().replace(PAPER_PROMPTS, TEST_PROMPTS))
     outputs = {}
     for mark, commands in blocks:
         if mark == DOWNLOAD:
             stand_in_for(commands, clone, downloads)
         else:
-            ran_as = run_block(clone, [c.replace(PAPER_PROMPTS, TEST_PROMPTS) for c in commands])
-            outputs.update(zip(commands, ran_as.values()))
+            outputs.update(zip(commands, run_block(clone, commands).values()))
     return outputs
+
+
+def opening_block(page: Path) -> list[str]:
+    """The first ```bash block after a page's paper heading (README) or title (the page)."""
+    text = page.read_text()
+    if page.name == "README.md":
+        text = text.split("\n## The paper's run", 1)[1]
+    body = re.search(r"```bash\n(.*?)\n```", text, re.S).group(1)
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in body.splitlines() if line.strip()]
+
+
+def test_the_readme_and_the_page_give_the_same_command_and_the_page_runs_it():
+    readme, page = opening_block(REPO / "README.md"), opening_block(PAGE)
+    assert readme == page == COMMAND
+    readme_text = (REPO / "README.md").read_text().split("\n## The paper's run", 1)[1].split("\n## ", 1)[0]
+    page_text = PAGE.read_text().split("## 1.", 1)[0]
+    assert readme_text.split("```bash\n", 1)[1].split("```", 1)[0] == page_text.split("```bash\n", 1)[1].split("```", 1)[0]
+    runnable = [c for mark, commands in marked_blocks(PAGE) if mark != DOWNLOAD for c in commands]
+    assert all(c in runnable for c in COMMAND), runnable
 
 
 def test_the_inputs_are_under_dvc_and_git_has_only_their_dvc_files(ran, clone):
@@ -113,16 +160,26 @@ def test_the_inputs_are_under_dvc_and_git_has_only_their_dvc_files(ran, clone):
     assert prior["nfiles"] == len(files)  # hf's bookkeeping (.cache/huggingface) is not hashed
 
 
-def test_the_dry_run_lists_the_real_stages_only(ran):
-    [dry] = [out for command, out in ran.items() if command.startswith("dvc exp run --dry --force")]
+def test_the_dry_run_plans_and_lists_the_real_stages_only(ran, clone):
+    dry = ran["fashiondiff run paper --dry"]
     listed = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
     assert listed == REAL_STAGES, dry
+    assert "$ dvc exp run -n paper --dry --force -S data.files.train=data/raw/fashiongen_256_256_validation.h5" in dry
+    steps = re.search(r"^steps: ([\d,]+) per model \((\d+) epochs x ([\d,]+) steps of (\d+) x 1 process\)$", dry, re.M)
+    assert steps and int(steps[1].replace(",", "")) == int(steps[2]) * int(steps[3].replace(",", "")), dry
+    assert "hours, extrapolated (if the models are Kandinsky 2.1 at 256 px)" in dry
+    assert "left out: data loading, checkpoints, validation, embed, evaluate" in dry
+    assert re.search(r"^  checkpoints/decoder +[\d.]+ MB  3 checkpoints of [\d.]+ M parameters$", dry, re.M), dry
+    assert re.search(r"^  total +[\d.]+ [MG]B  against [\d.]+ GB free at ", dry, re.M), dry
+    assert not (clone / "models/prior").exists()  # nothing ran
 
 
 def test_the_run_trains_evaluates_with_fid_and_tracks_it(ran, clone):
-    [run] = [out for command, out in ran.items() if command.startswith("dvc exp run -n paper")]
+    run = ran["fashiondiff run paper"]
     ran_stages = {line.split("'")[1] for line in run.splitlines() if line.startswith("Running stage")}
     assert ran_stages == REAL_STAGES, run
+    # the generic domain is COCO-like pictures through `fashiondiff convert`, measured by evaluate
+    assert json.loads((clone / "reports/metrics.json").read_text()).keys() == {"catalogue", "generic"}
     scores = json.loads((clone / "reports/scores.json").read_text())
     assert "fid" in scores["catalogue"] and scores["catalogue"]["fid_n_generated"] > 0
     details = json.loads((clone / "reports/evaluation.json").read_text())
@@ -135,6 +192,7 @@ def test_the_run_trains_evaluates_with_fid_and_tracks_it(ran, clone):
     exp = client.get_experiment_by_name("fashiongen-kandinsky")
     [parent] = client.search_runs([exp.experiment_id], filter_string="tags.`fashiondiff.role` = 'pipeline'")
     assert parent.info.run_name == "paper" and parent.data.params["model.prior"] == "models/kandinsky-2-1-prior"
+    assert parent.data.params["data.files.generic"] == "data/raw/generic.h5"
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {c.info.run_name for c in children} == {"train_prior", "train_decoder", "evaluate", "register"}
     assert "evaluate.catalogue.fid" in parent.data.metrics

@@ -337,6 +337,9 @@ def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experi
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`fashiondiff.role` = 'pipeline'")
     runs = {r.data.tags["dvc.exp_name"]: r for r in parents if r.data.params["lr"] in ("0.001", "0.00025")}
     assert len(runs) == 2, [(r.info.run_name, r.data.params["lr"]) for r in parents]
+    # what `make figures` photographs: these two, every param a params.yaml name
+    checked = sh(project, sys.executable, "tools/readme_figures.py", "--check").split()
+    assert sorted(checked) == sorted(runs), checked
     port = free_port()
     log = project / "ui.log"
     with running([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], f"http://127.0.0.1:{port}/",
@@ -439,6 +442,25 @@ def test_two_experiments_through_dvc_queue_land_in_the_project_store(project, ex
             assert len(client.get_metric_history(child.info.run_id, "loss")) == steps  # log_every 1: each step
             assert (project / "mlartifacts" / child.info.run_id / "artifacts" / f"train_{kind}.json").is_file()
     assert not list((project / ".dvc/tmp/exps").rglob("mlflow.db"))
+
+    # docs/long-runs.md "From an experiment to people", as written: one experiment's models applied,
+    # drawn from, and found in the registry as the version its own run registered
+    [apply] = runnable_blocks("docs/long-runs.md", "From an experiment to people")
+    name = re.search(r"^dvc exp apply (\S+)$", apply[0]).group(1)
+    assert name in names, apply
+    rev = next(line for line in shown.splitlines() if line.startswith(f"{name},")).split(",")[1]
+    outputs = run_as_written(project, apply)
+    theirs = yaml.safe_load(sh(project, "git", "show", f"{rev}:dvc.lock"))["stages"]
+    ours = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for stage in ("train_prior", "train_decoder", "evaluate"):
+        assert ours[stage]["outs"] == theirs[stage]["outs"], stage
+    assert stale_stages(project) == {"register"}  # the applied outputs are what its dvc.lock says
+    out = re.search(r"--out (\S+)", apply[1]).group(1)
+    assert (project / out).is_file() and outputs[apply[1]].split() == [out]
+    [version] = [v for v in client.search_model_versions("name = 'fashiondiff-kandinsky'")
+                 if v.tags.get("dvc.exp_name") == name]
+    assert f"fashiondiff-kandinsky version {version.version} (" in outputs[apply[2]], outputs[apply[2]]
+    assert "not registered again" in outputs[apply[2]], outputs[apply[2]]
 
 
 def test_repro_force_is_bit_for_bit_reproducible(project):

@@ -11,7 +11,9 @@ pictures need Debian's chromium and chromium-driver (`make browser`). Writes:
   "Red sweater" (img2img at generate's default strength); sampling settings from params.yaml. The same pixels on every run on one
   machine and thread count.
 - mlflow_runs.png: the address `fashiondiff ui` prints (the pipeline runs view), in headless
-  Chromium; mlflow_compare.png: the two newest pipeline runs ticked, *Compare* pressed.
+  Chromium; mlflow_compare.png: the two newest pipeline runs ticked, *Compare* pressed. First
+  checked (`--check` alone): those two are the README's `-S lr=0.001` and `-S lr=0.00025`, and
+  every param they hold is a params.yaml name.
 - serve_page.png: `fashiondiff serve`, the photo tab with the same photo and "Red sweater",
   after one generation.
 
@@ -61,7 +63,36 @@ def generate_examples(out: Path) -> None:
     figure.save(out / "generate_examples.png")
 
 
+COMPARED_LRS = {"0.001", "0.00025"}  # the README's two experiments: docs/mlflow-ui.md's caption names them
+
+
+def check_runs(params_path: str = "params.yaml") -> list[str]:
+    """The two newest pipeline runs, the ones the MLflow pictures show, checked against their
+    caption and params.yaml: the README's two learning rates, and every param a name params.yaml
+    has (no run of an older params layout). Returns their names; exits with one line otherwise."""
+    import mlflow
+
+    from fashiondiff.config.schema import load_params
+    from fashiondiff.tracking import TAG_ROLE, resolve_tracking_uri
+
+    params = load_params(params_path)
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(params.mlflow.tracking_uri))
+    exp = client.get_experiment_by_name(params.mlflow.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'",
+                              order_by=["attributes.start_time DESC"], max_results=2) if exp else []
+    names = set(params.flat())
+    unknown = sorted({k for r in runs for k in r.data.params} - names)
+    lrs = {r.data.params.get("lr") for r in runs}
+    if len(runs) < 2 or lrs != COMPARED_LRS or unknown:
+        sys.exit(f"error: the two newest pipeline runs in {params.mlflow.tracking_uri} must be the README's "
+                 f"`dvc exp run -S lr=0.001` and `-S lr=0.00025` with params.yaml's names; found "
+                 f"{[(r.info.run_name, r.data.params.get('lr')) for r in runs]}"
+                 + (f", params params.yaml has not: {', '.join(unknown[:5])}" if unknown else ""))
+    return [r.info.run_name for r in runs]
+
+
 def mlflow_pictures(out: Path) -> None:
+    print(f"figures: mlflow pictures of {' and '.join(check_runs())}", flush=True)
     port = free_port()
     with served([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], f"http://127.0.0.1:{port}/",
                 "#/experiments/") as address:
@@ -174,7 +205,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="reports/figures", help="where the pictures go")
     parser.add_argument("--only", nargs="*", choices=NAMES, help="only these pictures")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that the MLflow pictures would show the runs their caption names")
     args = parser.parse_args()
+    if args.check:
+        print(" ".join(check_runs()))
+        return
     for needed in ("models/prior", "models/decoder", PHOTO):
         if not Path(needed).exists():
             sys.exit(f"error: {needed}: missing; run `make repro` first")

@@ -6,6 +6,7 @@ Usage::
     fashiondiff generate "black leather mini skirt" --model models --out skirt.png
     fashiondiff serve                # the web page, http://127.0.0.1:7860
     fashiondiff ui                   # the MLflow UI on the pipeline runs, http://127.0.0.1:5000
+    fashiondiff run paper --dry      # a preset (presets/paper.yaml) as one DVC experiment: the plan
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from typing import Sequence
 
 from fashiondiff import __version__
-from fashiondiff.commands import generate, serve, ui
+from fashiondiff.commands import generate, run, serve, ui
 from fashiondiff.errors import cli
 from fashiondiff.runtime import limit_threads
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     generate.add_parser(commands)
+    run.add_parser(commands)
     serve.add_parser(commands)
     ui.add_parser(commands)
     return parser

@@ -65,6 +65,31 @@ Count = Annotated[int, _check(lambda v: v >= 1, "must be >= 1")]
 NonNegative = Annotated[int, _check(lambda v: v >= 0, "must be >= 0")]
 Positive = Annotated[Float, _check(lambda v: v > 0, "must be > 0")]
 Fraction = Annotated[Float, _check(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")]
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(s|m|min|h)")
+_UNIT_S = {"s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def duration_s(value) -> float | None:
+    """``train.checkpoint_every``'s time form ("30m", "1h", "90s") in seconds; None for a step count."""
+    if isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+        return float(match[1]) * _UNIT_S[match[2]]
+    return None
+
+
+def _steps_or_duration(value):
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if (seconds := duration_s(value)) is not None and seconds > 0:
+        return value.strip()
+    raise ValueError(f"must be a step count >= 1 or a duration like 30m, 1h, 90s, got {value!r}")
+
+
+def _steps_or_auto(value):
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"must be auto or a step count >= 0 (0: the last step only), got {value!r}")
+
+
 Schedule = Literal["constant_with_warmup", "cosine", "linear"]  # diffusers' get_scheduler names we allow
 
 
@@ -112,7 +137,9 @@ class StandinParams(Section):
 class DataFiles(Section):
     train: Text
     validation: Text
-    generic: Text
+    # The one optional key: left out, evaluate skips the generic domain (`dvc exp run -S` cannot
+    # delete a key: leave it out of params.yaml, or `fashiondiff run` with a preset's null)
+    generic: Annotated[str, _check(lambda v: v.strip() != "", "must name a file (leave the key out for none)")] | None = None
 
 
 class DataParams(Section):
@@ -144,18 +171,18 @@ class TrainParams(Section):
     adam_beta2: Float
     mixed_precision: Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_yaml_text)]
     ema_decay: Float
-    checkpoint_every: Count
+    checkpoint_every: Annotated[int | str, BeforeValidator(_steps_or_duration)]  # steps, or time: "30m"
     checkpoints_keep: int
     log_every: Count
     compile: Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch)]
-    validate_every: NonNegative  # 0: validate at the last step only
+    validate_every: Annotated[int | str, BeforeValidator(_steps_or_auto)]  # 0: the last step only
     validation_images: NonNegative  # 0: the validation loss alone
     validation_steps: Count
     validation_guidance: Positive
 
     @model_validator(mode="after")
     def _resume_on_a_sync_step(self):
-        if self.checkpoint_every % self.gradient_accumulation_steps:
+        if isinstance(self.checkpoint_every, int) and self.checkpoint_every % self.gradient_accumulation_steps:
             raise PipelineError("params: train.checkpoint_every must be a multiple of "
                                 "train.gradient_accumulation_steps (resume lands on a sync step)")
         return self

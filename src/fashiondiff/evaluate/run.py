@@ -9,7 +9,9 @@ Usage::
 The *catalogue* is what the model is fine-tuned for (held-out FashionGen rows); the
 *generic* domain is what the base already drew (for the embedded default the stand-in's
 everyday objects; for a real run any FashionGen-layout file of non-catalogue pictures): how
-much of it the tuned model keeps is the price of fine-tuning. For each domain,
+much of it the tuned model keeps is the price of fine-tuning. ``folders`` without "generic"
+(params without ``data.files.generic``) measures the catalogue alone: no generic key in the
+reports, and the generic edit curves are written with their header only. For each domain,
 ``evaluate.num_prompts`` held-out captions (seeded choice, one row per product first; drawn
 with replacement when the domain has fewer rows: ``fashiondiff.evaluate.heldout``) and both
 models generate one image each, prompt ``i`` with seed ``params.seed + i``. Metrics, in the
@@ -84,8 +86,10 @@ from fashiondiff.spread import HandOverFailed, Interrupted, Ranks, disk_full_is_
 __all__ = ["DOMAINS", "ModelPair", "evaluate"]
 
 DOMAINS = ("catalogue", "generic")
+CURVE_COLUMNS = ("strength", "edit_clip_score", "edit_fidelity")  # edits_<domain>_<model>.csv
 GRID_ROWS = 24  # prompts shown in grid.png (24 rows of 192 px cells and captions: ~6,000 px tall)
 EDIT_ROWS = 4  # photos per domain shown in image_text.png
+TOP_ROWS = 3  # prompts per domain in base_vs_tuned.png
 
 
 def real_tallies(held: dict[str, HeldOut], clip: ClipEncoder, fids: dict, resolution: int, batch_size: int,
@@ -127,7 +131,7 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
               reports_dir / ".samples.partial", ev.edit_items, tuple(ev.edit_strengths), ev.mix_image_weight)
     clip = base_clip(job)
     fids, fid_status = {}, ""
-    for domain in DOMAINS:
+    for domain in (d for d in DOMAINS if d in folders):
         fids[domain], fid_status = inception_fid(ev.fid_weights, ranks.device)
         fraction = params.data.holdout_fraction if domain == "catalogue" else 0.0  # generic: all held out
         job.held[domain] = held_out(domain, Path(folders[domain]), fraction, params, clip)
@@ -145,7 +149,7 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
         whole = {key: Tally.merged([p.get(key) for p in parts]) for key in parts[0].keys() | _keys(tasks)}
         metrics = {d: {m: _rounded({**_scores(whole[(m, d)], whole[("rows", d)], fids[d]),
                                     **_edit_scores(whole, m, d, job)}) for m in MODELS}
-                   for d in DOMAINS}
+                   for d in job.held}
         details = describe(job, whole, clip, params, fid_status)
         write_outputs(reports_dir, metrics, details, _figures(job), tracker, partial, job)
     except (Interrupted, HandOverFailed) as exc:
@@ -181,7 +185,8 @@ def _scores(generated: Tally, real: Tally, fid) -> dict[str, float]:
 
 
 def _figures(job: Job) -> dict:
-    """grid.png (real, base, tuned for the first GRID_ROWS prompts of each domain) and
+    """grid.png (real, base, tuned for the first GRID_ROWS prompts of each domain), its first
+    TOP_ROWS as base_vs_tuned.png (the README's opening picture) and
     image_text.png (the first EDIT_ROWS photos of each domain, each edit variant, base and tuned),
     from the PNGs in the partial folder."""
     def read(path: Path):
@@ -192,12 +197,15 @@ def _figures(job: Job) -> dict:
         return [read(path) for b in range(-(-n // job.batch_size))
                 for path in job.paths(Task(model, domain, b, variant))][:n]
 
-    grids, edits = [], []
+    grids, tops, edits = [], [], []
     for domain, h in job.held.items():
         rows = min(GRID_ROWS, len(h.prompts))
         columns = {"real": h.real_images(range(rows), job.resolution)}
         columns.update({model: first(model, domain, TEXT, rows) for model in MODELS})
         grids.append(figures.titled(domain, figures.sample_grid(h.captions[:rows], columns)))
+        top = min(TOP_ROWS, rows)
+        tops.append(figures.titled(domain, figures.sample_grid(h.captions[:top], {
+            k: v[:top] for k, v in columns.items()})))
         rows = min(EDIT_ROWS, job.count(domain, MIX))
         columns = {"photo": job.sources(domain, range(rows))}
         for model in MODELS:
@@ -206,7 +214,8 @@ def _figures(job: Job) -> dict:
                 columns[f"{model} {label}"] = first(model, domain, variant, rows)
         edits.append(figures.titled(f"{domain}: photo + edit prompt (img2img strengths, and 2.1's mix)",
                                     figures.sample_grid(job.edit_prompts(domain)[:rows], columns)))
-    return {"grid.png": figures.beside(grids), "image_text.png": figures.beside(edits)}
+    return {"grid.png": figures.beside(grids), "base_vs_tuned.png": figures.beside(tops),
+            "image_text.png": figures.beside(edits)}
 
 
 def describe(job: Job, whole: dict[tuple[str, str], Tally], clip: ClipEncoder, params,
@@ -302,9 +311,10 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
     for name, value in (("metrics.json", metrics), ("scores.json", headline(tuned, job.strengths)),
                         ("evaluation.json", details)):
         write_json(reports_dir / name, value)  # a full disk: fashiondiff.io's one line
-    for domain in metrics:
+    for domain in DOMAINS:  # a domain left out (no data.files.generic): its curves have no point
         for model in MODELS:
-            write_csv(reports_dir / "plots" / f"edits_{domain}_{model}.csv", edit_curve(metrics[domain][model], job))
+            curve = edit_curve(metrics[domain][model], job) if domain in metrics else []
+            write_csv(reports_dir / "plots" / f"edits_{domain}_{model}.csv", curve)
     _publish(work, reports_dir / "samples")
     tracker.log_summary(flatten(tuned))
     reference = {d: {"base": by_model["base"], **details.get(d, {})} for d, by_model in metrics.items()}
@@ -338,7 +348,8 @@ def edit_curve(scores: dict, job: Job) -> list[dict]:
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else list(CURVE_COLUMNS),
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -7,7 +7,7 @@ Usage (``stages/register.py``)::
 
 Real pipelines are gigabytes, and logging copies them into the artifact store, so only a
 pipeline of at most ``serve.max_log_mb`` is logged: the embedded default's few MB are,
-Kandinsky 2.1's ~13 GB are not unless that param is raised (0: never). The model carries
+Kandinsky 2.1's 13.2 GB (float32) are not unless that param is raised (0: never). The model carries
 the prior and decoder folders (artifacts), this package's code (``code/``), the exact
 versions of what it imports (requirements) and the sampling defaults of the run.
 Registering is idempotent: folders byte-identical to a registered version's (``dvc repro

@@ -28,9 +28,13 @@ loop to stop; at the next settle point (at most ``log_every`` steps later) every
 a checkpoint of the finished step and the run ends with :class:`Stopped`, a one-line error;
 the rerun resumes bit-identical. A second signal stops at once.
 
+Checkpoints: every ``checkpoint_every`` steps, or, given as a duration ("30m"), at the first
+settle point after that much time since the last one (process 0's clock, agreed by all ranks in
+the settle's one transfer), so that saving stays a bounded share of the run at any model size.
+
 Validation (``validate``, optional: ``fashiondiff.train.validate``) runs every
-``validate_every`` steps and at the last step, between two steps, with the weights the run
-would save. It is outside the training: it draws from no stream above (the global RNGs are
+``validate_every`` steps (``auto``: :func:`validation_interval`) and at the last step, between
+two steps, with the weights the run would save. It is outside the training: it draws from no stream above (the global RNGs are
 forked around it), its time is in no step's timing, and the steps it was done at are
 recorded in the checkpoints, so a resumed run does not repeat one.
 """
@@ -51,7 +55,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fashiondiff.config.schema import TrainParams
+from fashiondiff.config.schema import TrainParams, duration_s
 from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.train.checkpoints import (
     Checkpoints,
@@ -302,12 +306,16 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
     model, optimizer, schedule, ema, trainable = _prepare(acc, task, cfg, sched.lr, plan, speed)
     ckpts = Checkpoints(Path(checkpoint_dir), plan_fingerprint(fingerprint, world, plan), cfg.checkpoints_keep, acc)
+    period = duration_s(cfg.checkpoint_every)  # None: every checkpoint_every steps
+    every = validation_interval(cfg.validate_every, plan, getattr(validate, "forward_passes", 0))
     state = ckpts.resume()
     start = state.get("step", 0)
     progress = _Progress(state)
     acc.step = start  # Accelerate's micro-step counter decides when accumulated gradients sync
     if start:
         acc.print(f"{task.name}: resumed from step {start} of {plan.total} ({ckpts.latest()})")
+    if validate is not None and cfg.validate_every == "auto":
+        acc.print(f"train {task.name}: validating every {every} steps of {plan.total} (train.validate_every auto)")
 
     def optimise(loss: torch.Tensor) -> None:
         acc.backward(loss)
@@ -323,17 +331,20 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
     batches = _Batches(task, plan, n, sched, world, rank, speed)
     pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on the device) not yet settled
     clock = [time.perf_counter(), 0]  # start of the timed stretch, its first step
+    saved_at = [time.monotonic()]  # the last checkpoint (or the start): the time form's clock
 
-    def settle(step: int) -> int:
+    def settle(step: int) -> tuple[int, bool]:
         """Bring the losses of the steps before ``step`` home: check, record, log; and agree
-        across ranks on a stop request. Returns the signal that asks to stop (0: none)."""
+        across ranks on a stop request and on whether a timed checkpoint is due. Returns the
+        signal that asks to stop (0: none) and that decision."""
         if not pending:
-            return 0
+            return 0, False
         losses = torch.stack([loss for _, _, loss in pending]).float()
-        flag = torch.tensor([float(stop.signum)], device=losses.device)
+        due = period is not None and acc.is_main_process and time.monotonic() - saved_at[0] >= period
+        flag = torch.tensor([float(stop.signum), float(due)], device=losses.device)
         gathered = acc.gather(torch.cat([losses, flag]).reshape(1, -1)).reshape(world, -1)
-        means = gathered[:, :-1].mean(dim=0).tolist()  # one transfer: the host waits here only
-        signum = int(gathered[:, -1].max().item())
+        means = gathered[:, :-2].mean(dim=0).tolist()  # one transfer: the host waits here only
+        signum, due = int(gathered[:, -2].max().item()), bool(gathered[:, -1].max().item())
         now = time.perf_counter()
         progress.timed((step - clock[1]) * plan.per_rank * world, now - clock[0])
         clock[0], clock[1] = now, step
@@ -349,7 +360,7 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
                 if log is not None and acc.is_main_process:
                     log({"loss": point["loss"], "lr": point["lr"], "samples_per_s": progress.speed}, s + 1)
         pending.clear()
-        return signum
+        return signum, due
 
     bar = tqdm(total=plan.total, initial=start, desc=f"train {task.name}", unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
@@ -369,17 +380,19 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
                 if on_step is not None:
                     on_step(step)
                 done = step + 1
-                at_checkpoint = done % cfg.checkpoint_every == 0 and done < plan.total
+                at_checkpoint = period is None and done % cfg.checkpoint_every == 0 and done < plan.total
                 signum = 0
                 if done % cfg.log_every == 0 or at_checkpoint or done == plan.total:
-                    signum = settle(done)
+                    signum, due = settle(done)
+                    at_checkpoint |= due and done < plan.total and done % cfg.gradient_accumulation_steps == 0
                 # Before the checkpoint of the same step: a run resumed from it has done this one.
-                if validate is not None and _validation_due(done, cfg.validate_every, plan.total, progress):
+                if validate is not None and _validation_due(done, every, plan.total, progress):
                     clock[0] += _validate(validate, done, acc, model, ema, trainable, progress)
                 if signum and done < plan.total:
                     _stop(ckpts, done, progress, plan, task.name, signum, acc)
                 if at_checkpoint:
                     ckpts.save(done, progress.state())
+                    saved_at[0] = time.monotonic()
             settle(plan.total)
     finally:
         batches.close()
@@ -396,6 +409,24 @@ def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | P
                        data_share=batches.wait_s / max(progress.seconds, 1e-9), checkpoint_s=ckpts.seconds,
                        is_main=acc.is_main_process, validations=progress.validations, train_s=progress.seconds,
                        validation_s=progress.validate_s)
+
+
+VALIDATIONS_AT_MOST = 20  # validate_every auto: validations per run, at most (and the last step)
+VALIDATION_SHARE = 0.05  # auto: a validation's forward passes against the steps' between two
+
+
+def validation_interval(validate_every: int | str, plan: _Plan, forward_passes: int) -> int:
+    """``train.validate_every`` in steps. ``auto``: at most VALIDATIONS_AT_MOST validations, spaced
+    so that one validation's ``forward_passes`` (the validator's count: the held-out cache's rows
+    plus the pictures' denoising passes) stay under VALIDATION_SHARE of the steps between two, a
+    step costing three forward passes per sample of a process's batch (forward and backward; the
+    processes step together, process 0 validates alone). A count, not a clock: the steps
+    validated at, and so the curve, are the same on every machine."""
+    if validate_every != "auto":
+        return int(validate_every)
+    step_passes = 3 * plan.per_rank
+    by_cost = math.ceil(forward_passes / (VALIDATION_SHARE * step_passes))
+    return max(1, by_cost, math.ceil(plan.total / VALIDATIONS_AT_MOST))
 
 
 def _validation_due(step: int, every: int, total: int, progress: _Progress) -> bool:

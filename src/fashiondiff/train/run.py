@@ -20,6 +20,7 @@ import torch
 
 from fashiondiff.cache.format import cache_identity
 from fashiondiff.cache.reader import open_cache
+from fashiondiff.disk import Need, folder_bytes, gb, require
 from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.io import atomic_dir, atomic_file, write_json
 from fashiondiff.project import checkpoint_home
@@ -142,6 +143,7 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
         validator = Validator(kind, task, open_cache(val_cache_dir, expect=_identity(params)), params, tracker)
     run = fingerprint(kind, params, cache.meta)
     with checkpoint_home(checkpoint_dir, run, rank=int(os.environ.get("RANK", "0"))) as home:
+        check_disk(kind, params, task.model, home, out_dir)
         try:
             result = train(task, params.train, schedule(params), home, run, log=tracker.log_metrics,
                            validate=validator)
@@ -160,14 +162,32 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
         tracker.log_artifact(Path(out_dir) / ADAPTER_DIR)  # the small file worth keeping per run
     # validation_share: validation's wall time against the steps' (this process's, since any resume)
     validation_share = result.validation_s / max(result.train_s, 1e-9)
+    checkpoint_share = result.checkpoint_s / max(result.train_s, 1e-9)
     tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share,
                          "checkpoint_seconds": result.checkpoint_s, "train_s": result.train_s,
-                         "validation_s_total": result.validation_s, "validation_share": validation_share})
+                         "validation_s_total": result.validation_s, "validation_share": validation_share,
+                         "checkpoint_share": checkpoint_share})
     print(f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
           f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
           f"data {100 * result.data_share:.1f}% of step time; steps {result.train_s:.1f} s, "
-          f"validation {result.validation_s:.1f} s ({100 * validation_share:.1f}%)")
+          f"validation {result.validation_s:.1f} s ({100 * validation_share:.1f}%), "
+          f"checkpoints {result.checkpoint_s:.1f} s ({100 * checkpoint_share:.1f}%)")
     return summary
+
+
+def check_disk(kind: str, params, model: torch.nn.Module, home: Path, out_dir: str) -> None:
+    """Before the first step: room for the checkpoints (``train.checkpoints_keep`` of them, one
+    more while a save replaces the oldest; those already in ``home`` are counted as free: they
+    rotate out) and for the tuned model (the base folder's size: the same pipeline is saved)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_parameter = 4 + 8 + (4 if params.train.ema_decay > 0 else 0)  # fp32 weights, AdamW's moments, EMA
+    each = trainable * per_parameter
+    count = max(1, params.train.checkpoints_keep) + 1
+    base = getattr(params.model, kind)
+    output = folder_bytes(base) or 4 * sum(p.numel() for p in model.parameters())
+    needs = [Need(home, max(0, count * each - folder_bytes(home)), f"{count} checkpoints x {gb(each)}"),
+             Need(out_dir, output, "the tuned model")]
+    require(f"train {kind}", needs, hint="free space there, or lower train.checkpoints_keep")
 
 
 def write_outputs(pipe: BaseParts, params, result: TrainResult, train_items: int, validator, out_dir: str,

@@ -107,6 +107,11 @@ class Validator:
         self.models = (params.model.prior, params.model.decoder)
         self.clip_image_size = params.clip_image_size
         self.items = choose_items(val_cache.arrays["caption"], cfg.validation_images, params.seed)
+        # its cost in forward passes of the trained model (train.validate_every auto): the loss over the
+        # held-out cache, then each picture's guided steps (two passes each); a prior's pictures also
+        # run the base U-Net, whose step takes ~2 prior steps (reports/gpu_train.json: 0.21 vs 0.11 s)
+        pictures = len(self.items) * self.steps * 2 * (3 if kind == "prior" else 1)
+        self.forward_passes = len(val_cache) + pictures
         # the curve's columns: the same whether or not pictures are drawn (`dvc plots` reads them)
         self.columns = ("step", "val_loss", "val_clip_score") + (("val_image_embed_cosine",) if kind == "prior" else ())
         self.parts: dict | None = None  # the frozen components, loaded at the first drawing
