@@ -6,6 +6,7 @@ Usage::
     fashiondiff generate "black leather mini skirt" --model models --out skirt.png
     fashiondiff serve                # the web page, http://127.0.0.1:7860
     fashiondiff ui                   # the MLflow UI on the pipeline runs, http://127.0.0.1:5000
+    fashiondiff convert --images shop/photos --captions shop/captions.csv --out data/raw/shop.h5
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from typing import Sequence
 
 from fashiondiff import __version__
-from fashiondiff.commands import generate, serve, ui
+from fashiondiff.commands import convert, generate, serve, ui
 from fashiondiff.errors import cli
 from fashiondiff.runtime import limit_threads
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(commands)
     serve.add_parser(commands)
     ui.add_parser(commands)
+    convert.add_parser(commands)
     return parser
 
 
