@@ -1,1 +1,1 @@
-"""The three commands: ``fashiondiff generate``, ``serve`` and ``ui`` (no stage imports them)."""
+"""The commands: ``fashiondiff generate``, ``serve``, ``ui`` and ``convert`` (no stage imports them)."""

@@ -7,6 +7,7 @@ Usage::
     fashiondiff serve                # the web page, http://127.0.0.1:7860
     fashiondiff ui                   # the MLflow UI on the pipeline runs, http://127.0.0.1:5000
     fashiondiff run paper --dry      # a preset (presets/paper.yaml) as one DVC experiment: the plan
+    fashiondiff convert --images shop/photos --captions shop/captions.csv --out data/raw/shop.h5
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from typing import Sequence
 
 from fashiondiff import __version__
-from fashiondiff.commands import generate, run, serve, ui
+from fashiondiff.commands import convert, generate, run, serve, ui
 from fashiondiff.errors import cli
 from fashiondiff.runtime import limit_threads
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(commands)
     serve.add_parser(commands)
     ui.add_parser(commands)
+    convert.add_parser(commands)
     return parser
 
 
