@@ -204,3 +204,73 @@ def test_an_edit_to_the_stand_in_stales_no_real_stage(ran, clone):
     synthetic.write_text(synthetic.read_text() + "\n# an edit to the stand-in\n")
     stale = stale_stages(clone)
     assert all(s.startswith("standin/dvc.yaml:") or s == "register" for s in stale), stale  # register: always
+
+
+def shop_folder(root: Path, catalogue: Path) -> Path:
+    """A shop's export no test has seen: photos of a FashionGen-layout file's products saved as a
+    phone and a web shop would (a big JPEG, a PNG with transparency, a grey one), two photos per
+    product, and the faults of a real export in its captions.csv: a file that is missing, a
+    corrupt one, an empty caption, a file listed twice."""
+    import csv
+
+    from PIL import Image
+
+    from fashiondiff.data.fashiongen import read_rows
+
+    rows = read_rows(catalogue, 0, 80)
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    lines = [("file", "caption", "product_id")]
+    for i, (pixels, name, product) in enumerate(zip(rows.images, rows.text["name"], rows.product_ids)):
+        image = Image.fromarray(pixels)
+        kind = i % 3
+        if kind == 0:
+            file = f"p{i:03d}.jpg"
+            image.resize((900, 900)).save(photos / file, quality=92)
+        elif kind == 1:
+            file = f"p{i:03d}.png"
+            image.convert("RGBA").resize((300, 400)).save(photos / file)
+        else:
+            file = f"p{i:03d}.png"
+            image.convert("L").save(photos / file)
+        lines.append((file, name, str(int(product))))
+    (photos / "corrupt.jpg").write_bytes(b"\xff\xd8 not a picture")
+    Image.fromarray(rows.images[0]).save(photos / "uncaptioned.png")
+    lines += [("gone.jpg", "Black boots", "1"), ("corrupt.jpg", "Red scarf", "2"),
+              ("uncaptioned.png", "", "3"), ("p000.jpg", "Again", "4")]
+    with (root / "captions.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows(lines)
+    return root
+
+
+def test_a_shop_catalogue_runs_end_to_end_without_a_generic_file(ran, clone, downloads, tmp_path):
+    """The issue's check: a folder no test has seen through `fashiondiff convert` (the right rows
+    in, each bad one named by its line), then `fashiondiff run` with it as the catalogue and no
+    generic file: extraction, training and an evaluation of the catalogue alone."""
+    shop = shop_folder(tmp_path / "shop", downloads / "fashiongen_256_256_validation.h5")
+    out = run_block(clone, [f"fashiondiff convert --images {shop / 'photos'} --captions {shop / 'captions.csv'} "
+                            f"--out data/raw/shop.h5"])
+    [report] = out.values()
+    for line, reason in ((82, "missing file gone.jpg"), (83, "unreadable image corrupt.jpg"),
+                         (84, "empty caption"), (85, "duplicate file p000.jpg (first at line 2)")):
+        assert f"captions.csv line {line}: {reason}" in report, report
+    assert re.search(r"wrote data/raw/shop\.h5: 80 rows, \d+ products, 4 rows skipped", report), report
+
+    (clone / "presets/shop.yaml").write_text(yaml.safe_dump({"name": "shop", "params": {
+        "data.files.train": "data/raw/shop.h5", "data.files.validation": "data/raw/shop.h5",
+        "data.files.generic": None, "data.holdout_fraction": 0.25}}))
+    run = run_block(clone, ["dvc add data/raw", "fashiondiff run shop"])["fashiondiff run shop"]
+    ran_stages = {line.split("'")[1] for line in run.splitlines() if line.startswith("Running stage")}
+    assert ran_stages == REAL_STAGES - {"extract@generic"}, run
+    assert "the generic domain (what fine-tuning keeps of what the base drew) is skipped" in run
+    assert "generic" not in yaml.safe_load((clone / "params.yaml").read_text())["data"]["files"]
+    metrics = json.loads((clone / "reports/metrics.json").read_text())
+    assert set(metrics) == {"catalogue"} and metrics["catalogue"]["tuned"]["clip_score"] > 0
+    captions = pd_captions(clone / "data/extracted/train")
+    assert len(captions) == 80 and "Again" not in set(captions["caption"])
+
+
+def pd_captions(folder: Path):
+    import pandas as pd
+
+    return pd.read_parquet(folder / "captions.parquet")
