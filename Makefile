@@ -49,6 +49,9 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not browser and not e2e"
 
+# Every bench/bench_*.py in turn, on any machine: one with nothing to measure here prints one line
+# "skipped: ..." and exits 0 (bench_gpu_train.py without CUDA; bench_spread.py without `make
+# repro`'s data/extracted/ and models/). docs/testing.md has the figures and how long it takes.
 bench: $(STAMP)
 	for b in bench/bench_*.py; do python $$b || exit 1; done
 

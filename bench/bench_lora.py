@@ -33,8 +33,6 @@ RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv
 
 
 def full_size_table() -> list[str]:
-    import dataclasses
-
     from fashiondiff.config.schema import load_params
     from fashiondiff.models.published import build_full
     from fashiondiff.train.lora import add_lora
@@ -45,7 +43,7 @@ def full_size_table() -> list[str]:
         total = sum(p.numel() for p in build_full(meta=True)[part].parameters())
         lines.append(f"| {part} | full | {total / 1e6:.1f} M | {_gib(8 * total)} |")
         for rank in RANKS:
-            section = dataclasses.replace(getattr(params, kind), lora_rank=rank)
+            section = getattr(params, kind).model_copy(update={"lora_rank": rank})
             count = add_lora(build_full(meta=True)[part], section, kind)  # meta: shapes only
             lines.append(f"| {part} | LoRA rank {rank} | {count / 1e6:.2f} M ({100 * count / total:.2f} %) "
                          f"| {_gib(8 * count)} |")

@@ -21,7 +21,9 @@ of every process of the run (VmHWM, polled every 0.2 s) is reported per process.
   (``fashiondiff.standin.fullsize``, 256 px), embed and evaluate on N = ``--processes`` GPUs:
   images/s per GPU, and the time of a 10,000-image FID of both models (2 x 10,000 samples at
   ``--steps``, default 500, with guidance) from the measured per-GPU rate.
-Writes ``--out`` (JSON) and prints a table.
+Writes ``--out`` (JSON) and prints a table. Where it has nothing to measure (``--fullsize`` without
+CUDA, the CPU figures without the project's `dvc repro` outputs) it says so in one line,
+"skipped: ...", and exits 0: `make bench` runs it anywhere.
 """
 
 from __future__ import annotations
@@ -242,6 +244,24 @@ def fullsize_figures(args) -> dict:
     return out
 
 
+# What the CPU figures read from --project: `dvc repro`'s outputs (the base models: params' model.*).
+PROJECT_OUTPUTS = ("data/extracted/train", "data/extracted/validation", "data/extracted/generic", "models/prior",
+                   "models/decoder")
+
+
+def why_skipped(args) -> str:
+    """Why this run cannot measure anything here ("" if it can): --fullsize needs CUDA (but with
+    --tiny), the CPU figures the project's `dvc repro` outputs."""
+    if args.fullsize:
+        import torch
+
+        return "" if args.tiny or torch.cuda.is_available() else "no CUDA device (--fullsize --tiny runs on the CPU)"
+    project = args.project.resolve()
+    model = yaml.safe_load((project / "params.yaml").read_text())["model"]
+    missing = [p for p in (*PROJECT_OUTPUTS, model["prior"], model["decoder"]) if not (project / p).is_dir()]
+    return f"no `dvc repro` outputs in {project} ({', '.join(missing)}): `make repro` first" if missing else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, default=REPO, help="the embedded default, `dvc repro` done")
@@ -256,6 +276,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="--fullsize with the tiny models (a smoke test, CPU)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    skipped = why_skipped(args)
+    if skipped:  # `make bench` on a CPU machine, or before `make repro`: nothing to measure
+        print(f"bench_spread: skipped: {skipped}")
+        return
     if args.fullsize:
         args.steps = args.steps or 500
         result = fullsize_figures(args)

@@ -15,6 +15,7 @@ from fashiondiff.data.split import select_split
 from fashiondiff.evaluate.edits import recoloured
 from fashiondiff.evaluate.heldout import choose_prompts, heldout_rows
 from fashiondiff.evaluate.run import ModelPair, evaluate
+from fashiondiff.evaluate.summary import summary_metrics
 
 NAMES = ["black leather mini skirt", "white cotton shirt", "blue denim jacket", "red silk dress",
          "grey wool coat", "green linen trousers", "yellow rain jacket", "pink knit sweater"]
@@ -156,6 +157,7 @@ def test_evaluate_writes_metrics_and_figures(setup):
     assert tracker.summary["reference.catalogue.base.clip_score"] == everything["catalogue"]["base"]["clip_score"]
     assert tracker.summary["reference.generic.real.r_precision"] == details["generic"]["real"]["r_precision"]
     assert not any("fid_status" in k for k in tracker.summary)
+    assert tracker.summary == summary_metrics(everything, details)  # register rebuilds it from the two files
     assert tracker.images == ["samples/grid.png", "samples/base_vs_tuned.png", "samples/image_text.png"]
     # the pipeline's parent run holds them too
     assert tracker.parent_images == ["grid.png", "base_vs_tuned.png", "image_text.png"]

@@ -463,6 +463,46 @@ def test_two_experiments_through_dvc_queue_land_in_the_project_store(project, ex
     assert "not registered again" in outputs[apply[2]], outputs[apply[2]]
 
 
+def test_a_cached_repro_s_parent_run_carries_the_scores_of_its_outputs(project):
+    """After a commit, `dvc repro` finds every stage up to date and runs `register` alone, under a
+    new parent run (a new commit: a new pipeline key). Its scores are there all the same, finite:
+    `register` logs each stage's summary from the stage's reports (its deps), under the names the
+    stage logs them with (the MLflow UI's columns) and with the reports' values."""
+    import math
+
+    import mlflow
+
+    from fashiondiff.evaluate.summary import summary_metrics as evaluate_summary
+    from fashiondiff.tracking import parent_keys
+    from fashiondiff.train.summary import summary_metrics as training_summary
+
+    sh(project, "git", "add", "dvc.lock", "standin/dvc.lock", "reports")  # as a user commits a run
+    sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "--allow-empty", "-qm", "run")
+    out = sh(project, str(DVC), "repro")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"register"}, out
+
+    def report(name: str) -> dict:
+        return json.loads((project / "reports" / name).read_text())
+
+    expected = {**parent_keys("train_prior", training_summary(report("train_prior.json"))),
+                **parent_keys("train_decoder", training_summary(report("train_decoder.json"))),
+                **parent_keys("evaluate", evaluate_summary(report("metrics.json"), report("evaluation.json")))}
+    assert {"evaluate.catalogue.fd_clip", "evaluate.generic.clip_score", "evaluate.reference.catalogue.base.fd_clip",
+            "train_prior.loss_last_epoch", "train_decoder.val_loss"} <= set(expected)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fashiongen-kandinsky")
+    head = sh(project, "git", "rev-parse", "HEAD").strip()
+    [parent] = client.search_runs([exp.experiment_id], filter_string=f"tags.`fashiondiff.role` = 'pipeline' and "
+                                  f"tags.`mlflow.source.git.commit` = '{head}' and tags.`dvc.exp_name` = 'repro'")
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = "
+                                  f"'{parent.info.run_id}'")
+    assert [c.info.run_name for c in children] == ["register"]
+    found = {k: parent.data.metrics.get(k) for k in expected}
+    assert found == expected
+    assert all(math.isfinite(v) for v in found.values()), found
+
+
 def test_repro_force_is_bit_for_bit_reproducible(project):
     """docs/reproducibility.md's check, as written (`dvc repro --force`, then `md5sum -c` of
     both lock files and metrics.json); and here, the md5 of every output compared one by one."""

@@ -185,6 +185,64 @@ def test_runs_view_shows_changed_params_and_headline_metrics(local_stage):
         assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["grid.png"]
 
 
+def _stage_reports(folder: Path):
+    """Reports as the stages write them: the trainings' summaries, evaluate's two files (with
+    lists, texts and booleans, which no summary logs)."""
+    from fashiondiff.parent_scores import StageReports
+
+    reports = {
+        "train_prior": {"loss_first_epoch": 0.5, "loss_last_epoch": 0.125, "steps": 6, "val_clip_score": 42.5},
+        "train_decoder": {"loss_first_epoch": 0.75, "loss_last_epoch": 0.25, "steps": 6},
+        "metrics": {d: {"base": {"clip_score": 40.0 + i, "fd_clip": 90.5}, "tuned": {"clip_score": 50.0 + i,
+                                                                                 "fd_clip": 12.25}}
+                    for i, d in enumerate(("catalogue", "generic"))},
+        "evaluation": {"catalogue": {"real": {"r_precision": 0.75}, "prompts": 3, "truncated_captions": 0,
+                                     "prompts_with_replacement": False, "edits": {"strengths": [0.3, 0.5]}},
+                       "fid_status": "skipped", "extra_count": 4},
+    }
+    for name, report in reports.items():
+        (folder / f"{name}.json").write_text(json.dumps(report))
+    return reports, StageReports(*(folder / f"{name}.json" for name in reports))
+
+
+def test_register_gives_a_cached_repro_s_parent_the_stages_scores(local_stage):
+    """A cached `dvc repro` (new commit or params, outputs up to date) runs register alone, under a
+    new parent: it logs each stage's summary from the stage's reports, named and valued as the
+    stage logs it. Under a parent where a stage ran, that stage's values are left alone."""
+    from fashiondiff.evaluate.summary import summary_metrics as evaluate_summary
+    from fashiondiff.parent_scores import log_parent_scores
+    from fashiondiff.train.summary import summary_metrics as training_summary
+
+    reports, files = _stage_reports(local_stage)
+    params = repo_params()
+    with stage_run("train_prior", params) as tracker:  # the stages' own logging, train_decoder not run
+        tracker.log_summary(training_summary(reports["train_prior"]))
+    with stage_run("evaluate", params) as tracker:
+        tracker.log_summary(evaluate_summary(reports["metrics"], reports["evaluation"]))
+    with stage_run("register", params) as tracker:
+        logged = log_parent_scores(tracker, files)
+    assert logged == {"train_prior": [], "evaluate": [],
+                      "train_decoder": ["train_decoder.loss_first_epoch", "train_decoder.loss_last_epoch",
+                                        "train_decoder.steps"]}
+    with stage_run("register", replaced(params, seed=7)) as cached:  # a new parent: register alone
+        log_parent_scores(cached, files)
+
+    client, _ = _client(local_stage / "mlflow.db")
+    ran, filled = (client.get_run(t.parent_run_id).data.metrics for t in (tracker, cached))
+    assert tracker.parent_run_id != cached.parent_run_id
+    assert filled == ran  # the same columns, the same values
+    assert {k: v for k, v in filled.items() if k.startswith("evaluate.")} == {
+        "evaluate.catalogue.clip_score": 50.0, "evaluate.catalogue.fd_clip": 12.25,
+        "evaluate.generic.clip_score": 51.0, "evaluate.generic.fd_clip": 12.25,
+        "evaluate.reference.catalogue.base.clip_score": 40.0, "evaluate.reference.catalogue.base.fd_clip": 90.5,
+        "evaluate.reference.generic.base.clip_score": 41.0, "evaluate.reference.generic.base.fd_clip": 90.5,
+        "evaluate.reference.catalogue.real.r_precision": 0.75, "evaluate.reference.catalogue.prompts": 3,
+        "evaluate.reference.catalogue.truncated_captions": 0, "evaluate.reference.extra_count": 4}
+    assert filled["train_prior.val_clip_score"] == 42.5 and filled["train_decoder.steps"] == 6
+    for key in ("evaluate.catalogue.clip_score", "train_prior.loss_last_epoch"):  # logged once: left alone
+        assert len(client.get_metric_history(tracker.parent_run_id, key)) == 1, key
+
+
 def test_many_and_long_params_are_batched(local_stage):
     extras = {f"extra.{i:03d}": i for i in range(250)} | {"long": "x" * 10_000}
     with stage_run("embed", repo_params()) as tracker:

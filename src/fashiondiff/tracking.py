@@ -15,8 +15,10 @@ one if there is none. Two stages racing to create it resolve to the earliest run
 the same key (``dvc repro --force``) soft-deletes its previous child, tagged
 ``fashiondiff.superseded_by``, so the parent shows one child per stage
 (``mlflow runs restore`` brings one back; ``mlflow gc`` purges them).
-Note what the key implies: a ``dvc repro`` after a param change makes a new parent
-that only holds the stages DVC actually re-ran.
+Note what the key implies: a ``dvc repro`` after a param change or a commit makes a new
+parent whose child runs are the stages DVC actually re-ran. Its scores are complete all the
+same: ``register``, which runs every time, logs the summaries of the stages that did not run
+under it, from their reports (``Tracker.log_parent_summary``, ``fashiondiff.parent_scores``).
 
 The parent's status follows the last stage that ran: RUNNING while a stage runs,
 then that stage's FINISHED / FAILED / KILLED.
@@ -92,6 +94,12 @@ def tracking_enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "on").strip().lower() not in ("off", "0", "false", "no")
 
 
+def parent_keys(stage: str, metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` as the pipeline's parent run holds a stage's summary: ``<stage>.<key>``."""
+    prefix = f"{stage}."
+    return {k if k.startswith(prefix) else prefix + k: v for k, v in metrics.items()}
+
+
 class Tracker:
     """Logs to one stage's child run (and, for summaries, to the pipeline's parent run).
 
@@ -142,9 +150,23 @@ class Tracker:
         if self.client is None:
             return
         self._points(self.run_id, [(k, self._last_step, v) for k, v in metrics.items()])
-        prefix = f"{self.stage}."
-        self._points(self.parent_run_id, [(k if k.startswith(prefix) else prefix + k, 0, v)
-                                          for k, v in metrics.items()])
+        self._points(self.parent_run_id, [(k, 0, v) for k, v in parent_keys(self.stage, metrics).items()])
+
+    def log_parent_summary(self, stage: str, metrics: dict[str, float]) -> list[str]:
+        """Another stage's final values, on the parent as that stage's ``log_summary`` puts them
+        (``<stage>.<key>``), each key the parent lacks; returns the keys logged.
+
+        For a parent run the stage did not run under: a ``dvc repro`` that finds it up to date
+        runs the always-changed ``register`` alone, under a new parent (a new commit or params
+        give a new pipeline key). A parent where the stage ran keeps its values untouched.
+        """
+        if self.client is None:
+            return []
+        have = self.client.get_run(self.parent_run_id).data.metrics  # an answer now, as registry calls
+        missing = {k: v for k, v in parent_keys(stage, metrics).items() if k not in have}
+        if missing:
+            self._points(self.parent_run_id, [(k, 0, v) for k, v in missing.items()])
+        return sorted(missing)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file, or a folder, logged under ``artifact_path/`` keeping its own name."""

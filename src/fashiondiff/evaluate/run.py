@@ -78,6 +78,7 @@ from fashiondiff.evaluate.samples import (
     plan,
     sample,
 )
+from fashiondiff.evaluate.summary import summary_metrics
 from fashiondiff.evaluate.tally import Tally
 from fashiondiff.io import atomic_file, write_json
 from fashiondiff.sampling import sampling_from_params
@@ -277,23 +278,12 @@ def _rounded(scores: dict) -> dict:
     return {k: int(v) if k in COUNT_KEYS else _sig(v) for k, v in scores.items()}
 
 
-def flatten(report: dict, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves as ``{"catalogue.clip_score": ...}``, for the tracker."""
-    flat: dict[str, float] = {}
-    for key, value in report.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dict, tracker, partial: Partial,
                   job: Job) -> None:
     """samples/ (the partial folder, completed and renamed into place last), metrics.json,
-    scores.json and evaluation.json (atomic files); to the tracker: the tuned model's scores as
-    ``<domain>.<metric>``, the base model's and the rest as ``reference.<domain>.base.<metric>``,
-    ``reference.<domain>.real.<metric>``, ...
+    scores.json and evaluation.json (atomic files); to the tracker: the numbers of metrics.json
+    and evaluation.json as ``fashiondiff.evaluate.summary`` names them (the tuned model's scores as
+    ``<domain>.<metric>``, the rest as ``reference.<domain>.base.<metric>``, ...).
 
     ``metrics``: ``{domain: {"base": {...}, "tuned": {...}}}``. The samples are already in the
     partial folder as ``<domain>/<model>/0000.png``, ... A full disk on the way stops with one
@@ -316,10 +306,7 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
             curve = edit_curve(metrics[domain][model], job) if domain in metrics else []
             write_csv(reports_dir / "plots" / f"edits_{domain}_{model}.csv", curve)
     _publish(work, reports_dir / "samples")
-    tracker.log_summary(flatten(tuned))
-    reference = {d: {"base": by_model["base"], **details.get(d, {})} for d, by_model in metrics.items()}
-    reference.update({k: v for k, v in details.items() if k not in metrics})
-    tracker.log_summary({f"reference.{k}": v for k, v in flatten(reference).items()})
+    tracker.log_summary(summary_metrics(metrics, details))  # what register rebuilds from the two files
     for file_name, picture in pictures.items():  # on the pipeline's parent run too: where one looks first
         tracker.log_image(picture, f"samples/{file_name}", parent_name=file_name)
     for file_name in ("metrics.json", "evaluation.json"):

@@ -26,6 +26,7 @@ from fashiondiff.io import atomic_dir, atomic_file, write_json
 from fashiondiff.project import checkpoint_home
 from fashiondiff.train.loop import Schedule, TrainResult, train
 from fashiondiff.train.lora import add_lora, has_adapter, merge_adapter, save_adapter
+from fashiondiff.train.summary import summary_metrics
 from fashiondiff.train.validate import Validator
 
 KINDS = ("prior", "decoder")
@@ -154,7 +155,7 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
             return None
         summary = write_outputs(pipe, params, result, len(cache), validator, out_dir, summary_path, plot_path,
                                 val_plot_path, val_pictures_dir)
-    tracker.log_summary({k: float(v) for k, v in summary.items()})
+    tracker.log_summary(summary_metrics(summary))  # what register rebuilds from the summary file
     tracker.log_params({"model_dir": str(Path(out_dir).resolve()), "checkpoint_dir": str(home)})
     for path in (summary_path, plot_path, Path(out_dir) / "fashiondiff_config.json"):
         tracker.log_artifact(path)
