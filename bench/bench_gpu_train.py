@@ -76,7 +76,7 @@ class RandomCache:
 
 
 def _loop_config(smoke: bool, compiled: bool, log_every: int, checkpoint_every: int):
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
 
     train = load_params(REPO / "params.yaml").train
     return train.model_copy(update=dict(mixed_precision="no" if smoke else "bf16", compile="on" if compiled else "off",

@@ -19,7 +19,7 @@ import yaml
 # longer on a 2-core machine.
 torch.set_num_threads(1)
 
-from fashiondiff.config.schema import Params, params_from_dict
+from fashiondiff.config.whole import Params, params_from_dict
 from fashiondiff.standin.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]

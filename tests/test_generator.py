@@ -13,7 +13,7 @@ import torch
 from conftest import replaced
 
 from fashiondiff.cache.reader import open_cache
-from fashiondiff.config.schema import GeneratorParams, PretrainParams
+from fashiondiff.config.standin import GeneratorParams, PretrainParams
 from fashiondiff.data.fashiongen import read_rows
 from fashiondiff.standin import generator as gen
 from fashiondiff.standin import pretrain as pt

@@ -27,7 +27,7 @@ from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-from fashiondiff.config.schema import GeneratorParams, PretrainParams
+from fashiondiff.config.standin import GeneratorParams, PretrainParams
 from fashiondiff.errors import PipelineError
 from fashiondiff.models.loader import load_decoder, load_prior
 from fashiondiff.processes import project_env

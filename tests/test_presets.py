@@ -17,7 +17,7 @@ from pipeline_fixtures import REPO, run_stage, stage_params
 from test_train import train_args
 
 from fashiondiff.commands.run import applied, read_preset
-from fashiondiff.config.schema import params_from_dict
+from fashiondiff.config.whole import params_from_dict
 from fashiondiff.data.split import heldout_mask
 from fashiondiff.disk import Need, require
 from fashiondiff.errors import PipelineError

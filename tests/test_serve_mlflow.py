@@ -18,7 +18,7 @@ from conftest import REPO, replaced
 from PIL import Image
 from serving_fixtures import PROMPT, SIDE
 
-from fashiondiff.config.schema import load_params
+from fashiondiff.config.whole import load_params
 from fashiondiff.config.view import ParamsView, declared_params, stage_params
 from fashiondiff.processes import free_port, project_env, running
 from fashiondiff.sampling import Sampling

@@ -14,7 +14,7 @@ import yaml
 from conftest import params_tree, replaced
 from PIL import Image
 
-from fashiondiff.config.schema import SyntheticParams
+from fashiondiff.config.standin import SyntheticParams
 from fashiondiff.errors import PipelineError
 from fashiondiff.processes import project_env
 from fashiondiff.standin import generic, synthetic

@@ -178,7 +178,7 @@ def test_training_loads_only_its_network_and_saves_a_complete_pipeline(tmp_path,
     diffusers. Untouched files are byte-identical copies of the base folder's."""
     from diffusers import KandinskyPipeline, KandinskyPriorPipeline
 
-    from fashiondiff.config.schema import params_from_dict
+    from fashiondiff.config.whole import params_from_dict
     from fashiondiff.train.run import make_task, save_pipeline
 
     params = params_from_dict(stage_params(tiny_base))

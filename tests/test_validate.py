@@ -200,7 +200,7 @@ def test_pictures_from_the_cache_are_the_pipelines_pictures_of_the_captions(tiny
     """The validator's prior pictures (cached caption encodings, no text tower) against
     fashiondiff.sampling.text_to_image with the base pipelines fed the captions themselves."""
     from fashiondiff.cache.reader import open_cache
-    from fashiondiff.config.schema import params_from_dict
+    from fashiondiff.config.whole import params_from_dict
     from fashiondiff.models.loader import load_decoder, load_prior
     from fashiondiff.sampling import Sampling, text_to_image
     from fashiondiff.tracking import Tracker

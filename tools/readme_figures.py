@@ -72,7 +72,7 @@ def check_runs(params_path: str = "params.yaml") -> list[str]:
     has (no run of an older params layout). Returns their names; exits with one line otherwise."""
     import mlflow
 
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
     from fashiondiff.tracking import TAG_ROLE, resolve_tracking_uri
 
     params = load_params(params_path)

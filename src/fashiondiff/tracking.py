@@ -52,7 +52,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from fashiondiff.config.schema import Params, load_params
+from fashiondiff.config.schema import flatten, read_params_file
+from fashiondiff.config.tracking import MlflowParams
+from fashiondiff.config.view import ParamsView, validated
 from fashiondiff.errors import PipelineError
 from fashiondiff.outbox import (
     FLUSH_S,
@@ -211,8 +213,11 @@ def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[T
     """Open ``stage``'s child run under the pipeline's parent run; end it with the block.
 
     ``params`` is the stage's view (its declared params go on the child run) or a whole
-    Params. The parent run, its key and the ``mlflow.*`` settings come from the whole of
-    ``params.yaml``: tracking shapes no DVC output, so no stage declares those keys.
+    Params (``fashiondiff.config.whole``). The parent run, its key and the ``mlflow.*`` settings
+    come from the whole of ``params.yaml``: tracking shapes no DVC output, so no stage declares
+    those keys. From a view, the parent logs the file as YAML gives it (``1800``, not ``1800.0``),
+    under the same names: validating it whole would import every section's module, and every
+    tracked stage would list them all and go stale on any section's edit.
     ``tracking_uri`` overrides ``mlflow.tracking_uri``; a relative ``sqlite:///`` path is the
     project root's (fashiondiff.project: not inside a DVC temporary copy). On an exception the
     child (and parent) end FAILED (KILLED on Ctrl-C) and the exception propagates.
@@ -226,10 +231,10 @@ def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[T
     if not tracking_enabled():
         yield Tracker(stage)
         return
-    whole = params if isinstance(params, Params) else load_params()
-    uri = resolve_tracking_uri(tracking_uri or whole.mlflow.tracking_uri)
-    tracker = _open(stage, whole, uri)
-    if whole is not params:
+    whole, settings = pipeline_params(params)
+    uri = resolve_tracking_uri(tracking_uri or settings.tracking_uri)
+    tracker = _open(stage, whole, settings.experiment, uri)
+    if isinstance(params, ParamsView):
         tracker.log_params(params.flat())  # what this stage declares, beside the parent's whole set
     try:
         yield tracker
@@ -251,12 +256,22 @@ def resolve_tracking_uri(uri: str, cwd: str | Path | None = None) -> str:
     return uri
 
 
-def pipeline_identity(params: Params, cwd: str | Path | None = None) -> dict[str, str]:
+def pipeline_params(params) -> tuple[dict[str, object], MlflowParams]:
+    """The parent run's params (the whole file, flat) and the ``mlflow`` section, from a stage's
+    view (the file it was read from; validated: ``mlflow`` alone) or from a whole Params."""
+    if not isinstance(params, ParamsView):
+        return params.flat(), params.mlflow
+    raw = params.raw if params.raw is not None else read_params_file()
+    return flatten(raw), validated(raw, ["mlflow"]).mlflow
+
+
+def pipeline_identity(params, cwd: str | Path | None = None) -> dict[str, str]:
     """What makes two stage processes part of the same pipeline run, and its hash ``key``.
 
     ``dvc exp run`` exports DVC_EXP_NAME and DVC_EXP_BASELINE_REV to its stages
     (dvc/repo/experiments/queue/base.py); ``dvc repro`` exports only DVC_ROOT and
-    DVC_STAGE; a stage run by hand has neither.
+    DVC_STAGE; a stage run by hand has neither. ``params``: a whole Params, a stage's view, or
+    the flat params themselves.
     """
     root = os.environ.get("DVC_ROOT") or str(cwd or os.getcwd())
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
@@ -266,8 +281,8 @@ def pipeline_identity(params: Params, cwd: str | Path | None = None) -> dict[str
         "baseline_rev": baseline,
         "exp_name": exp_name,
     }
-    flat = {k: _text(v) for k, v in params.flat().items()}
-    blob = json.dumps({"params": flat, **identity}, sort_keys=True)
+    flat = params if isinstance(params, dict) else pipeline_params(params)[0]
+    blob = json.dumps({"params": {k: _text(v) for k, v in flat.items()}, **identity}, sort_keys=True)
     identity["key"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return identity
 
@@ -277,7 +292,7 @@ def pipeline_identity(params: Params, cwd: str | Path | None = None) -> dict[str
 START_S = ("FASHIONDIFF_TRACKING_START_S", 30.0)  # opening the runs: give up after this
 
 
-def _open(stage: str, params: Params, uri: str) -> Tracker:
+def _open(stage: str, params: dict[str, object], experiment: str, uri: str) -> Tracker:
     """Create the stage's runs (retried while the store does not answer, up to START_S), then
     hand further calls to an outbox. Errors: one line."""
     quiet_mlflow()
@@ -291,7 +306,7 @@ def _open(stage: str, params: Params, uri: str) -> Tracker:
     while True:
         try:
             with store_lock(uri):
-                tracker = _open_runs(client, stage, params, identity, uri)
+                tracker = _open_runs(client, stage, params, experiment, identity, uri)
             break
         except PipelineError:  # already one line (a deleted experiment)
             raise
@@ -309,16 +324,17 @@ def _open(stage: str, params: Params, uri: str) -> Tracker:
     tracker.outbox = Outbox(client, uri, project_root(), label=display_uri(uri))
     adopted = f"; delivering {tracker.outbox.adopted} tracking calls an earlier stage kept" if tracker.outbox.adopted else ""
     print(f"mlflow: {stage} run {tracker.run_id} in pipeline run {tracker.parent_run_id} "
-          f"({display_uri(uri)}, experiment {params.mlflow.experiment}){adopted}", file=sys.stderr)
+          f"({display_uri(uri)}, experiment {experiment}){adopted}", file=sys.stderr)
     return tracker
 
 
-def _open_runs(client, stage: str, params: Params, identity: dict[str, str], uri: str) -> Tracker:
+def _open_runs(client, stage: str, params: dict[str, object], experiment: str, identity: dict[str, str],
+               uri: str) -> Tracker:
     """The experiment, the pipeline's parent run and this stage's child run (idempotent: a
     retry finds the parent made before, and supersedes a child made before)."""
-    exp_id = _experiment(client, params.mlflow.experiment, uri)
+    exp_id = _experiment(client, experiment, uri)
     parent_id = _parent(client, exp_id, identity)
-    _log_params(client, parent_id, params.flat())  # idempotent: same key, same values
+    _log_params(client, parent_id, params)  # idempotent: same key, same values
     child = client.create_run(exp_id, run_name=stage, tags={
         TAG_PARENT: parent_id, TAG_ROLE: "stage", TAG_STAGE: stage, TAG_KEY: identity["key"],
         TAG_COMMIT: identity["commit"], TAG_EXP_NAME: identity["exp_name"], "mlflow.user": _user(),

@@ -200,7 +200,7 @@ def defaults(params_path: str | Path) -> Sampling:
     """Sampling defaults from params.yaml when it exists, else 2.1's usual settings."""
     if not Path(params_path).is_file():
         return Sampling()
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
 
     return sampling_from_params(load_params(params_path))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from fashiondiff.config.schema import params_from_dict
+from fashiondiff.config.whole import params_from_dict
 from fashiondiff.errors import PipelineError
 from fashiondiff.plan import make_plan
 

@@ -80,7 +80,7 @@ def _base(args) -> tuple[str, str]:
     if not Path(args.params).is_file():
         raise PipelineError(f"{args.params}: no params file to take the base model from: "
                             "give --base-prior and --base-decoder")
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
 
     model = load_params(args.params).model
     return args.base_prior or model.prior, args.base_decoder or model.decoder

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from fashiondiff.config.schema import Params
+from fashiondiff.config.whole import Params
 from fashiondiff.errors import PipelineError
 from fashiondiff.processes import start_group, stop_process_group, wait_until_up
 from fashiondiff.tracking import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, TAG_ROLE, display_uri, quiet_mlflow, resolve_tracking_uri
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
     """Save the view, start the server, print the address, serve until Ctrl-C."""
     if not 0 < args.port < 65536:
         raise PipelineError(f"--port must be in 1..65535, got {args.port}")
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
 
     params = load_params(args.params)
     address = publish_runs_view(params, HEADLINE_METRICS, ALWAYS_PARAMS)

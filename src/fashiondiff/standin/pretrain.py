@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fashiondiff.cache.format import TEXT_LENGTH
-from fashiondiff.config.schema import PretrainParams
+from fashiondiff.config.standin import PretrainParams
 from fashiondiff.standin.tiny import TinyParts
 
 # --- inputs, prepared once ---------------------------------------------------------

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fashiondiff.config.schema import TrainParams, duration_s
+from fashiondiff.config.schema import duration_s
 from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.train.checkpoints import (
     Checkpoints,
@@ -69,6 +69,28 @@ class Validate(Protocol):
     the run would save; returns the step's validation record (the main process's is kept)."""
 
     def __call__(self, step: int, model: torch.nn.Module) -> dict: ...
+
+
+class LoopSettings(Protocol):
+    """What the loop reads of its settings: params ``train`` (``fashiondiff.config.train.TrainParams``)
+    for the fine-tuning, the stand-in pre-training's own (``standin.generator.loop_settings``).
+    A protocol, not that class: the pre-training stage runs this loop but must not import the
+    training sections' module, or every new training option would rerun it (docs/stale-map.md)."""
+
+    gradient_accumulation_steps: int
+    max_grad_norm: float  # <= 0: no clipping
+    warmup_steps: int
+    lr_schedule: str  # a diffusers get_scheduler name
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    mixed_precision: str  # no, fp16, bf16
+    ema_decay: float  # 0: no EMA
+    checkpoint_every: int | str  # steps, or a duration ("30m")
+    checkpoints_keep: int
+    log_every: int
+    compile: str  # auto, on, off
+    validate_every: int | str  # auto, or steps (0: the last step only)
 
 
 class Task(Protocol):
@@ -149,7 +171,7 @@ class Speed:
     pin_memory: bool
 
     @classmethod
-    def choose(cls, cfg: TrainParams, device: torch.device, model: torch.nn.Module) -> "Speed":
+    def choose(cls, cfg: LoopSettings, device: torch.device, model: torch.nn.Module) -> "Speed":
         cuda = device.type == "cuda"
         convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
         return cls(compile=cfg.compile == "on" or (cfg.compile == "auto" and cuda), fused_adamw=cuda,
@@ -265,7 +287,7 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan, speed: Speed):
+def _prepare(acc, task: Task, cfg: LoopSettings, lr: float, plan: _Plan, speed: Speed):
     from diffusers.optimization import get_scheduler
 
     trainable = [p for p in task.model.parameters() if p.requires_grad]
@@ -288,7 +310,7 @@ def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan, speed: S
     return model, optimizer, schedule, ema, trainable
 
 
-def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
+def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
           log: Callable[[dict, int], None] | None = None, validate: Validate | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``
