@@ -44,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from flops import FULL_SHAPES, TINY_SHAPES, section_for, count_flops, network, peak_flops  # noqa: E402
+from flops import FULL_SHAPES, TINY_SHAPES, count_flops, network, peak_flops, section_for  # noqa: E402
 
 CONFIGS = ("prior:full:eager", "prior:full:compiled", "prior:lora4:compiled",
            "decoder:full:eager", "decoder:full:compiled", "decoder:full+checkpointing:compiled",

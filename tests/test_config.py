@@ -10,9 +10,10 @@ import sys
 import pytest
 import yaml
 from conftest import REPO, params_tree, repo_params
+from pydantic import ValidationError
 
-from fashiondiff.config.whole import params_from_dict
 from fashiondiff.config.view import SECTIONS, ParamsView, declared_params, stage_params
+from fashiondiff.config.whole import params_from_dict
 from fashiondiff.errors import PipelineError
 
 
@@ -108,7 +109,7 @@ def test_pydantic_errors_read_as_one_line_naming_the_key(change, message):
 
 
 def test_params_are_read_only():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         repo_params().train.warmup_steps = 3
     with pytest.raises(AttributeError, match="params are read-only"):
         view(["train"]).lr = 1.0

@@ -6,6 +6,7 @@ each stage imports exactly what it declares is tests/test_pipeline_e2e.py's audi
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -77,6 +78,16 @@ def test_no_stage_before_training_lists_a_file_that_defines_a_training_option():
         name in (REPO / f).read_text() for name in ("class TrainParams", "class PriorParams", "class DecoderParams"))}
     assert all(TRAININGS <= after({s}, REPO) for s in ("extract", "embed"))  # before training, by the DAG
     assert {f: sorted(BEFORE_TRAINING & stales(f)) for f in defining if BEFORE_TRAINING & stales(f)} == {}
+
+
+def test_formats_live_below_their_readers_nothing_outside_train_imports_it():
+    """The LoRA adapter's format is models/adapter.py's: generate, serve and the served model read
+    it without importing training. Only the stand-in's pre-training, which runs the loop, may."""
+    imports_train = re.compile(r"^\s*(from fashiondiff\.train[ .]|import fashiondiff\.train)", re.MULTILINE)
+    outside = [f for f in MAP if f.startswith("src/fashiondiff/") and imports_train.search((REPO / f).read_text())
+               and not f.startswith(("src/fashiondiff/train/", "src/fashiondiff/standin/"))]
+    assert outside == []
+    assert stales("src/fashiondiff/models/adapter.py") == TRAININGS  # sampling and serving import it lazily
 
 
 def test_the_committed_map_is_current():

@@ -49,13 +49,14 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from fashiondiff.config.schema import flatten, read_params_file
 from fashiondiff.config.tracking import MlflowParams
 from fashiondiff.config.view import ParamsView, validated
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, first_line
 from fashiondiff.outbox import (
     FLUSH_S,
     RETRY_S,
@@ -161,7 +162,7 @@ class Tracker:
             raise PipelineError(f"{path}: no such file or folder to log to MLflow")
         self._put({"op": "artifact", "run": self.run_id, "path": str(path.resolve()), "artifact_path": dest})
 
-    def log_image(self, image: "PIL.Image.Image", name: str, parent_name: str = "") -> None:
+    def log_image(self, image: PIL.Image.Image, name: str, parent_name: str = "") -> None:
         """An image as artifact ``name`` (``.png`` appended when it has no suffix); with
         ``parent_name``, on the pipeline's parent run too, as that (where a newcomer looks first;
         at the artifact root, MLflow's compare page shows it side by side across runs)."""
@@ -172,7 +173,7 @@ class Tracker:
                 path += "" if posixpath.splitext(path)[1] else ".png"
                 self._image(run_id, image, artifact_file=path)
 
-    def log_image_at(self, image: "PIL.Image.Image", key: str, step: int) -> None:
+    def log_image_at(self, image: PIL.Image.Image, key: str, step: int) -> None:
         """An image at a training step: MLflow 3's UI shows a run's images per ``key`` with a step
         slider (``MlflowClient.log_image(key=, step=)``; files under the run's ``images/``)."""
         if self.client is not None:
@@ -297,7 +298,6 @@ def _open(stage: str, params: dict[str, object], experiment: str, uri: str) -> T
     hand further calls to an outbox. Errors: one line."""
     quiet_mlflow()
     fast_failing_requests(uri)
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     identity = pipeline_identity(params)
@@ -312,17 +312,17 @@ def _open(stage: str, params: dict[str, object], experiment: str, uri: str) -> T
             raise
         except Exception as exc:  # noqa: BLE001 - the store's errors: retried or one line
             if not is_transient(exc) or time.monotonic() >= deadline:
-                message = exc.message if isinstance(exc, MlflowException) else str(exc) or repr(exc)
                 hint = (f" (tried for {seconds(START_S):g} s: is the server running? FASHIONDIFF_TRACKING=off "
                         f"runs without tracking)" if is_transient(exc) else "")
-                raise PipelineError(f"mlflow ({display_uri(uri)}): {message.strip().splitlines()[0]}{hint}") from exc
+                raise PipelineError(f"mlflow ({display_uri(uri)}): {first_line(exc, repr(exc))}{hint}") from exc
             if not waiting:
                 print(f"mlflow: {display_uri(uri)} does not answer; retrying for up to {seconds(START_S):g} s",
                       file=sys.stderr, flush=True)
                 waiting = True
             time.sleep(min(seconds(RETRY_S), max(0.0, deadline - time.monotonic())))
     tracker.outbox = Outbox(client, uri, project_root(), label=display_uri(uri))
-    adopted = f"; delivering {tracker.outbox.adopted} tracking calls an earlier stage kept" if tracker.outbox.adopted else ""
+    kept = tracker.outbox.adopted
+    adopted = f"; delivering {kept} tracking calls an earlier stage kept" if kept else ""
     print(f"mlflow: {stage} run {tracker.run_id} in pipeline run {tracker.parent_run_id} "
           f"({display_uri(uri)}, experiment {experiment}){adopted}", file=sys.stderr)
     return tracker

@@ -13,7 +13,8 @@ class DataFiles(Section):
     validation: Text
     # The one optional key: left out, evaluate skips the generic domain (`dvc exp run -S` cannot
     # delete a key: leave it out of params.yaml, or `fashiondiff run` with a preset's null)
-    generic: Annotated[str, checked(lambda v: v.strip() != "", "must name a file (leave the key out for none)")] | None = None
+    generic: Annotated[str, checked(lambda v: v.strip() != "",
+                                    "must name a file (leave the key out for none)")] | None = None
 
 
 class DataParams(Section):

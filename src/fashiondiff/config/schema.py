@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, first_line
 
 # A float in exponent notation without a dot. YAML 1.1 (PyYAML) reads `1e-05` as a string:
 # its float pattern wants a dot (`1.0e-05`), and `dvc exp run -S lr=0.00001` writes `lr: 1e-05`.
@@ -112,7 +112,7 @@ def read_params_file(path: str | Path = "params.yaml"):
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such params file") from None
     except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise PipelineError(f"{path}: not valid YAML ({first_line(exc)})") from None
 
 
 def parse(model: type[Section], tree) -> Section:

@@ -153,7 +153,7 @@ def validated(raw, keys) -> Section:
     return params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def params_model(keys: tuple[str, ...]) -> type[Section]:
     """A pydantic model of the top-level ``keys`` alone, each typed by its section's module."""
     fields = {k: (_module(SECTIONS[k]).FIELDS[k], ...) for k in keys}

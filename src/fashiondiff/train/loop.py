@@ -34,9 +34,9 @@ the settle's one transfer), so that saving stays a bounded share of the run at a
 
 Validation (``validate``, optional: ``fashiondiff.train.validate``) runs every
 ``validate_every`` steps (``auto``: :func:`validation_interval`) and at the last step, between
-two steps, with the weights the run would save. It is outside the training: it draws from no stream above (the global RNGs are
-forked around it), its time is in no step's timing, and the steps it was done at are
-recorded in the checkpoints, so a resumed run does not repeat one.
+two steps, with the weights the run would save. It is outside the training: it draws from no
+stream above (the global RNGs are forked around it), its time is in no step's timing, and the
+steps it was done at are recorded in the checkpoints, so a resumed run does not repeat one.
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -171,7 +172,7 @@ class Speed:
     pin_memory: bool
 
     @classmethod
-    def choose(cls, cfg: LoopSettings, device: torch.device, model: torch.nn.Module) -> "Speed":
+    def choose(cls, cfg: LoopSettings, device: torch.device, model: torch.nn.Module) -> Speed:
         cuda = device.type == "cuda"
         convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
         return cls(compile=cfg.compile == "on" or (cfg.compile == "auto" and cuda), fused_adamw=cuda,
@@ -271,7 +272,7 @@ class _StopRequest:
         self.signum = 0
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
