@@ -38,9 +38,9 @@ from fashiondiff.cache.reader import Cache  # noqa: E402
 from fashiondiff.models.published import MOVQ as FULL_MOVQ  # noqa: E402
 from fashiondiff.models.published import PRIOR as FULL_PRIOR
 from fashiondiff.models.published import UNET as FULL_UNET
+from fashiondiff.train.batch import to_tensor as _tensor  # noqa: E402
 from fashiondiff.train.decoder import DecoderTask  # noqa: E402
 from fashiondiff.train.loop import step_generator  # noqa: E402
-from fashiondiff.train.batch import to_tensor as _tensor  # noqa: E402
 from fashiondiff.train.prior import PriorTask  # noqa: E402
 
 RESOLUTION = 256

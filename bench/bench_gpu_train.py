@@ -45,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from flops import FULL_SHAPES, TINY_SHAPES, section_for, count_flops, network, peak_flops  # noqa: E402
+from flops import FULL_SHAPES, TINY_SHAPES, count_flops, network, peak_flops, section_for  # noqa: E402
 
 CONFIGS = ("prior:full:eager", "prior:full:compiled", "prior:lora4:compiled",
            "decoder:full:eager", "decoder:full:compiled", "decoder:full+checkpointing:compiled",
@@ -77,7 +77,7 @@ class RandomCache:
 
 
 def _loop_config(smoke: bool, compiled: bool, log_every: int, checkpoint_every: int):
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
 
     train = load_params(REPO / "params.yaml").train
     return train.model_copy(update=dict(mixed_precision="no" if smoke else "bf16", compile="on" if compiled else "off",

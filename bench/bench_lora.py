@@ -33,7 +33,7 @@ RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv
 
 
 def full_size_table() -> list[str]:
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
     from fashiondiff.models.published import build_full
     from fashiondiff.train.lora import add_lora
 

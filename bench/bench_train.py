@@ -75,7 +75,7 @@ def main() -> None:
         texts = captions["caption"].tolist()[: args.batch]
         # Pixels prepared outside the timed step, as a DataLoader worker would (favours the reference).
         clip_px = clip_pixels(enc.image_processor, images[: args.batch], 224)
-        movq_px = torch.from_numpy(np.stack([movq_pixels(im, RESOLUTION) for im in images[: args.batch]]))
+        movq_px = movq_pixels(images[: args.batch], RESOLUTION)
 
         prior_pipe = load_prior(str(root / "base/prior"))
         decoder_pipe = load_decoder(str(root / "base/decoder"))

@@ -110,7 +110,8 @@ def main() -> None:
             if any(r[k] != runs[0][k] for k in ("cache", "prior", "decoder")):
                 raise SystemExit(f"{name}: two runs of one setting differ: {runs}")
         row = {**runs[0], "settings": settings,
-               "cpu_seconds": {k: round(statistics.median(r["seconds"][k] for r in runs), 1) for k in runs[0]["seconds"]}}
+               "cpu_seconds": {k: round(statistics.median(r["seconds"][k] for r in runs), 1)
+                               for k in runs[0]["seconds"]}}
         rows[name] = row
         print(f"{name:10} {row['capability']:8} cache {row['cache']} prior {row['prior']} decoder {row['decoder']} "
               f"CPU seconds {row['cpu_seconds']}", flush=True)

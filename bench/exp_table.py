@@ -4,11 +4,11 @@ Usage: python bench/exp_table.py [--all-commits] [--names PREFIX ...]
 
 Reads `dvc exp show --json` (every finished experiment of the current commit's baseline, or of
 every commit with --all-commits: those run with `dvc exp run`, in the workspace, and those run
-through DVC's queue, `dvc exp run --queue` then `dvc queue start -j N`) for the names and params, and each run's reports/metrics.json
-(base and tuned per domain) from its commit, keeps the runs that have it, and prints two
-Markdown tables: one row per run (seed, lr, LoRA rank, each domain's base and tuned
-clip_score / r_precision / fd_clip), then one row per setting (lr, LoRA rank) with the mean
-± sample standard deviation over the seeds that ran it.
+through DVC's queue, `dvc exp run --queue` then `dvc queue start -j N`) for the names and params,
+and each run's reports/metrics.json (base and tuned per domain) from its commit, keeps the runs
+that have it, and prints two Markdown tables: one row per run (seed, lr, LoRA rank, each
+domain's base and tuned clip_score / r_precision / fd_clip), then one row per setting (lr, LoRA
+rank) with the mean ± sample standard deviation over the seeds that ran it.
 """
 
 from __future__ import annotations

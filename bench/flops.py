@@ -94,7 +94,7 @@ def count_flops(kind: str, mode: str, batch: int, smoke: bool) -> dict:
 
 
 def section_for(kind: str, mode: str):
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
 
     section = getattr(load_params(REPO / "params.yaml"), kind)
     return section.model_copy(update={"lora_rank": 4 if mode.startswith("lora") else 0})

@@ -4,10 +4,11 @@ Usage: python stages/evaluate.py --catalogue DIR --generic DIR --tuned TUNED_DIR
 
 DIRs are extracted held-out files (captions.parquet + images/): the catalogue's and the generic
 domain's; the generic one is read only when params ``data.files`` names a generic file (without
-one, the generic domain is skipped and the stage says so). The base model is params ``model.prior`` / ``model.decoder`` (folders or cached Hub
-ids); the tuned one is ``TUNED_DIR/prior`` and ``TUNED_DIR/decoder``. Runs as is, or under
-`accelerate launch` (params compute.launcher): each process samples a share of the prompts,
-process 0 writes the reports (docs/distributed.md).
+one, the generic domain is skipped and the stage says so). The base model is params
+``model.prior`` / ``model.decoder`` (folders or cached Hub ids); the tuned one is
+``TUNED_DIR/prior`` and ``TUNED_DIR/decoder``. Runs as is, or under `accelerate launch` (params
+compute.launcher): each process samples a share of the prompts, process 0 writes the reports
+(docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{domain}", required=True, metavar="DIR",
                             help=f"the {domain}'s extracted held-out file (captions.parquet + images/)")
     parser.add_argument("--tuned", required=True, metavar="DIR", help="folder with the tuned prior/ and decoder/")
-    parser.add_argument("--reports", required=True, metavar="DIR", help="where metrics.json, scores.json, evaluation.json and samples/ go")
+    parser.add_argument("--reports", required=True, metavar="DIR",
+                        help="where metrics.json, scores.json, evaluation.json and samples/ go")
     args = parser.parse_args(argv)
     with stop_on_signals():  # SIGTERM/SIGINT: stop, keep the finished batches
         limit_threads()

@@ -19,8 +19,8 @@ import yaml
 # longer on a 2-core machine.
 torch.set_num_threads(1)
 
-from fashiondiff.config.schema import Params, params_from_dict
-from fashiondiff.standin.synthetic import write_synthetic
+from fashiondiff.config.whole import Params, params_from_dict  # noqa: E402 - after the thread setting
+from fashiondiff.standin.synthetic import write_synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

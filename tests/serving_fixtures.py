@@ -44,8 +44,9 @@ def adapters(served) -> Path:
     import torch
     from conftest import repo_params
 
+    from fashiondiff.models.adapter import save_adapter
     from fashiondiff.models.loader import load_component
-    from fashiondiff.train.lora import add_lora, save_adapter
+    from fashiondiff.train.lora import add_lora
 
     unet = load_component(str(served / "models/base/decoder"), "unet", "model.decoder")
     add_lora(unet, repo_params(**{"decoder.lora_rank": 4}).decoder, "decoder")

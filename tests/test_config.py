@@ -1,13 +1,19 @@
-"""params.yaml as each stage sees it: validated whole, readable only where dvc.yaml declares."""
+"""params.yaml as each stage sees it: only the sections dvc.yaml declares, validated by their own
+modules and readable only where declared; and the whole file, validated by every module."""
 
 from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
 
 import pytest
 import yaml
 from conftest import REPO, params_tree, repo_params
+from pydantic import ValidationError
 
-from fashiondiff.config.schema import params_from_dict
-from fashiondiff.config.view import ParamsView, declared_params, stage_params
+from fashiondiff.config.view import SECTIONS, ParamsView, declared_params, stage_params
+from fashiondiff.config.whole import params_from_dict
 from fashiondiff.errors import PipelineError
 
 
@@ -62,7 +68,7 @@ def test_params_yaml_is_the_one_source_a_missing_key_is_named(tmp_path):
     ("epochs", "many", "epochs must be an integer"),
 ])
 def test_bad_values_fail_at_load_naming_the_key(key, value, message):
-    """Every stage validates the whole file: a bad evaluate key stops extract, not the end of training."""
+    """The whole file (fashiondiff run's check before a run, tools): every section's errors, named."""
     with pytest.raises(PipelineError, match=message):
         repo_params(**{key: value})
 
@@ -103,7 +109,54 @@ def test_pydantic_errors_read_as_one_line_naming_the_key(change, message):
 
 
 def test_params_are_read_only():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         repo_params().train.warmup_steps = 3
     with pytest.raises(AttributeError, match="params are read-only"):
         view(["train"]).lr = 1.0
+
+
+def test_a_stage_validates_only_the_sections_it_declares(tmp_path):
+    """A bad evaluate key stops evaluate (and the whole-file check), not extract."""
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params_tree(**{"evaluate.num_prompts": 1, "train.warmup_stepz": 3})))
+    assert stage_params("extract", bad, REPO).data.chunk_size == 256
+    with pytest.raises(PipelineError, match="evaluate.num_prompts must be >= 2"):
+        stage_params("evaluate", bad, REPO)
+    with pytest.raises(PipelineError, match=r"unknown key train\.warmup_stepz"):
+        stage_params("train_prior", bad, REPO)
+    missing = params_tree()
+    del missing["data"]["caption"]
+    bad.write_text(yaml.safe_dump(missing))
+    with pytest.raises(PipelineError, match=r"params: missing key data\.caption"):
+        stage_params("extract", bad, REPO)
+
+
+def test_each_key_is_defined_by_the_module_the_registry_names():
+    assert list(SECTIONS) == list(yaml.safe_load((REPO / "params.yaml").read_text()))  # the file's order
+    for module in set(SECTIONS.values()):
+        fields = importlib.import_module(f"fashiondiff.config.{module}").FIELDS
+        assert set(fields) == {k for k, m in SECTIONS.items() if m == module}, module
+
+
+def test_the_loop_reads_only_what_the_train_section_has():
+    """train.loop takes a protocol (so the stand-in's pre-training need not import config/train.py);
+    params ``train`` must satisfy it."""
+    from fashiondiff.config.train import TrainParams
+    from fashiondiff.train.loop import LoopSettings
+
+    assert set(LoopSettings.__annotations__) <= set(TrainParams.model_fields)
+
+
+@pytest.mark.parametrize("stage, modules", [
+    ("extract", {"data"}),
+    ("embed", {"method", "model", "embed", "data", "compute"}),
+    ("train_prior", {"method", "model", "embed", "train"}),
+    ("evaluate", {"method", "model", "evaluate", "data", "compute"}),
+    ("synthesize", {"method", "standin"}),
+])
+def test_a_stage_imports_only_its_sections_modules(stage, modules):
+    code = ("import sys; from fashiondiff.config.view import stage_params; "
+            f"stage_params({stage!r}, {str(REPO / 'params.yaml')!r}, {str(REPO)!r}); "
+            "print(' '.join(m for m in sys.modules if m.startswith('fashiondiff.config.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert {m.rsplit(".", 1)[1] for m in out} == modules | {"schema", "view"}

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import repo_params
 from PIL import Image
 
-from conftest import repo_params
 from fashiondiff.data.convert import REPORT_LINES, convert, fashiongen_pixels, own_product_id, to_latin1
 from fashiondiff.data.extract import extract
 from fashiondiff.data.fashiongen import FashionGen

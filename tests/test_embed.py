@@ -29,7 +29,7 @@ def _on_the_fly(enc, extracted, rows) -> dict[str, torch.Tensor]:
     return {
         **encode_texts(enc, rows["caption"].tolist()),
         **encode_images(enc, clip_pixels(enc.image_processor, images, TINY_SPEC.clip_image_size),
-                        torch.from_numpy(np.stack([movq_pixels(im, 64) for im in images]))),
+                        movq_pixels(images, 64)),
     }
 
 

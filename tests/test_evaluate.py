@@ -125,7 +125,8 @@ def test_evaluate_writes_metrics_and_figures(setup):
         for model in ("base", "tuned"):  # the dvc plots curve: one row per strength
             curve = (root / "reports_a" / "plots" / f"edits_{domain}_{model}.csv").read_text().splitlines()
             assert curve[0] == "strength,edit_clip_score,edit_fidelity" and len(curve) == 3
-            assert curve[2].startswith("1.0,") and curve[2].endswith(str(everything[domain][model]["edit_fidelity_s100"]))
+            assert curve[2].startswith("1.0,")
+            assert curve[2].endswith(str(everything[domain][model]["edit_fidelity_s100"]))
     heldout = select_split(pd.read_parquet(folders["catalogue"] / "captions.parquet"), "validation", 0.5,
                            params.seed)
     assert details["catalogue"]["real_images"] == len(heldout) < 16
@@ -240,6 +241,7 @@ def test_without_a_generic_file_evaluate_measures_the_catalogue_alone(setup):
     assert set(json.loads((root / "alone/scores.json").read_text())) == {"catalogue", "edit"}
     assert "generic" not in json.loads((root / "alone/evaluation.json").read_text())
     for model in ("base", "tuned"):
-        assert (root / f"alone/plots/edits_generic_{model}.csv").read_text() == "strength,edit_clip_score,edit_fidelity\n"
+        header = "strength,edit_clip_score,edit_fidelity\n"
+        assert (root / f"alone/plots/edits_generic_{model}.csv").read_text() == header
         assert len((root / f"alone/plots/edits_catalogue_{model}.csv").read_text().splitlines()) > 1
     assert not (root / "alone/samples/generic").exists()

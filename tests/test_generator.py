@@ -13,8 +13,9 @@ import torch
 from conftest import replaced
 
 from fashiondiff.cache.reader import open_cache
-from fashiondiff.config.schema import GeneratorParams, PretrainParams
+from fashiondiff.config.standin import GeneratorParams, PretrainParams
 from fashiondiff.data.fashiongen import read_rows
+from fashiondiff.embed.encoders import clip_pixels
 from fashiondiff.standin import generator as gen
 from fashiondiff.standin import pretrain as pt
 from fashiondiff.standin.synthetic import GENERIC, write_synthetic
@@ -38,7 +39,7 @@ def encoders_and_cache(tmp_path_factory):
     captions = rows.text["name"]
     parts = build_tiny(pt.case_variants(captions), SPEC, seed=0)
     pt.pretrain_encoders(parts, rows.images, captions, CONFIG, RESOLUTION, seed=0, progress=False)
-    pt.set_prior_statistics(parts, pt.clip_pixels(rows.images, parts.image_processor))
+    pt.set_prior_statistics(parts, clip_pixels(parts.image_processor, rows.images))
     cache = gen.generic_cache(parts, h5, "{name}", SPEC.clip_image_size, RESOLUTION, root / "work")
     return parts, cache, root
 

@@ -17,8 +17,9 @@ from pipeline_fixtures import run_stage, stage_params
 from safetensors.torch import load_file
 
 from fashiondiff.errors import PipelineError
+from fashiondiff.models.adapter import ADAPTER_FILE, load_adapter
 from fashiondiff.processes import project_env
-from fashiondiff.train.lora import ADAPTER_FILE, add_lora, load_adapter
+from fashiondiff.train.lora import add_lora
 from fashiondiff.train.run import fingerprint
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")

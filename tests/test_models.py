@@ -27,7 +27,8 @@ from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-from fashiondiff.config.schema import GeneratorParams, PretrainParams
+from fashiondiff.config.standin import GeneratorParams, PretrainParams
+from fashiondiff.embed.encoders import clip_pixels, movq_pixels
 from fashiondiff.errors import PipelineError
 from fashiondiff.models.loader import load_decoder, load_prior
 from fashiondiff.processes import project_env
@@ -84,7 +85,7 @@ def trained(tmp_path_factory):
     parts = build_tiny(captions, SPEC, seed=0)
     before = pt.reconstruction_error(parts.movq, images, RESOLUTION)
     losses = pt.pretrain_encoders(parts, images, captions, CONFIG, RESOLUTION, seed=0, progress=False).losses
-    pt.set_prior_statistics(parts, pt.clip_pixels(images, parts.image_processor))
+    pt.set_prior_statistics(parts, clip_pixels(parts.image_processor, images))
     out = tmp_path_factory.mktemp("tiny")
     save_pipelines(parts, out)
     return {"parts": parts, "losses": losses, "out": out, "before": before,
@@ -123,7 +124,7 @@ def test_retrieval_ties_count_as_chance_and_identical_captions_as_one_block():
 
 def test_prior_statistics_are_those_of_the_clip_image_embeddings(trained):
     parts = trained["parts"]
-    embeds = pt.clip_image_embeds(parts, pt.clip_pixels(trained["data"][0], parts.image_processor))
+    embeds = pt.clip_image_embeds(parts, clip_pixels(parts.image_processor, trained["data"][0]))
     assert (parts.prior.clip_std > 0).all()
     torch.testing.assert_close(parts.prior.clip_mean, embeds.mean(0, keepdim=True))
     torch.testing.assert_close(parts.prior.clip_std, embeds.std(0, keepdim=True).clamp_min(1e-3))
@@ -201,7 +202,8 @@ def test_pretraining_is_deterministic_from_the_seed():
     (a, parts_a), (b, parts_b) = runs
     assert a == b
     for name in ("clip", "movq", "mclip"):
-        for (key, x), y in zip(getattr(parts_a, name).state_dict().items(), getattr(parts_b, name).state_dict().values()):
+        first, second = getattr(parts_a, name).state_dict(), getattr(parts_b, name).state_dict()
+        for (key, x), y in zip(first.items(), second.values()):
             torch.testing.assert_close(x, y, rtol=0, atol=0, msg=key)
 
 
@@ -211,7 +213,7 @@ def test_standardised_latents_have_unit_variance_and_decode_the_same():
     decode the Kandinsky pipelines use gives the same pixels."""
     images = shapes_data()[0]
     movq = build_tiny(["a b"], SPEC, seed=0).movq.eval()
-    x = pt.movq_pixels(images, RESOLUTION)
+    x = movq_pixels(images, RESOLUTION)
     with torch.no_grad():
         before = movq.decode(movq.encode(x).latents, force_not_quantize=True).sample
         moments = pt.standardise_latents(movq, x)

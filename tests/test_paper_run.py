@@ -145,7 +145,10 @@ def test_the_readme_and_the_page_give_the_same_command_and_the_page_runs_it():
     assert readme == page == COMMAND
     readme_text = (REPO / "README.md").read_text().split("\n## The paper's run", 1)[1].split("\n## ", 1)[0]
     page_text = PAGE.read_text().split("## 1.", 1)[0]
-    assert readme_text.split("```bash\n", 1)[1].split("```", 1)[0] == page_text.split("```bash\n", 1)[1].split("```", 1)[0]
+    def first_block(text: str) -> str:
+        return text.split("```bash\n", 1)[1].split("```", 1)[0]
+
+    assert first_block(readme_text) == first_block(page_text)
     runnable = [c for mark, commands in marked_blocks(PAGE) if mark != DOWNLOAD for c in commands]
     assert all(c in runnable for c in COMMAND), runnable
 
@@ -154,7 +157,8 @@ def test_the_inputs_are_under_dvc_and_git_has_only_their_dvc_files(ran, clone):
     tracked = sh(clone, "git", "ls-files").split()
     assert {"data/raw.dvc", "models/kandinsky-2-1-prior.dvc", "models/kandinsky-2-1.dvc",
             "weights/inception/weights-inception-2015-12-05-6726825d.pth.dvc"} <= set(tracked)
-    assert not [f for f in tracked if f.startswith(("data/raw/", "models/kandinsky-2-1-prior/", "models/kandinsky-2-1/"))]
+    downloads = ("data/raw/", "models/kandinsky-2-1-prior/", "models/kandinsky-2-1/")
+    assert not [f for f in tracked if f.startswith(downloads)]
     prior = yaml.safe_load((clone / "models/kandinsky-2-1-prior.dvc").read_text())["outs"][0]
     files = [p for p in (clone / "models/kandinsky-2-1-prior").rglob("*") if p.is_file() and ".cache" not in p.parts]
     assert prior["nfiles"] == len(files)  # hf's bookkeeping (.cache/huggingface) is not hashed
@@ -193,7 +197,8 @@ def test_the_run_trains_evaluates_with_fid_and_tracks_it(ran, clone):
     [parent] = client.search_runs([exp.experiment_id], filter_string="tags.`fashiondiff.role` = 'pipeline'")
     assert parent.info.run_name == "paper" and parent.data.params["model.prior"] == "models/kandinsky-2-1-prior"
     assert parent.data.params["data.files.generic"] == "data/raw/generic.h5"
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {c.info.run_name for c in children} == {"train_prior", "train_decoder", "evaluate", "register"}
     assert "evaluate.catalogue.fid" in parent.data.metrics
 

@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,7 +16,7 @@ from pipeline_fixtures import REPO, run_stage, stage_params
 from test_train import train_args
 
 from fashiondiff.commands.run import applied, read_preset
-from fashiondiff.config.schema import params_from_dict
+from fashiondiff.config.whole import params_from_dict
 from fashiondiff.data.split import heldout_mask
 from fashiondiff.disk import Need, require
 from fashiondiff.errors import PipelineError
@@ -133,7 +132,8 @@ def test_plan_counts_rows_steps_and_disk_from_the_files(tmp_path, tiny_base):
     assert 0 < held < 60
     text = plan.text()
     assert f"data: {60 - held:,} training images of 60 in {h5} ({held:,} held out" in text
-    assert f"steps: {5 * ((60 - held) // 4):,} per model (5 epochs x {(60 - held) // 4:,} steps of 4 x 1 process)" in text
+    per_epoch = (60 - held) // 4
+    assert f"steps: {5 * per_epoch:,} per model (5 epochs x {per_epoch:,} steps of 4 x 1 process)" in text
     assert "hours, extrapolated (if the models are Kandinsky 2.1 at 256 px)" in text
     assert "left out: data loading, checkpoints, validation, embed, evaluate" in text
     trained = parameters(tiny_base / "decoder" / "unet")

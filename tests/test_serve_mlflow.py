@@ -18,8 +18,8 @@ from conftest import REPO, replaced
 from PIL import Image
 from serving_fixtures import PROMPT, SIDE
 
-from fashiondiff.config.schema import load_params
 from fashiondiff.config.view import ParamsView, declared_params, stage_params
+from fashiondiff.config.whole import load_params
 from fashiondiff.processes import free_port, project_env, running
 from fashiondiff.sampling import Sampling
 from fashiondiff.serving.registry import log_model
@@ -79,7 +79,8 @@ def test_the_model_is_registered_with_signature_example_and_the_pipeline_tags(se
     assert {"artifacts/prior/model_index.json", "artifacts/decoder/unet/config.json"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pyc", ".pyi"))]  # models from code: nothing pickled
     config = json.loads(json.dumps(info.flavors["python_function"]["config"]))
-    assert config["sampling"]["steps"] == 4 and config["sampling"]["strength"] == 0.3 and config["sampling"]["height"] == SIDE
+    sampling = config["sampling"]
+    assert sampling["steps"] == 4 and sampling["strength"] == 0.3 and sampling["height"] == SIDE
 
 
 def test_the_same_folders_are_not_registered_twice(served, registered, capsys):
@@ -145,7 +146,8 @@ def test_the_served_model_answers_with_png_images(endpoint, served):
 @pytest.mark.parametrize("record, message", [
     ({"prompt": "   "}, "row 0: empty prompt"),
     ({"prompt": PROMPT, "image": "%%% not base64"}, "row 0: image: not base64"),
-    ({"prompt": PROMPT, "image": base64.b64encode(b"plain text, no picture").decode()}, "row 0: that upload is not an image"),
+    ({"prompt": PROMPT, "image": base64.b64encode(b"plain text, no picture").decode()},
+     "row 0: that upload is not an image"),
     ({"prompt": PROMPT, "image": "A" * (15 << 20)}, r"row 0: photo is 11.2 MB: the limit is 10 MB"),
     ({"prompt": PROMPT, "steps": 5000}, "row 0: steps must be between 1 and 1000"),
     ({"steps": 2}, "Model is missing inputs"),

@@ -106,8 +106,8 @@ def wait_for(condition, what: str, limit: float = 120, proc=None):
 def file_limit(size: int) -> list[str]:
     """A launcher that sets RLIMIT_FSIZE (`ulimit -f`) before it becomes the stage's Python: a
     write past ``size`` bytes then fails with EFBIG (Python ignores SIGXFSZ)."""
-    code = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0})); "
-            "os.execv(sys.executable, [sys.executable] + sys.argv[1:])").format(size)
+    code = (f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size})); "
+            "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
     return [sys.executable, "-c", code]
 
 

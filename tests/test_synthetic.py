@@ -14,7 +14,7 @@ import yaml
 from conftest import params_tree, replaced
 from PIL import Image
 
-from fashiondiff.config.schema import SyntheticParams
+from fashiondiff.config.standin import SyntheticParams
 from fashiondiff.errors import PipelineError
 from fashiondiff.processes import project_env
 from fashiondiff.standin import generic, synthetic
@@ -46,7 +46,7 @@ def test_layout_is_exactly_fashiongens(synthetic_h5):
         assert f["input_msrpUSD"].dtype == np.float32 and f["input_msrpUSD"].shape == (n, 1)
         assert f["index"].shape == (n, 1) and f["index_2"].shape == (n,)
         ids = f["input_productID"][:, 0]
-        assert len(set(ids)) == 6 and all((ids[::2] == ids[1::2]))  # 2 poses per product
+        assert len(set(ids)) == 6 and all(ids[::2] == ids[1::2])  # 2 poses per product
         poses = [p.decode() for p in f["input_pose"][:, 0]]
         assert poses[:2] == ["id_gridfs_1", "id_gridfs_2"]
         texts = [b"".join(f[k][:, 0]) for k in ("input_name", "input_description")]

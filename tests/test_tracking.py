@@ -41,7 +41,7 @@ EXPERIMENT = repo_params().mlflow.experiment
 STAGE = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
     from fashiondiff.tracking import stage_run
 
     stage, uri, lr, params_file = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]

@@ -30,6 +30,16 @@ def train_args(root: Path, kind: str, cache: Path) -> list:
             "--summary", root / f"{kind}.json", "--plot", root / f"{kind}.csv"]
 
 
+def test_the_stage_flags_name_the_train_paths():
+    """train/stage.py hands its parsed flags to TrainPaths by name: every flag is a field."""
+    from fashiondiff.train.run import TrainPaths
+    from fashiondiff.train.stage import parse_args
+
+    args = parse_args("prior", [str(a) for a in train_args(Path("r"), "prior", Path("c"))] + ["--val-cache", "v"])
+    paths = TrainPaths(**vars(args))
+    assert (paths.cache, paths.val_cache, paths.out, paths.val_plot) == ("c", "v", "r/models/prior", None)
+
+
 def weights(folder: Path) -> dict:
     return load_file(next(folder.glob("*.safetensors")))
 
@@ -178,7 +188,7 @@ def test_training_loads_only_its_network_and_saves_a_complete_pipeline(tmp_path,
     diffusers. Untouched files are byte-identical copies of the base folder's."""
     from diffusers import KandinskyPipeline, KandinskyPriorPipeline
 
-    from fashiondiff.config.schema import params_from_dict
+    from fashiondiff.config.whole import params_from_dict
     from fashiondiff.train.run import make_task, save_pipeline
 
     params = params_from_dict(stage_params(tiny_base))

@@ -62,7 +62,8 @@ def watched(tmp_path_factory, tiny_base, train_cache):
     params["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = project_env(FASHIONDIFF_TRACKING="on")
-    result = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"), *map(str, validated(root, train_cache))],
+    result = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"),
+                             *map(str, validated(root, train_cache))],
                             cwd=root, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, params, result.stdout + result.stderr
@@ -107,7 +108,8 @@ def test_mlflow_run_has_the_curves_and_pictures_of_each_validation(watched):
     stepped = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png"))
     assert stepped == VALIDATION_STEPS, images
     assert "validation.csv" in {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert "validation/pictures/grid.png" in {f.path for f in client.list_artifacts(run.info.run_id, "validation/pictures")}
+    pictures = client.list_artifacts(run.info.run_id, "validation/pictures")
+    assert "validation/pictures/grid.png" in {f.path for f in pictures}
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.metrics["train_prior.val_clip_score"] == pytest.approx(float(curve[-1].split(",")[2]))
 
@@ -200,7 +202,7 @@ def test_pictures_from_the_cache_are_the_pipelines_pictures_of_the_captions(tiny
     """The validator's prior pictures (cached caption encodings, no text tower) against
     fashiondiff.sampling.text_to_image with the base pipelines fed the captions themselves."""
     from fashiondiff.cache.reader import open_cache
-    from fashiondiff.config.schema import params_from_dict
+    from fashiondiff.config.whole import params_from_dict
     from fashiondiff.models.loader import load_decoder, load_prior
     from fashiondiff.sampling import Sampling, text_to_image
     from fashiondiff.tracking import Tracker

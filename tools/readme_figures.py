@@ -8,8 +8,8 @@ pictures need Debian's chromium and chromium-driver (`make browser`). Writes:
 
 - generate_examples.png: `fashiondiff generate`'s library call with the tuned model (models/),
   the method's prompt at seeds 0-3, and a held-out catalogue photo (a green sweater) plus
-  "Red sweater" (img2img at generate's default strength); sampling settings from params.yaml. The same pixels on every run on one
-  machine and thread count.
+  "Red sweater" (img2img at generate's default strength); sampling settings from params.yaml.
+  The same pixels on every run on one machine and thread count.
 - mlflow_runs.png: the address `fashiondiff ui` prints (the pipeline runs view), in headless
   Chromium; mlflow_compare.png: the two newest pipeline runs ticked, *Compare* pressed. First
   checked (`--check` alone): those two are the README's `-S lr=0.001` and `-S lr=0.00025`, and
@@ -27,8 +27,8 @@ import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from fashiondiff.processes import free_port, printed_word, project_env, running
 
@@ -72,7 +72,7 @@ def check_runs(params_path: str = "params.yaml") -> list[str]:
     has (no run of an older params layout). Returns their names; exits with one line otherwise."""
     import mlflow
 
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
     from fashiondiff.tracking import TAG_ROLE, resolve_tracking_uri
 
     params = load_params(params_path)

@@ -13,6 +13,8 @@ the stages. Foreach stages (``extract@train``, ...) appear once, by their name b
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +38,40 @@ def stage_deps(root: Path = ROOT) -> dict[str, list[str]]:
     return found
 
 
+def _paths(root: Path, kinds: tuple[str, ...]) -> dict[str, list[str]]:
+    """Stage name -> the paths it declares under ``kinds``, a ``${...}`` inside a path read as
+    any one segment; a path that is only a ``${...}`` (a data or model path params choose) left out."""
+    found: dict[str, list[str]] = {}
+    for name in DVC_FILES:
+        for stage, body in yaml.safe_load((root / name).read_text())["stages"].items():
+            body = body.get("do", body)
+            paths = [p for kind in kinds for entry in body.get(kind, []) or []
+                     for p in ([entry] if isinstance(entry, str) else entry)]
+            found[stage] = [re.sub(r"\$\{[^}]*\}", "*", p) for p in paths if not p.startswith("${")]
+    return found
+
+
+def after(stages, root: Path = ROOT) -> set[str]:
+    """The stages that read, directly or not, an output of ``stages``: what reruns next when
+    ``stages`` rerun and their outputs change. Through the paths dvc.yaml writes out; not
+    through the ones params choose (``${model.prior}``: the stand-in's outputs by default)."""
+    deps, outs = _paths(root, ("deps",)), _paths(root, ("outs", "metrics"))
+    found, todo = set(), list(stages)
+    while todo:
+        stage = todo.pop()
+        for other, ds in deps.items():
+            if other not in found and any(_overlap(o, d) for o in outs[stage] for d in ds):
+                found.add(other)
+                todo.append(other)
+    return found - set(stages)
+
+
+def _overlap(out: str, dep: str) -> bool:
+    """The same path, or one a folder holding the other (``*``: any one segment)."""
+    a, b = out.rstrip("/").split("/"), dep.rstrip("/").split("/")
+    return all(fnmatch.fnmatchcase(x, y) or fnmatch.fnmatchcase(y, x) for x, y in zip(a, b))
+
+
 def stale_map(root: Path = ROOT, tops=SOURCES) -> dict[str, list[str]]:
     """Every Python file under ``tops`` -> the stages whose deps hold it (in dvc.yaml order)."""
     deps = stage_deps(root)
@@ -52,6 +88,13 @@ def render(mapping: dict[str, list[str]]) -> str:
              "changes; a file listed nowhere (commands, the web page, the MLflow UI view) reruns nothing,",
              "and no file under `tools/`, `tests/` or `bench/` is any stage's dependency (tests/test_stale_map.py",
              "checks both). `register` runs at every `dvc repro` anyway (`always_changed`).",
+             "",
+             "Params are cut the same way: each stage validates only the sections it declares, with",
+             "their own modules under `src/fashiondiff/config/` (`train.py`: `train`, `prior`, `decoder`;",
+             "`data.py`, `embed.py`, ...), and lists only those; `schema.py` (the shared types) and `view.py`",
+             "are every stage's. So a new training option, in `config/train.py`, makes the two trainings",
+             "stale (and, through their outputs, `evaluate` and `register`), never `extract`, `embed` or",
+             "the stand-in's stages; `config/whole.py`, the whole file's check, is no stage's.",
              "", "| file | stages it makes stale |", "| --- | --- |"]
     lines += [f"| `{f}` | {', '.join(f'`{s}`' for s in stages) or '-'} |" for f, stages in mapping.items()]
     return "\n".join(lines) + "\n"

@@ -121,7 +121,7 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
     from fashiondiff.tracking import quiet_mlflow, resolve_tracking_uri
 
     quiet_mlflow()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -33,6 +34,13 @@ class Stopped(PipelineError):
         super().__init__(message)
         self.exit_code = 128 + signum
         self.step = step
+
+
+def first_line(exc: BaseException, empty: str = "") -> str:
+    """An exception's message in one line, for a one-line error: its first line; ``empty`` (by
+    default the exception's type name) when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else (empty or type(exc).__name__)
 
 
 def cli(main: F) -> F:

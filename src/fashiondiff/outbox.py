@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+from fashiondiff.errors import first_line
 from fashiondiff.io import atomic_dir
 
 # Seconds, each overridable by its environment variable (read when used).
@@ -238,7 +239,7 @@ class Outbox:
                     self._outage(exc)
                     self._stop.wait(seconds(RETRY_S))  # a fixed pace, whatever the stage puts meanwhile
                     continue
-                print(f"mlflow: dropped a {head['op']} call the store refused: {_first_line(exc)}",
+                print(f"mlflow: dropped a {head['op']} call the store refused: {_reason(exc)}",
                       file=sys.stderr, flush=True)
             self._done(head)
 
@@ -269,7 +270,7 @@ class Outbox:
     def _outage(self, exc: BaseException) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
-            print(f"mlflow: {self.label} does not answer ({_first_line(exc)}); the stage goes on, "
+            print(f"mlflow: {self.label} does not answer ({_reason(exc)}); the stage goes on, "
                   f"its tracking calls are kept and retried every {seconds(RETRY_S):g} s", file=sys.stderr, flush=True)
 
     def _release(self, folder: Path) -> None:
@@ -283,15 +284,16 @@ class Outbox:
                     return
 
 
-def _first_line(exc: BaseException) -> str:
-    """What went wrong, short: MLflow wraps a refused connection in three lines of urllib3."""
+def _reason(exc: BaseException) -> str:
+    """What went wrong, shorter than its first line: MLflow wraps a refused connection in three
+    lines of urllib3, whose errno or timeout is the news."""
     text = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip()
     errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
     if errno:
         return errno.group(1).strip()
     if "timed out" in text or "Timeout" in text:
         return "timed out"
-    return text.splitlines()[0][:200]
+    return first_line(exc)[:200]
 
 
 @contextlib.contextmanager

@@ -140,7 +140,7 @@ def make_plan(params, root: Path = Path(".")) -> Plan:
 
     needs: list[tuple[str, int, str]] = []
     extracted = 0
-    for key, path in named.items():
+    for path in named.values():
         if not path:
             continue
         rows = n_train if path == files.train else rows_of(str(root / path), 0.0, seed)[0]
@@ -149,7 +149,8 @@ def make_plan(params, root: Path = Path(".")) -> Plan:
     n_val, held_val = rows_of(str(root / files.validation), fraction, seed)
     cache_rows = train_rows + (held_val if fraction else n_val)
     per_row = CACHE_BYTES_FP16 * (2 if params.embed.dtype == "float32" else 1)
-    needs.append(("data/cache", cache_rows * per_row, f"embedding cache, {gb(per_row)} per image ({params.embed.dtype})"))
+    needs.append(("data/cache", cache_rows * per_row,
+                  f"embedding cache, {gb(per_row)} per image ({params.embed.dtype})"))
     keep = max(1, params.train.checkpoints_keep) + 1
     per_parameter = 16 if params.train.ema_decay > 0 else 12
     for kind, sub in MODEL_PARTS.items():

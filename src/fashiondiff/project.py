@@ -22,8 +22,8 @@ import fcntl
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 FINISHED = "FINISHED"  # marker file in a checkpoint home: its run's outputs were written
 # 16 hex digits (64 bits) of the run's SHA-256 fingerprint name its folder: enough that two

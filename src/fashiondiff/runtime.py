@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sys
 
-
 # MKL (torch's CPU matrix products) in "conditional numerical reproducibility" mode: without it,
 # some of its code paths round by where an operand lies in memory, and weights loaded as views
 # into one file-sized buffer lie wherever that buffer landed, which depends on what the process

@@ -13,8 +13,10 @@ Prompt ``i`` draws from a CPU generator seeded ``seeds[i]``: the same noise on e
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+
+from fashiondiff.errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,24 @@ class Sampling:
     height: int = 512
     width: int = 512
     strength: float = 0.3  # img2img: the page's, generate's and the served model's default
+
+
+# The checks every entry point's request passes (the web page, the served model, generate):
+# one-line errors for what the pipelines would reject with a traceback, or draw from nothing.
+
+def check_prompt(prompt: str) -> None:
+    if not prompt.strip():
+        raise PipelineError('empty prompt: say what to draw, e.g. "black leather mini skirt"')
+
+
+def check_strength(sampling: Sampling, img2img: bool = True, flag: str = "") -> None:
+    """``strength`` in (0, 1], and for an edit (``img2img``) at least one of the ``steps x
+    strength`` denoising steps img2img runs. ``flag``: how the caller names them ("--" for options)."""
+    if not 0.0 < sampling.strength <= 1.0:
+        raise PipelineError(f"{flag}strength must be in (0, 1], got {sampling.strength}")
+    if img2img and int(sampling.steps * sampling.strength) < 1:
+        raise PipelineError(f"{flag}steps {sampling.steps} x {flag}strength {sampling.strength} leaves no "
+                            "denoising step: raise either")
 
 
 
@@ -145,7 +165,7 @@ def apply_adapters(prior_pipe, decoder_pipe, prior_lora: str | None, decoder_lor
     """Load the adapters onto the pipelines' prior and U-Net (unmerged: scale 1)."""
     if prior_lora is None and decoder_lora is None:
         return
-    from fashiondiff.train.lora import load_adapter
+    from fashiondiff.models.adapter import load_adapter
 
     if prior_lora is not None:
         load_adapter(prior_pipe.prior, prior_lora, "--prior-lora")

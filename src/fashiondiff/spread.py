@@ -34,9 +34,9 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, Sequence
 
 from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.io import DISK_FULL
@@ -147,7 +147,7 @@ class Ranks:
     group: object = None  # the gloo group of the hand-overs (None: the default group, or one process)
 
     @classmethod
-    def start(cls, stage: str, timeout_s: float) -> "Ranks":
+    def start(cls, stage: str, timeout_s: float) -> Ranks:
         """One process unless the launcher started several (WORLD_SIZE > 1)."""
         if int(os.environ.get("WORLD_SIZE", "1")) < 2:
             return cls(stage, timeout_s, device=default_device())

@@ -51,11 +51,14 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
-from fashiondiff.config.schema import Params, load_params
-from fashiondiff.errors import PipelineError
+from fashiondiff.config.schema import flatten, read_params_file
+from fashiondiff.config.tracking import MlflowParams
+from fashiondiff.config.view import ParamsView, validated
+from fashiondiff.errors import PipelineError, first_line
 from fashiondiff.outbox import (
     FLUSH_S,
     RETRY_S,
@@ -181,7 +184,7 @@ class Tracker:
             raise PipelineError(f"{path}: no such file or folder to log to MLflow")
         self._put({"op": "artifact", "run": self.run_id, "path": str(path.resolve()), "artifact_path": dest})
 
-    def log_image(self, image: "PIL.Image.Image", name: str, parent_name: str = "") -> None:
+    def log_image(self, image: PIL.Image.Image, name: str, parent_name: str = "") -> None:
         """An image as artifact ``name`` (``.png`` appended when it has no suffix); with
         ``parent_name``, on the pipeline's parent run too, as that (where a newcomer looks first;
         at the artifact root, MLflow's compare page shows it side by side across runs)."""
@@ -192,7 +195,7 @@ class Tracker:
                 path += "" if posixpath.splitext(path)[1] else ".png"
                 self._image(run_id, image, artifact_file=path)
 
-    def log_image_at(self, image: "PIL.Image.Image", key: str, step: int) -> None:
+    def log_image_at(self, image: PIL.Image.Image, key: str, step: int) -> None:
         """An image at a training step: MLflow 3's UI shows a run's images per ``key`` with a step
         slider (``MlflowClient.log_image(key=, step=)``; files under the run's ``images/``)."""
         if self.client is not None:
@@ -233,8 +236,11 @@ def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[T
     """Open ``stage``'s child run under the pipeline's parent run; end it with the block.
 
     ``params`` is the stage's view (its declared params go on the child run) or a whole
-    Params. The parent run, its key and the ``mlflow.*`` settings come from the whole of
-    ``params.yaml``: tracking shapes no DVC output, so no stage declares those keys.
+    Params (``fashiondiff.config.whole``). The parent run, its key and the ``mlflow.*`` settings
+    come from the whole of ``params.yaml``: tracking shapes no DVC output, so no stage declares
+    those keys. From a view, the parent logs the file as YAML gives it (``1800``, not ``1800.0``),
+    under the same names: validating it whole would import every section's module, and every
+    tracked stage would list them all and go stale on any section's edit.
     ``tracking_uri`` overrides ``mlflow.tracking_uri``; a relative ``sqlite:///`` path is the
     project root's (fashiondiff.project: not inside a DVC temporary copy). On an exception the
     child (and parent) end FAILED (KILLED on Ctrl-C) and the exception propagates.
@@ -248,10 +254,10 @@ def stage_run(stage: str, params, tracking_uri: str | None = None) -> Iterator[T
     if not tracking_enabled():
         yield Tracker(stage)
         return
-    whole = params if isinstance(params, Params) else load_params()
-    uri = resolve_tracking_uri(tracking_uri or whole.mlflow.tracking_uri)
-    tracker = _open(stage, whole, uri)
-    if whole is not params:
+    whole, settings = pipeline_params(params)
+    uri = resolve_tracking_uri(tracking_uri or settings.tracking_uri)
+    tracker = _open(stage, whole, settings.experiment, uri)
+    if isinstance(params, ParamsView):
         tracker.log_params(params.flat())  # what this stage declares, beside the parent's whole set
     try:
         yield tracker
@@ -273,12 +279,22 @@ def resolve_tracking_uri(uri: str, cwd: str | Path | None = None) -> str:
     return uri
 
 
-def pipeline_identity(params: Params, cwd: str | Path | None = None) -> dict[str, str]:
+def pipeline_params(params) -> tuple[dict[str, object], MlflowParams]:
+    """The parent run's params (the whole file, flat) and the ``mlflow`` section, from a stage's
+    view (the file it was read from; validated: ``mlflow`` alone) or from a whole Params."""
+    if not isinstance(params, ParamsView):
+        return params.flat(), params.mlflow
+    raw = params.raw if params.raw is not None else read_params_file()
+    return flatten(raw), validated(raw, ["mlflow"]).mlflow
+
+
+def pipeline_identity(params, cwd: str | Path | None = None) -> dict[str, str]:
     """What makes two stage processes part of the same pipeline run, and its hash ``key``.
 
     ``dvc exp run`` exports DVC_EXP_NAME and DVC_EXP_BASELINE_REV to its stages
     (dvc/repo/experiments/queue/base.py); ``dvc repro`` exports only DVC_ROOT and
-    DVC_STAGE; a stage run by hand has neither.
+    DVC_STAGE; a stage run by hand has neither. ``params``: a whole Params, a stage's view, or
+    the flat params themselves.
     """
     root = os.environ.get("DVC_ROOT") or str(cwd or os.getcwd())
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
@@ -288,8 +304,8 @@ def pipeline_identity(params: Params, cwd: str | Path | None = None) -> dict[str
         "baseline_rev": baseline,
         "exp_name": exp_name,
     }
-    flat = {k: _text(v) for k, v in params.flat().items()}
-    blob = json.dumps({"params": flat, **identity}, sort_keys=True)
+    flat = params if isinstance(params, dict) else pipeline_params(params)[0]
+    blob = json.dumps({"params": {k: _text(v) for k, v in flat.items()}, **identity}, sort_keys=True)
     identity["key"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return identity
 
@@ -299,12 +315,11 @@ def pipeline_identity(params: Params, cwd: str | Path | None = None) -> dict[str
 START_S = ("FASHIONDIFF_TRACKING_START_S", 30.0)  # opening the runs: give up after this
 
 
-def _open(stage: str, params: Params, uri: str) -> Tracker:
+def _open(stage: str, params: dict[str, object], experiment: str, uri: str) -> Tracker:
     """Create the stage's runs (retried while the store does not answer, up to START_S), then
     hand further calls to an outbox. Errors: one line."""
     quiet_mlflow()
     fast_failing_requests(uri)
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     identity = pipeline_identity(params)
@@ -313,34 +328,35 @@ def _open(stage: str, params: Params, uri: str) -> Tracker:
     while True:
         try:
             with store_lock(uri):
-                tracker = _open_runs(client, stage, params, identity, uri)
+                tracker = _open_runs(client, stage, params, experiment, identity, uri)
             break
         except PipelineError:  # already one line (a deleted experiment)
             raise
         except Exception as exc:  # noqa: BLE001 - the store's errors: retried or one line
             if not is_transient(exc) or time.monotonic() >= deadline:
-                message = exc.message if isinstance(exc, MlflowException) else str(exc) or repr(exc)
                 hint = (f" (tried for {seconds(START_S):g} s: is the server running? FASHIONDIFF_TRACKING=off "
                         f"runs without tracking)" if is_transient(exc) else "")
-                raise PipelineError(f"mlflow ({display_uri(uri)}): {message.strip().splitlines()[0]}{hint}") from exc
+                raise PipelineError(f"mlflow ({display_uri(uri)}): {first_line(exc, repr(exc))}{hint}") from exc
             if not waiting:
                 print(f"mlflow: {display_uri(uri)} does not answer; retrying for up to {seconds(START_S):g} s",
                       file=sys.stderr, flush=True)
                 waiting = True
             time.sleep(min(seconds(RETRY_S), max(0.0, deadline - time.monotonic())))
     tracker.outbox = Outbox(client, uri, project_root(), label=display_uri(uri))
-    adopted = f"; delivering {tracker.outbox.adopted} tracking calls an earlier stage kept" if tracker.outbox.adopted else ""
+    kept = tracker.outbox.adopted
+    adopted = f"; delivering {kept} tracking calls an earlier stage kept" if kept else ""
     print(f"mlflow: {stage} run {tracker.run_id} in pipeline run {tracker.parent_run_id} "
-          f"({display_uri(uri)}, experiment {params.mlflow.experiment}){adopted}", file=sys.stderr)
+          f"({display_uri(uri)}, experiment {experiment}){adopted}", file=sys.stderr)
     return tracker
 
 
-def _open_runs(client, stage: str, params: Params, identity: dict[str, str], uri: str) -> Tracker:
+def _open_runs(client, stage: str, params: dict[str, object], experiment: str, identity: dict[str, str],
+               uri: str) -> Tracker:
     """The experiment, the pipeline's parent run and this stage's child run (idempotent: a
     retry finds the parent made before, and supersedes a child made before)."""
-    exp_id = _experiment(client, params.mlflow.experiment, uri)
+    exp_id = _experiment(client, experiment, uri)
     parent_id = _parent(client, exp_id, identity)
-    _log_params(client, parent_id, params.flat())  # idempotent: same key, same values
+    _log_params(client, parent_id, params)  # idempotent: same key, same values
     child = client.create_run(exp_id, run_name=stage, tags={
         TAG_PARENT: parent_id, TAG_ROLE: "stage", TAG_STAGE: stage, TAG_KEY: identity["key"],
         TAG_COMMIT: identity["commit"], TAG_EXP_NAME: identity["exp_name"], "mlflow.user": _user(),

@@ -25,15 +25,24 @@ tiny model too. The sampling itself is ``fashiondiff.sampling``'s.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fashiondiff.errors import PipelineError
+from fashiondiff.models.select import resolve_adapters, resolve_models
 from fashiondiff.sampling import (
-    Sampling, apply_adapters, as_img2img, decode, generators, image_embeds, mixed_embeds, quiet_libraries,
+    Sampling,
+    apply_adapters,
+    as_img2img,
+    check_prompt,
+    check_strength,
+    decode,
+    generators,
+    image_embeds,
+    mixed_embeds,
+    quiet_libraries,
     sampling_from_params,
 )
-from fashiondiff.models.select import resolve_adapters, resolve_models
 from fashiondiff.serving.images import read_image
 
 CLI_HELP = __doc__.split(" The sampling itself")[0].replace("Usage::", "Examples:").replace("``", "")
@@ -86,11 +95,7 @@ def check_sampling(sampling: Sampling, img2img: bool) -> None:
                         ("--height", sampling.height), ("--width", sampling.width)):
         if value < 1:
             raise PipelineError(f"{name} must be >= 1, got {value}")
-    if not 0.0 < sampling.strength <= 1.0:
-        raise PipelineError(f"--strength must be in (0, 1], got {sampling.strength}")
-    if img2img and int(sampling.steps * sampling.strength) < 1:
-        raise PipelineError(f"--steps {sampling.steps} x --strength {sampling.strength} leaves no "
-                            "denoising step: raise either")
+    check_strength(sampling, img2img, flag="--")
 
 
 def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: str | None = None,
@@ -106,8 +111,7 @@ def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: 
     Checks every input (prompt, models, images, output) before loading a model;
     ``quiet`` silences the libraries' loading bars and warnings (the CLI sets it).
     """
-    if not prompt.strip():
-        raise PipelineError("empty prompt: say what to generate, e.g. \"black leather mini skirt\"")
+    check_prompt(prompt)
     if num_images < 1:
         raise PipelineError(f"--num-images must be >= 1, got {num_images}")
     check_sampling(sampling, img2img=bool(source))
@@ -200,15 +204,14 @@ def defaults(params_path: str | Path) -> Sampling:
     """Sampling defaults from params.yaml when it exists, else 2.1's usual settings."""
     if not Path(params_path).is_file():
         return Sampling()
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
 
     return sampling_from_params(load_params(params_path))
 
 
 def run(args: argparse.Namespace) -> None:
     """``generate`` subcommand: validate, quiet the libraries, generate, print the paths."""
-    if not args.prompt.strip():
-        raise PipelineError("empty prompt: say what to generate, e.g. \"black leather mini skirt\"")
+    check_prompt(args.prompt)
     prior, decoder = resolve_models(args.model, args.prior, args.decoder)
     base = defaults(args.params)
     chosen = {"steps": args.steps, "guidance_scale": args.guidance, "prior_steps": args.prior_steps,

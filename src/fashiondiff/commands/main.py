@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fashiondiff import __version__
 from fashiondiff.commands import convert, generate, run, serve, ui

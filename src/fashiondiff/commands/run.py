@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from fashiondiff.config.schema import params_from_dict
+from fashiondiff.config.whole import params_from_dict
 from fashiondiff.errors import PipelineError
 from fashiondiff.plan import make_plan
 
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> None:
     flags = [f for k, v in settings.items() if v is not None for f in ("-S", as_flag(k, v))]
     command = ["dvc", "exp", "run", "-n", name] + (["--dry", "--force"] if args.dry else []) + (
         ["--queue"] if args.queue else []) + flags
-    print(f"{path}: {len(settings)} params" + (f", removing {', '.join(removals)} from params.yaml" if removals else ""))
+    removing = f", removing {', '.join(removals)} from params.yaml" if removals else ""
+    print(f"{path}: {len(settings)} params{removing}")
     print(plan.text())
     if plan.short and not args.dry:
         raise PipelineError(f"fashiondiff run {args.preset}: not enough disk: {'; '.join(plan.short)} "

@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to bind (default 7860)")
     p.add_argument("--queue-size", type=int, default=8, help="requests that may wait; more are refused (default 8)")
-    p.add_argument("--max-upload-mb", type=float, default=limits.max_upload_mb, help=f"photo size cap (default {limits.max_upload_mb:g})")
+    p.add_argument("--max-upload-mb", type=float, default=limits.max_upload_mb,
+                   help=f"photo size cap (default {limits.max_upload_mb:g})")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--params", default="params.yaml", help="defaults come from here if it exists")
     p.set_defaults(func=run)
@@ -80,7 +81,7 @@ def _base(args) -> tuple[str, str]:
     if not Path(args.params).is_file():
         raise PipelineError(f"{args.params}: no params file to take the base model from: "
                             "give --base-prior and --base-decoder")
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
 
     model = load_params(args.params).model
     return args.base_prior or model.prior, args.base_decoder or model.decoder

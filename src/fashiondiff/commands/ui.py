@@ -21,13 +21,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from fashiondiff.config.schema import Params
-from fashiondiff.errors import PipelineError
+from fashiondiff.config.whole import Params
+from fashiondiff.errors import PipelineError, first_line
 from fashiondiff.processes import start_group, stop_process_group, wait_until_up
-from fashiondiff.tracking import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, TAG_ROLE, display_uri, quiet_mlflow, resolve_tracking_uri
+from fashiondiff.tracking import (
+    EXPERIMENT_KIND,
+    TAG_EXPERIMENT_KIND,
+    TAG_ROLE,
+    display_uri,
+    quiet_mlflow,
+    resolve_tracking_uri,
+)
 
 # The view's columns. Params: the method's rate, always (other params appear when they differ
 # between runs). Metrics, as the pipeline's parent run names them (<stage>.<key in the stage's
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
     """Save the view, start the server, print the address, serve until Ctrl-C."""
     if not 0 < args.port < 65536:
         raise PipelineError(f"--port must be in 1..65535, got {args.port}")
-    from fashiondiff.config.schema import load_params
+    from fashiondiff.config.whole import load_params
 
     params = load_params(args.params)
     address = publish_runs_view(params, HEADLINE_METRICS, ALWAYS_PARAMS)
@@ -128,7 +135,7 @@ def publish_runs_view(params: Params, metrics: Sequence[str], always: Sequence[s
         if TAG_EXPERIMENT_KIND not in exp.tags:
             client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     except MlflowException as exc:
-        raise PipelineError(f"mlflow ({display_uri(uri)}): {exc.message.splitlines()[0]}") from exc
+        raise PipelineError(f"mlflow ({display_uri(uri)}): {first_line(exc)}") from exc
     return (f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
             f"&viewStateShareKey={RUNS_VIEW_ID}")
 

@@ -1,1 +1,1 @@
-"""``params.yaml``: its schema (``schema``) and the view a stage gets of it (``view``)."""
+"""``params.yaml``: a module per section, their shared types (``schema``), the view a stage gets (``view``)."""

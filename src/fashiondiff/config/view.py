@@ -12,20 +12,27 @@ it exactly when that changes. Usage, in ``stages/<name>.py``::
 With ``FASHIONDIFF_AUDIT=<folder>`` set, each stage process writes
 ``<folder>/<stage>.<pid>.json`` at exit: the params keys it read and the project modules
 it imported, which ``tests/test_pipeline_e2e.py`` checks against ``dvc.yaml``.
+
+A stage validates only the sections (and top-level keys) it declares, and imports only their
+modules (``SECTIONS``, lazily): DVC hashes the files a stage lists, so a new ``train`` option,
+in ``config/train.py``, reruns the trainings and what follows, never ``extract`` or ``embed``.
+``fashiondiff.config.whole`` validates the whole file (commands, tools, tests).
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 
-from fashiondiff.config.schema import flatten, load_params
+from fashiondiff.config.schema import Section, flatten, parse, read_params_file
 from fashiondiff.errors import PipelineError
 
 # Where stages are declared, relative to the repository root; the stand-in's stages sit in
@@ -33,33 +40,55 @@ from fashiondiff.errors import PipelineError
 DVC_FILES = ("dvc.yaml", "standin/dvc.yaml")
 AUDIT_ENV = "FASHIONDIFF_AUDIT"
 
+# params.yaml's top-level keys, in the file's order -> the module under fashiondiff.config that
+# defines them (its FIELDS; its optional check(params) runs after validation). A stage imports
+# the modules of the keys it declares and no other, so each module is a DVC dep of exactly the
+# stages that read its keys.
+SECTIONS = {
+    "lr": "method", "epochs": "method", "batch_size": "method", "clip_image_size": "method",
+    "diffusion_steps": "method", "seed": "method",
+    "compute": "compute",
+    "data": "data",
+    "model": "model",
+    "embed": "embed",
+    "train": "train", "prior": "train", "decoder": "train",
+    "evaluate": "evaluate",
+    "serve": "serve",
+    "mlflow": "tracking",
+    "standin": "standin",
+}
+
 
 class ParamsView:
     """Attribute access to the ``allowed`` keys of a Params (sub)tree; anything else fails.
 
     ``allowed`` holds dotted keys as ``dvc.yaml`` lists them: a section (``train``) opens
     everything under it, a leaf (``data.caption``) only itself. Every key read is recorded
-    in ``reads`` (shared with sub-views) for the audit.
+    in ``reads`` (shared with sub-views) for the audit. ``raw``: the whole file as YAML gave
+    it, for tracking alone (the pipeline's parent run logs it; no stage output may read it).
     """
 
     def __init__(self, node, stage: str, allowed: frozenset[str], prefix: str = "",
-                 reads: set[str] | None = None):
+                 reads: set[str] | None = None, raw=None):
         object.__setattr__(self, "_node", node)
         object.__setattr__(self, "_stage", stage)
         object.__setattr__(self, "_allowed", allowed)
         object.__setattr__(self, "_prefix", prefix)
         object.__setattr__(self, "reads", set() if reads is None else reads)
+        object.__setattr__(self, "raw", raw)
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
         key = f"{self._prefix}{name}"
-        value = getattr(self._node, name)  # AttributeError for a key Params does not have
         if _covered(key, self._allowed):
+            value = getattr(self._node, name)  # AttributeError for a key its section does not have
             self.reads.add(key)
             return value
-        if isinstance(value, BaseModel) and any(a.startswith(f"{key}.") for a in self._allowed):
-            return ParamsView(value, self._stage, self._allowed, f"{key}.", self.reads)
+        if any(a.startswith(f"{key}.") for a in self._allowed):
+            value = getattr(self._node, name)
+            if isinstance(value, BaseModel):
+                return ParamsView(value, self._stage, self._allowed, f"{key}.", self.reads)
         raise PipelineError(f"stage {self._stage} reads params key {key}, which its params: list in "
                             f"dvc.yaml does not declare (declared: {', '.join(sorted(self._allowed))})")
 
@@ -97,16 +126,49 @@ def declared_params(stage: str, root: str | Path = ".") -> list[str]:
 
 
 def stage_params(stage: str, params_path: str | Path = "params.yaml", root: str | Path | None = None) -> ParamsView:
-    """Load and validate ``params_path``; return the view of the keys ``stage`` declares.
+    """Read ``params_path``, validate the sections ``stage`` declares, return their view.
 
     ``root`` (where dvc.yaml is) defaults to the repository that holds this package's
     stages, so a stage run by hand from another folder still finds its declaration.
     """
-    params = load_params(params_path)
+    raw = read_params_file(params_path)
     root = Path(root) if root is not None else _repo_root()
-    view = ParamsView(params, stage, frozenset(declared_params(stage, root)))
+    declared = declared_params(stage, root)
+    params = validated(raw, [key.split(".")[0] for key in declared])
+    view = ParamsView(params, stage, frozenset(declared), raw=raw)
     _audit_at_exit(stage, view)
     return view
+
+
+def validated(raw, keys) -> Section:
+    """The top-level ``keys`` of the params tree ``raw`` (as ``yaml.safe_load`` gives it),
+    validated by their modules alone (imported here, lazily), then their cross-section checks."""
+    keys = _ordered(keys)
+    tree = {k: raw[k] for k in keys if k in raw} if isinstance(raw, dict) else raw
+    params = parse(params_model(keys), tree)
+    for module in dict.fromkeys(SECTIONS[k] for k in keys):
+        check = getattr(_module(module), "check", None)
+        if check is not None:
+            check(params)
+    return params
+
+
+@functools.cache
+def params_model(keys: tuple[str, ...]) -> type[Section]:
+    """A pydantic model of the top-level ``keys`` alone, each typed by its section's module."""
+    fields = {k: (_module(SECTIONS[k]).FIELDS[k], ...) for k in keys}
+    return create_model("Params", __base__=Section, __module__=__name__, **fields)
+
+
+def _ordered(keys) -> tuple[str, ...]:
+    keys = set(keys)
+    if unknown := sorted(keys - set(SECTIONS)):
+        raise PipelineError(f"params: unknown key {unknown[0]} (known: {', '.join(sorted(SECTIONS))})")
+    return tuple(k for k in SECTIONS if k in keys)
+
+
+def _module(name: str):
+    return importlib.import_module(f"fashiondiff.config.{name}")
 
 
 def _repo_root() -> Path:

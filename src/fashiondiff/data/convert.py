@@ -51,11 +51,11 @@ import sys
 import time
 import unicodedata
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from fashiondiff.data.captions import clean
 from fashiondiff.data.fashiongen import ID_KEY, IMAGE_KEY, TEXT_FIELDS
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, first_line
 from fashiondiff.io import atomic_file
 
 SIZE = 256  # FashionGen's pictures are 256 x 256
@@ -352,7 +352,7 @@ def _load_batch(paths: list[str]) -> list[np.ndarray | str]:
         except UnidentifiedImageError:
             out.append("not an image Pillow knows")
         except Exception as exc:  # Pillow's decoders raise many types on corrupt data
-            out.append(str(exc).replace(path, "").splitlines()[0] if str(exc) else type(exc).__name__)
+            out.append(first_line(exc).replace(path, ""))
     return out
 
 

@@ -162,7 +162,7 @@ class _Encoder:
         except BrokenProcessPool:
             raise self._died() from None
 
-    def __enter__(self) -> "_Encoder":
+    def __enter__(self) -> _Encoder:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import os
 import string
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, first_line
 
 IMAGE_KEY = "input_image"
 ID_KEY = "input_productID"
@@ -169,9 +169,8 @@ class FashionGen:
             ds.read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
             return out
         except (OSError, ValueError, RuntimeError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise self._fail(f"rows {start}-{stop - 1} of key '{ds.name.lstrip('/')}' "
-                             f"unreadable, truncated or corrupt file ({reason})") from None
+                             f"unreadable, truncated or corrupt file ({first_line(exc)})") from None
 
     def chunks(self, chunk_size: int, images: bool = True) -> Iterator[Rows]:
         """Every row, ``chunk_size`` at a time; never the whole dataset in memory."""
@@ -183,7 +182,7 @@ class FashionGen:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "FashionGen":
+    def __enter__(self) -> FashionGen:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -198,8 +197,7 @@ def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "unreadable"
-        raise PipelineError(f"{path}: truncated or corrupt HDF5 file ({reason})") from None
+        raise PipelineError(f"{path}: truncated or corrupt HDF5 file ({first_line(exc, 'unreadable')})") from None
 
 
 def read_rows(path: str | os.PathLike, start: int, stop: int, images: bool = True) -> Rows:

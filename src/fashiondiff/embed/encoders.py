@@ -52,18 +52,26 @@ def load_encoders(prior: str, decoder: str, device: str | None = None) -> Encode
     )
 
 
-def movq_pixels(image: Image.Image, resolution: int) -> np.ndarray:
-    """Image -> float32 CHW in [-1, 1] at ``resolution``, as KandinskyImg2ImgPipeline prepares it."""
-    image = image.convert("RGB").resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return arr.transpose(2, 0, 1)
+# The two pixel preparations, one copy for embed and the stand-in's pre-training.
+# ``images``: PIL images or (H, W, 3) uint8 arrays.
+
+def movq_pixels(images, resolution: int) -> torch.Tensor:
+    """(N, 3, R, R) float32 in [-1, 1] at ``resolution``, resized as KandinskyImg2ImgPipeline does."""
+    small = np.stack([np.asarray(_rgb(im).resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1))
+                      for im in images])
+    return torch.from_numpy(small).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def clip_pixels(processor, images: list[Image.Image], size: int) -> torch.Tensor:
-    """CLIP pixel values at ``size`` (resize shortest edge, centre crop, normalise)."""
-    out = processor(images, size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                    return_tensors="pt")
-    return out["pixel_values"]
+def clip_pixels(processor, images, size: int | None = None, chunk: int = 64) -> torch.Tensor:
+    """(N, 3, S, S) CLIP pixel values (resize shortest edge, centre crop, normalise) at ``size``
+    (None: the processor's own), ``chunk`` images per call of the processor."""
+    sizes = {} if size is None else {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    return torch.cat([processor(images=list(images[i:i + chunk]), return_tensors="pt", **sizes)["pixel_values"]
+                      for i in range(0, len(images), chunk)])
+
+
+def _rgb(image) -> Image.Image:
+    return Image.fromarray(image) if isinstance(image, np.ndarray) else image.convert("RGB")
 
 
 @torch.no_grad()

@@ -33,12 +33,25 @@ from tqdm import tqdm
 
 from fashiondiff.cache.format import CAPTION_ARRAYS, FORMAT_VERSION, IMAGE_ARRAYS, TEXT_LENGTH, cache_identity
 from fashiondiff.embed.encoders import (
-    Encoders, blank_image_embed, caption_lengths, check_sizes, clip_pixels, encode_images, encode_texts, movq_pixels,
+    Encoders,
+    blank_image_embed,
+    caption_lengths,
+    check_sizes,
+    clip_pixels,
+    encode_images,
+    encode_texts,
+    movq_pixels,
 )
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, first_line
 from fashiondiff.io import write_json
 from fashiondiff.spread import (
-    HandOverFailed, Interrupted, Ranks, batch_runs, batches_in, disk_full_is_an_error, with_kept,
+    HandOverFailed,
+    Interrupted,
+    Ranks,
+    batch_runs,
+    batches_in,
+    disk_full_is_an_error,
+    with_kept,
 )
 
 
@@ -61,8 +74,7 @@ class _Images(torch.utils.data.Dataset):
             img, error = Image.new("RGB", (self.resolution, self.resolution)), f"{path}: cannot read image ({exc})"
         else:
             error = ""
-        clip = clip_pixels(self.processor, [img], self.clip_size)[0]
-        return clip, torch.from_numpy(movq_pixels(img, self.resolution)), error
+        return clip_pixels(self.processor, [img], self.clip_size)[0], movq_pixels([img], self.resolution)[0], error
 
 
 def _fingerprint(captions, identity: dict) -> str:
@@ -161,7 +173,7 @@ _NOTHING_KEPT = "no batch was finished yet, rerun to start"
 
 
 def _encode_captions(enc: Encoders, texts: list[str], lengths: np.ndarray, todo: list[int], batch_size: int,
-                     ranks: Ranks, writer: "_Writer | None", desc: str) -> None:
+                     ranks: Ranks, writer: _Writer | None, desc: str) -> None:
     """Every caption batch in ``todo``: this process's share encoded here, all written by process 0."""
     mine = ranks.shard(todo)
     rounds = ranks.rounds(len(todo))
@@ -182,7 +194,7 @@ def _encode_captions(enc: Encoders, texts: list[str], lengths: np.ndarray, todo:
 
 
 def _encode_images(enc: Encoders, paths: list[str], root: Path, todo: list[int], batch_size: int, workers: int,
-                   clip_image_size: int, resolution: int, ranks: Ranks, writer: "_Writer | None",
+                   clip_image_size: int, resolution: int, ranks: Ranks, writer: _Writer | None,
                    desc: str) -> None:
     """Every image batch in ``todo``: this process's share read by a DataLoader and encoded here."""
     mine = ranks.shard(todo)
@@ -212,7 +224,7 @@ def _encode_images(enc: Encoders, paths: list[str], root: Path, todo: list[int],
         # when it dies while starting).
         if "DataLoader worker" not in str(exc):
             raise
-        raise PipelineError(f"embed: the image loader process died ({str(exc).splitlines()[0]}); "
+        raise PipelineError(f"embed: the image loader process died ({first_line(exc)}); "
                             f"{writer.kept() if writer else _KEPT_ELSEWHERE}") from None
 
 
@@ -221,7 +233,7 @@ def _span(batch: int, batch_size: int, total: int) -> tuple[int, int]:
     return batch * batch_size, min((batch + 1) * batch_size, total)
 
 
-def _bar(writer: "_Writer | None", kind: str, total: int, desc: str):
+def _bar(writer: _Writer | None, kind: str, total: int, desc: str):
     """Process 0's progress bar over what every process finished; the others show none."""
     initial = writer.count(kind) if writer else 0
     unit = kind[:-1]
@@ -243,7 +255,7 @@ class _Writer:
 
     @classmethod
     def open(cls, work: Path, fingerprint: str, shapes: dict, counts: dict, dtype: str,
-             batch_size: int) -> "_Writer":
+             batch_size: int) -> _Writer:
         """Reopen a matching partial folder (resume) or allocate a fresh one.
 
         A partial folder made with another ``embed.batch_size`` is not resumed: batches are the

@@ -15,7 +15,7 @@ Shared by ``evaluate`` and by the validation that training runs as it goes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

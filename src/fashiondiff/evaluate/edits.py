@@ -28,7 +28,7 @@ x 100) and ``mix_fidelity`` / ``mix_clip_score``. Usage::
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -12,7 +12,7 @@ Small images are enlarged with nearest-neighbour to at least ``MIN_CELL`` pixels
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 

@@ -20,7 +20,7 @@ Definitions:
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.linalg
@@ -88,7 +88,7 @@ class GaussianStats:
         self._m2: np.ndarray | None = None
 
     @classmethod
-    def of(cls, features) -> "GaussianStats":
+    def of(cls, features) -> GaussianStats:
         stats = cls()
         stats.update(features)
         return stats
@@ -103,7 +103,7 @@ class GaussianStats:
         batch._m2 = centred.T @ centred
         self.merge(batch)
 
-    def merge(self, other: "GaussianStats") -> None:
+    def merge(self, other: GaussianStats) -> None:
         """Add ``other``'s rows (another batch, or another process's share): Chan's update.
         Merging in another order changes the last bits only (float64 round-off)."""
         if other.count == 0:

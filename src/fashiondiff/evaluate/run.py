@@ -64,7 +64,6 @@ from fashiondiff.evaluate.fid import fid_from_parts, fid_state, inception_fid
 from fashiondiff.evaluate.heldout import HeldOut, held_out, load_real, to_uint8
 from fashiondiff.evaluate.metrics import frechet_distance
 from fashiondiff.evaluate.samples import (
-    EDITS,
     MODELS,
     PROGRESS,
     TEXT,
@@ -260,7 +259,8 @@ def edit_references(job: Job, domain: str, clip: ClipEncoder) -> dict[str, float
         x = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
         with torch.no_grad():
             out = movq.decode(movq.encode(x.to(job.device)).latents, force_not_quantize=True).sample
-        rebuilt.append(Image.fromarray(((out[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()))
+        pixels = ((out[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte()
+        rebuilt.append(Image.fromarray(pixels.cpu().numpy()))
     seen = clip.encode_images(photos)
     return {"photo_clip_score": _sig(float(pair_scores(seen, clip.encode_texts(job.edit_prompts(domain))).mean())),
             "movq_fidelity": _sig(float(pair_scores(clip.encode_images(rebuilt), seen).mean()))}

@@ -178,7 +178,7 @@ class Partial:
     done: set[Task] = field(default_factory=set)
 
     @classmethod
-    def open(cls, job: Job, fingerprints: dict[str, str]) -> "Partial":
+    def open(cls, job: Job, fingerprints: dict[str, str]) -> Partial:
         """Keep each model's finished batches whose fingerprint matches; clear the others'."""
         partial = cls(job, fingerprints)
         for model, wanted in fingerprints.items():
@@ -196,7 +196,7 @@ class Partial:
                 progress.unlink(missing_ok=True)
         return partial
 
-    def reread(self) -> "Partial":
+    def reread(self) -> Partial:
         """As the progress files say now (workers write their own)."""
         return Partial.open(self.job, self.fingerprints)
 
@@ -304,7 +304,8 @@ class Sampler:
         sources = job.sources(task.domain, numbers)
         if task.variant != MIX:
             strength = job.strength(task.variant)
-            return image_text_to_image(prior, img2img, prompts, sources, seeds, replace(job.sampling, strength=strength))
+            return image_text_to_image(prior, img2img, prompts, sources, seeds,
+                                       replace(job.sampling, strength=strength))
         # 2.1's mix, as `fashiondiff generate --mix`: the photo and the prompt through prior.interpolate,
         # each item with its own generator (prior, then decoder)
         gens = generators(seeds)

@@ -62,7 +62,7 @@ class Tally:
         return float(np.mean(values[np.argsort(numbers, kind="stable")]))
 
     @classmethod
-    def merged(cls, parts: list["Tally | None"]) -> "Tally":
+    def merged(cls, parts: list[Tally | None]) -> Tally:
         """The processes' tallies of one image set, in process order (statistics merged in that
         order: only their float64 round-off depends on the number of processes)."""
         out = cls()

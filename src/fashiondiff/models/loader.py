@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, first_line
 
 REAL_PRIOR = "kandinsky-community/kandinsky-2-1-prior"
 REAL_DECODER = "kandinsky-community/kandinsky-2-1"
@@ -96,7 +96,7 @@ def load_component(name: str, component: str, key: str):
         return cls.from_pretrained(folder, subfolder=component)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{folder}: cannot load {cls.__name__} from {component}/ ({named(key)}): "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
 
 
 def _load(cls, name: str, key: str, torch_dtype, components: dict):
@@ -107,11 +107,7 @@ def _load(cls, name: str, key: str, torch_dtype, components: dict):
     try:
         pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"{folder}: cannot load {cls.__name__} ({named(key)}): {_first_line(exc)}") from None
+        raise PipelineError(f"{folder}: cannot load {cls.__name__} ({named(key)}): {first_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -71,7 +71,12 @@ def builders(**text_ids) -> dict:
     special-token ids of the CLIP text config (``clip_`` prefix) or of M-CLIP's (``mclip_``)."""
     from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     clip = {k[len("clip_"):]: v for k, v in text_ids.items() if k.startswith("clip_")}
     mclip = {k[len("mclip_"):]: v for k, v in text_ids.items() if k.startswith("mclip_")}

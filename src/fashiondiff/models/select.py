@@ -35,12 +35,12 @@ def resolve_adapters(lora: str | None, prior_lora: str | None, decoder_lora: str
     sit inside the model folder it would be applied to (that folder has it merged already)."""
     if lora is None and prior_lora is None and decoder_lora is None:
         return None, None
-    from fashiondiff.train.lora import ADAPTER_FILE
+    from fashiondiff.models.adapter import ADAPTER_DIR, ADAPTER_FILE
 
     if lora is not None:
         if not Path(lora).is_dir():
             raise PipelineError(f"{lora}: no such folder (--lora: a folder with prior/lora/ and/or decoder/lora/)")
-        found = {kind: Path(lora) / kind / "lora" for kind in ("prior", "decoder")}
+        found = {kind: Path(lora) / kind / ADAPTER_DIR for kind in ("prior", "decoder")}
         found = {kind: str(path) for kind, path in found.items() if (path / ADAPTER_FILE).is_file()}
         if not found:
             raise PipelineError(f"{lora}: no prior/lora/{ADAPTER_FILE} or decoder/lora/{ADAPTER_FILE} (--lora)")

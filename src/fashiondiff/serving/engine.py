@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fashiondiff.errors import PipelineError
-from fashiondiff.sampling import Sampling, apply_adapters, as_img2img, image_text_to_image, text_to_image
+from fashiondiff.sampling import (
+    Sampling,
+    apply_adapters,
+    as_img2img,
+    check_prompt,
+    check_strength,
+    image_text_to_image,
+    text_to_image,
+)
 
 MAX_SEED = 2**63 - 1  # seeds travel as JSON "long" (int64) in the MLflow signature
 
@@ -52,19 +60,15 @@ class Request:
 
 def check_request(request: Request, limits: Limits) -> None:
     """One-line PipelineError for anything the pipelines would reject or that breaks a limit."""
-    s, n = request.sampling, len(request.prompt)
-    if not request.prompt.strip():
-        raise PipelineError('empty prompt: describe the garment, e.g. "black leather mini skirt"')
-    _within("prompt length", n, 1, limits.max_prompt_chars, " characters")
+    s = request.sampling
+    check_prompt(request.prompt)
+    _within("prompt length", len(request.prompt), 1, limits.max_prompt_chars, " characters")
     _within("seed", request.seed, 0, MAX_SEED)
     _within("num_images", request.num_images, 1, limits.max_images)
     _within("steps", s.steps, 1, limits.max_steps)
     _within("guidance", s.guidance_scale, 1.0, limits.max_guidance)
     if request.source is not None:
-        if not 0.0 < s.strength <= 1.0:
-            raise PipelineError(f"strength must be in (0, 1], got {s.strength}")
-        if int(s.steps * s.strength) < 1:
-            raise PipelineError(f"steps {s.steps} x strength {s.strength} leaves no denoising step: raise either")
+        check_strength(s)
 
 
 def _within(name: str, value, low, high, unit: str = "") -> None:
@@ -78,8 +82,8 @@ class Engine:
     def __init__(self, prior: str, decoder: str, device: str | None = None) -> None:
         import torch
 
-        from fashiondiff.sampling import quiet_libraries
         from fashiondiff.models.loader import load_decoder, load_prior
+        from fashiondiff.sampling import quiet_libraries
 
         quiet_libraries()  # no loading bars in a server's log
 
@@ -104,7 +108,7 @@ class Engine:
         """Apply these LoRA adapters (None: none) in place of the ones applied now."""
         if (prior_lora, decoder_lora) == self.adapters:
             return
-        from fashiondiff.train.lora import has_adapter
+        from fashiondiff.models.adapter import has_adapter
 
         with self._lock:
             for model in (self.prior.prior, self.decoder.unet):

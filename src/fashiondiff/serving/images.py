@@ -18,7 +18,7 @@ import binascii
 import io
 from pathlib import Path
 
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, first_line
 from fashiondiff.serving.engine import Limits
 
 PHOTO_FORMATS = "PNG, JPEG or WebP"
@@ -35,7 +35,7 @@ def read_image(path: str | Path, what: str = "--image"):
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such image ({what})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = type(exc).__name__ if isinstance(exc, UnidentifiedImageError) else str(exc).splitlines()[0]
+        reason = type(exc).__name__ if isinstance(exc, UnidentifiedImageError) else first_line(exc)
         raise PipelineError(f"{path}: cannot read image ({what}): {reason}") from None
 
 

@@ -13,10 +13,10 @@ parent run. Tracking off: nothing is searched or logged, the version is "".
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, first_line
 from fashiondiff.tracking import TAG_COMMIT, TAG_EXP_NAME, TAG_KEY, Tracker, display_uri
 
 TAG_PIPELINE_RUN = "fashiondiff.pipeline_run"  # on model versions: the parent run's id
@@ -33,7 +33,7 @@ def find_model_version(tracker: Tracker, name: str, tag: str, value: str) -> str
         versions = tracker.client.search_model_versions(f"name = '{name}'")
     except MlflowException as exc:
         raise PipelineError(f"mlflow ({display_uri(tracker.tracking_uri)}): cannot search model {name!r}: "
-                            f"{exc.message.splitlines()[0]}") from exc
+                            f"{first_line(exc)}") from exc
     found = [int(v.version) for v in versions if v.tags.get(tag) == value]
     return str(max(found)) if found else ""
 
@@ -65,7 +65,7 @@ def log_model(tracker: Tracker, code: str | Path, registered_name: str, tags: di
         version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
     except MlflowException as exc:
         raise PipelineError(f"mlflow ({display_uri(tracker.tracking_uri)}): cannot log or register model "
-                            f"{registered_name!r}: {exc.message.splitlines()[0]}") from exc
+                            f"{registered_name!r}: {first_line(exc)}") from exc
     return str(version.version)
 
 

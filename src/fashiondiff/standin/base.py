@@ -27,6 +27,7 @@ from PIL import Image
 
 from fashiondiff.data.captions import check_template, make_caption
 from fashiondiff.data.fashiongen import read_rows
+from fashiondiff.embed.encoders import clip_pixels
 from fashiondiff.io import atomic_dir, atomic_file, write_json
 from fashiondiff.standin import generator as gen
 from fashiondiff.standin import pretrain as pt
@@ -103,7 +104,7 @@ def pretrain_parts(files: dict[str, tuple[str, str]], params, checkpoints: str):
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool, \
             tempfile.TemporaryDirectory(prefix="fashiondiff-pretrain-") as work:
         result = pt.pretrain_encoders(parts, images, captions, cfg, res, params.seed, pool=pool)
-        pt.set_prior_statistics(parts, pt.clip_pixels(train["generic"][0], parts.image_processor))
+        pt.set_prior_statistics(parts, clip_pixels(parts.image_processor, train["generic"][0]))
         cache = gen.generic_cache(parts, files["generic"][0], template, params.clip_image_size, res, Path(work))
         generator_started = time.perf_counter()
         history = gen.pretrain_generator(parts, cache, cfg.generator, params.seed, checkpoints, pool)

@@ -19,8 +19,8 @@ with ``cut_fill``), ``bands`` (a darker or lighter shade of the colour), ``lines
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw

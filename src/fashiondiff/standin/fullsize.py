@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 

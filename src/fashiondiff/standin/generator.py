@@ -24,11 +24,12 @@ import json
 import multiprocessing as mp
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from fashiondiff.cache.reader import open_cache
-from fashiondiff.config.schema import GeneratorParams, TrainParams
+from fashiondiff.config.standin import GeneratorParams
 from fashiondiff.data.extract import extract
 from fashiondiff.embed.encoders import Encoders
 from fashiondiff.embed.writer import build_cache
@@ -36,7 +37,7 @@ from fashiondiff.project import checkpoint_home
 from fashiondiff.runtime import seed_everything
 from fashiondiff.standin.tiny import TinyParts, split_clip
 from fashiondiff.train.decoder import DecoderTask
-from fashiondiff.train.loop import Schedule, train, weights_digest
+from fashiondiff.train.loop import LoopSettings, Schedule, train, weights_digest
 from fashiondiff.train.prior import PriorTask
 
 ORIGIN = "embedded-pretrain"  # what the cache records as the encoders' source
@@ -65,15 +66,15 @@ def generic_cache(parts: TinyParts, h5_path: str | Path, template: str, clip_ima
     return work / "cache"
 
 
-def loop_params(gen: GeneratorParams) -> TrainParams:
+def loop_settings(gen: GeneratorParams) -> LoopSettings:
     """The loop's settings for the pre-training: ``gen``'s, and otherwise the plainest ones
     (no accumulation, EMA or mixed precision; norm clipping at 1 as in params ``train``). No
-    validation: ``_train`` hands the loop no ``validate``; the validation fields are inert."""
-    return TrainParams(gradient_accumulation_steps=1, max_grad_norm=1.0, warmup_steps=gen.warmup_steps,
-                       lr_schedule=gen.lr_schedule, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-                       mixed_precision="no", ema_decay=0.0, checkpoint_every=gen.checkpoint_every,
-                       checkpoints_keep=1, log_every=10, compile="auto", validate_every=0,
-                       validation_images=0, validation_steps=1, validation_guidance=1.0)
+    validation: ``_train`` hands the loop no ``validate``. Not a ``TrainParams``: this stage
+    must not import the training sections' module (train.loop.LoopSettings says why)."""
+    return SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0, warmup_steps=gen.warmup_steps,
+                           lr_schedule=gen.lr_schedule, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+                           mixed_precision="no", ema_decay=0.0, checkpoint_every=gen.checkpoint_every,
+                           checkpoints_keep=1, log_every=10, compile="auto", validate_every=0)
 
 
 def fingerprint(gen: GeneratorParams, seed: int, cache_meta: dict, parts: TinyParts) -> str:
@@ -103,7 +104,7 @@ def _train(kind: str, network, scheduler, cache_dir: str, gen: GeneratorParams, 
         task = DecoderTask(network, scheduler, cache, gen.cond_dropout, gen.cond_dropout)
         epochs = gen.unet_epochs
     task.name = f"pretrain {kind}"
-    result = train(task, loop_params(gen), Schedule(epochs, gen.batch_size, gen.lr, seed),
+    result = train(task, loop_settings(gen), Schedule(epochs, gen.batch_size, gen.lr, seed),
                    Path(checkpoints) / kind, run_fingerprint)
     return result.model.state_dict(), result.history
 

@@ -19,7 +19,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fashiondiff.standin.drawing import (
-    COLOURS, DENIM_COLOURS, RGB, SIZE, Placement, draw_shape, ellipse, shade, to_pixels,
+    COLOURS,
+    DENIM_COLOURS,
+    RGB,
+    SIZE,
+    Placement,
+    draw_shape,
+    ellipse,
+    shade,
+    to_pixels,
 )
 
 _ALL = ("plain", "leather", "knit", "denim", "striped", "checked", "polka-dot")

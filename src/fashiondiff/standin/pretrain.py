@@ -19,7 +19,7 @@ The prior and the U-Net are then pre-trained on the generic domain alone
     parts = build_tiny(captions, TinySpec(clip_image_size=224), seed=0)
     result = pretrain_encoders(parts, images, captions, params.standin.pretrain, resolution=64,
                                seed=0, pool=pool)
-    set_prior_statistics(parts, clip_pixels(generic_images, parts.image_processor))
+    set_prior_statistics(parts, clip_pixels(parts.image_processor, generic_images))
     retrieval_accuracy(parts, val_images, val_captions, val_product_ids)
     reconstruction_error(parts.movq, val_images, resolution=64)
 """
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -38,26 +38,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fashiondiff.cache.format import TEXT_LENGTH
-from fashiondiff.config.schema import PretrainParams
+from fashiondiff.config.standin import PretrainParams
+from fashiondiff.embed.encoders import clip_pixels, movq_pixels
 from fashiondiff.standin.tiny import TinyParts
 
-# --- inputs, prepared once ---------------------------------------------------------
-
-def clip_pixels(images: np.ndarray, processor, chunk: int = 64) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> the CLIP image processor's (N, 3, S, S) float pixel values."""
-    out = [processor(images=list(images[i:i + chunk]), return_tensors="pt")["pixel_values"]
-           for i in range(0, len(images), chunk)]
-    return torch.cat(out)
-
-
-def movq_pixels(images: np.ndarray, resolution: int) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, R, R) in [-1, 1], resized as 2.1's img2img pipeline does."""
-    small = np.stack([
-        np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BICUBIC, reducing_gap=1))
-        for im in images
-    ])
-    return torch.from_numpy(small).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
+# --- inputs, prepared once (pixels: fashiondiff.embed.encoders) ----------------------
 
 def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Input ids and attention mask, padded to 77 tokens as both 2.1 pipelines do."""
@@ -87,7 +72,7 @@ def pretrain_encoders(parts: TinyParts, images: np.ndarray, captions: Sequence[s
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     result = PretrainResult({}, {})
     started = time.perf_counter()
-    pixels, small = clip_pixels(images, parts.image_processor), movq_pixels(images, resolution)
+    pixels, small = clip_pixels(parts.image_processor, images), movq_pixels(images, resolution)
     result.seconds["prepare"] = round(time.perf_counter() - started, 1)
     if pool is not None:
         movq_job = pool.submit(_timed, train_movq, parts.movq, small, cfg, seed, progress, 1)
@@ -252,7 +237,7 @@ class CellColours:
     std: torch.Tensor
 
     @classmethod
-    def of(cls, pixels: torch.Tensor, cell: int) -> "CellColours":
+    def of(cls, pixels: torch.Tensor, cell: int) -> CellColours:
         blocks = F.avg_pool2d(pixels, cell)
         return cls(blocks.mean((0, 2, 3), keepdim=True), blocks.std((0, 2, 3), keepdim=True))
 
@@ -429,7 +414,7 @@ def retrieval_accuracy(parts: TinyParts, images: np.ndarray, captions: Sequence[
     texts = sorted(set(candidates))
     text_emb = F.normalize(clip_text_embeds(parts, texts), dim=-1)
     cand_emb = text_emb[[texts.index(c) for c in candidates]]
-    img_emb = F.normalize(clip_image_embeds(parts, clip_pixels(images, parts.image_processor)), dim=-1)
+    img_emb = F.normalize(clip_image_embeds(parts, clip_pixels(parts.image_processor, images)), dim=-1)
     scores = img_emb @ cand_emb.T
     column = {p: j for j, p in enumerate(first)}
     own_product = torch.zeros_like(scores, dtype=torch.bool)

@@ -17,20 +17,28 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fashiondiff.standin import generic
-from fashiondiff.standin.drawing import (  # noqa: F401  (COLOURS, MATERIALS: the catalogue's words too)
-    COLOURS, DENIM_COLOURS, MATERIALS, SIZE, Placement, draw_shape, paint_swatch, shade, to_pixels,
-)
 from fashiondiff.errors import PipelineError
 from fashiondiff.io import atomic_dir
+from fashiondiff.standin import generic
+from fashiondiff.standin.drawing import (  # noqa: F401  (COLOURS, MATERIALS: the catalogue's words too)
+    COLOURS,
+    DENIM_COLOURS,
+    MATERIALS,
+    SIZE,
+    Placement,
+    draw_shape,
+    paint_swatch,
+    shade,
+    to_pixels,
+)
 
 WRITE_CHUNK = 128  # rows rendered and written at a time: memory stays ~25 MB
 

@@ -16,9 +16,9 @@ teaches the encoders the synthetic data's look before anything is saved.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from diffusers import (
@@ -26,8 +26,8 @@ from diffusers import (
     KandinskyPipeline,
     KandinskyPriorPipeline,
     PriorTransformer,
-    UNet2DConditionModel,
     UnCLIPScheduler,
+    UNet2DConditionModel,
     VQModel,
 )
 from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP

@@ -20,12 +20,12 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from fashiondiff.errors import PipelineError
+from fashiondiff.errors import PipelineError, first_line
 from fashiondiff.io import DISK_FULL
 
 
@@ -83,8 +83,7 @@ def _write_error(exc: Exception) -> str:
     "unexpected pos" RuntimeError."""
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         return exc.strerror
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 class Checkpoints:

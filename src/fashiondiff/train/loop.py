@@ -34,9 +34,9 @@ the settle's one transfer), so that saving stays a bounded share of the run at a
 
 Validation (``validate``, optional: ``fashiondiff.train.validate``) runs every
 ``validate_every`` steps (``auto``: :func:`validation_interval`) and at the last step, between
-two steps, with the weights the run would save. It is outside the training: it draws from no stream above (the global RNGs are
-forked around it), its time is in no step's timing, and the steps it was done at are
-recorded in the checkpoints, so a resumed run does not repeat one.
+two steps, with the weights the run would save. It is outside the training: it draws from no
+stream above (the global RNGs are forked around it), its time is in no step's timing, and the
+steps it was done at are recorded in the checkpoints, so a resumed run does not repeat one.
 """
 
 from __future__ import annotations
@@ -46,16 +46,17 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from fashiondiff.config.schema import TrainParams, duration_s
+from fashiondiff.config.schema import duration_s
 from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.train.checkpoints import (
     Checkpoints,
@@ -69,6 +70,28 @@ class Validate(Protocol):
     the run would save; returns the step's validation record (the main process's is kept)."""
 
     def __call__(self, step: int, model: torch.nn.Module) -> dict: ...
+
+
+class LoopSettings(Protocol):
+    """What the loop reads of its settings: params ``train`` (``fashiondiff.config.train.TrainParams``)
+    for the fine-tuning, the stand-in pre-training's own (``standin.generator.loop_settings``).
+    A protocol, not that class: the pre-training stage runs this loop but must not import the
+    training sections' module, or every new training option would rerun it (docs/stale-map.md)."""
+
+    gradient_accumulation_steps: int
+    max_grad_norm: float  # <= 0: no clipping
+    warmup_steps: int
+    lr_schedule: str  # a diffusers get_scheduler name
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    mixed_precision: str  # no, fp16, bf16
+    ema_decay: float  # 0: no EMA
+    checkpoint_every: int | str  # steps, or a duration ("30m")
+    checkpoints_keep: int
+    log_every: int
+    compile: str  # auto, on, off
+    validate_every: int | str  # auto, or steps (0: the last step only)
 
 
 class Task(Protocol):
@@ -149,7 +172,7 @@ class Speed:
     pin_memory: bool
 
     @classmethod
-    def choose(cls, cfg: TrainParams, device: torch.device, model: torch.nn.Module) -> "Speed":
+    def choose(cls, cfg: LoopSettings, device: torch.device, model: torch.nn.Module) -> Speed:
         cuda = device.type == "cuda"
         convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
         return cls(compile=cfg.compile == "on" or (cfg.compile == "auto" and cuda), fused_adamw=cuda,
@@ -249,7 +272,7 @@ class _StopRequest:
         self.signum = 0
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -265,7 +288,7 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan, speed: Speed):
+def _prepare(acc, task: Task, cfg: LoopSettings, lr: float, plan: _Plan, speed: Speed):
     from diffusers.optimization import get_scheduler
 
     trainable = [p for p in task.model.parameters() if p.requires_grad]
@@ -288,7 +311,7 @@ def _prepare(acc, task: Task, cfg: TrainParams, lr: float, plan: _Plan, speed: S
     return model, optimizer, schedule, ema, trainable
 
 
-def train(task: Task, cfg: TrainParams, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
+def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
           log: Callable[[dict, int], None] | None = None, validate: Validate | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``

@@ -2,8 +2,10 @@
 
 Usage (from a stage)::
 
-    run_training("prior", params, cache_dir=..., val_cache_dir=..., out_dir="models/prior",
-                 checkpoint_dir="checkpoints/prior", summary_path=..., plot_path=..., tracker=t)
+    paths = TrainPaths(cache="data/cache/train", out="models/prior", checkpoints="checkpoints/prior",
+                       summary="reports/train_prior.json", plot="reports/plots/train_prior.csv",
+                       val_cache="data/cache/validation")
+    run_training("prior", params, paths, tracker)
 """
 
 from __future__ import annotations
@@ -23,14 +25,29 @@ from fashiondiff.cache.reader import open_cache
 from fashiondiff.disk import Need, folder_bytes, gb, require
 from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.io import atomic_dir, atomic_file, write_json
+from fashiondiff.models.adapter import ADAPTER_DIR, has_adapter, save_adapter
 from fashiondiff.project import checkpoint_home
 from fashiondiff.train.loop import Schedule, TrainResult, train
-from fashiondiff.train.lora import add_lora, has_adapter, merge_adapter, save_adapter
+from fashiondiff.train.lora import add_lora, merge_adapter
 from fashiondiff.train.summary import summary_metrics
 from fashiondiff.train.validate import Validator
 
 KINDS = ("prior", "decoder")
-ADAPTER_DIR = "lora"  # <out>/lora/: the LoRA adapter beside the merged pipeline
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Where a training reads and writes: the paths dvc.yaml's cmd gives train/stage.py's flags
+    (the same names), said once there."""
+
+    cache: str  # the training split's embedding cache (from embed)
+    out: str  # the tuned pipeline folder
+    checkpoints: str  # persistent checkpoints; relative: under the project's root (fashiondiff.project)
+    summary: str  # JSON of the run's summary: final losses, steps
+    plot: str  # CSV of the loss curve (DVC plots)
+    val_cache: str | None = None  # the held-out cache: validation during training, when given
+    val_plot: str | None = None  # CSV of the validation curve
+    val_pictures: str | None = None  # folder for the last validation's pictures
 
 
 def schedule(params) -> Schedule:
@@ -126,25 +143,23 @@ def fingerprint(kind: str, params, cache_meta: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, out_dir: str,
-                 checkpoint_dir: str, summary_path: str, plot_path: str, tracker,
-                 val_plot_path: str | None = None, val_pictures_dir: str | None = None) -> dict | None:
-    """Train, save the pipeline and the reports. With ``val_cache_dir``: validation during training
-    (``fashiondiff.train.validate``), its curve to ``val_plot_path``, its last pictures to
-    ``val_pictures_dir``, the last validation's numbers in the summary. Checkpoints go to a folder
-    of this run's own under ``checkpoint_dir`` (relative: under the project's root, which outlives
-    DVC's temporary copies; see fashiondiff.project)."""
+def run_training(kind: str, params, paths: TrainPaths, tracker) -> dict | None:
+    """Train, save the pipeline and the reports. With ``paths.val_cache``: validation during
+    training (``fashiondiff.train.validate``), its curve to ``paths.val_plot``, its last pictures
+    to ``paths.val_pictures``, the last validation's numbers in the summary. Checkpoints go to a
+    folder of this run's own under ``paths.checkpoints`` (relative: under the project's root,
+    which outlives DVC's temporary copies; see fashiondiff.project)."""
     if kind not in KINDS:
         raise PipelineError(f"unknown model kind {kind!r} (prior or decoder)")
     torch.manual_seed(params.seed)
-    cache = open_cache(cache_dir, expect=_identity(params))
+    cache = open_cache(paths.cache, expect=_identity(params))
     pipe, task = make_task(kind, params, cache)
     validator = None
-    if val_cache_dir:
-        validator = Validator(kind, task, open_cache(val_cache_dir, expect=_identity(params)), params, tracker)
+    if paths.val_cache:
+        validator = Validator(kind, task, open_cache(paths.val_cache, expect=_identity(params)), params, tracker)
     run = fingerprint(kind, params, cache.meta)
-    with checkpoint_home(checkpoint_dir, run, rank=int(os.environ.get("RANK", "0"))) as home:
-        check_disk(kind, params, task.model, home, out_dir)
+    with checkpoint_home(paths.checkpoints, run, rank=int(os.environ.get("RANK", "0"))) as home:
+        check_disk(kind, params, task.model, home, paths.out)
         try:
             result = train(task, params.train, schedule(params), home, run, log=tracker.log_metrics,
                            validate=validator)
@@ -153,14 +168,13 @@ def run_training(kind: str, params, cache_dir: str, val_cache_dir: str | None, o
             raise
         if not result.is_main:
             return None
-        summary = write_outputs(pipe, params, result, len(cache), validator, out_dir, summary_path, plot_path,
-                                val_plot_path, val_pictures_dir)
+        summary = write_outputs(pipe, params, result, len(cache), validator, paths)
     tracker.log_summary(summary_metrics(summary))  # what register rebuilds from the summary file
-    tracker.log_params({"model_dir": str(Path(out_dir).resolve()), "checkpoint_dir": str(home)})
-    for path in (summary_path, plot_path, Path(out_dir) / "fashiondiff_config.json"):
+    tracker.log_params({"model_dir": str(Path(paths.out).resolve()), "checkpoint_dir": str(home)})
+    for path in (paths.summary, paths.plot, Path(paths.out) / "fashiondiff_config.json"):
         tracker.log_artifact(path)
-    if (Path(out_dir) / ADAPTER_DIR).is_dir():
-        tracker.log_artifact(Path(out_dir) / ADAPTER_DIR)  # the small file worth keeping per run
+    if (Path(paths.out) / ADAPTER_DIR).is_dir():
+        tracker.log_artifact(Path(paths.out) / ADAPTER_DIR)  # the small file worth keeping per run
     # validation_share: validation's wall time against the steps' (this process's, since any resume)
     validation_share = result.validation_s / max(result.train_s, 1e-9)
     checkpoint_share = result.checkpoint_s / max(result.train_s, 1e-9)
@@ -191,8 +205,8 @@ def check_disk(kind: str, params, model: torch.nn.Module, home: Path, out_dir: s
     require(f"train {kind}", needs, hint="free space there, or lower train.checkpoints_keep")
 
 
-def write_outputs(pipe: BaseParts, params, result: TrainResult, train_items: int, validator, out_dir: str,
-                  summary_path: str, plot_path: str, val_plot_path: str | None, val_pictures_dir: str | None) -> dict:
+def write_outputs(pipe: BaseParts, params, result: TrainResult, train_items: int, validator,
+                  paths: TrainPaths) -> dict:
     """The stage's outputs: the tuned pipeline, the summary JSON, the loss curve CSV (and the
     validation's curve and pictures); returns the summary."""
     summary = {
@@ -204,11 +218,11 @@ def write_outputs(pipe: BaseParts, params, result: TrainResult, train_items: int
     }
     if validator is not None:
         summary.update(validator.conclude(result))
-    save_pipeline(pipe, out_dir, params, summary)
-    write_json(summary_path, summary)
-    write_plot(plot_path, result)
+    save_pipeline(pipe, paths.out, params, summary)
+    write_json(paths.summary, summary)
+    write_plot(paths.plot, result)
     if validator is not None:
-        validator.write(result, val_plot_path, val_pictures_dir)
+        validator.write(result, paths.val_plot, paths.val_pictures)
     return summary
 
 

@@ -11,6 +11,7 @@ from fashiondiff.runtime import limit_threads, seed_everything
 
 
 def parse_args(kind: str, argv: list[str]) -> argparse.Namespace:
+    """The paths dvc.yaml's cmd passes, named as fashiondiff.train.run.TrainPaths's fields."""
     parser = argparse.ArgumentParser(prog=f"train_{kind}",
                                      description=f"fine-tune Kandinsky 2.1's {kind} on the embedding cache")
     parser.add_argument("--cache", required=True, help="training embedding cache (from embed)")
@@ -29,7 +30,7 @@ def parse_args(kind: str, argv: list[str]) -> argparse.Namespace:
 @cli
 def main(kind: str, argv: list[str]) -> None:
     from fashiondiff.tracking import stage_run
-    from fashiondiff.train.run import run_training
+    from fashiondiff.train.run import TrainPaths, run_training
 
     args = parse_args(kind, argv)
     limit_threads()
@@ -38,5 +39,4 @@ def main(kind: str, argv: list[str]) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: rank 0 alone tracks
         os.environ["FASHIONDIFF_TRACKING"] = "off"
     with stage_run(f"train_{kind}", params) as tracker:
-        run_training(kind, params, args.cache, args.val_cache, args.out, args.checkpoints,
-                     args.summary, args.plot, tracker, args.val_plot, args.val_pictures)
+        run_training(kind, params, TrainPaths(**vars(args)), tracker)

@@ -15,9 +15,10 @@ At every ``train.validate_every`` steps and at the last step (docs/monitoring.md
 * pictures of ``train.validation_images`` fixed held-out items, item ``k`` from a CPU
   generator seeded ``seed + k`` (``evaluate``'s rule), drawn as ``fashiondiff.sampling`` draws
   (2.1's pipelines; not imported, so that editing the sampling library retrains nothing:
-  tests/test_validate.py checks the pictures are its pictures) with ``train.validation_steps`` steps: the decoder from the items' true CLIP image
-  embeddings (its own job, no prior in the way); the prior turns the items' captions into
-  image embeddings that the *base* decoder draws (its own job, the base decoder in the way);
+  tests/test_validate.py checks the pictures are its pictures) with ``train.validation_steps``
+  steps: the decoder from the items' true CLIP image embeddings (its own job, no prior in the
+  way); the prior turns the items' captions into image embeddings that the *base* decoder draws
+  (its own job, the base decoder in the way);
 * ``val_clip_score``: ``fashiondiff.evaluate.clip.clip_score`` of those pictures against
   their captions in the base prior's CLIP space, as ``evaluate`` measures it; for the prior
   also ``val_image_embed_cosine``, the mean cosine of its image embeddings to the true ones.
