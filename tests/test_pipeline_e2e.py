@@ -475,7 +475,7 @@ def test_a_cached_repro_s_parent_run_carries_the_scores_of_its_outputs(project):
 
     from fashiondiff.evaluate.summary import summary_metrics as evaluate_summary
     from fashiondiff.tracking import parent_keys
-    from fashiondiff.train.summary import summary_metrics as training_summary
+    from fashiondiff.training_summary import summary_metrics as training_summary
 
     sh(project, "git", "add", "dvc.lock", "standin/dvc.lock", "reports")  # as a user commits a run
     sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "--allow-empty", "-qm", "run")

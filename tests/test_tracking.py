@@ -211,7 +211,7 @@ def test_register_gives_a_cached_repro_s_parent_the_stages_scores(local_stage):
     stage logs it. Under a parent where a stage ran, that stage's values are left alone."""
     from fashiondiff.evaluate.summary import summary_metrics as evaluate_summary
     from fashiondiff.parent_scores import log_parent_scores
-    from fashiondiff.train.summary import summary_metrics as training_summary
+    from fashiondiff.training_summary import summary_metrics as training_summary
 
     reports, files = _stage_reports(local_stage)
     params = repo_params()

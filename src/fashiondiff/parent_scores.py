@@ -11,7 +11,7 @@ A parent run holds what each stage that ran under it logged with ``Tracker.log_s
 repro`` that finds those stages up to date runs ``register`` alone (``always_changed``), under
 a new parent when the commit or params changed: without this, that parent's columns would be
 empty. So ``register`` rebuilds each stage's summary from its report files, with the function
-that stage logs it with (``fashiondiff.train.summary``, ``fashiondiff.evaluate.summary``), and
+that stage logs it with (``fashiondiff.training_summary``, ``fashiondiff.evaluate.summary``), and
 logs on the parent the keys it lacks: the same names and values; a parent where the stage ran
 is left as it is.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate.summary import summary_metrics as evaluate_summary
-from fashiondiff.train.summary import summary_metrics as training_summary
+from fashiondiff.training_summary import summary_metrics as training_summary
 
 
 @dataclass(frozen=True)

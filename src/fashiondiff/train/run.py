@@ -29,8 +29,8 @@ from fashiondiff.models.adapter import ADAPTER_DIR, has_adapter, save_adapter
 from fashiondiff.project import checkpoint_home
 from fashiondiff.train.loop import Schedule, TrainResult, train
 from fashiondiff.train.lora import add_lora, merge_adapter
-from fashiondiff.train.summary import summary_metrics
 from fashiondiff.train.validate import Validator
+from fashiondiff.training_summary import summary_metrics
 
 KINDS = ("prior", "decoder")
 
