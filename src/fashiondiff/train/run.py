@@ -176,8 +176,9 @@ def run_training(kind: str, params, paths: TrainPaths, tracker) -> dict | None:
     if (Path(paths.out) / ADAPTER_DIR).is_dir():
         tracker.log_artifact(Path(paths.out) / ADAPTER_DIR)  # the small file worth keeping per run
     # validation_share: validation's wall time against the steps' (this process's, since any resume)
-    validation_share = result.validation_s / max(result.train_s, 1e-9)
-    checkpoint_share = result.checkpoint_s / max(result.train_s, 1e-9)
+    # (0 when no step ran here: a rerun that found the finished checkpoint)
+    validation_share = result.validation_s / result.train_s if result.train_s > 0 else 0.0
+    checkpoint_share = result.checkpoint_s / result.train_s if result.train_s > 0 else 0.0
     tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share,
                          "checkpoint_seconds": result.checkpoint_s, "train_s": result.train_s,
                          "validation_s_total": result.validation_s, "validation_share": validation_share,
