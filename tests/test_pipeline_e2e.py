@@ -504,6 +504,35 @@ def test_a_cached_repro_s_parent_run_carries_the_scores_of_its_outputs(project):
     assert all(math.isfinite(v) for v in found.values()), found
 
 
+@pytest.mark.slow
+def test_training_options_rerun_the_trainings_and_what_follows_only(project, experiments):
+    """Issue 31's check: `dvc exp run -S train.min_snr_gamma=5 -S train.noise_offset=0.05` (in a
+    temporary copy) runs the two trainings, evaluate and register and nothing before them, ends
+    with other weights than the baseline's, and MLflow records both params."""
+    import mlflow
+
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline", "--allow-empty")
+    out = sh(project, str(DVC), "exp", "run", "--temp", "-n", "snr-offset", "-S", "train.min_snr_gamma=5",
+             "-S", "train.noise_offset=0.05")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train_prior", "train_decoder", "evaluate", "register"}, out
+    shown = sh(project, str(DVC), "exp", "show", "--no-pager", "--csv")
+    rev = next(line for line in shown.splitlines() if line.startswith("snr-offset,")).split(",")[1]
+    theirs = yaml.safe_load(sh(project, "git", "show", f"{rev}:dvc.lock"))["stages"]
+    ours = yaml.safe_load(sh(project, "git", "show", "HEAD:dvc.lock"))["stages"]
+    for stage in ("train_prior", "train_decoder"):
+        assert theirs[stage]["outs"][0]["md5"] != ours[stage]["outs"][0]["md5"], stage
+    for stage in ("extract@train", "embed@train"):
+        assert theirs[stage] == ours[stage], stage
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fashiongen-kandinsky")
+    [parent] = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'snr-offset' and "
+                                  "tags.`fashiondiff.role` = 'pipeline'")
+    assert float(parent.data.params["train.min_snr_gamma"]) == 5.0
+    assert float(parent.data.params["train.noise_offset"]) == 0.05
+
+
 def test_repro_force_is_bit_for_bit_reproducible(project):
     """docs/reproducibility.md's check, as written (`dvc repro --force`, then `md5sum -c` of
     both lock files and metrics.json); and here, the md5 of every output compared one by one."""

@@ -4,6 +4,7 @@ two processes under `accelerate launch`, and outputs that load in plain diffuser
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -68,46 +69,62 @@ def test_decoder_loss_trains_epsilon_channels_only(tiny_base, train_cache):
     assert grad[4:].abs().sum() == 0  # learned-variance channels: outside the loss
 
 
+# Every loss and optimiser option of issue 31 at once (adamw8bit needs CUDA: its own test below).
+OPTIONS = {"train.min_snr_gamma": 5.0, "train.noise_offset": 0.05, "train.input_perturbation": 0.1,
+           "train.loss": "huber", "train.huber_delta": 0.5, "train.ema_decay": 0.9, "train.ema_device": "cpu",
+           "train.ema_every": 2}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [
-    pytest.param({}, id="full"),
+@pytest.mark.parametrize("kind, variant", [
+    pytest.param("prior", {}, id="full"),
     # LoRA under all the loop does: EMA (of the adapter), accumulation, clipping, and adapter
     # dropout, whose draws come from torch's global RNG (restored from the checkpoint).
-    pytest.param({"prior.lora_rank": 4, "prior.lora_dropout": 0.1, "train.ema_decay": 0.9,
-                  "train.gradient_accumulation_steps": 2, "train.max_grad_norm": 0.05}, id="lora"),
+    pytest.param("prior", {"prior.lora_rank": 4, "prior.lora_dropout": 0.1, "train.ema_decay": 0.9,
+                           "train.gradient_accumulation_steps": 2, "train.max_grad_norm": 0.05}, id="lora"),
+    pytest.param("prior", OPTIONS, id="options-prior"),
+    pytest.param("decoder", OPTIONS, id="options-decoder"),
 ])
-def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train_cache, variant):
-    params = stage_params(tiny_base, epochs=40, **{"train.checkpoint_every": 10, "train.log_every": 5}, **variant)
+def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train_cache, kind, variant):
+    epochs = 40 if kind == "prior" else 10
+    params = stage_params(tiny_base, epochs=epochs, **{"train.checkpoint_every": 10, "train.log_every": 5},
+                          **variant)
+    script = f"train_{kind}.py"
     straight = tmp_path / "straight"
-    run_stage(straight, params, "train_prior.py", *train_args(straight, "prior", train_cache))
+    run_stage(straight, params, script, *train_args(straight, kind, train_cache))
 
     killed = tmp_path / "killed"
     killed.mkdir()
     (killed / "params.yaml").write_text(json.dumps(params))
-    proc = subprocess.Popen([sys.executable, str(REPO / "stages/train_prior.py"),
-                             *map(str, train_args(killed, "prior", train_cache))], cwd=killed,
+    proc = subprocess.Popen([sys.executable, str(REPO / "stages" / script),
+                             *map(str, train_args(killed, kind, train_cache))], cwd=killed,
                             env=project_env(FASHIONDIFF_TRACKING="off"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list((killed / "ckpt/prior").glob("*/step-*")) and time.time() < deadline:  # <fingerprint>/
+    while not list((killed / f"ckpt/{kind}").glob("*/step-*")) and time.time() < deadline:  # <fingerprint>/
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "models/prior").exists(), "killed before the end: no output yet"
-    resumed = run_stage(killed, params, "train_prior.py", *train_args(killed, "prior", train_cache))
+    assert not (killed / f"models/{kind}").exists(), "killed before the end: no output yet"
+    resumed = run_stage(killed, params, script, *train_args(killed, kind, train_cache))
     assert "resumed from step" in resumed.stdout + resumed.stderr
 
-    folders = ["models/prior/prior"] + (["models/prior/lora"] if variant else [])
+    network = "prior" if kind == "prior" else "unet"
+    lora = "prior.lora_rank" in variant
+    folders = [f"models/{kind}/{network}"] + ([f"models/{kind}/lora"] if lora else [])
     for folder in folders:
         a, b = weights(straight / folder), weights(killed / folder)
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), (folder, name)
-    if variant:  # checkpoints hold the adapter only (its optimiser and EMA state beside it)
+    if lora:  # checkpoints hold the adapter only (its optimiser and EMA state beside it)
         checkpoint = weights(next((killed / "ckpt/prior").glob("*/step-00000160")))
         assert checkpoint and all(".lora_" in name for name in checkpoint)
-    assert (straight / "prior.csv").read_text() == (killed / "prior.csv").read_text()
-    assert json.loads((straight / "prior.json").read_text()) == json.loads((killed / "prior.json").read_text())
+    assert (straight / f"{kind}.csv").read_text() == (killed / f"{kind}.csv").read_text()
+    assert json.loads((straight / f"{kind}.json").read_text()) == json.loads((killed / f"{kind}.json").read_text())
+    if variant is OPTIONS:  # recorded with the model
+        recorded = json.loads((straight / f"models/{kind}/fashiondiff_config.json").read_text())["params"]
+        assert {k: recorded[k] for k in OPTIONS} == OPTIONS
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, tiny_base, train_cache):
@@ -224,3 +241,62 @@ def test_training_loads_only_its_network_and_saves_a_complete_pipeline(tmp_path,
             assert _config(module) == _config(other), name
         else:  # tokenizer, image processor
             assert type(module) is type(other), name
+
+
+def _objective(scheduler, **options):
+    from conftest import repo_params
+
+    from fashiondiff.train.objective import Objective
+
+    return Objective.from_params(repo_params(**{f"train.{k}": v for k, v in options.items()}).train, scheduler)
+
+
+@pytest.mark.parametrize("kind", ["prior", "decoder"])
+def test_every_option_off_is_the_plain_loss_bit_for_bit_and_each_option_changes_it(tiny_base, train_cache, kind):
+    """With the defaults (all off) a task's loss is the plain F.mse_loss of before, to the bit; each
+    option on moves it; their extra draws come last (a step keeps its timesteps and dropout)."""
+    if kind == "prior":
+        pipe = load_prior(str(tiny_base / "prior"))
+        make = lambda objective: PriorTask(pipe.prior, pipe.scheduler, open_cache(train_cache), 0.1, objective)  # noqa: E731
+        net = pipe.prior
+    else:
+        pipe = load_decoder(str(tiny_base / "decoder"))
+        make = lambda objective: DecoderTask(pipe.unet, pipe.scheduler, open_cache(train_cache), 0.5, 0.1, objective)  # noqa: E731
+        net = pipe.unet
+    batch = make(None).batch(np.arange(4), torch.device("cpu"))
+
+    def loss(objective) -> float:
+        with torch.no_grad():
+            return make(objective).loss(net, batch, step_generator(0, 3, 0, torch.device("cpu"))).item()
+
+    plain = loss(None)
+    assert loss(_objective(pipe.scheduler)) == plain
+    for option in ({"min_snr_gamma": 5.0}, {"noise_offset": 0.1}, {"input_perturbation": 0.1},
+                   {"loss": "huber", "huber_delta": 0.1}):
+        changed = loss(_objective(pipe.scheduler, **option))
+        assert math.isfinite(changed) and changed != plain, option
+
+
+def test_min_snr_weights_take_the_form_of_each_target(tiny_base):
+    """The decoder predicts the noise: min(SNR, g) / SNR, at most 1. The prior predicts the clean
+    embedding (2.1's prediction_type "sample"): min(SNR, g), at most g."""
+    prior, decoder = load_prior(str(tiny_base / "prior")), load_decoder(str(tiny_base / "decoder"))
+    assert prior.scheduler.config.prediction_type == "sample"
+    assert decoder.scheduler.config.prediction_type == "epsilon"
+    t = torch.tensor([0, 10, 500, 999])
+    for pipe, bound in ((decoder, 1.0), (prior, 5.0)):
+        objective = _objective(pipe.scheduler, min_snr_gamma=5.0)
+        alpha = pipe.scheduler.alphas_cumprod[t].float()
+        snr = alpha / (1 - alpha)
+        expected = torch.clamp(snr, max=5.0) / (snr if pipe is decoder else 1.0)
+        weights = objective.snr_weights(t)
+        assert torch.allclose(weights, expected) and weights.max() <= bound + 1e-6
+
+
+def test_8bit_adamw_where_it_cannot_run_stops_at_the_start_in_one_line(tmp_path, tiny_base, train_cache):
+    params = stage_params(tiny_base, **{"train.optimizer": "adamw8bit"})
+    result = run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache), check=False)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: params: train.optimizer adamw8bit ") and "use adamw" in last, last
+    assert not list((tmp_path / "ckpt/prior").glob("*/step-*"))  # no step ran

@@ -62,6 +62,15 @@ class TrainParams(Section):
     validation_images: NonNegative  # 0: the validation loss alone
     validation_steps: Count
     validation_guidance: Positive
+    # peer trainers' loss and optimiser options (fashiondiff.train.objective; docs/training-options.md)
+    min_snr_gamma: Annotated[Float, checked(lambda v: v >= 0, "must be >= 0 (0: off)")]
+    noise_offset: Annotated[Float, checked(lambda v: v >= 0, "must be >= 0 (0: off)")]
+    input_perturbation: Annotated[Float, checked(lambda v: v >= 0, "must be >= 0 (0: off)")]
+    loss: Literal["mse", "huber"]
+    huber_delta: Positive
+    ema_device: Literal["auto", "cpu"]
+    ema_every: Count
+    optimizer: Literal["adamw", "adamw8bit"]
 
     @model_validator(mode="after")
     def _resume_on_a_sync_step(self):

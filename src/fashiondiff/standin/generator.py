@@ -73,7 +73,8 @@ def loop_settings(gen: GeneratorParams) -> LoopSettings:
     must not import the training sections' module (train.loop.LoopSettings says why)."""
     return SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0, warmup_steps=gen.warmup_steps,
                            lr_schedule=gen.lr_schedule, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-                           mixed_precision="no", ema_decay=0.0, checkpoint_every=gen.checkpoint_every,
+                           mixed_precision="no", ema_decay=0.0, ema_device="auto", ema_every=1, optimizer="adamw",
+                           checkpoint_every=gen.checkpoint_every,
                            checkpoints_keep=1, log_every=10, compile="auto", validate_every=0)
 
 

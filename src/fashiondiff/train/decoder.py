@@ -15,6 +15,8 @@ embedding (the pipeline's negative image embedding) with probability
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,12 +24,17 @@ import torch.nn.functional as F
 from fashiondiff.cache.reader import Cache
 from fashiondiff.train.batch import drop, to_tensor
 
+if TYPE_CHECKING:  # the stand-in's pre-training runs these tasks plain, without the options' module
+    from fashiondiff.train.objective import Objective
+
 
 class DecoderTask:
     name = "decoder"
 
-    def __init__(self, unet, scheduler, cache: Cache, text_dropout: float, image_dropout: float):
+    def __init__(self, unet, scheduler, cache: Cache, text_dropout: float, image_dropout: float,
+                 objective: Objective | None = None):
         self.model = unet
+        self.objective = objective  # the loss options (fashiondiff.train.objective); None: plain MSE
         self.scheduler = scheduler
         self.cache = cache
         self.text_dropout, self.image_dropout = text_dropout, image_dropout
@@ -47,13 +54,17 @@ class DecoderTask:
         noise = torch.randn(latents.shape, generator=generator, device=device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
                           device=device)
-        noisy = self.scheduler.add_noise(latents, noise, t)
         no_text = torch.rand(b, generator=generator, device=device) < self.text_dropout
         no_image = torch.rand(b, generator=generator, device=device) < self.image_dropout
+        target, noised_with = (noise, noise) if self.objective is None else self.objective.noises(noise, generator)
+        noisy = self.scheduler.add_noise(latents, noised_with, t)
         u = {k: v.to(device) for k, v in self.uncond.items()}
         hidden = drop(batch["mclip_hidden"], u["mclip_hidden"], no_text)
         pooled = drop(batch["mclip_embeds"], u["mclip_embeds"], no_text)
         image = drop(batch["image_embeds"], u["image_embeds"], no_image)
         out = model(noisy, t, encoder_hidden_states=hidden,
                     added_cond_kwargs={"text_embeds": pooled, "image_embeds": image}).sample
-        return F.mse_loss(out[:, : latents.shape[1]].float(), noise)
+        pred = out[:, : latents.shape[1]].float()
+        if self.objective is None:
+            return F.mse_loss(pred, target)
+        return self.objective.loss(pred, target, t)

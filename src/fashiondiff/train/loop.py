@@ -87,6 +87,9 @@ class LoopSettings(Protocol):
     adam_beta2: float
     mixed_precision: str  # no, fp16, bf16
     ema_decay: float  # 0: no EMA
+    ema_device: str  # auto (where the model trains), cpu
+    ema_every: int  # optimiser steps between EMA updates
+    optimizer: str  # adamw, adamw8bit (bitsandbytes, CUDA)
     checkpoint_every: int | str  # steps, or a duration ("30m")
     checkpoints_keep: int
     log_every: int
@@ -296,11 +299,17 @@ def _prepare(acc, task: Task, cfg: LoopSettings, lr: float, plan: _Plan, speed: 
         raise PipelineError(f"{task.name}: no trainable parameters (check {task.name}.trainable)")
     if speed.channels_last:
         task.model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, **({"fused": True} if speed.fused_adamw else {}))
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(trainable, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=cfg.weight_decay,
+                                      **({"fused": True} if speed.fused_adamw else {}))
     schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=math.ceil(plan.total / cfg.gradient_accumulation_steps))
-    ema = _make_ema(trainable, cfg.ema_decay)
+    ema = _make_ema(trainable, cfg.ema_decay, cfg.ema_device)
     if speed.compile:
         task.model.compile()  # in place: the state_dict keeps its names (checkpoints, saving)
     model, optimizer = acc.prepare(task.model, optimizer)
@@ -322,6 +331,7 @@ def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | 
 
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision=cfg.mixed_precision)
+    _check_optimizer(cfg.optimizer, acc.device)
     world, rank, n = acc.num_processes, acc.process_index, len(task)
     plan = _plan(n, sched, world, acc)
     speed = Speed.choose(cfg, acc.device, task.model)
@@ -348,7 +358,7 @@ def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | 
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
+            if ema is not None and schedule.last_epoch % cfg.ema_every == 0:  # optimiser steps so far
                 ema.step(trainable)
 
     batches = _Batches(task, plan, n, sched, world, rank, speed)
@@ -508,13 +518,59 @@ def _check_ranks_agree(model: torch.nn.Module, acc, name: str) -> None:
     acc.print(f"train {name}: {acc.num_processes} processes ended with identical weights ({digest[:12]})")
 
 
-def _make_ema(trainable: list[torch.nn.Parameter], decay: float):
+def _check_optimizer(name: str, device: torch.device) -> None:
+    """Before anything is loaded: an optimiser that cannot run here stops the run in one line."""
+    if name != "adamw8bit":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PipelineError("params: train.optimizer adamw8bit needs the bitsandbytes package "
+                            "(pip install bitsandbytes), not installed here; or use adamw") from None
+    if device.type != "cuda":
+        raise PipelineError(f"params: train.optimizer adamw8bit (bitsandbytes' AdamW8bit) runs on a CUDA "
+                            f"device; this run is on {device.type}: use adamw")
+
+
+def _make_ema(trainable: list[torch.nn.Parameter], decay: float, device: str):
     """An EMA of the trained parameters only: a frozen weight's average is itself, and
-    with LoRA the frozen base is nearly the whole model (its copy would cost 4 bytes each)."""
+    with LoRA the frozen base is nearly the whole model (its copy would cost 4 bytes each).
+    ``device`` cpu keeps the average in host memory (4 bytes per trained parameter off the
+    accelerator), updated from host copies."""
     if decay <= 0:
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(trainable, decay=decay, use_ema_warmup=False)
+    ema = EMAModel(trainable, decay=decay, use_ema_warmup=False)
+    if device == "cpu" and any(p.device.type != "cpu" for p in trainable):
+        ema.to("cpu")
+        return _HostEma(ema)
+    return ema
+
+
+class _HostEma:
+    """diffusers' EMAModel kept on the CPU: each update reads host copies of the weights
+    (marked trainable, which EMAModel.step averages; it copies untrainable ones)."""
+
+    def __init__(self, ema) -> None:
+        self.ema = ema
+
+    def step(self, parameters: list[torch.nn.Parameter]) -> None:
+        self.ema.step([p.detach().to("cpu").requires_grad_(True) for p in parameters])
+
+    def copy_to(self, parameters) -> None:
+        self.ema.copy_to(parameters)
+
+    def store(self, parameters) -> None:
+        self.ema.store(parameters)
+
+    def restore(self, parameters) -> None:
+        self.ema.restore(parameters)
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
 
 

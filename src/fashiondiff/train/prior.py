@@ -9,6 +9,8 @@ mask). Captions are swapped for the empty caption with probability
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,12 +18,16 @@ import torch.nn.functional as F
 from fashiondiff.cache.reader import Cache
 from fashiondiff.train.batch import drop, to_tensor
 
+if TYPE_CHECKING:  # the stand-in's pre-training runs these tasks plain, without the options' module
+    from fashiondiff.train.objective import Objective
+
 
 class PriorTask:
     name = "prior"
 
-    def __init__(self, prior, scheduler, cache: Cache, text_dropout: float):
+    def __init__(self, prior, scheduler, cache: Cache, text_dropout: float, objective: Objective | None = None):
         self.model = prior
+        self.objective = objective  # the loss options (fashiondiff.train.objective); None: plain MSE
         self.scheduler = scheduler
         self.cache = cache
         self.text_dropout = text_dropout
@@ -46,12 +52,15 @@ class PriorTask:
         noise = torch.randn(target.shape, generator=generator, device=device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
                           device=device)
-        noisy = self.scheduler.add_noise(target, noise, t)
         dropped = torch.rand(b, generator=generator, device=device) < self.text_dropout
+        noised_with = noise if self.objective is None else self.objective.noises(noise, generator)[1]
+        noisy = self.scheduler.add_noise(target, noised_with, t)
         u = {k: v.to(device) for k, v in self.uncond.items()}
         text_embeds = drop(batch["text_embeds"], u["text_embeds"], dropped)
         hidden = drop(batch["text_hidden"], u["text_hidden"], dropped)
         mask = drop(batch["text_mask"].float(), u["text_mask"].float(), dropped).bool()
         pred = model(noisy, timestep=t, proj_embedding=text_embeds, encoder_hidden_states=hidden,
                      attention_mask=mask).predicted_image_embedding
-        return F.mse_loss(pred.float(), target)
+        if self.objective is None:
+            return F.mse_loss(pred.float(), target)
+        return self.objective.loss(pred.float(), target, t)

@@ -29,6 +29,7 @@ from fashiondiff.models.adapter import ADAPTER_DIR, has_adapter, save_adapter
 from fashiondiff.project import checkpoint_home
 from fashiondiff.train.loop import Schedule, TrainResult, train
 from fashiondiff.train.lora import add_lora, merge_adapter
+from fashiondiff.train.objective import Objective
 from fashiondiff.train.validate import Validator
 from fashiondiff.training_summary import summary_metrics
 
@@ -116,7 +117,8 @@ def make_task(kind: str, params, cache):
 
         pipe = load_base("prior", params)
         prepare(pipe.prior, params.prior, "prior")
-        return pipe, PriorTask(pipe.prior, pipe.scheduler, cache, params.prior.text_dropout)
+        return pipe, PriorTask(pipe.prior, pipe.scheduler, cache, params.prior.text_dropout,
+                               Objective.from_params(params.train, pipe.scheduler))
     from fashiondiff.train.decoder import DecoderTask
 
     pipe = load_base("decoder", params)
@@ -124,7 +126,7 @@ def make_task(kind: str, params, cache):
     if params.decoder.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     task = DecoderTask(pipe.unet, pipe.scheduler, cache, params.decoder.text_dropout,
-                       params.decoder.image_dropout)
+                       params.decoder.image_dropout, Objective.from_params(params.train, pipe.scheduler))
     return pipe, task
 
 
