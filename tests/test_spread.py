@@ -256,8 +256,8 @@ def test_evaluate_in_two_processes_writes_the_same_samples_and_metrics(evaluatio
     run_stage(cwd("two"), params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes, **GLOO)
     one, two = root / "one" / "reports", root / "two" / "reports"
     names = same_files(one / "samples", two / "samples")
-    # domains x models x prompts; x (strength 0.5, mix) x 3 edited photos; two real_images.txt, two figures
-    assert len(names) == 2 * 2 * 5 + 2 * 2 * 2 * 3 + 2 + 2
+    # domains x models x prompts; x (strength 0.5, mix) x 3 edited photos; two real_images.txt, three figures
+    assert len(names) == 2 * 2 * 5 + 2 * 2 * 2 * 3 + 2 + 3
     assert (one / "evaluation.json").read_bytes() == (two / "evaluation.json").read_bytes()
     a, b = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     for domain in a:
