@@ -13,7 +13,7 @@ from conftest import REPO, params_tree, repo_params
 from pydantic import ValidationError
 
 from fashiondiff.config.view import SECTIONS, ParamsView, declared_params, stage_params
-from fashiondiff.config.whole import params_from_dict
+from fashiondiff.config.whole import load_params, params_from_dict
 from fashiondiff.errors import PipelineError
 
 
@@ -160,3 +160,19 @@ def test_a_stage_imports_only_its_sections_modules(stage, modules):
             "print(' '.join(m for m in sys.modules if m.startswith('fashiondiff.config.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert {m.rsplit(".", 1)[1] for m in out} == modules | {"schema", "view"}
+
+
+def test_bare_words_dvc_writes_back_read_as_the_strings_they_are(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml without quotes: `mixed_precision: no`, `compile: off`.
+    The stages read them as DVC does (YAML 1.2: only true/false are booleans), so the pipeline's
+    MLflow parent run shows "no", not False; real booleans stay booleans."""
+    from fashiondiff.config.schema import read_params_file
+
+    text = (REPO / "params.yaml").read_text().replace('mixed_precision: "no"', "mixed_precision: no")
+    text = text.replace("compile: auto", "compile: off")
+    (tmp_path / "params.yaml").write_text(text)
+    raw = read_params_file(tmp_path / "params.yaml")
+    assert raw["train"]["mixed_precision"] == "no" and raw["train"]["compile"] == "off"
+    assert raw["decoder"]["gradient_checkpointing"] is False
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.mixed_precision == "no" and params.train.compile == "off"

@@ -104,11 +104,24 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 # --- loading, and pydantic's errors as one line ------------------------------------------
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans, true and false only, as DVC's own YAML reads
+    them: YAML 1.1 also turns a bare yes/no/on/off into a boolean, and `dvc exp run -S` writes
+    params.yaml back unquoted (`train.mixed_precision: no`), which MLflow would then show as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def read_params_file(path: str | Path = "params.yaml"):
-    """``path`` as ``yaml.safe_load`` gives it (not validated), or a one-line error."""
+    """``path`` as YAML gives it (not validated; booleans as YAML 1.2 spells them), or a one-line error."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such params file") from None
     except yaml.YAMLError as exc:
