@@ -48,6 +48,17 @@ def folder_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.is_dir() else 0
 
 
+def checkpoint_bytes(trained: int, ema: bool) -> int:
+    """One training checkpoint: fp32 weights and AdamW's two moments of each trained parameter,
+    and its EMA copy when there is one."""
+    return trained * (4 + 8 + (4 if ema else 0))
+
+
+def checkpoints_at_peak(keep: int) -> int:
+    """Checkpoints on disk at once: the ``keep`` newest, and one more while a save replaces the oldest."""
+    return max(1, keep) + 1
+
+
 def shortfalls(needs: list[Need]) -> list[str]:
     """Per filesystem short of space: what it needs, what it has."""
     by_device: dict[int, list[Need]] = {}

@@ -24,6 +24,7 @@ Every figure says where it comes from:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fashiondiff.disk import existing, folder_bytes, gb
+from fashiondiff.disk import checkpoint_bytes, checkpoints_at_peak, existing, folder_bytes, gb
 from fashiondiff.errors import PipelineError
 
 RATES_FILE = Path("reports/gpu_train.json")  # bench/bench_gpu_train.py's measurement, committed
@@ -59,6 +60,7 @@ def processes(launcher: str) -> int:
     return int(match[1]) if match else 1
 
 
+@functools.cache
 def rows_of(path: str, fraction: float, seed: int) -> tuple[int, int]:
     """(rows, held-out rows) of a FashionGen-layout file, the split's own rule."""
     import h5py
@@ -71,6 +73,7 @@ def rows_of(path: str, fraction: float, seed: int) -> tuple[int, int]:
     return n, int(heldout_mask(ids, fraction, seed).sum())
 
 
+@functools.cache
 def png_bytes_per_row(path: str) -> float:
     """Mean PNG size of the file's first rows, encoded as ``extract`` writes them."""
     import h5py
@@ -151,12 +154,11 @@ def make_plan(params, root: Path = Path(".")) -> Plan:
     per_row = CACHE_BYTES_FP16 * (2 if params.embed.dtype == "float32" else 1)
     needs.append(("data/cache", cache_rows * per_row,
                   f"embedding cache, {gb(per_row)} per image ({params.embed.dtype})"))
-    keep = max(1, params.train.checkpoints_keep) + 1
-    per_parameter = 16 if params.train.ema_decay > 0 else 12
+    keep = checkpoints_at_peak(params.train.checkpoints_keep)
     for kind, sub in MODEL_PARTS.items():
         base = root / getattr(params.model, kind)
         trained = parameters(base / sub)
-        needs.append((f"checkpoints/{kind}", keep * trained * per_parameter,
+        needs.append((f"checkpoints/{kind}", keep * checkpoint_bytes(trained, ema=params.train.ema_decay > 0),
                       f"{keep} checkpoints of {trained / 1e6:,.1f} M parameters"))
         needs.append((f"models/{kind}", folder_bytes(base), "tuned model (the base folder's size)"))
     outputs = sum(b for p, b, _ in needs if not p.startswith("checkpoints"))

@@ -56,11 +56,6 @@ class Objective:
         return cls(train.min_snr_gamma, train.noise_offset, train.input_perturbation, train.loss,
                    train.huber_delta, prediction, scheduler.alphas_cumprod.float())
 
-    @property
-    def plain(self) -> bool:
-        return (self.min_snr_gamma == 0 and self.noise_offset == 0 and self.input_perturbation == 0
-                and self.loss_kind == "mse")
-
     def noises(self, noise: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(the noise an epsilon target is, the noise the input is noised with)."""
         if self.noise_offset > 0:

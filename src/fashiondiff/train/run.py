@@ -22,7 +22,7 @@ import torch
 
 from fashiondiff.cache.format import cache_identity
 from fashiondiff.cache.reader import open_cache
-from fashiondiff.disk import Need, folder_bytes, gb, require
+from fashiondiff.disk import Need, checkpoint_bytes, checkpoints_at_peak, folder_bytes, gb, require
 from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.io import atomic_dir, atomic_file, write_json
 from fashiondiff.models.adapter import ADAPTER_DIR, has_adapter, save_adapter
@@ -198,9 +198,8 @@ def check_disk(kind: str, params, model: torch.nn.Module, home: Path, out_dir: s
     more while a save replaces the oldest; those already in ``home`` are counted as free: they
     rotate out) and for the tuned model (the base folder's size: the same pipeline is saved)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    per_parameter = 4 + 8 + (4 if params.train.ema_decay > 0 else 0)  # fp32 weights, AdamW's moments, EMA
-    each = trainable * per_parameter
-    count = max(1, params.train.checkpoints_keep) + 1
+    each = checkpoint_bytes(trainable, ema=params.train.ema_decay > 0)
+    count = checkpoints_at_peak(params.train.checkpoints_keep)
     base = getattr(params.model, kind)
     output = folder_bytes(base) or 4 * sum(p.numel() for p in model.parameters())
     needs = [Need(home, max(0, count * each - folder_bytes(home)), f"{count} checkpoints x {gb(each)}"),
