@@ -277,6 +277,28 @@ def test_every_option_off_is_the_plain_loss_bit_for_bit_and_each_option_changes_
         assert math.isfinite(changed) and changed != plain, option
 
 
+def test_validation_loss_is_the_plain_mse_whatever_the_loss_options(tiny_base, train_cache):
+    """val_loss compares runs with different options: a prior trained with min-SNR and Huber is
+    validated with the plain MSE, as the default run is, and the task keeps its options after."""
+    from fashiondiff.train.validate import validation_loss
+
+    pipe = load_prior(str(tiny_base / "prior"))
+    cache = open_cache(train_cache)
+
+    def validated(objective) -> float:
+        task = PriorTask(pipe.prior, pipe.scheduler, cache, 0.1, objective)
+        run = validation_loss(task, pipe.prior, cache, seed=0, batch_size=4)
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                assert task.objective is objective
+                return done.value
+
+    options = _objective(pipe.scheduler, min_snr_gamma=5.0, loss="huber", huber_delta=0.1, noise_offset=0.1)
+    assert validated(options) == validated(None)
+
+
 def test_min_snr_weights_take_the_form_of_each_target(tiny_base):
     """The decoder predicts the noise: min(SNR, g) / SNR, at most 1. The prior predicts the clean
     embedding (2.1's prediction_type "sample"): min(SNR, g), at most g."""

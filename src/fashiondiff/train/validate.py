@@ -9,7 +9,7 @@ Usage (``fashiondiff.train.run``)::
 
 At every ``train.validate_every`` steps and at the last step (docs/monitoring.md):
 
-* ``val_loss``: the task's loss over the whole held-out cache; batch ``i`` draws its noise,
+* ``val_loss``: the task's plain MSE (no loss option) over the whole held-out cache; batch ``i`` draws its noise,
   timesteps and condition dropout from ``step_generator(seed, i, VALIDATION_RANK)``, the
   same at every validation, so the curve moves only with the weights;
 * pictures of ``train.validation_images`` fixed held-out items, item ``k`` from a CPU
@@ -58,10 +58,12 @@ BUSY, DONE, FAILED = 0, 1, 2  # the main process's heartbeat
 
 @torch.no_grad()
 def validation_loss(task, model, val_cache, seed: int, batch_size: int) -> Generator[None, None, float]:
-    """The task's loss on a held-out cache with fixed noise (comparable across steps and runs),
-    one batch per unit of work: ``loss = yield from validation_loss(...)``."""
-    train_cache = task.cache
-    task.cache = val_cache
+    """The task's plain MSE on a held-out cache with fixed noise (comparable across steps, runs
+    and loss options: ``train.loss``, ``min_snr_gamma``, ``noise_offset`` and
+    ``input_perturbation`` shape the training loss only), one batch per unit of work:
+    ``loss = yield from validation_loss(...)``."""
+    train_cache, objective = task.cache, task.objective
+    task.cache, task.objective = val_cache, None  # the plain MSE, whatever the loss options
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -74,7 +76,7 @@ def validation_loss(task, model, val_cache, seed: int, batch_size: int) -> Gener
             total, count = total + loss.item() * len(index), count + len(index)
             yield
     finally:
-        task.cache = train_cache
+        task.cache, task.objective = train_cache, objective
         model.train(was_training)
     return total / max(count, 1)
 
