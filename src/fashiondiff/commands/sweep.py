@@ -190,7 +190,8 @@ def call(command: list[str], cwd: Path, env: dict[str, str], hint: str = "") -> 
     print(f"$ {shlex.join(command)}", flush=True)
     code = subprocess.call(command, cwd=cwd, env=env)
     if code:
-        error = PipelineError(f"{shlex.join(command[:4])}{' ...' if len(command) > 4 else ''} in {cwd} "
+        shown = 6  # up to `dvc exp run --pull -n NAME`: the settings that follow can be many
+        error = PipelineError(f"{shlex.join(command[:shown])}{' ...' if len(command) > shown else ''} in {cwd} "
                               f"exited with {code}{': ' + hint if hint else ''}")
         error.exit_code = code if code > 0 else 128 - code  # killed by a signal: the shell's 128 + N
         raise error
