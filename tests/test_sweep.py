@@ -93,8 +93,9 @@ def test_a_failed_step_is_one_error_line_and_its_exit_status(tmp_path):
                             capture_output=True, text=True, env=project_env())
     assert result.returncode == 128  # git's
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: git clone -q {tmp_path / 'nowhere.git'} {tmp_path / 'w/a'} in {tmp_path / 'w'} "
-                      f"exited with 128"], result.stderr
+    assert errors == [f"error: git clone -q {tmp_path / 'nowhere.git'} {tmp_path / 'w/.a.partial'} in "
+                      f"{tmp_path / 'w'} exited with 128"], result.stderr
+    assert not (tmp_path / "w/a").exists()  # no half-made clone for a rerun to take as finished
 
 
 def test_the_committed_placeholder_remote_is_refused(tmp_path):

@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,8 @@ def chosen(sweep: SweepFile, index: int | None, path: Path) -> Experiment:
         if task is None:
             raise PipelineError(f"sweep-one {path}: give the experiment's INDEX, or run it as a Slurm array "
                                 f"task (SLURM_ARRAY_TASK_ID)")
+        if not task.isdigit():
+            raise PipelineError(f"SLURM_ARRAY_TASK_ID={task}: expected an experiment's index, from 0")
         index = int(task)
     if not 0 <= index < len(sweep.experiments):
         raise PipelineError(f"{path}: no experiment {index}: it has {len(sweep.experiments)} "
@@ -130,10 +133,7 @@ def run(args: argparse.Namespace) -> None:
     fresh = not (clone / ".git").exists()
     print(f"sweep-one: {experiment.name} ({args.sweep}) in {clone}", flush=True)
     if fresh:
-        clone.parent.mkdir(parents=True, exist_ok=True)
-        call(["git", "clone", "-q", sweep.git_remote, str(clone)], clone.parent, env)
-        if sweep.rev:
-            call(["git", "checkout", "-q", sweep.rev], clone, env)
+        cloned(sweep, clone, env)
     else:
         print(f"sweep-one: reusing {clone} (a stopped run resumes)", flush=True)
     remote = dvc_remote(clone, env)
@@ -150,6 +150,18 @@ def run(args: argparse.Namespace) -> None:
         with gpus(args, env):
             call(command, clone, env)
     call(["dvc", "exp", "push", "origin", experiment.name], clone, env)
+
+
+def cloned(sweep: SweepFile, clone: Path, env: dict[str, str]) -> None:
+    """``clone``: the git remote cloned, ``rev`` checked out. Made beside it and renamed into
+    place, so that a folder at ``clone`` is always a finished clone (a rerun reuses it as is)."""
+    partial = clone.with_name(f".{clone.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a clone stopped half-way
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    call(["git", "clone", "-q", sweep.git_remote, str(partial)], partial.parent, env)
+    if sweep.rev:
+        call(["git", "checkout", "-q", sweep.rev], partial, env)
+    partial.rename(clone)
 
 
 @contextlib.contextmanager
