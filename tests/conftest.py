@@ -30,9 +30,10 @@ pytest_plugins = ("pipeline_fixtures", "serving_fixtures", "inception_fixtures")
 
 
 # With `make test`'s workers, the longest files start first (measured: e2e ~440 s, spread ~200 s,
-# paper run ~150 s, tracking ~115 s, preemption ~100 s, train ~95 s, in a 2-worker run), so
-# the short ones fill in at the end instead of one long file running alone.
-SLOWEST_FIRST = ("test_pipeline_e2e.py", "test_spread.py", "test_paper_run.py", "test_tracking.py",
+# paper run ~150 s, tracking ~115 s, preemption ~100 s, train ~95 s, in a 2-worker run; sweep
+# ~450 s alone on a loaded machine), so the short ones fill in at the end instead of one long
+# file running alone.
+SLOWEST_FIRST = ("test_pipeline_e2e.py", "test_sweep.py", "test_spread.py", "test_paper_run.py", "test_tracking.py",
                  "test_preemption.py", "test_train.py", "test_compile.py", "test_validate.py", "test_fullsize.py")
 
 

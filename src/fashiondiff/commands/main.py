@@ -8,6 +8,7 @@ Usage::
     fashiondiff ui                   # the MLflow UI on the pipeline runs, http://127.0.0.1:5000
     fashiondiff run paper --dry      # a preset (presets/paper.yaml) as one DVC experiment: the plan
     fashiondiff convert --images shop/photos --captions shop/captions.csv --out data/raw/shop.h5
+    fashiondiff sweep-one sweep.yaml 3   # one experiment of a sweep in a clone of its own, pushed
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from fashiondiff import __version__
-from fashiondiff.commands import convert, generate, run, serve, ui
+from fashiondiff.commands import convert, generate, run, serve, sweep, ui
 from fashiondiff.errors import cli
 from fashiondiff.runtime import limit_threads
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     ui.add_parser(commands)
     convert.add_parser(commands)
+    sweep.add_parser(commands)
     return parser
 
 
