@@ -40,7 +40,7 @@ from fashiondiff.models.published import PRIOR as FULL_PRIOR
 from fashiondiff.models.published import UNET as FULL_UNET
 from fashiondiff.train.batch import to_tensor as _tensor  # noqa: E402
 from fashiondiff.train.decoder import DecoderTask  # noqa: E402
-from fashiondiff.train.loop import step_generator  # noqa: E402
+from fashiondiff.train.draws import SampleDraws  # noqa: E402
 from fashiondiff.train.prior import PriorTask  # noqa: E402
 
 RESOLUTION = 256
@@ -139,7 +139,7 @@ def fetch_share(tmp: Path, batch: int, repeats: int) -> dict:
             return {k: _tensor(old_arrays[k][index], cpu) for k in fields}
 
         def step(b, s):
-            loss = task.loss(task.model, b, step_generator(0, s, 0, cpu))
+            loss = task.loss(task.model, b, SampleDraws(0, s, np.arange(len(next(iter(b.values())))), cpu))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

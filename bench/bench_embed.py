@@ -28,7 +28,7 @@ from fashiondiff.models.loader import load_decoder, load_prior
 from fashiondiff.standin.synthetic import write_synthetic
 from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 from fashiondiff.train.decoder import DecoderTask
-from fashiondiff.train.loop import step_generator
+from fashiondiff.train.draws import SampleDraws
 from fashiondiff.train.prior import PriorTask
 
 
@@ -49,7 +49,7 @@ def losses(cache, base: Path) -> list[float]:
             for i in range(0, len(cache), 32):
                 index = np.arange(i, min(i + 32, len(cache)))
                 out.append(task.loss(task.model, task.batch(index, torch.device("cpu")),
-                                     step_generator(0, i, 0, torch.device("cpu"))).item())
+                                     SampleDraws(0, i, index, "cpu")).item())
     return out
 
 

@@ -37,7 +37,7 @@ from fashiondiff.models.loader import load_decoder, load_prior
 from fashiondiff.standin.synthetic import write_synthetic
 from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 from fashiondiff.train.decoder import DecoderTask
-from fashiondiff.train.loop import step_generator
+from fashiondiff.train.draws import SampleDraws
 from fashiondiff.train.prior import PriorTask
 
 RESOLUTION = 64
@@ -89,7 +89,8 @@ def main() -> None:
             opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=1e-4)
 
             def train_on(batch, step):
-                loss = task.loss(task.model, batch, step_generator(0, step, 0, cpu))
+                items = np.arange(len(next(iter(batch.values()))))
+                loss = task.loss(task.model, batch, SampleDraws(0, step, items, cpu))
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

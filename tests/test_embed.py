@@ -60,10 +60,11 @@ def test_cache_equals_encoders_on_the_fly(train_cache, tiny_base, extracted):
 
 
 def _losses(task, batch, seeds=range(3)) -> list[float]:
-    from fashiondiff.train.loop import step_generator
+    from fashiondiff.train.draws import SampleDraws
 
+    items = np.arange(len(next(iter(batch.values()))))
     with torch.no_grad():
-        return [task.loss(task.model, batch, step_generator(0, s, 0, torch.device("cpu"))).item()
+        return [task.loss(task.model, batch, SampleDraws(0, s, items, "cpu")).item()
                 for s in seeds]
 
 

@@ -169,7 +169,7 @@ def test_the_dry_run_plans_and_lists_the_real_stages_only(ran, clone):
     listed = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
     assert listed == REAL_STAGES, dry
     assert "$ dvc exp run -n paper --dry --force -S data.files.train=data/raw/fashiongen_256_256_validation.h5" in dry
-    steps = re.search(r"^steps: ([\d,]+) per model \((\d+) epochs x ([\d,]+) steps of (\d+) x 1 process\)$", dry, re.M)
+    steps = re.search(r"^steps: ([\d,]+) per model \((\d+) epochs x ([\d,]+) steps of (\d+): one process\)$", dry, re.M)
     assert steps and int(steps[1].replace(",", "")) == int(steps[2]) * int(steps[3].replace(",", "")), dry
     assert "hours, extrapolated (if the models are Kandinsky 2.1 at 256 px)" in dry
     assert "left out: data loading, checkpoints, validation, embed, evaluate" in dry

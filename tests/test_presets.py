@@ -133,9 +133,18 @@ def test_plan_counts_rows_steps_and_disk_from_the_files(tmp_path, tiny_base):
     text = plan.text()
     assert f"data: {60 - held:,} training images of 60 in {h5} ({held:,} held out" in text
     per_epoch = (60 - held) // 4
-    assert f"steps: {5 * per_epoch:,} per model (5 epochs x {per_epoch:,} steps of 4 x 1 process)" in text
+    assert f"steps: {5 * per_epoch:,} per model (5 epochs x {per_epoch:,} steps of 4: one process)" in text
     assert "hours, extrapolated (if the models are Kandinsky 2.1 at 256 px)" in text
     assert "left out: data loading, checkpoints, validation, embed, evaluate" in text
     trained = parameters(tiny_base / "decoder" / "unet")
     assert trained > 0 and f"3 checkpoints of {trained / 1e6:,.1f} M parameters" in text
+    # batch_size is the global batch: more processes split it, the steps stay the method's
+    tree["compute"]["launcher"] = "accelerate launch --multi_gpu --num_processes 2"
+    tree["train"]["gradient_accumulation_steps"] = 2
+    text = make_plan(params_from_dict(tree), root=REPO).text()
+    assert f"(5 epochs x {per_epoch:,} steps of 4: 2 per process x 2 processes, 2 micro-batches of 1 each)" in text
+    tree["batch_size"] = 6
+    with pytest.raises(PipelineError, match=r"^params: batch_size 6 \(the global batch\) does not divide into "
+                                            r"2 processes x 2 accumulated micro-batches: use a multiple of 4$"):
+        make_plan(params_from_dict(tree), root=REPO)
     assert not plan.short

@@ -28,12 +28,16 @@ PROCESS_TIMEOUT = 120  # compute.timeout_s in these tests: a hang fails the test
 GLOO = {"ACCELERATE_USE_CPU": "1"}  # accelerate's processes on the CPU
 
 
-@pytest.fixture
-def cpu_processes() -> list[str]:
-    """`accelerate launch` with two processes on a free port (run with GLOO in the environment)."""
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+def launcher(n: int) -> list[str]:
+    """`accelerate launch` with ``n`` processes on a free port (run with GLOO in the environment)."""
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port())]
+
+
+@pytest.fixture
+def cpu_processes() -> list[str]:
+    return launcher(2)
 
 
 def same_files(a: Path, b: Path) -> list[str]:
@@ -248,13 +252,17 @@ def evaluation(tmp_path_factory, inception_weights):
 
 
 @pytest.mark.slow  # over 10 s (make test-fast leaves it out)
-def test_evaluate_in_two_processes_writes_the_same_samples_and_metrics(evaluation, cpu_processes):
+@pytest.mark.parametrize("n", [2, 3])
+def test_evaluate_in_n_processes_writes_the_same_samples_and_metrics(evaluation, n):
     """Every sample byte for byte and evaluation.json as is; in metrics.json the CLIP scores,
     R-precision and counts exactly, fd_clip and fid within one unit of their sixth digit (each
-    process sums its share of the real images' statistics: float64 round-off only)."""
+    process sums its share of the real images' statistics: float64 round-off only). Three
+    processes split the work unevenly: 5 prompts in batches of 2 (a short last batch), a share
+    that cuts across base's and tuned's tasks; every forward pass still sees the batch it sees
+    alone."""
     root, params, args, cwd = evaluation
-    run_stage(cwd("two"), params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes, **GLOO)
-    one, two = root / "one" / "reports", root / "two" / "reports"
+    run_stage(cwd(f"n{n}"), params, "evaluate.py", *args, "--reports", "reports", launcher=launcher(n), **GLOO)
+    one, two = root / "one" / "reports", root / f"n{n}" / "reports"
     names = same_files(one / "samples", two / "samples")
     # domains x models x prompts; x (strength 0.5, mix) x 3 edited photos; two real_images.txt, three figures
     assert len(names) == 2 * 2 * 5 + 2 * 2 * 2 * 3 + 2 + 3

@@ -124,16 +124,22 @@ def make_plan(params, root: Path = Path(".")) -> Plan:
         raise PipelineError(f"plan: data file not found: {', '.join(missing)} (data.files)")
     n_train, held_train = rows_of(str(root / files.train), fraction, seed)
     train_rows = n_train - held_train if fraction else n_train
-    world = processes(params.compute.launcher)
-    per_step = params.batch_size * world
-    steps = (train_rows // per_step) * params.epochs
+    from fashiondiff.train.loop import split_batch  # the loop's own arithmetic (and refusal)
+
+    world, accumulation = processes(params.compute.launcher), params.train.gradient_accumulation_steps
+    per_process = split_batch(params.batch_size, world, accumulation)
+    per_epoch = train_rows // params.batch_size  # optimiser steps; the last partial batch is dropped
+    steps = per_epoch * params.epochs
+    split = ("one process" if world == 1 else f"{per_process * accumulation} per process x {world} processes")
+    if accumulation > 1:
+        split += f", {accumulation} micro-batches of {per_process} each"
     plan.lines.append(f"data: {train_rows:,} training images of {n_train:,} in {files.train}"
                       + (f" ({held_train:,} held out: data.holdout_fraction {fraction})" if fraction else ""))
-    plan.lines.append(f"steps: {steps:,} per model ({params.epochs} epochs x {train_rows // per_step:,} steps of "
-                      f"{params.batch_size} x {world} process{'es' if world > 1 else ''})")
+    plan.lines.append(f"steps: {steps:,} per model ({params.epochs} epochs x {per_epoch:,} steps of "
+                      f"{params.batch_size}: {split})")
     rates, measured_on, batch = measured_rates(root)
     if rates:
-        scale = params.batch_size / batch
+        scale = per_process * accumulation / batch  # one process's samples per step
         hours = {m: steps * rates[m] * scale / 3600 for m in ("prior", "decoder")}
         plan.lines.append(
             f"hours, extrapolated (if the models are Kandinsky 2.1 at 256 px): prior {_hours(hours['prior'])}, "

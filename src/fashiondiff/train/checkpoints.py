@@ -57,7 +57,7 @@ def checkpoint_trainable_only(acc, model: torch.nn.Module) -> None:
     def load(models: list, input_dir: str) -> None:
         from safetensors.torch import load_file
 
-        if not models:  # FSDP/DeepSpeed load their own (sharded) model state
+        if not models:  # no model registered (nothing to load)
             return
         path = Path(input_dir) / "model.safetensors"
         # safetensors takes "cpu" or "cuda:N"; a multi-process CPU run's device prints as "cpu:0"

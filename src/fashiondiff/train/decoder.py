@@ -25,6 +25,7 @@ from fashiondiff.cache.reader import Cache
 from fashiondiff.train.batch import drop, to_tensor
 
 if TYPE_CHECKING:  # the stand-in's pre-training runs these tasks plain, without the options' module
+    from fashiondiff.train.draws import SampleDraws
     from fashiondiff.train.objective import Objective
 
 
@@ -48,15 +49,14 @@ class DecoderTask:
         fields = self.cache.fetch(index, ("latents", "mclip_hidden", "mclip_embeds", "image_embeds"))
         return {k: to_tensor(v, device) for k, v in fields.items()}
 
-    def loss(self, model, batch, generator) -> torch.Tensor:
+    def loss(self, model, batch, draws: SampleDraws) -> torch.Tensor:
         latents = batch["latents"]
-        device, b = latents.device, latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
-                          device=device)
-        no_text = torch.rand(b, generator=generator, device=device) < self.text_dropout
-        no_image = torch.rand(b, generator=generator, device=device) < self.image_dropout
-        target, noised_with = (noise, noise) if self.objective is None else self.objective.noises(noise, generator)
+        device = latents.device
+        noise = draws.randn(latents.shape[1:])
+        t = draws.randint(self.scheduler.config.num_train_timesteps)
+        no_text = draws.rand() < self.text_dropout
+        no_image = draws.rand() < self.image_dropout
+        target, noised_with = (noise, noise) if self.objective is None else self.objective.noises(noise, draws)
         noisy = self.scheduler.add_noise(latents, noised_with, t)
         u = {k: v.to(device) for k, v in self.uncond.items()}
         hidden = drop(batch["mclip_hidden"], u["mclip_hidden"], no_text)

@@ -1,15 +1,25 @@
 """One training loop (Accelerate) for the prior and the decoder.
 
 A model plugs in through a :class:`Task`: the module to train, a way to fetch a
-batch from the embedding cache, and a ``loss(model, batch, generator)``. The loop
+batch from the embedding cache, and a ``loss(model, batch, draws)``. The loop
 owns everything else: data order, gradient accumulation and clipping, the LR
 schedule, mixed precision, EMA, checkpoint/resume, NaN guard, logging, preemption.
 
-Reproducibility: the data order of epoch ``e`` is a permutation seeded by
-``(seed, e)`` and every random draw of step ``s`` on rank ``r`` comes from a
-generator seeded by ``(seed, s, r)``. No global RNG is read, so a run resumed from
-a checkpoint (trained weights, optimiser, schedule and EMA restored by ``load_state``) ends
-with the same weights, bit for bit on the CPU, as one that never stopped.
+The batch: ``batch_size`` is the method's **global** batch, the samples of one optimiser
+step, whatever the number of processes: each of N processes takes ``batch_size / (N x
+train.gradient_accumulation_steps)`` of them per micro-step, and a batch that does not divide
+is refused in one line. Optimiser step ``q`` of an epoch takes the items at positions ``q x
+batch_size`` on of the epoch's order; micro-step ``m`` of it on process ``r`` takes the
+``(m x N + r)``-th share of those.
+
+Reproducibility: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)``, and
+every random draw of a sample (noise, timestep, dropout) comes from a generator of its own,
+seeded by ``(seed, optimiser step, cache row)`` (``fashiondiff.train.draws``): the same
+draws whichever process takes the sample, so one process and N train the same samples with
+the same noise, and differ only by round-off (the gradients are summed in another order;
+measured in tests/test_train.py). No global RNG is read, so a run resumed from a checkpoint
+(trained weights, optimiser, schedule and EMA restored by ``load_state``) ends with the same
+weights, bit for bit on the CPU, as one that never stopped.
 
 Speed on a GPU (issue "the paper's run in a working day"): the host never waits for the
 device inside a step. The next batch is fetched, pinned and queued in a background thread
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import signal
 import threading
 import time
@@ -63,6 +74,7 @@ from fashiondiff.train.checkpoints import (
     checkpoint_trainable_only,
     plan_fingerprint,
 )
+from fashiondiff.train.draws import SampleDraws
 
 
 class Validate(Protocol):
@@ -106,7 +118,7 @@ class Task(Protocol):
     def batch(self, index: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]: ...
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
-             generator: torch.Generator) -> torch.Tensor: ...
+             draws: SampleDraws) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +126,7 @@ class Schedule:
     """The method's top-level hyperparameters the loop needs beside ``params.train``."""
 
     epochs: int
-    batch_size: int
+    batch_size: int  # the global batch: the samples of one optimiser step, all processes together
     lr: float
     seed: int
 
@@ -132,14 +144,9 @@ class TrainResult:
     validations: list[dict] = field(default_factory=list)  # each validation's record, by step
     train_s: float = 0.0  # time this process spent in steps (since any resume)
     validation_s: float = 0.0  # time it spent validating, outside the steps' timings
-
-
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator of every random draw in one step: a pure function of (seed, step, rank)."""
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint64)
-    g = torch.Generator(device=device)
-    g.manual_seed(int(state[0] >> np.uint64(1)))
-    return g
+    batch_global: int = 0  # samples per optimiser step, all processes together
+    batch_per_process: int = 0  # samples per micro-step on one process
+    processes: int = 1
 
 
 ORDER_STREAM = 0  # SeedSequence([seed, epoch, ORDER_STREAM]): data order, apart from step draws
@@ -151,18 +158,37 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Plan:
-    per_rank: int  # batch per process
-    steps_per_epoch: int
+    per_rank: int  # samples per micro-step on one process
+    steps_per_epoch: int  # micro-steps (the loop's steps): optimiser steps x accumulation
     total: int
+    accumulation: int = 1  # micro-steps per optimiser step (train.gradient_accumulation_steps)
+    processes: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_rank * self.processes * self.accumulation
 
 
-def _plan(n: int, sched: Schedule, world: int, acc) -> _Plan:
-    per_rank = sched.batch_size
-    if n < per_rank * world:
-        per_rank = max(1, n // world)
-        acc.print(f"{n} items < batch_size x processes; using batch {per_rank} per process")
-    steps_per_epoch = n // (per_rank * world)  # the last partial batch of an epoch is dropped
-    return _Plan(per_rank, steps_per_epoch, steps_per_epoch * sched.epochs)
+def split_batch(batch_size: int, world: int, accumulation: int) -> int:
+    """Each process's share of a global batch per micro-step, or a one-line refusal."""
+    parts = world * accumulation
+    if batch_size % parts:
+        raise PipelineError(
+            f"params: batch_size {batch_size} (the global batch) does not divide into {world} "
+            f"process{'es' if world > 1 else ''} x {accumulation} accumulated micro-batch"
+            f"{'es' if accumulation > 1 else ''}: use a multiple of {parts}")
+    return batch_size // parts
+
+
+def _plan(n: int, sched: Schedule, world: int, accumulation: int, acc) -> _Plan:
+    per_rank = split_batch(sched.batch_size, world, accumulation)
+    parts = world * accumulation
+    if n < per_rank * parts:
+        per_rank = max(1, n // parts)
+        acc.print(f"{n} items < batch_size {sched.batch_size}; using a global batch of {per_rank * parts}")
+    # the last partial global batch of an epoch is dropped
+    steps_per_epoch = n // (per_rank * parts) * accumulation
+    return _Plan(per_rank, steps_per_epoch, steps_per_epoch * sched.epochs, accumulation, world)
 
 
 @dataclass(frozen=True)
@@ -198,15 +224,19 @@ class _Batches:
         self._next: tuple[int, object] | None = None
         self.wait_s = 0.0
 
-    def _index(self, step: int) -> np.ndarray:
+    def index(self, step: int) -> np.ndarray:
+        """The cache rows of micro-step ``step`` on this process (sorted: reads in file order)."""
         epoch, k = divmod(step, self.plan.steps_per_epoch)
-        if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(self.n, self.sched.seed, epoch)}
-        lo = (k * self.world + self.rank) * self.plan.per_rank
-        return np.sort(self._orders[epoch][lo:lo + self.plan.per_rank])
+        orders = self._orders  # the prefetch thread and the loop both call this: one read of the dict
+        if epoch not in orders:
+            orders = {**orders, epoch: epoch_order(self.n, self.sched.seed, epoch)}
+            self._orders = {e: orders[e] for e in sorted(orders)[-2:]}  # this epoch and the next
+        q, micro = divmod(k, self.plan.accumulation)
+        lo = q * self.plan.global_batch + (micro * self.world + self.rank) * self.plan.per_rank
+        return np.sort(orders[epoch][lo:lo + self.plan.per_rank])
 
     def _fetch(self, step: int) -> dict[str, torch.Tensor]:
-        batch = self.task.batch(self._index(step), torch.device("cpu"))
+        batch = self.task.batch(self.index(step), torch.device("cpu"))
         return {k: v.pin_memory() for k, v in batch.items()} if self.speed.pin_memory else batch
 
     def get(self, step: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -329,11 +359,12 @@ def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | 
     called once each step's work is queued (a profiler's clock, bench/bench_gpu_train.py)."""
     from accelerate import Accelerator
 
+    _check_replicas()
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       mixed_precision=cfg.mixed_precision)
     _check_optimizer(cfg.optimizer, acc.device)
     world, rank, n = acc.num_processes, acc.process_index, len(task)
-    plan = _plan(n, sched, world, acc)
+    plan = _plan(n, sched, world, cfg.gradient_accumulation_steps, acc)
     speed = Speed.choose(cfg, acc.device, task.model)
     if acc.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
@@ -404,9 +435,10 @@ def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | 
             for step in range(start, plan.total):
                 lr = schedule.get_last_lr()[0]  # the rate this step's update uses
                 batch = batches.get(step, acc.device)
+                draws = SampleDraws(sched.seed, step // plan.accumulation, batches.index(step), acc.device)
                 with acc.accumulate(model):
                     with acc.autocast():
-                        loss = task.loss(model, batch, step_generator(sched.seed, step, rank, acc.device))
+                        loss = task.loss(model, batch, draws)
                     optimise(loss)
                 pending.append((step, lr, loss.detach()))
                 bar.update(1)
@@ -441,7 +473,8 @@ def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | 
                        steps=plan.total, samples_per_s=progress.speed,
                        data_share=batches.wait_s / max(progress.seconds, 1e-9), checkpoint_s=ckpts.seconds,
                        is_main=acc.is_main_process, validations=progress.validations, train_s=progress.seconds,
-                       validation_s=progress.validate_s)
+                       validation_s=progress.validate_s, batch_global=plan.global_batch,
+                       batch_per_process=plan.per_rank, processes=world)
 
 
 VALIDATIONS_AT_MOST = 20  # validate_every auto: validations per run, at most (and the last step)
@@ -516,6 +549,19 @@ def _check_ranks_agree(model: torch.nn.Module, acc, name: str) -> None:
     if not bool((codes == codes[0]).all()):
         raise PipelineError(f"train {name}: the {acc.num_processes} processes ended with different weights")
     acc.print(f"train {name}: {acc.num_processes} processes ended with identical weights ({digest[:12]})")
+
+
+REPLICA_ONLY = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM")
+
+
+def _check_replicas() -> None:
+    """Before the Accelerator is built: the loop is data parallel over full replicas (the
+    ranks' check, the EMA, save_pretrained read whole weights); a sharded launch stops here."""
+    sharded = [k for k in REPLICA_ONLY if os.environ.get(k, "").lower() in ("1", "true", "yes")]
+    if sharded:
+        raise PipelineError(f"train: {sharded[0].removeprefix('ACCELERATE_USE_')} is set by the launcher; "
+                            f"training runs data parallel over full replicas only (docs/distributed.md): "
+                            f"launch without it")
 
 
 def _check_optimizer(name: str, device: torch.device) -> None:

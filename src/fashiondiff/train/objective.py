@@ -4,7 +4,7 @@ default, since the method has none of them; docs/training-options.md).
 Usage (``fashiondiff.train.run.make_task`` builds it; a task calls it in its loss)::
 
     objective = Objective.from_params(params.train, scheduler)
-    target_noise, input_noise = objective.noises(noise, generator)   # offset, perturbation
+    target_noise, input_noise = objective.noises(noise, draws)       # offset, perturbation
     noisy = scheduler.add_noise(x0, input_noise, t)
     loss = objective.loss(pred.float(), target, t)                    # mse/huber, min-SNR weights
 
@@ -19,20 +19,24 @@ Usage (``fashiondiff.train.run.make_task`` builds it; a task calls it in its los
   noise.
 * ``loss``: ``mse`` or ``huber`` (``huber_delta``), per element, then per sample.
 
-The extra draws come from the step's generator after the task's own draws (noise, timesteps,
-dropout), so with an option on, a step keeps its timesteps and dropped captions, and a resumed
-run draws what an unbroken one does. With every option off the loss is the plain
+The extra draws come from each sample's generator (``fashiondiff.train.draws``) after the
+task's own draws (noise, timestep, dropout), so with an option on, a sample keeps its timestep
+and dropped caption, and a resumed run draws what an unbroken one does. With every option off the loss is the plain
 ``F.mse_loss`` call the tasks had before: the same bits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from fashiondiff.errors import PipelineError
+
+if TYPE_CHECKING:
+    from fashiondiff.train.draws import SampleDraws
 
 SNR_FORMS = ("epsilon", "sample", "v_prediction")
 
@@ -56,14 +60,13 @@ class Objective:
         return cls(train.min_snr_gamma, train.noise_offset, train.input_perturbation, train.loss,
                    train.huber_delta, prediction, scheduler.alphas_cumprod.float())
 
-    def noises(self, noise: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def noises(self, noise: torch.Tensor, draws: SampleDraws) -> tuple[torch.Tensor, torch.Tensor]:
         """(the noise an epsilon target is, the noise the input is noised with)."""
         if self.noise_offset > 0:
-            shape = noise.shape[:2] + (1,) * (noise.dim() - 2) if noise.dim() > 2 else (noise.shape[0], 1)
-            noise = noise + self.noise_offset * torch.randn(shape, generator=generator, device=noise.device)
+            shape = noise.shape[1:2] + (1,) * (noise.dim() - 2) if noise.dim() > 2 else (1,)
+            noise = noise + self.noise_offset * draws.randn(shape)
         if self.input_perturbation > 0:
-            extra = torch.randn(noise.shape, generator=generator, device=noise.device)
-            return noise, noise + self.input_perturbation * extra
+            return noise, noise + self.input_perturbation * draws.randn(noise.shape[1:])
         return noise, noise
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from fashiondiff.cache.reader import Cache
 from fashiondiff.train.batch import drop, to_tensor
 
 if TYPE_CHECKING:  # the stand-in's pre-training runs these tasks plain, without the options' module
+    from fashiondiff.train.draws import SampleDraws
     from fashiondiff.train.objective import Objective
 
 
@@ -44,16 +45,14 @@ class PriorTask:
         fields = self.cache.fetch(index, ("image_embeds", "text_embeds", "text_hidden", "text_mask"))
         return {k: to_tensor(v, device) for k, v in fields.items()}
 
-    def loss(self, model, batch, generator) -> torch.Tensor:
+    def loss(self, model, batch, draws: SampleDraws) -> torch.Tensor:
         prior = getattr(model, "module", model)
         device = batch["image_embeds"].device
-        b = batch["image_embeds"].shape[0]
         target = (batch["image_embeds"] - prior.clip_mean) / prior.clip_std
-        noise = torch.randn(target.shape, generator=generator, device=device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
-                          device=device)
-        dropped = torch.rand(b, generator=generator, device=device) < self.text_dropout
-        noised_with = noise if self.objective is None else self.objective.noises(noise, generator)[1]
+        noise = draws.randn(target.shape[1:])
+        t = draws.randint(self.scheduler.config.num_train_timesteps)
+        dropped = draws.rand() < self.text_dropout
+        noised_with = noise if self.objective is None else self.objective.noises(noise, draws)[1]
         noisy = self.scheduler.add_noise(target, noised_with, t)
         u = {k: v.to(device) for k, v in self.uncond.items()}
         text_embeds = drop(batch["text_embeds"], u["text_embeds"], dropped)

@@ -172,7 +172,10 @@ def run_training(kind: str, params, paths: TrainPaths, tracker) -> dict | None:
             return None
         summary = write_outputs(pipe, params, result, len(cache), validator, paths)
     tracker.log_summary(summary_metrics(summary))  # what register rebuilds from the summary file
-    tracker.log_params({"model_dir": str(Path(paths.out).resolve()), "checkpoint_dir": str(home)})
+    tracker.log_params({"model_dir": str(Path(paths.out).resolve()), "checkpoint_dir": str(home),
+                        # batch_size is the global batch; how this run split it
+                        "batch_global": result.batch_global, "batch_per_process": result.batch_per_process,
+                        "processes": result.processes})
     for path in (paths.summary, paths.plot, Path(paths.out) / "fashiondiff_config.json"):
         tracker.log_artifact(path)
     if (Path(paths.out) / ADAPTER_DIR).is_dir():

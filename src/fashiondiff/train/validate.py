@@ -9,9 +9,9 @@ Usage (``fashiondiff.train.run``)::
 
 At every ``train.validate_every`` steps and at the last step (docs/monitoring.md):
 
-* ``val_loss``: the task's plain MSE (no loss option) over the whole held-out cache; batch ``i`` draws its noise,
-  timesteps and condition dropout from ``step_generator(seed, i, VALIDATION_RANK)``, the
-  same at every validation, so the curve moves only with the weights;
+* ``val_loss``: the task's plain MSE (no loss option) over the whole held-out cache; item ``i`` draws its noise,
+  timestep and condition dropout from ``SampleDraws(seed, 0, [i], stream=VALIDATION_STREAM)``,
+  the same at every validation and whatever the batch, so the curve moves only with the weights;
 * pictures of ``train.validation_images`` fixed held-out items, item ``k`` from a CPU
   generator seeded ``seed + k`` (``evaluate``'s rule), drawn as ``fashiondiff.sampling`` draws
   (2.1's pipelines; not imported, so that editing the sampling library retrains nothing:
@@ -48,9 +48,10 @@ from fashiondiff.errors import PipelineError
 from fashiondiff.evaluate.clip import ClipEncoder, clip_score
 from fashiondiff.io import atomic_dir, atomic_file, write_json
 from fashiondiff.train.batch import to_tensor
-from fashiondiff.train.loop import TrainResult, step_generator
+from fashiondiff.train.draws import VALIDATION_STREAM, SampleDraws
+from fashiondiff.train.loop import TrainResult
 
-VALIDATION_RANK = 2**31 - 1  # a rank no process has: validation noise is no training draw
+VALIDATION_RANK = 2**31 - 1  # the pictures' items' order: a stream apart from the data order
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # train.mixed_precision
 PICTURES_KEY = "validation"  # the MLflow image key: the run's Images chart, one slider over steps
 BUSY, DONE, FAILED = 0, 1, 2  # the main process's heartbeat
@@ -69,10 +70,10 @@ def validation_loss(task, model, val_cache, seed: int, batch_size: int) -> Gener
     device = next(model.parameters()).device
     total, count = 0.0, 0
     try:
-        for i, lo in enumerate(range(0, len(val_cache), batch_size)):
+        for lo in range(0, len(val_cache), batch_size):
             index = np.arange(lo, min(lo + batch_size, len(val_cache)))
-            g = step_generator(seed, i, VALIDATION_RANK, device)
-            loss = task.loss(model, task.batch(index, device), g)
+            draws = SampleDraws(seed, 0, index, device, stream=VALIDATION_STREAM)
+            loss = task.loss(model, task.batch(index, device), draws)
             total, count = total + loss.item() * len(index), count + len(index)
             yield
     finally:
