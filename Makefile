@@ -2,7 +2,7 @@
 #   make repro       build .venv if needed, then run the whole DVC pipeline (embedded default)
 #   make test        build .venv if needed, then run the whole test suite (CI runs this)
 #   make test-fast   the same without the slow, browser and e2e tests: a minute or two, no sudo
-#   (both run `ruff check` first: the linter's rules are pyproject.toml's [tool.ruff])
+#   (both run `ruff check` and `ruff format --check` first: the rules are pyproject.toml's [tool.ruff])
 PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
@@ -44,13 +44,15 @@ browser:
 # of the project: 40 % of the suite's time); 86 s.
 TEST_WORKERS ?= 2
 PYTEST := python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
-# The linter first: a second, and a finding stops the run before the suite's minutes.
+# The linter and the formatter's check first: a second, and a finding stops the run before the suite's minutes.
 test: $(STAMP) browser
 	ruff check .
+	ruff format --check .
 	$(PYTEST)
 
 test-fast: $(STAMP)
 	ruff check .
+	ruff format --check .
 	$(PYTEST) -m "not slow and not browser and not e2e"
 
 # Every bench/bench_*.py in turn, on any machine: one with nothing to measure here prints one line

@@ -73,18 +73,35 @@ def layouts(caption: np.ndarray, lengths: np.ndarray, dtype: str = "float16") ->
     n, c, t = len(caption), len(lengths), int(lengths.sum())
     f = np.dtype(dtype)
     common = {"latents": ((n, *LATENT), f), "image_embeds": ((n, CLIP_WIDTH), f), "rows": ((n,), np.int64)}
-    uncond = {"uncond_text_embeds": ((1, CLIP_WIDTH), f), "uncond_text_hidden": ((1, TEXT_LENGTH, CLIP_WIDTH), f),
-              "uncond_text_mask": ((1, TEXT_LENGTH), np.bool_), "uncond_mclip_embeds": ((1, CLIP_WIDTH), f),
-              "uncond_mclip_hidden": ((1, TEXT_LENGTH, MCLIP_WIDTH), f),
-              "uncond_mclip_mask": ((1, TEXT_LENGTH), np.bool_), "uncond_image_embeds": ((1, CLIP_WIDTH), f)}
-    old = {**common, **uncond,
-           "text_embeds": ((n, CLIP_WIDTH), f), "text_hidden": ((n, TEXT_LENGTH, CLIP_WIDTH), f),
-           "text_mask": ((n, TEXT_LENGTH), np.bool_), "mclip_embeds": ((n, CLIP_WIDTH), f),
-           "mclip_hidden": ((n, TEXT_LENGTH, MCLIP_WIDTH), f), "mclip_mask": ((n, TEXT_LENGTH), np.bool_)}
-    new = {**common, **uncond, "caption": ((n,), np.int32),
-           "text_embeds": ((c, CLIP_WIDTH), f), "mclip_embeds": ((c, CLIP_WIDTH), f),
-           "mclip_hidden": ((c, TEXT_LENGTH, MCLIP_WIDTH), f), "text_hidden": ((t, CLIP_WIDTH), f),
-           "text_offsets": ((c + 1,), np.int64)}
+    uncond = {
+        "uncond_text_embeds": ((1, CLIP_WIDTH), f),
+        "uncond_text_hidden": ((1, TEXT_LENGTH, CLIP_WIDTH), f),
+        "uncond_text_mask": ((1, TEXT_LENGTH), np.bool_),
+        "uncond_mclip_embeds": ((1, CLIP_WIDTH), f),
+        "uncond_mclip_hidden": ((1, TEXT_LENGTH, MCLIP_WIDTH), f),
+        "uncond_mclip_mask": ((1, TEXT_LENGTH), np.bool_),
+        "uncond_image_embeds": ((1, CLIP_WIDTH), f),
+    }
+    old = {
+        **common,
+        **uncond,
+        "text_embeds": ((n, CLIP_WIDTH), f),
+        "text_hidden": ((n, TEXT_LENGTH, CLIP_WIDTH), f),
+        "text_mask": ((n, TEXT_LENGTH), np.bool_),
+        "mclip_embeds": ((n, CLIP_WIDTH), f),
+        "mclip_hidden": ((n, TEXT_LENGTH, MCLIP_WIDTH), f),
+        "mclip_mask": ((n, TEXT_LENGTH), np.bool_),
+    }
+    new = {
+        **common,
+        **uncond,
+        "caption": ((n,), np.int32),
+        "text_embeds": ((c, CLIP_WIDTH), f),
+        "mclip_embeds": ((c, CLIP_WIDTH), f),
+        "mclip_hidden": ((c, TEXT_LENGTH, MCLIP_WIDTH), f),
+        "text_hidden": ((t, CLIP_WIDTH), f),
+        "text_offsets": ((c + 1,), np.int64),
+    }
     return {"format 1": old, f"format {FORMAT_VERSION}": new}
 
 
@@ -98,15 +115,24 @@ def folder_bytes(root: Path, files: dict) -> int:
 
 def bytes_per_image(products: int, tmp: Path) -> dict:
     out = {}
-    cases = {"FashionGen-like titles": {}, "no title shared": {"share": 0.0},
-             "worst case: 77-token titles": {"title_tokens": TEXT_LENGTH}}
+    cases = {
+        "FashionGen-like titles": {},
+        "no title shared": {"share": 0.0},
+        "worst case: 77-token titles": {"title_tokens": TEXT_LENGTH},
+    }
     for label, kwargs in cases.items():
         caption, lengths = catalogue(products, **kwargs)
-        sizes = {fmt: folder_bytes(tmp / f"{label[:5]}-{fmt[-1]}", files) / len(caption)
-                 for fmt, files in layouts(caption, lengths).items()}
-        out[label] = {"images": len(caption), "unique_captions": len(lengths),
-                      "images_per_caption": len(caption) / len(lengths),
-                      "mean_clip_tokens": float(lengths.mean()), **sizes}
+        sizes = {
+            fmt: folder_bytes(tmp / f"{label[:5]}-{fmt[-1]}", files) / len(caption)
+            for fmt, files in layouts(caption, lengths).items()
+        }
+        out[label] = {
+            "images": len(caption),
+            "unique_captions": len(lengths),
+            "images_per_caption": len(caption) / len(lengths),
+            "mean_clip_tokens": float(lengths.mean()),
+            **sizes,
+        }
     return out
 
 
@@ -126,8 +152,10 @@ def fetch_share(tmp: Path, batch: int, repeats: int) -> dict:
     from fashiondiff.models.loader import load_decoder, load_prior
 
     prior, decoder = load_prior(str(base / "prior")), load_decoder(str(base / "decoder"))
-    tasks = {"prior": PriorTask(prior.prior, prior.scheduler, cache, 0.1),
-             "decoder": DecoderTask(decoder.unet, decoder.scheduler, cache, 0.5, 0.1)}
+    tasks = {
+        "prior": PriorTask(prior.prior, prior.scheduler, cache, 0.1),
+        "decoder": DecoderTask(decoder.unet, decoder.scheduler, cache, 0.5, 0.1),
+    }
     cpu = torch.device("cpu")
     rng = np.random.default_rng(0)
     out = {}
@@ -154,8 +182,13 @@ def fetch_share(tmp: Path, batch: int, repeats: int) -> dict:
             if s >= 2:
                 f_old.append(t_old), f_new.append(t_new), steps.append(t_step)
         mo, mn, ms = (statistics.median(x) for x in (f_old, f_new, steps))
-        out[name] = {"fetch_ms_format1": 1000 * mo, "fetch_ms_format2": 1000 * mn, "compute_ms": 1000 * ms,
-                     "data_share_format1": mo / (mo + ms), "data_share_format2": mn / (mn + ms)}
+        out[name] = {
+            "fetch_ms_format1": 1000 * mo,
+            "fetch_ms_format2": 1000 * mn,
+            "compute_ms": 1000 * ms,
+            "data_share_format1": mo / (mo + ms),
+            "data_share_format2": mn / (mn + ms),
+        }
     return out
 
 
@@ -182,8 +215,7 @@ def full_size_fetch(tmp: Path, batch: int, repeats: int, products: int = 160) ->
             arr.flush()
         out[fmt] = root
     arrays = {fmt: {p.stem: np.load(p, mmap_mode="r") for p in root.glob("*.npy")} for fmt, root in out.items()}
-    new = Cache(path=out["format 2"], meta={}, arrays=arrays["format 2"], uncond={},
-                rows=np.arange(len(caption)))
+    new = Cache(path=out["format 2"], meta={}, arrays=arrays["format 2"], uncond={}, rows=np.arange(len(caption)))
     names = ("latents", "image_embeds", "text_embeds", "text_hidden", "text_mask", "mclip_embeds", "mclip_hidden")
     t1, t2 = [], []
     for _ in range(repeats):
@@ -208,21 +240,27 @@ def main() -> None:
         print(f"cache bytes per image, full size, float16, {args.products} products:")
         for label, s in sizes.items():
             old, new = s["format 1"], s[f"format {FORMAT_VERSION}"]
-            print(f"  {label:28s} {s['images']} images, {s['images_per_caption']:.2f} images/caption, "
-                  f"{s['mean_clip_tokens']:.1f} CLIP tokens: format 1 {old / 1024:6.1f} KiB | "
-                  f"format {FORMAT_VERSION} {new / 1024:6.1f} KiB | x{old / new:.2f} smaller | "
-                  f"FashionGen train (260,490 images) {260490 * new / 2**30:.1f} GiB vs {260490 * old / 2**30:.1f} GiB")
+            print(
+                f"  {label:28s} {s['images']} images, {s['images_per_caption']:.2f} images/caption, "
+                f"{s['mean_clip_tokens']:.1f} CLIP tokens: format 1 {old / 1024:6.1f} KiB | "
+                f"format {FORMAT_VERSION} {new / 1024:6.1f} KiB | x{old / new:.2f} smaller | "
+                f"FashionGen train (260,490 images) {260490 * new / 2**30:.1f} GiB vs {260490 * old / 2**30:.1f} GiB"
+            )
         report["data_fetch_tiny"] = shares = fetch_share(tmp / "tiny", args.batch, args.repeats)
         print(f"data fetch, tiny models, batch {args.batch} (format 1 is the reference, same run):")
         for name, s in shares.items():
-            print(f"  {name:8s} fetch {s['fetch_ms_format1']:6.2f} ms -> {s['fetch_ms_format2']:6.2f} ms "
-                  f"(x{s['fetch_ms_format2'] / s['fetch_ms_format1']:.2f}) | share of a cached step "
-                  f"{100 * s['data_share_format1']:.1f}% -> {100 * s['data_share_format2']:.1f}% "
-                  f"(compute {s['compute_ms']:.1f} ms)")
+            print(
+                f"  {name:8s} fetch {s['fetch_ms_format1']:6.2f} ms -> {s['fetch_ms_format2']:6.2f} ms "
+                f"(x{s['fetch_ms_format2'] / s['fetch_ms_format1']:.2f}) | share of a cached step "
+                f"{100 * s['data_share_format1']:.1f}% -> {100 * s['data_share_format2']:.1f}% "
+                f"(compute {s['compute_ms']:.1f} ms)"
+            )
         report["data_fetch_full_size"] = full = full_size_fetch(tmp / "full", args.batch, args.repeats)
-        print(f"data fetch, full-size float16 arrays, batch {args.batch}: format 1 {full['fetch_ms_format1']:.1f} ms"
-              f" -> format 2 {full['fetch_ms_format2']:.1f} ms "
-              f"(x{full['fetch_ms_format2'] / full['fetch_ms_format1']:.2f})")
+        print(
+            f"data fetch, full-size float16 arrays, batch {args.batch}: format 1 {full['fetch_ms_format1']:.1f} ms"
+            f" -> format 2 {full['fetch_ms_format2']:.1f} ms "
+            f"(x{full['fetch_ms_format2'] / full['fetch_ms_format1']:.2f})"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
 

@@ -39,8 +39,9 @@ def make_catalogue(folder: Path, n: int) -> Path:
         rows.writerow(["file", "caption", "category", "product_id"])
         for k in range(n):
             colour = [int(c) for c in rng.integers(0, 256, 3)]
-            cloth = Image.merge("RGB", [texture.point(lambda v, c=c: max(0, min(255, c + (v - 128) // 3)))
-                                        for c in colour])
+            cloth = Image.merge(
+                "RGB", [texture.point(lambda v, c=c: max(0, min(255, c + (v - 128) // 3))) for c in colour]
+            )
             mask = Image.new("L", (WIDTH, HEIGHT), 0)
             x, y = int(rng.integers(60, 160)), int(rng.integers(60, 160))
             ImageDraw.Draw(mask).polygon([(x, y), (WIDTH - x, y), (560 - x // 2, 760), (x // 2 + 40, 760)], fill=255)
@@ -54,8 +55,22 @@ def make_catalogue(folder: Path, n: int) -> Path:
 
 
 def timed(folder: Path, captions: Path, out: Path, workers: int) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "fashiondiff", "convert", "--images", str(folder / "photos"),
-           "--captions", str(captions), "--out", str(out), "--workers", str(workers)]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "fashiondiff",
+        "convert",
+        "--images",
+        str(folder / "photos"),
+        "--captions",
+        str(captions),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+    ]
     load = os.getloadavg()[0]
     done = subprocess.run(cmd, env=project_env(), capture_output=True, text=True, check=True)
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", done.stderr).groups()
@@ -77,8 +92,10 @@ def main() -> None:
         outputs = [folder / f"out-{workers}.h5" for workers in args.workers]
         for workers, out in zip(args.workers, outputs):
             result = timed(folder, captions, out, workers)
-            print(f"--workers {workers}: {result['seconds']:.1f} s, max RSS {result['max_rss_mib']:.0f} MiB "
-                  f"(load average before: {result['load']:.1f}); output {out.stat().st_size / 1e6:.0f} MB")
+            print(
+                f"--workers {workers}: {result['seconds']:.1f} s, max RSS {result['max_rss_mib']:.0f} MiB "
+                f"(load average before: {result['load']:.1f}); output {out.stat().st_size / 1e6:.0f} MB"
+            )
         print("outputs byte-identical:", all(filecmp.cmp(outputs[0], out, shallow=False) for out in outputs))
 
 

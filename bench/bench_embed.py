@@ -41,15 +41,20 @@ def real_bytes_per_item(resolution: int = 256, itemsize: int = 4) -> int:
 def losses(cache, base: Path) -> list[float]:
     prior = load_prior(str(base / "prior"))
     decoder = load_decoder(str(base / "decoder"))
-    tasks = [PriorTask(prior.prior, prior.scheduler, cache, 0.1),
-             DecoderTask(decoder.unet, decoder.scheduler, cache, 0.5, 0.1)]
+    tasks = [
+        PriorTask(prior.prior, prior.scheduler, cache, 0.1),
+        DecoderTask(decoder.unet, decoder.scheduler, cache, 0.5, 0.1),
+    ]
     out = []
     with torch.no_grad():
         for task in tasks:
             for i in range(0, len(cache), 32):
                 index = np.arange(i, min(i + 32, len(cache)))
-                out.append(task.loss(task.model, task.batch(index, torch.device("cpu")),
-                                     SampleDraws(0, i, index, "cpu")).item())
+                out.append(
+                    task.loss(
+                        task.model, task.batch(index, torch.device("cpu")), SampleDraws(0, i, index, "cpu")
+                    ).item()
+                )
     return out
 
 
@@ -66,11 +71,11 @@ def main() -> None:
         save_pipelines(build_tiny(captions["caption"].tolist(), TinySpec()), root / "base")
         enc = load_encoders(str(root / "base/prior"), str(root / "base/decoder"), device="cpu")
         runs = {}
-        for name, workers, dtype in (("reference", 0, "float32"), ("ours", 1, "float32"),
-                                     ("float16", 1, "float16")):
+        for name, workers, dtype in (("reference", 0, "float32"), ("ours", 1, "float32"), ("float16", 1, "float16")):
             start = time.perf_counter()
-            summary = build_cache(captions, root / "x", root / name, enc, 224, 64, batch_size=32,
-                                  dtype=dtype, workers=workers)
+            summary = build_cache(
+                captions, root / "x", root / name, enc, 224, 64, batch_size=32, dtype=dtype, workers=workers
+            )
             runs[name] = (len(captions) / (time.perf_counter() - start), summary["bytes_per_item"])
         print(f"\n{len(captions)} items, tiny model, 64 px latents, 224 px CLIP")
         for name, (speed, size) in runs.items():
@@ -78,13 +83,17 @@ def main() -> None:
         print(f"ours / reference items/s: x{runs['ours'][0] / runs['reference'][0]:.2f}")
         a = np.array(losses(open_cache(root / "ours"), root / "base"))
         b = np.array(losses(open_cache(root / "float16"), root / "base"))
-        print(f"float16 cache: training loss relative difference max {np.max(np.abs(a - b) / a):.2e} "
-              f"over {len(a)} batches (prior and decoder)")
+        print(
+            f"float16 cache: training loss relative difference max {np.max(np.abs(a - b) / a):.2e} "
+            f"over {len(a)} batches (prior and decoder)"
+        )
         for itemsize, label in ((4, "float32"), (2, "float16")):
             per = real_bytes_per_item(itemsize=itemsize)
-            print(f"real 2.1 encoders, {label}: {per / 1024:.0f} KiB/item -> "
-                  f"{per * 260_490 / 2**30:.0f} GiB for FashionGen train, {per * 32_528 / 2**30:.1f} GiB "
-                  f"for its validation file")
+            print(
+                f"real 2.1 encoders, {label}: {per / 1024:.0f} KiB/item -> "
+                f"{per * 260_490 / 2**30:.0f} GiB for FashionGen train, {per * 32_528 / 2**30:.1f} GiB "
+                f"for its validation file"
+            )
 
 
 if __name__ == "__main__":

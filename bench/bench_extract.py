@@ -63,9 +63,8 @@ def run_reference(path: Path, out: Path, chunk_size: int) -> int:
     with h5py.File(path, "r") as f:
         images = f["input_image"]
         for start in range(0, images.shape[0], chunk_size):
-            for i, picture in enumerate(images[start:start + chunk_size]):
-                Image.fromarray(picture).save(out / f"{start + i:07d}.png", format="PNG",
-                                              compress_level=PNG_LEVEL)
+            for i, picture in enumerate(images[start : start + chunk_size]):
+                Image.fromarray(picture).save(out / f"{start + i:07d}.png", format="PNG", compress_level=PNG_LEVEL)
     return images.shape[0]
 
 
@@ -88,14 +87,35 @@ def child(kind: str, path: Path, chunk_size: int, workers: int, scratch: Path) -
     shutil.rmtree(out, ignore_errors=True)
     me, kids = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime  # includes start-up
-    print(json.dumps({"kind": kind, "images": n, "seconds": seconds, "cpu_seconds": cpu,
-                      "rss_main_mb": me.ru_maxrss / 1024,  # KiB on Linux
-                      "rss_worker_mb": kids.ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "kind": kind,
+                "images": n,
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "rss_main_mb": me.ru_maxrss / 1024,  # KiB on Linux
+                "rss_worker_mb": kids.ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def contend(kind: str, path: Path, chunk_size: int, workers: int, scratch: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--chunk-size", str(chunk_size),
-           "--workers", str(workers), "--input", str(path), "--scratch", str(scratch)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--chunk-size",
+        str(chunk_size),
+        "--workers",
+        str(workers),
+        "--input",
+        str(path),
+        "--scratch",
+        str(scratch),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{kind} failed:\n{done.stderr}")
@@ -110,8 +130,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs of each, best kept")
     parser.add_argument("--child", choices=("reference", "extract"))
     parser.add_argument("--input", type=Path)
-    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()),
-                        help="where the PNGs are written (and deleted): a fast local disk")
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where the PNGs are written (and deleted): a fast local disk",
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child, args.input, args.chunk_size, args.workers, args.scratch)
@@ -127,17 +151,21 @@ def main() -> None:
                 best[kind] = r
     for kind, r in best.items():
         r["images_per_s"] = r["images"] / r["seconds"]
-        label = "reference (1 process)" if kind == "reference" else \
-            f"extract ({args.workers} workers)"
-        print(f"{label:22s} {r['images']} images {r['seconds']:6.1f} s "
-              f"{r['images_per_s']:5.0f} img/s  cpu {1e3 * r['cpu_seconds'] / r['images']:.2f} "
-              f"ms/img  peak RSS: main {r['rss_main_mb']:.0f} MB, "
-              f"largest child {r['rss_worker_mb']:.0f} MB")
+        label = "reference (1 process)" if kind == "reference" else f"extract ({args.workers} workers)"
+        print(
+            f"{label:22s} {r['images']} images {r['seconds']:6.1f} s "
+            f"{r['images_per_s']:5.0f} img/s  cpu {1e3 * r['cpu_seconds'] / r['images']:.2f} "
+            f"ms/img  peak RSS: main {r['rss_main_mb']:.0f} MB, "
+            f"largest child {r['rss_worker_mb']:.0f} MB"
+        )
     ratio = best["extract"]["images_per_s"] / best["reference"]["images_per_s"]
     cpu_ratio = best["reference"]["cpu_seconds"] / best["extract"]["cpu_seconds"]
-    print(f"speed-up {ratio:.2f}x (goal >= 1.8x); CPU per image, reference/extract: "
-          f"{cpu_ratio:.2f} (ceiling on {args.workers} free cores: {args.workers * cpu_ratio:.2f}x); "
-          f"load average after: {os.getloadavg()[0]:.2f}")
+    print(
+        f"speed-up {ratio:.2f}x (goal >= 1.8x); CPU per image, reference/extract: "
+        f"{cpu_ratio:.2f} (ceiling on {args.workers} free cores: {args.workers * cpu_ratio:.2f}x); "
+        f"load average after: {os.getloadavg()[0]:.2f}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -47,9 +47,15 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 from flops import FULL_SHAPES, TINY_SHAPES, count_flops, network, peak_flops, section_for  # noqa: E402
 
-CONFIGS = ("prior:full:eager", "prior:full:compiled", "prior:lora4:compiled",
-           "decoder:full:eager", "decoder:full:compiled", "decoder:full+checkpointing:compiled",
-           "decoder:lora4:compiled")
+CONFIGS = (
+    "prior:full:eager",
+    "prior:full:compiled",
+    "prior:lora4:compiled",
+    "decoder:full:eager",
+    "decoder:full:compiled",
+    "decoder:full+checkpointing:compiled",
+    "decoder:lora4:compiled",
+)
 
 
 TITLE_TOKENS = 12  # a FashionGen title: ~12 CLIP tokens
@@ -68,9 +74,15 @@ class RandomCache:
         return self.n
 
     def fetch(self, index, names):
-        out = {k: np.stack([np.random.default_rng(int(i) % self.items).standard_normal(self.shapes[k],
-                                                                                         dtype=np.float32)
-                            for i in index]) for k in names}
+        out = {
+            k: np.stack(
+                [
+                    np.random.default_rng(int(i) % self.items).standard_normal(self.shapes[k], dtype=np.float32)
+                    for i in index
+                ]
+            )
+            for k in names
+        }
         if "text_mask" in out:
             out["text_mask"] = np.broadcast_to(np.arange(77) < TITLE_TOKENS, (len(index), 77)).copy()
         return out
@@ -80,9 +92,17 @@ def _loop_config(smoke: bool, compiled: bool, log_every: int, checkpoint_every: 
     from fashiondiff.config.whole import load_params
 
     train = load_params(REPO / "params.yaml").train
-    return train.model_copy(update=dict(mixed_precision="no" if smoke else "bf16", compile="on" if compiled else "off",
-                                        checkpoint_every=checkpoint_every, log_every=log_every, warmup_steps=0,
-                                        ema_decay=0.0, checkpoints_keep=1))
+    return train.model_copy(
+        update=dict(
+            mixed_precision="no" if smoke else "bf16",
+            compile="on" if compiled else "off",
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            warmup_steps=0,
+            ema_decay=0.0,
+            checkpoints_keep=1,
+        )
+    )
 
 
 def _task(kind: str, net, cache):
@@ -90,12 +110,16 @@ def _task(kind: str, net, cache):
     from fashiondiff.train.decoder import DecoderTask
     from fashiondiff.train.prior import PriorTask
 
-    return (PriorTask(net, prior_scheduler(), cache, 0.1) if kind == "prior"
-            else DecoderTask(net, decoder_scheduler(), cache, 0.5, 0.1))
+    return (
+        PriorTask(net, prior_scheduler(), cache, 0.1)
+        if kind == "prior"
+        else DecoderTask(net, decoder_scheduler(), cache, 0.5, 0.1)
+    )
 
 
-def measure(kind: str, mode: str, compiled: bool, batch: int, steps: int, warmup: int, smoke: bool,
-            checkpoint_root: Path) -> dict:
+def measure(
+    kind: str, mode: str, compiled: bool, batch: int, steps: int, warmup: int, smoke: bool, checkpoint_root: Path
+) -> dict:
     """One configuration through the real loop: speed, memory, a profile, a checkpoint save and load."""
     from fashiondiff.train.loop import Schedule, train
     from fashiondiff.train.run import prepare
@@ -116,18 +140,31 @@ def measure(kind: str, mode: str, compiled: bool, batch: int, steps: int, warmup
         torch.cuda.reset_peak_memory_stats()
     folder = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-", dir=checkpoint_root))
     with profiler:
-        result = train(_task(kind, net, cache), cfg, Schedule(1, batch, 5e-4, 0), folder, f"bench-{kind}-{mode}",
-                       log=lambda metrics, step: rates.__setitem__(step, metrics["samples_per_s"]),
-                       on_step=lambda step: profiler.step())
+        result = train(
+            _task(kind, net, cache),
+            cfg,
+            Schedule(1, batch, 5e-4, 0),
+            folder,
+            f"bench-{kind}-{mode}",
+            log=lambda metrics, step: rates.__setitem__(step, metrics["samples_per_s"]),
+            on_step=lambda step: profiler.step(),
+        )
     # the loop's rate between its synchronisations, averaged over the stretches after the warm-up
     # (compilation and autotuning happen in the first steps)
     timed = [step for step in sorted(rates) if warmup < step <= profiled]
     per_stretch = [rates[s] for s in timed]
-    row = {"model": kind, "mode": mode, "compiled": compiled, "batch_size": batch, "steps": steps,
-           "trainable_parameters": trainable, "parameters": sum(p.numel() for p in net.parameters()),
-           "samples_per_s": round(float(np.mean(per_stretch)), 2) if per_stretch else None,
-           "peak_gpu_memory_gib": None if smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),
-           "checkpoint_save_s": round(result.checkpoint_s, 2)}
+    row = {
+        "model": kind,
+        "mode": mode,
+        "compiled": compiled,
+        "batch_size": batch,
+        "steps": steps,
+        "trainable_parameters": trainable,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "samples_per_s": round(float(np.mean(per_stretch)), 2) if per_stretch else None,
+        "peak_gpu_memory_gib": None if smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "checkpoint_save_s": round(result.checkpoint_s, 2),
+    }
     started = time.perf_counter()  # the load: a second run resumes the finished one at its last step
     train(_task(kind, net, cache), cfg, Schedule(1, batch, 5e-4, 0), folder, f"bench-{kind}-{mode}")
     row["checkpoint_load_s"] = round(time.perf_counter() - started, 2)
@@ -153,11 +190,15 @@ def _summary(prof, smoke: bool, top: int = 12) -> dict:
     attr = "self_cpu_time_total" if smoke else "self_device_time_total"
     total = sum(getattr(e, attr) for e in events) or 1.0
     ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
-    summary = {"top": [{"name": e.key[:120], "share": round(getattr(e, attr) / total, 4), "calls": e.count}
-                       for e in ranked]}
+    summary = {
+        "top": [{"name": e.key[:120], "share": round(getattr(e, attr) / total, 4), "calls": e.count} for e in ranked]
+    }
     if not smoke:
-        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
+        kernels = [
+            (e.time_range.start, e.time_range.end)
+            for e in prof.events()
+            if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+        ]
         if kernels:
             kernels.sort()
             busy, (lo, hi) = 0.0, kernels[0]
@@ -193,9 +234,14 @@ def loss_curves(kind: str, batch: int, steps: int, smoke: bool, checkpoint_root:
         del net
         gc.collect()
     gaps = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(curves[False], curves[True])]
-    return {"model": kind, "steps": steps, "points": len(gaps), "max_relative_gap": round(max(gaps), 5),
-            "eager": [round(curves[False][0], 5), round(curves[False][-1], 5)],
-            "compiled": [round(curves[True][0], 5), round(curves[True][-1], 5)]}
+    return {
+        "model": kind,
+        "steps": steps,
+        "points": len(gaps),
+        "max_relative_gap": round(max(gaps), 5),
+        "eager": [round(curves[False][0], 5), round(curves[False][-1], 5)],
+        "compiled": [round(curves[True][0], 5), round(curves[True][-1], 5)],
+    }
 
 
 def _remove(folder: Path) -> None:
@@ -211,8 +257,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the rate (compilation)")
     parser.add_argument("--only", nargs="*", default=None, help=f"configurations (of {', '.join(CONFIGS)})")
     parser.add_argument("--curve-steps", type=int, default=200, help="0: skip the loss-curve comparison")
-    parser.add_argument("--checkpoints", default=str(REPO / "build/bench-checkpoints"),
-                        help="where checkpoints are written (a real disk, not /dev/shm: their cost is measured)")
+    parser.add_argument(
+        "--checkpoints",
+        default=str(REPO / "build/bench-checkpoints"),
+        help="where checkpoints are written (a real disk, not /dev/shm: their cost is measured)",
+    )
     parser.add_argument("--out", default=str(REPO / "reports/gpu_train.json"))
     parser.add_argument("--smoke", action="store_true", help="the tiny models on the CPU: checks this script")
     args = parser.parse_args()
@@ -221,9 +270,14 @@ def main() -> None:
         return
     name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
     peak = None if args.smoke else peak_flops(name)
-    report = {"device": name, "torch": torch.__version__, "bf16_peak_flops": peak,
-              "mfu_note": None if peak else f"unknown card {name!r}: no dense bf16 peak on file, MFU not computed",
-              "results": [], "loss_curves": []}
+    report = {
+        "device": name,
+        "torch": torch.__version__,
+        "bf16_peak_flops": peak,
+        "mfu_note": None if peak else f"unknown card {name!r}: no dense bf16 peak on file, MFU not computed",
+        "results": [],
+        "loss_curves": [],
+    }
     root = Path(args.checkpoints)
     root.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -244,8 +298,13 @@ def main() -> None:
             sps = row["samples_per_s"]
             row["mfu"] = round(row["train_flops_per_sample"] * sps / peak, 4) if peak and sps else None
         except torch.cuda.OutOfMemoryError as exc:
-            row = {"model": kind, "mode": mode, "compiled": how == "compiled", "batch_size": args.batch_size,
-                   "error": f"out of GPU memory: {str(exc).splitlines()[0]}"}
+            row = {
+                "model": kind,
+                "mode": mode,
+                "compiled": how == "compiled",
+                "batch_size": args.batch_size,
+                "error": f"out of GPU memory: {str(exc).splitlines()[0]}",
+            }
         row["wall_seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         report["results"].append(row)
@@ -253,7 +312,7 @@ def main() -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    for kind in (("prior", "decoder") if args.curve_steps else ()):
+    for kind in ("prior", "decoder") if args.curve_steps else ():
         curve = loss_curves(kind, args.batch_size, args.curve_steps, args.smoke, root)
         print(json.dumps(curve), flush=True)
         report["loss_curves"].append(curve)

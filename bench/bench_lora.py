@@ -28,8 +28,10 @@ RANKS = (4, 16, 64)
 PARTS = {"prior": "prior", "decoder": "unet"}
 # Stages start through this small process: a child forked straight from this benchmark
 # (GBs after setup) would inherit its peak RSS, as Linux keeps ru_maxrss across exec.
-RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-               "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+RSS_WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+)
 
 
 def full_size_table() -> list[str]:
@@ -45,8 +47,9 @@ def full_size_table() -> list[str]:
         for rank in RANKS:
             section = getattr(params, kind).model_copy(update={"lora_rank": rank})
             count = add_lora(build_full(meta=True)[part], section, kind)  # meta: shapes only
-            lines.append(f"| {part} | LoRA rank {rank} | {count / 1e6:.2f} M ({100 * count / total:.2f} %) "
-                         f"| {_gib(8 * count)} |")
+            lines.append(
+                f"| {part} | LoRA rank {rank} | {count / 1e6:.2f} M ({100 * count / total:.2f} %) | {_gib(8 * count)} |"
+            )
     return lines
 
 
@@ -60,16 +63,20 @@ def tiny_table(epochs: int) -> list[str]:
         setup,  # the embedded default's tiny models and a 64-image cache
     )
 
-    lines = ["| model | fine-tuning | peak RSS | samples/s | checkpoint | adapter |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | fine-tuning | peak RSS | samples/s | checkpoint | adapter |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         setup(root, n_products=16)
         for kind in PARTS:
             for rank in (0, 4):
                 rss, speed, ckpt, adapter = run_stage(root, kind, rank, epochs)
-                lines.append(f"| {kind} | {'full' if rank == 0 else f'LoRA rank {rank}'} | {rss / 2**20:.0f} MiB "
-                             f"| {speed:.0f} | {_size(ckpt)} | {_size(adapter) if rank else '-'} |")
+                lines.append(
+                    f"| {kind} | {'full' if rank == 0 else f'LoRA rank {rank}'} | {rss / 2**20:.0f} MiB "
+                    f"| {speed:.0f} | {_size(ckpt)} | {_size(adapter) if rank else '-'} |"
+                )
     return lines
 
 
@@ -81,11 +88,31 @@ def run_stage(root: Path, kind: str, rank: int, epochs: int) -> tuple[int, float
     params["model"].update(prior=str(root / "base/prior"), decoder=str(root / "base/decoder"))
     params[kind]["lora_rank"] = rank
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-c", RSS_WRAPPER, sys.executable, str(REPO / f"stages/train_{kind}.py"),
-           "--cache", str(root / "cache"), "--out", "out", "--checkpoints", "ckpt", "--summary", "m.json",
-           "--plot", "p.csv"]
-    result = subprocess.run(cmd, cwd=work, env=project_env(FASHIONDIFF_TRACKING="off"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-c",
+        RSS_WRAPPER,
+        sys.executable,
+        str(REPO / f"stages/train_{kind}.py"),
+        "--cache",
+        str(root / "cache"),
+        "--out",
+        "out",
+        "--checkpoints",
+        "ckpt",
+        "--summary",
+        "m.json",
+        "--plot",
+        "p.csv",
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=work,
+        env=project_env(FASHIONDIFF_TRACKING="off"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"train_{kind} rank {rank} failed:\n{result.stdout[-2000:]}")
     speed = float(re.search(r"([0-9.]+) samples/s", result.stdout).group(1))

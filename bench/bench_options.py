@@ -42,8 +42,13 @@ OPTIONS = {  # name -> train.* settings (the ablation's, docs/results.md)
     "ema 0.99 on cpu": {"ema_decay": 0.99, "ema_device": "cpu"},
     "ema 0.9 every 10": {"ema_decay": 0.9, "ema_every": 10},
 }
-LOSS_DEFAULTS = {"min_snr_gamma": 0.0, "noise_offset": 0.0, "input_perturbation": 0.0, "loss": "mse",
-                 "huber_delta": 1.0}
+LOSS_DEFAULTS = {
+    "min_snr_gamma": 0.0,
+    "noise_offset": 0.0,
+    "input_perturbation": 0.0,
+    "loss": "mse",
+    "huber_delta": 1.0,
+}
 
 
 class Settings:  # what Objective.from_params reads of params.train
@@ -89,11 +94,16 @@ def main() -> None:
         decoder = load_decoder(str(root / "base/decoder"))
         models = {
             "prior": (lambda o: PriorTask(prior.prior, prior.scheduler, cache, 0.1, o), prior.prior, prior.scheduler),
-            "decoder": (lambda o: DecoderTask(decoder.unet, decoder.scheduler, cache, 0.5, 0.1, o), decoder.unet,
-                        decoder.scheduler),
+            "decoder": (
+                lambda o: DecoderTask(decoder.unet, decoder.scheduler, cache, 0.5, 0.1, o),
+                decoder.unet,
+                decoder.scheduler,
+            ),
         }
-        print(f"batch {args.batch}, {args.repeats} interleaved rounds, torch threads {torch.get_num_threads()}; "
-              f"median step, ratio to the default's median")
+        print(
+            f"batch {args.batch}, {args.repeats} interleaved rounds, torch threads {torch.get_num_threads()}; "
+            f"median step, ratio to the default's median"
+        )
         for name, (make_task, net, scheduler) in models.items():
             batch = make_task(None).batch(items, torch.device("cpu"))
             steps = {o: stepper(make_task, net, scheduler, settings, batch, items) for o, settings in OPTIONS.items()}

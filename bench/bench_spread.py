@@ -50,9 +50,21 @@ def launcher(processes: int) -> list[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
-            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port)]
+    return [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
 
 
 def _tree(root: int) -> list[int]:
@@ -88,15 +100,25 @@ def run(work: Path, name: str, params: dict, command: list[str], script: str, ar
     cwd = work / name
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FASHIONDIFF_TRACKING": "off", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "src"),
+        "FASHIONDIFF_TRACKING": "off",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     log = open(cwd / "log.txt", "w")
     print(f"bench_spread: {name}", flush=True)
     started = time.perf_counter()
-    proc = subprocess.Popen(command + [str(REPO / "stages" / script), *map(str, args)], cwd=cwd, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        command + [str(REPO / "stages" / script), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     peaks: dict[int, tuple[str, int]] = {}
     while proc.poll() is None:
         for pid in _tree(proc.pid):
@@ -127,16 +149,25 @@ def base_params(project: Path) -> dict:
 
 
 def evaluate_args(project: Path, reports: str = "reports") -> list:
-    return ["--catalogue", project / "data/extracted/validation", "--generic", project / "data/extracted/generic",
-            "--tuned", project / "models", "--reports", reports]
+    return [
+        "--catalogue",
+        project / "data/extracted/validation",
+        "--generic",
+        project / "data/extracted/generic",
+        "--tuned",
+        project / "models",
+        "--reports",
+        reports,
+    ]
 
 
 def sampling_seconds(log: str) -> float:
     """How long the sampling bars ran (the longest, when workers sample side by side): tqdm's
     elapsed time at 100 %, without the start-up, model loading and real-image statistics."""
+
     def seconds(stamp: str) -> float:
         parts = [float(p) for p in stamp.split(":")]
-        return sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+        return sum(v * 60**i for i, v in enumerate(reversed(parts)))
 
     done = re.findall(r"evaluate(?: base| tuned)?: 100%\|[^|]*\| (\d+)/\1 \[([\d:]+)<", log)
     return max(seconds(stamp) for _, stamp in done)
@@ -152,24 +183,36 @@ def cpu_figures(args) -> dict:
     params = base_params(project)
     out = {"embed": {}, "evaluate": {}}
     for n in (1, 2):
-        rec = run(work, f"embed-{n}", params, launcher(n), "embed.py",
-                  [project / "data/extracted/train", "train", "cache"], cpu=True)
+        rec = run(
+            work,
+            f"embed-{n}",
+            params,
+            launcher(n),
+            "embed.py",
+            [project / "data/extracted/train", "train", "cache"],
+            cpu=True,
+        )
         rate = float(re.findall(r"([\d.]+) images/s", rec.pop("log"))[-1])
         out["embed"][f"{n} process{'es' if n > 1 else ''}"] = {**rec, "images_per_s": rate}
     ev = {**params, "diffusion_steps": args.steps}
     configs = {"1 process": (1, 1), "1 process + 2 sampling workers (default)": (1, 2), "2 processes": (2, 2)}
     for label, (n, workers) in configs.items():
         p = {**ev, "evaluate": {**ev["evaluate"], "workers": workers}}
-        rec = run(work, f"evaluate-{n}-{workers}", p, launcher(n), "evaluate.py", evaluate_args(project),
-                  cpu=True)
+        rec = run(work, f"evaluate-{n}-{workers}", p, launcher(n), "evaluate.py", evaluate_args(project), cpu=True)
         sampling = sampling_seconds(rec.pop("log"))
-        out["evaluate"][label] = {**rec, "sampling_seconds": sampling,
-                                  "images_per_s": round(images_of(p) / sampling, 3)}
-    out["evaluate_metrics_identical"] = (
-        (work / "evaluate-1-1/reports/metrics.json").read_bytes()
-        == (work / "evaluate-2-2/reports/metrics.json").read_bytes())
-    out["settings"] = {"diffusion_steps": args.steps, "embed_images": "data/extracted/train",
-                       "evaluate_images": images_of(ev)}
+        out["evaluate"][label] = {
+            **rec,
+            "sampling_seconds": sampling,
+            "images_per_s": round(images_of(p) / sampling, 3),
+        }
+    out["evaluate_metrics_identical"] = (work / "evaluate-1-1/reports/metrics.json").read_bytes() == (
+        work / "evaluate-2-2/reports/metrics.json"
+    ).read_bytes()
+    out["settings"] = {
+        "diffusion_steps": args.steps,
+        "embed_images": "data/extracted/train",
+        "evaluate_images": images_of(ev),
+    }
     return out
 
 
@@ -226,27 +269,57 @@ def fullsize_figures(args) -> dict:
     params["embed"].update(batch_size=64, dtype="float16")
     params["evaluate"].update(num_prompts=args.prompts, batch_size=args.batch_size, workers=1)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
-    out = {"gpu": gpu, "models": "tiny" if args.tiny else "Kandinsky 2.1 full size, random weights",
-           "steps": args.steps, "embed": {}, "evaluate": {}}
+    out = {
+        "gpu": gpu,
+        "models": "tiny" if args.tiny else "Kandinsky 2.1 full size, random weights",
+        "steps": args.steps,
+        "embed": {},
+        "evaluate": {},
+    }
     for n in args.processes:
-        rec = run(work, f"embed-{n}", params, launcher(n), "embed.py", [data / "train", "train", "cache"],
-                  cpu=args.tiny)
+        rec = run(
+            work, f"embed-{n}", params, launcher(n), "embed.py", [data / "train", "train", "cache"], cpu=args.tiny
+        )
         rate = float(re.findall(r"([\d.]+) images/s", rec.pop("log"))[-1])
         out["embed"][n] = {**rec, "images_per_s": rate, "images_per_s_per_gpu": round(rate / n, 2)}
-        rec = run(work, f"evaluate-{n}", params, launcher(n), "evaluate.py",
-                  ["--catalogue", data / "validation", "--generic", data / "generic", "--tuned", work / "base",
-                   "--reports", "reports"], cpu=args.tiny)
+        rec = run(
+            work,
+            f"evaluate-{n}",
+            params,
+            launcher(n),
+            "evaluate.py",
+            [
+                "--catalogue",
+                data / "validation",
+                "--generic",
+                data / "generic",
+                "--tuned",
+                work / "base",
+                "--reports",
+                "reports",
+            ],
+            cpu=args.tiny,
+        )
         sampling = sampling_seconds(rec.pop("log"))
         rate = images_of(params) / sampling
-        out["evaluate"][n] = {**rec, "sampling_seconds": sampling, "images_per_s": round(rate, 3),
-                              "images_per_s_per_gpu": round(rate / n, 3),
-                              "fid_10k_both_models_hours": round(2 * 10_000 / rate / 3600, 2)}
+        out["evaluate"][n] = {
+            **rec,
+            "sampling_seconds": sampling,
+            "images_per_s": round(rate, 3),
+            "images_per_s_per_gpu": round(rate / n, 3),
+            "fid_10k_both_models_hours": round(2 * 10_000 / rate / 3600, 2),
+        }
     return out
 
 
 # What the CPU figures read from --project: `dvc repro`'s outputs (the base models: params' model.*).
-PROJECT_OUTPUTS = ("data/extracted/train", "data/extracted/validation", "data/extracted/generic", "models/prior",
-                   "models/decoder")
+PROJECT_OUTPUTS = (
+    "data/extracted/train",
+    "data/extracted/validation",
+    "data/extracted/generic",
+    "models/prior",
+    "models/decoder",
+)
 
 
 def why_skipped(args) -> str:

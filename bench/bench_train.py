@@ -114,8 +114,10 @@ def main() -> None:
                     a.append(ta)
                     b.append(tb)
             ma, mb, mf = statistics.median(a), statistics.median(b), statistics.median(fetch)
-            print(f"{name:8s} cached step {1000 * ma:7.1f} ms | encoders-every-step {1000 * mb:7.1f} ms | "
-                  f"speed-up x{mb / ma:.2f} | data fetch {100 * mf / ma:.1f}% of the cached step")
+            print(
+                f"{name:8s} cached step {1000 * ma:7.1f} ms | encoders-every-step {1000 * mb:7.1f} ms | "
+                f"speed-up x{mb / ma:.2f} | data fetch {100 * mf / ma:.1f}% of the cached step"
+            )
 
 
 if __name__ == "__main__":

@@ -70,22 +70,41 @@ def one_setting(project: Path, params: dict, settings: dict, scratch: Path) -> d
     (scratch / "models").symlink_to(project / "models")  # params name the base as models/base/...
     env = {k: v for k, v in os.environ.items() if k not in PINNED}
     env.update(settings, PYTHONPATH=str(SRC), FASHIONDIFF_TRACKING="off", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    seconds = {"embed": run(scratch, env, [STAGES / "embed.py", project / "data/extracted/train", "train",
-                                           scratch / "cache"])}
+    seconds = {
+        "embed": run(scratch, env, [STAGES / "embed.py", project / "data/extracted/train", "train", scratch / "cache"])
+    }
     for kind in ("prior", "decoder"):
-        seconds[f"train_{kind}"] = run(scratch, env, [
-            STAGES / f"train_{kind}.py", "--cache", scratch / "cache", "--out", scratch / kind,
-            "--checkpoints", scratch / "ckpt" / kind, "--summary", scratch / f"{kind}.json",
-            "--plot", scratch / f"{kind}.csv"])
-    capability = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                                env=env, capture_output=True, text=True).stdout.strip()
+        seconds[f"train_{kind}"] = run(
+            scratch,
+            env,
+            [
+                STAGES / f"train_{kind}.py",
+                "--cache",
+                scratch / "cache",
+                "--out",
+                scratch / kind,
+                "--checkpoints",
+                scratch / "ckpt" / kind,
+                "--summary",
+                scratch / f"{kind}.json",
+                "--plot",
+                scratch / f"{kind}.csv",
+            ],
+        )
+    capability = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return {
         "capability": capability,
         "cache": digest([p for p in (scratch / "cache").iterdir() if p.suffix == ".npy"]),
         "prior": digest(list((scratch / "prior/prior").glob("*.safetensors"))),
         "decoder": digest(list((scratch / "decoder/unet").glob("*.safetensors"))),
-        "loss_last_epoch": {k: json.loads((scratch / f"{k}.json").read_text())["loss_last_epoch"]
-                            for k in ("prior", "decoder")},
+        "loss_last_epoch": {
+            k: json.loads((scratch / f"{k}.json").read_text())["loss_last_epoch"] for k in ("prior", "decoder")
+        },
         "seconds": seconds,
     }
 
@@ -109,16 +128,34 @@ def main() -> None:
         for r in runs[1:]:
             if any(r[k] != runs[0][k] for k in ("cache", "prior", "decoder")):
                 raise SystemExit(f"{name}: two runs of one setting differ: {runs}")
-        row = {**runs[0], "settings": settings,
-               "cpu_seconds": {k: round(statistics.median(r["seconds"][k] for r in runs), 1)
-                               for k in runs[0]["seconds"]}}
+        row = {
+            **runs[0],
+            "settings": settings,
+            "cpu_seconds": {k: round(statistics.median(r["seconds"][k] for r in runs), 1) for k in runs[0]["seconds"]},
+        }
         rows[name] = row
-        print(f"{name:10} {row['capability']:8} cache {row['cache']} prior {row['prior']} decoder {row['decoder']} "
-              f"CPU seconds {row['cpu_seconds']}", flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    report = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": 1, "repeats": args.repeats,
-              "project": str(args.project), "epochs": params["epochs"], "settings": rows}
+        print(
+            f"{name:10} {row['capability']:8} cache {row['cache']} prior {row['prior']} decoder {row['decoder']} "
+            f"CPU seconds {row['cpu_seconds']}",
+            flush=True,
+        )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    report = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": 1,
+        "repeats": args.repeats,
+        "project": str(args.project),
+        "epochs": params["epochs"],
+        "settings": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out}")

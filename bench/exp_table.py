@@ -22,8 +22,12 @@ from collections import defaultdict
 
 METRIC = re.compile(r"^(catalogue|generic)\.(base|tuned)\.(clip_score|r_precision|fd_clip)$")
 METRICS = "reports/metrics.json"  # cache: false, so in git: in every experiment's commit
-COLUMNS = [(d, m, k) for d in ("catalogue", "generic") for m in ("base", "tuned")
-           for k in ("clip_score", "r_precision", "fd_clip")]
+COLUMNS = [
+    (d, m, k)
+    for d in ("catalogue", "generic")
+    for m in ("base", "tuned")
+    for k in ("clip_score", "r_precision", "fd_clip")
+]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -22,14 +22,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 # Dense bf16 tensor-core peak per card, FLOP/s (NVIDIA's datasheets, without sparsity).
-BF16_PEAK = {"H200": 989e12, "H100 80GB HBM3": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12,
-             "H100 PCIe": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+BF16_PEAK = {
+    "H200": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
+
+
 def shapes(embed: int, mclip: int, latent: int) -> dict:
     """Per-item shapes of the cache: CLIP embedding width, M-CLIP width, latent side."""
-    return {"prior": {"image_embeds": (embed,), "text_embeds": (embed,), "text_hidden": (77, embed),
-                      "text_mask": (77,)},
-            "decoder": {"latents": (4, latent, latent), "mclip_hidden": (77, mclip), "mclip_embeds": (embed,),
-                        "image_embeds": (embed,)}}
+    return {
+        "prior": {"image_embeds": (embed,), "text_embeds": (embed,), "text_hidden": (77, embed), "text_mask": (77,)},
+        "decoder": {
+            "latents": (4, latent, latent),
+            "mclip_hidden": (77, mclip),
+            "mclip_embeds": (embed,),
+            "image_embeds": (embed,),
+        },
+    }
 
 
 FULL_SHAPES = shapes(768, 1024, 32)  # 2.1: CLIP ViT-L/14, XLM-R-large M-CLIP, 256 px
@@ -67,7 +82,7 @@ def count_flops(kind: str, mode: str, batch: int, smoke: bool) -> dict:
 
     shape = (TINY_SHAPES if smoke else FULL_SHAPES)[kind]
     counts = {}
-    for checkpointing in ((False, True) if "checkpointing" in mode else (False,)):
+    for checkpointing in (False, True) if "checkpointing" in mode else (False,):
         net = network(kind, smoke, "cpu").to("meta") if smoke else network(kind, False, "meta")
         prepare(net, section_for(kind, mode), kind)
         if checkpointing:
@@ -78,13 +93,23 @@ def count_flops(kind: str, mode: str, batch: int, smoke: bool) -> dict:
             t = torch.randint(0, 1000, (batch,))
             with FlopCounterMode(display=False) as counter:
                 if kind == "prior":
-                    out = net(inputs["image_embeds"], timestep=t, proj_embedding=inputs["text_embeds"],
-                              encoder_hidden_states=inputs["text_hidden"],
-                              attention_mask=torch.ones(batch, 77, dtype=torch.bool)).predicted_image_embedding
+                    out = net(
+                        inputs["image_embeds"],
+                        timestep=t,
+                        proj_embedding=inputs["text_embeds"],
+                        encoder_hidden_states=inputs["text_hidden"],
+                        attention_mask=torch.ones(batch, 77, dtype=torch.bool),
+                    ).predicted_image_embedding
                 else:
-                    out = net(inputs["latents"], t, encoder_hidden_states=inputs["mclip_hidden"],
-                              added_cond_kwargs={"text_embeds": inputs["mclip_embeds"],
-                                                 "image_embeds": inputs["image_embeds"]}).sample[:, :4]
+                    out = net(
+                        inputs["latents"],
+                        t,
+                        encoder_hidden_states=inputs["mclip_hidden"],
+                        added_cond_kwargs={
+                            "text_embeds": inputs["mclip_embeds"],
+                            "image_embeds": inputs["image_embeds"],
+                        },
+                    ).sample[:, :4]
                 out.float().pow(2).mean().backward()
         counts[checkpointing] = counter.get_total_flops() / batch
     result = {"train_flops_per_sample": counts[False]}

@@ -51,8 +51,10 @@ CPU_TRAINABLE = {
     "prior": "transformer_blocks.19,norm_out,proj_to_clip_embeddings",
     "decoder": "up_blocks.3,conv_norm_out,conv_out",
 }
-TINY_TRAINABLE = {"prior": "transformer_blocks.1,norm_out,proj_to_clip_embeddings",
-                  "decoder": "up_blocks.1,conv_norm_out,conv_out"}
+TINY_TRAINABLE = {
+    "prior": "transformer_blocks.1,norm_out,proj_to_clip_embeddings",
+    "decoder": "up_blocks.1,conv_norm_out,conv_out",
+}
 EDIT_PROMPT = "black leather mini skirt"
 
 
@@ -74,8 +76,11 @@ def stage_child() -> None:
     # The stage's own high-water mark: ru_maxrss from wait4 would include the parent's memory at
     # fork (Linux carries the old address space's peak over exec), i.e. the models built here.
     hwm = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    record = {"seconds": round(time.perf_counter() - started, 2), "exit": code,
-              "peak_rss_bytes": int(hwm.group(1)) * 1024 if hwm else None}
+    record = {
+        "seconds": round(time.perf_counter() - started, 2),
+        "exit": code,
+        "peak_rss_bytes": int(hwm.group(1)) * 1024 if hwm else None,
+    }
     try:
         import torch
 
@@ -104,9 +109,11 @@ def run(work: Path, name: str, cmd: list[str], env: dict, log) -> dict:
     if record_file.is_file():
         record.update(json.loads(record_file.read_text()))
     record.update(seconds=round(time.perf_counter() - started, 2), exit=proc.returncode)
-    print(f"fullsize: {name}: {record['seconds']:.0f} s, peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB"
-          + (f", peak GPU {record['peak_gpu_bytes'] / 2**30:.2f} GiB" if "peak_gpu_bytes" in record else ""),
-          flush=True)
+    print(
+        f"fullsize: {name}: {record['seconds']:.0f} s, peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB"
+        + (f", peak GPU {record['peak_gpu_bytes'] / 2**30:.2f} GiB" if "peak_gpu_bytes" in record else ""),
+        flush=True,
+    )
     if proc.returncode != 0:
         tail = "".join(lines[-15:])
         raise SystemExit(f"fullsize: {name} failed ({proc.returncode}):\n{tail}")
@@ -144,20 +151,27 @@ def scratch_params(work: Path, args, trainable: dict) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     res, clip = (64, 64) if args.tiny else (256, 224)
     params.update(epochs=1, batch_size=args.batch_size, clip_image_size=clip, diffusion_steps=args.steps, seed=0)
-    params["data"]["files"] = {"train": str(work / "data/fashiongen_train.h5"),
-                               "validation": str(work / "data/fashiongen_validation.h5"),
-                               "generic": str(work / "data/generic_validation.h5")}
+    params["data"]["files"] = {
+        "train": str(work / "data/fashiongen_train.h5"),
+        "validation": str(work / "data/fashiongen_validation.h5"),
+        "generic": str(work / "data/generic_validation.h5"),
+    }
     params["data"]["workers"] = 1
     params["model"].update(prior=str(work / "base/prior"), decoder=str(work / "base/decoder"), resolution=res)
     params["embed"].update(batch_size=min(args.batch_size, 8), dtype="float16")
-    params["train"].update(mixed_precision="bf16" if args.bf16 else "no", warmup_steps=1, log_every=1,
-                           checkpoint_every=10_000)
+    params["train"].update(
+        mixed_precision="bf16" if args.bf16 else "no", warmup_steps=1, log_every=1, checkpoint_every=10_000
+    )
     params["prior"]["trainable"] = trainable["prior"]
     params["decoder"]["trainable"] = trainable["decoder"]
     params["decoder"]["gradient_checkpointing"] = bool(args.gradient_checkpointing)
-    params["evaluate"].update(num_prompts=args.prompts, prior_steps=args.prior_steps,
-                              batch_size=min(args.prompts, params["evaluate"]["batch_size"]),
-                              fid_weights="", workers=1)  # full size: one model in memory at a time
+    params["evaluate"].update(
+        num_prompts=args.prompts,
+        prior_steps=args.prior_steps,
+        batch_size=min(args.prompts, params["evaluate"]["batch_size"]),
+        fid_weights="",
+        workers=1,
+    )  # full size: one model in memory at a time
     return params
 
 
@@ -183,9 +197,13 @@ def trained_counts(folder: Path, component: str, spec: str) -> dict:
     net = load_component(str(folder), component, "model")
     trainable = set_trainable(net, spec, "trainable")
     total = sum(p.numel() for p in net.parameters())
-    return {"parameters": total, "trainable_parameters": trainable, "trainable_spec": spec,
-            "optimizer_state_bytes": 8 * trainable,  # AdamW exp_avg + exp_avg_sq, float32
-            "full_finetune_bytes_before_activations": 16 * total}
+    return {
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "trainable_spec": spec,
+        "optimizer_state_bytes": 8 * trainable,  # AdamW exp_avg + exp_avg_sq, float32
+        "full_finetune_bytes_before_activations": 16 * total,
+    }
 
 
 def main() -> None:
@@ -196,24 +214,39 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bf16", action="store_true", help="train.mixed_precision bf16 (GPU)")
-    parser.add_argument("--trainable", default=None, choices=("cpu", "all"),
-                        help="cpu: the documented subsets (default on cpu); all: full fine-tuning (default on cuda)")
+    parser.add_argument(
+        "--trainable",
+        default=None,
+        choices=("cpu", "all"),
+        help="cpu: the documented subsets (default on cpu); all: full fine-tuning (default on cuda)",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--products", type=int, default=6, help="train products (x4 poses); validation: half")
     parser.add_argument("--prompts", type=int, default=2, help="evaluate.num_prompts")
-    parser.add_argument("--steps", type=int, default=4,
-                        help="decoder sampling steps (diffusion_steps; x the weakest evaluate.edit_strengths >= 1)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=4,
+        help="decoder sampling steps (diffusion_steps; x the weakest evaluate.edit_strengths >= 1)",
+    )
     parser.add_argument("--prior-steps", type=int, default=2)
     parser.add_argument("--work", default=str(REPO / "build/fullsize"), help="scratch folder (replaced)")
-    parser.add_argument("--report", default=None,
-                        help="default reports/fullsize.json, reports/fullsize_gpu.json with --device cuda")
+    parser.add_argument(
+        "--report", default=None, help="default reports/fullsize.json, reports/fullsize_gpu.json with --device cuda"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (models: ~26 GB at full size)")
     args = parser.parse_args()
-    args.report = args.report or str(REPO / ("reports/fullsize_gpu.json" if args.device == "cuda" else
-                                             "reports/fullsize.json"))
+    args.report = args.report or str(
+        REPO / ("reports/fullsize_gpu.json" if args.device == "cuda" else "reports/fullsize.json")
+    )
     trainable_mode = args.trainable or ("all" if args.device == "cuda" else "cpu")
-    trainable = ({"prior": "all", "decoder": "all"} if trainable_mode == "all"
-                 else TINY_TRAINABLE if args.tiny else CPU_TRAINABLE)
+    trainable = (
+        {"prior": "all", "decoder": "all"}
+        if trainable_mode == "all"
+        else TINY_TRAINABLE
+        if args.tiny
+        else CPU_TRAINABLE
+    )
 
     work = Path(args.work).resolve()
     if work.exists():
@@ -225,18 +258,36 @@ def main() -> None:
     from fashiondiff.standin.synthetic import GENERIC, write_synthetic
 
     # keep what PYTHONPATH already holds (on a GPU machine: the carried wheels, bench/gpu_session.sh)
-    env = project_env(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
-                      FASHIONDIFF_TRACKING="off", **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
+    env = project_env(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+        FASHIONDIFF_TRACKING="off",
+        **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}),
+    )
 
     started = time.perf_counter()
-    report: dict = {"mode": "tiny" if args.tiny else "full size, random weights", "device": args.device,
-                    "batch_size": args.batch_size, "mixed_precision": "bf16" if args.bf16 else "no",
-                    "embed_dtype": "float16", "trainable_mode": trainable_mode, "stages": {}}
-    h5 = {"train": write_synthetic(work / "data/fashiongen_train.h5", args.products, 4, seed=0),
-          "validation": write_synthetic(work / "data/fashiongen_validation.h5", max(2, args.products // 2), 4,
-                                        seed=1, first_product_id=200_000),
-          "generic": write_synthetic(work / "data/generic_validation.h5", max(2, args.products // 2), 2,
-                                     seed=2, first_product_id=300_000, domain=GENERIC)}
+    report: dict = {
+        "mode": "tiny" if args.tiny else "full size, random weights",
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "mixed_precision": "bf16" if args.bf16 else "no",
+        "embed_dtype": "float16",
+        "trainable_mode": trainable_mode,
+        "stages": {},
+    }
+    h5 = {
+        "train": write_synthetic(work / "data/fashiongen_train.h5", args.products, 4, seed=0),
+        "validation": write_synthetic(
+            work / "data/fashiongen_validation.h5", max(2, args.products // 2), 4, seed=1, first_product_id=200_000
+        ),
+        "generic": write_synthetic(
+            work / "data/generic_validation.h5",
+            max(2, args.products // 2),
+            2,
+            seed=2,
+            first_product_id=300_000,
+            domain=GENERIC,
+        ),
+    }
     import h5py
 
     captions = []
@@ -252,6 +303,7 @@ def main() -> None:
 
     stages = REPO / "stages"
     with open(work / "fullsize.log", "w") as log:
+
         def stage(name, *cmd):
             rec = run(work, name, [str(c) for c in cmd], env, log)
             report["stages"][name] = {k: v for k, v in rec.items() if not k.startswith("_")}
@@ -263,31 +315,86 @@ def main() -> None:
             rec = stage(f"embed@{split}", stages / "embed.py", f"data/extracted/{split}", split, f"data/cache/{split}")
             report["stages"][f"embed@{split}"]["images_per_s"] = rate(rec["_stdout"], r"embed: .*?([\d.]+) images/s")
         for kind in ("prior", "decoder"):
-            rec = stage(f"train_{kind}", stages / f"train_{kind}.py", "--cache", "data/cache/train",
-                        "--val-cache", "data/cache/validation", "--out", f"models/{kind}",
-                        "--checkpoints", f"checkpoints/{kind}", "--summary", f"reports/train_{kind}.json",
-                        "--plot", f"reports/plots/train_{kind}.csv")
+            rec = stage(
+                f"train_{kind}",
+                stages / f"train_{kind}.py",
+                "--cache",
+                "data/cache/train",
+                "--val-cache",
+                "data/cache/validation",
+                "--out",
+                f"models/{kind}",
+                "--checkpoints",
+                f"checkpoints/{kind}",
+                "--summary",
+                f"reports/train_{kind}.json",
+                "--plot",
+                f"reports/plots/train_{kind}.csv",
+            )
             report["stages"][f"train_{kind}"]["samples_per_s"] = samples_per_s(rec["_stdout"], args.batch_size)
             report["stages"][f"train_{kind}"]["metrics"] = json.loads((work / f"reports/train_{kind}.json").read_text())
-        rec = stage("evaluate", stages / "evaluate.py", "--catalogue", "data/extracted/validation", "--generic",
-                    "data/extracted/generic", "--tuned", "models", "--reports", "reports")
+        rec = stage(
+            "evaluate",
+            stages / "evaluate.py",
+            "--catalogue",
+            "data/extracted/validation",
+            "--generic",
+            "data/extracted/generic",
+            "--tuned",
+            "models",
+            "--reports",
+            "reports",
+        )
         report["stages"]["evaluate"].update(
-            diffusion_steps=args.steps, batch_size=params["evaluate"]["batch_size"],
-            images_per_s={m: tqdm_rate(rec["_stdout"], f"evaluate {m}", "image") for m in ("base", "tuned")})
-        stage("generate text->image", "-m", "fashiondiff", "generate", EDIT_PROMPT, "--model", "models",
-              "--out", "generated/text.png", "--device", args.device)
+            diffusion_steps=args.steps,
+            batch_size=params["evaluate"]["batch_size"],
+            images_per_s={m: tqdm_rate(rec["_stdout"], f"evaluate {m}", "image") for m in ("base", "tuned")},
+        )
+        stage(
+            "generate text->image",
+            "-m",
+            "fashiondiff",
+            "generate",
+            EDIT_PROMPT,
+            "--model",
+            "models",
+            "--out",
+            "generated/text.png",
+            "--device",
+            args.device,
+        )
         source = sorted((work / "data/extracted/validation").rglob("*.png"))[0]
-        stage("generate image+text->image", "-m", "fashiondiff", "generate", EDIT_PROMPT, "--model", "models",
-              "--image", source, "--strength", "0.6", "--out", "generated/edit.png", "--device", args.device)
+        stage(
+            "generate image+text->image",
+            "-m",
+            "fashiondiff",
+            "generate",
+            EDIT_PROMPT,
+            "--model",
+            "models",
+            "--image",
+            source,
+            "--strength",
+            "0.6",
+            "--out",
+            "generated/edit.png",
+            "--device",
+            args.device,
+        )
 
     for out in ("generated/text.png", "generated/edit.png", "reports/metrics.json"):
         if not (work / out).is_file():
             raise SystemExit(f"fullsize: {out} was not written")
     meta = json.loads((work / "data/cache/train/meta.json").read_text())
     size = sum(f.stat().st_size for f in (work / "data/cache/train").iterdir())
-    report["cache"] = {"images": meta["items"], "unique_captions": meta["captions"], "bytes": size,
-                       "bytes_per_image": round(size / meta["items"], 1), "dtype": meta["dtype"],
-                       "latents_shape": meta["arrays"]["latents"]["shape"]}
+    report["cache"] = {
+        "images": meta["items"],
+        "unique_captions": meta["captions"],
+        "bytes": size,
+        "bytes_per_image": round(size / meta["items"], 1),
+        "dtype": meta["dtype"],
+        "latents_shape": meta["arrays"]["latents"]["shape"],
+    }
     res = params["model"]["resolution"]
     report["models"] = {}
     for kind, component in (("prior", "prior"), ("decoder", "unet")):
@@ -300,17 +407,23 @@ def main() -> None:
             flops = count_flops(kind, "full", args.batch_size, smoke=False)["train_flops_per_sample"]
             name = torch.cuda.get_device_name()
             peak = peak_flops(name)
-            info.update(train_flops_per_sample=flops, device_name=name, bf16_peak_flops=peak,
-                        mfu=(flops * sps / peak) if (peak and sps) else None)
+            info.update(
+                train_flops_per_sample=flops,
+                device_name=name,
+                bf16_peak_flops=peak,
+                mfu=(flops * sps / peak) if (peak and sps) else None,
+            )
         report["models"][kind] = info
     report["evaluate_metrics"] = json.loads((work / "reports/metrics.json").read_text())
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     report["peak_rss_bytes_max"] = max(s["peak_rss_bytes"] for s in report["stages"].values())
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"fullsize: done in {report['total_seconds'] / 60:.1f} min, peak RSS "
-          f"{report['peak_rss_bytes_max'] / 2**30:.2f} GiB, cache {report['cache']['bytes_per_image'] / 1024:.1f} "
-          f"KiB/image -> {args.report}")
+    print(
+        f"fullsize: done in {report['total_seconds'] / 60:.1f} min, peak RSS "
+        f"{report['peak_rss_bytes_max'] / 2**30:.2f} GiB, cache {report['cache']['bytes_per_image'] / 1024:.1f} "
+        f"KiB/image -> {args.report}"
+    )
     if not args.keep:
         shutil.rmtree(work)
 

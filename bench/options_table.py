@@ -35,13 +35,15 @@ OPTIONS = {  # name -> what it sets (the -S arguments of docs/results.md's recip
     "ema10": "`ema_decay` 0.9, `ema_every` 10",
 }
 SEEDS = (0, 1, 2)
-COLUMNS = [("prior val_loss", "train_prior.json", ("val_loss",)),
-           ("decoder val_loss", "train_decoder.json", ("val_loss",)),
-           ("catalogue clip_score", "metrics.json", ("catalogue", "tuned", "clip_score")),
-           ("catalogue r_precision", "metrics.json", ("catalogue", "tuned", "r_precision")),
-           ("catalogue fd_clip", "metrics.json", ("catalogue", "tuned", "fd_clip")),
-           ("generic clip_score", "metrics.json", ("generic", "tuned", "clip_score")),
-           ("generic fd_clip", "metrics.json", ("generic", "tuned", "fd_clip"))]
+COLUMNS = [
+    ("prior val_loss", "train_prior.json", ("val_loss",)),
+    ("decoder val_loss", "train_decoder.json", ("val_loss",)),
+    ("catalogue clip_score", "metrics.json", ("catalogue", "tuned", "clip_score")),
+    ("catalogue r_precision", "metrics.json", ("catalogue", "tuned", "r_precision")),
+    ("catalogue fd_clip", "metrics.json", ("catalogue", "tuned", "fd_clip")),
+    ("generic clip_score", "metrics.json", ("generic", "tuned", "clip_score")),
+    ("generic fd_clip", "metrics.json", ("generic", "tuned", "fd_clip")),
+]
 
 
 def read(rev: str, name: str) -> dict:
@@ -51,8 +53,12 @@ def read(rev: str, name: str) -> dict:
 
 def experiment_revs() -> dict[str, str]:
     """Every experiment ref's name -> its commit."""
-    out = subprocess.run(["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {ref.rsplit("/", 1)[1]: rev for ref, rev in (line.split() for line in out.splitlines())}
 
 
@@ -67,9 +73,11 @@ def values(rev: str) -> list[float]:
     return row
 
 
-MLFLOW_KEYS = {"train_prior.json": lambda path: ("train_prior", "val_loss"),
-               "train_decoder.json": lambda path: ("train_decoder", "val_loss"),
-               "metrics.json": lambda path: ("evaluate", f"{path[0]}.{path[2]}")}
+MLFLOW_KEYS = {
+    "train_prior.json": lambda path: ("train_prior", "val_loss"),
+    "train_decoder.json": lambda path: ("train_decoder", "val_loss"),
+    "metrics.json": lambda path: ("evaluate", f"{path[0]}.{path[2]}"),
+}
 
 
 def check_mlflow(uri: str, named: dict[str, list[float]]) -> int:

@@ -31,19 +31,29 @@ FID_WEIGHTS_DIR = "weights/inception"  # a dep of this stage in dvc.yaml: new we
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for domain in DOMAINS:
-        parser.add_argument(f"--{domain}", required=True, metavar="DIR",
-                            help=f"the {domain}'s extracted held-out file (captions.parquet + images/)")
+        parser.add_argument(
+            f"--{domain}",
+            required=True,
+            metavar="DIR",
+            help=f"the {domain}'s extracted held-out file (captions.parquet + images/)",
+        )
     parser.add_argument("--tuned", required=True, metavar="DIR", help="folder with the tuned prior/ and decoder/")
-    parser.add_argument("--reports", required=True, metavar="DIR",
-                        help="where metrics.json, scores.json, evaluation.json and samples/ go")
+    parser.add_argument(
+        "--reports",
+        required=True,
+        metavar="DIR",
+        help="where metrics.json, scores.json, evaluation.json and samples/ go",
+    )
     args = parser.parse_args(argv)
     with stop_on_signals():  # SIGTERM/SIGINT: stop, keep the finished batches
         limit_threads()
         params = stage_params("evaluate")
         weights = params.evaluate.fid_weights
         if weights and Path(weights).parent != Path(FID_WEIGHTS_DIR):
-            raise PipelineError(f"params: evaluate.fid_weights must be a file in {FID_WEIGHTS_DIR}/, the folder "
-                                f"this stage declares as a dependency in dvc.yaml (got {weights})")
+            raise PipelineError(
+                f"params: evaluate.fid_weights must be a file in {FID_WEIGHTS_DIR}/, the folder "
+                f"this stage declares as a dependency in dvc.yaml (got {weights})"
+            )
         seed_everything(params.seed)
         ranks = Ranks.start("evaluate", params.compute.timeout_s)
         if not ranks.main:  # process 0 alone tracks
@@ -53,14 +63,20 @@ def main(argv: list[str] | None = None) -> None:
         tuned = ModelPair(str(tuned / "prior"), str(tuned / "decoder"), "tuned prior", "tuned decoder")
         folders = {d: getattr(args, d) for d in DOMAINS if d != "generic" or params.data.files.generic is not None}
         if "generic" not in folders and ranks.main:
-            print("evaluate: params data.files has no generic file: the generic domain (what fine-tuning keeps "
-                  "of what the base drew) is skipped, the catalogue alone is measured")
+            print(
+                "evaluate: params data.files has no generic file: the generic domain (what fine-tuning keeps "
+                "of what the base drew) is skipped, the catalogue alone is measured"
+            )
         with stage_run("evaluate", params) as tracker:
             metrics = evaluate(folders, base, tuned, params, args.reports, tracker, ranks)
         ranks.close()
         for domain, models in (metrics or {}).items():
-            print(f"evaluate {domain}: " + "; ".join(
-                f"{m} " + ", ".join(f"{k} {v:g}" for k, v in scores.items()) for m, scores in models.items()))
+            print(
+                f"evaluate {domain}: "
+                + "; ".join(
+                    f"{m} " + ", ".join(f"{k} {v:g}" for k, v in scores.items()) for m, scores in models.items()
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models_dir", help="folder with the tuned prior/ and decoder/")
     parser.add_argument("--train-prior", required=True, type=Path, metavar="FILE", help="train_prior's summary (JSON)")
-    parser.add_argument("--train-decoder", required=True, type=Path, metavar="FILE",
-                        help="train_decoder's summary (JSON)")
+    parser.add_argument(
+        "--train-decoder", required=True, type=Path, metavar="FILE", help="train_decoder's summary (JSON)"
+    )
     parser.add_argument("--metrics", required=True, type=Path, metavar="FILE", help="evaluate's metrics.json")
     parser.add_argument("--evaluation", required=True, type=Path, metavar="FILE", help="evaluate's evaluation.json")
     args = parser.parse_args(argv)

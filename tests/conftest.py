@@ -33,8 +33,18 @@ pytest_plugins = ("pipeline_fixtures", "serving_fixtures", "inception_fixtures")
 # paper run ~150 s, tracking ~115 s, preemption ~100 s, train ~95 s, in a 2-worker run; sweep
 # ~450 s alone on a loaded machine), so the short ones fill in at the end instead of one long
 # file running alone.
-SLOWEST_FIRST = ("test_pipeline_e2e.py", "test_sweep.py", "test_spread.py", "test_paper_run.py", "test_tracking.py",
-                 "test_preemption.py", "test_train.py", "test_compile.py", "test_validate.py", "test_fullsize.py")
+SLOWEST_FIRST = (
+    "test_pipeline_e2e.py",
+    "test_sweep.py",
+    "test_spread.py",
+    "test_paper_run.py",
+    "test_tracking.py",
+    "test_preemption.py",
+    "test_train.py",
+    "test_compile.py",
+    "test_validate.py",
+    "test_fullsize.py",
+)
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -74,8 +84,9 @@ def repo_params(**overrides) -> Params:
 @pytest.fixture(scope="session")
 def synthetic_h5(tmp_path_factory) -> Path:
     """A tiny synthetic train file: 6 products x 2 poses = 12 rows, seed 0. Read-only."""
-    return write_synthetic(tmp_path_factory.mktemp("synthetic") / "fashiongen_train.h5",
-                           n_products=6, poses_per_product=2, seed=0)
+    return write_synthetic(
+        tmp_path_factory.mktemp("synthetic") / "fashiongen_train.h5", n_products=6, poses_per_product=2, seed=0
+    )
 
 
 def _bytes(values) -> np.ndarray:

@@ -25,8 +25,13 @@ def make_images(n: int, size: int, seed: int) -> list[np.ndarray]:
     yy, xx = np.mgrid[0:size, 0:size] / size
     out = []
     for _ in range(n):
-        waves = np.stack([np.sin(2 * np.pi * (rng.uniform(1, 4) * xx + rng.uniform(1, 4) * yy) + rng.uniform(0, 6))
-                          for _ in range(3)], axis=-1)
+        waves = np.stack(
+            [
+                np.sin(2 * np.pi * (rng.uniform(1, 4) * xx + rng.uniform(1, 4) * yy) + rng.uniform(0, 6))
+                for _ in range(3)
+            ],
+            axis=-1,
+        )
         stripes = np.sign(np.sin(np.pi * xx * size / rng.uniform(1.5, 3.0)))[..., None]
         noise = rng.normal(0.0, 1.0, (size, size, 3))
         pixels = 127 + 60 * waves + 40 * rng.uniform() * stripes + 30 * rng.uniform() * noise
@@ -40,9 +45,12 @@ def random_inception_weights(path: Path, calibration_size: int = 384, n_calibrat
     from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
     # Build the architecture without any weights: no download, no load.
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict",
-                              lambda self, state_dict, *args, **kwargs: None):
+    with (
+        mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(
+            tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict, *args, **kwargs: None
+        ),
+    ):
         torch.manual_seed(seed)
         net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     for module in net.modules():

@@ -43,7 +43,10 @@ def tiny_base(tmp_path_factory, extracted) -> Path:
 def stage_params(base: Path, **overrides) -> dict:
     """The repository's params, shrunk for the tiny model, with ``overrides`` (dotted keys)."""
     small = {
-        "epochs": 2, "batch_size": 4, "clip_image_size": TINY_SPEC.clip_image_size, "seed": 0,
+        "epochs": 2,
+        "batch_size": 4,
+        "clip_image_size": TINY_SPEC.clip_image_size,
+        "seed": 0,
         "model": {"prior": str(base / "prior"), "decoder": str(base / "decoder"), "resolution": 64},
         "embed": {"batch_size": 3},  # 8 captions, 16 images: short last batches, an uneven split
         "train": {"checkpoint_every": 2, "log_every": 1, "warmup_steps": 1},
@@ -51,20 +54,35 @@ def stage_params(base: Path, **overrides) -> dict:
     return merge(params_tree(**small), overrides)
 
 
-def run_stage(cwd: Path, params: dict, script: str, *args: str, launcher: list[str] | None = None,
-              check: bool = True, timeout: float | None = None, **env: str) -> subprocess.CompletedProcess:
+def run_stage(
+    cwd: Path,
+    params: dict,
+    script: str,
+    *args: str,
+    launcher: list[str] | None = None,
+    check: bool = True,
+    timeout: float | None = None,
+    **env: str,
+) -> subprocess.CompletedProcess:
     """Run ``stages/<script>`` in ``cwd`` with ``params`` written to cwd/params.yaml; MLflow
     tracking off unless ``env`` (more environment variables) turns it on."""
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = (launcher or [sys.executable]) + [str(REPO / "stages" / script), *map(str, args)]
-    result = subprocess.run(cmd, cwd=cwd, env=project_env(**{"FASHIONDIFF_TRACKING": "off", **env}),
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=project_env(**{"FASHIONDIFF_TRACKING": "off", **env}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
         # under `accelerate launch` the last lines are rank 0's; a crashed rank's own error is earlier
         errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line)[-3000:]
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}\n"
-                             f"-- every error line --\n{errors}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}\n-- every error line --\n{errors}"
+        )
     return result
 
 

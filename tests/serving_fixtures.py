@@ -30,9 +30,14 @@ def served(tmp_path_factory) -> Path:
     Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(root / "photo.png")
     Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(root / "big.png")  # ~120 KB
     (root / "fake.png").write_text("not an image")
-    small = {"diffusion_steps": 4, "model.resolution": SIDE, "evaluate.prior_steps": 2,  # 4 x strength 0.3: 1 step
-             "model.prior": str(root / "models/base/prior"), "model.decoder": str(root / "models/base/decoder"),
-             "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
+    small = {
+        "diffusion_steps": 4,
+        "model.resolution": SIDE,
+        "evaluate.prior_steps": 2,  # 4 x strength 0.3: 1 step
+        "model.prior": str(root / "models/base/prior"),
+        "model.decoder": str(root / "models/base/decoder"),
+        "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params_tree(**small)))
     return root
 

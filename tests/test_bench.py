@@ -16,8 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def bench(*args: str, cwd: Path = REPO) -> str:
     """Run ``bench/<args>`` with CUDA hidden (as on a CPU machine); its one line of output."""
-    done = subprocess.run([sys.executable, *args], cwd=cwd, env=project_env(CUDA_VISIBLE_DEVICES=""),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=project_env(CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout
 

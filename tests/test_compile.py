@@ -20,10 +20,26 @@ def test_the_compiled_loop_follows_the_eager_one_for_200_steps(tmp_path, tiny_ba
     curves = {}
     for compile_ in ("off", "on"):
         root = tmp_path / compile_
-        params = stage_params(tiny_base, epochs=STEPS // 4, **{"train.compile": compile_, "train.log_every": 10,
-                                                                "train.checkpoint_every": 1000})
-        run_stage(root, params, f"train_{kind}.py", "--cache", train_cache, "--out", root / "model",
-                  "--checkpoints", root / "ckpt", "--summary", root / "summary.json", "--plot", root / "curve.csv")
+        params = stage_params(
+            tiny_base,
+            epochs=STEPS // 4,
+            **{"train.compile": compile_, "train.log_every": 10, "train.checkpoint_every": 1000},
+        )
+        run_stage(
+            root,
+            params,
+            f"train_{kind}.py",
+            "--cache",
+            train_cache,
+            "--out",
+            root / "model",
+            "--checkpoints",
+            root / "ckpt",
+            "--summary",
+            root / "summary.json",
+            "--plot",
+            root / "curve.csv",
+        )
         with open(root / "curve.csv") as handle:
             curves[compile_] = [float(row["loss"]) for row in csv.DictReader(handle)]
     eager, compiled = curves["off"], curves["on"]

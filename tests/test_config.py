@@ -58,15 +58,26 @@ def test_params_yaml_is_the_one_source_a_missing_key_is_named(tmp_path):
         params_from_dict(tree)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("evaluate.num_prompts", 1, "evaluate.num_prompts must be >= 2"),
-    ("diffusion_steps", 1, "diffusion_steps 1 x evaluate.edit_strengths' 0.3 leaves evaluate's img2img no denoising"),
-    ("evaluate.edit_strengths", [0.3, 0.301], "evaluate.edit_strengths must list at least one strength, no two equal"),
-    ("evaluate.edit_strengths", [0.0], "evaluate.edit_strengths.0 must be in \\(0, 1\\]"),
-    ("model.resolution", 60, "model.resolution must be a multiple of 8"),
-    ("train.mixed_precision", "fp8", "train.mixed_precision must be no, fp16 or bf16"),
-    ("epochs", "many", "epochs must be an integer"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("evaluate.num_prompts", 1, "evaluate.num_prompts must be >= 2"),
+        (
+            "diffusion_steps",
+            1,
+            "diffusion_steps 1 x evaluate.edit_strengths' 0.3 leaves evaluate's img2img no denoising",
+        ),
+        (
+            "evaluate.edit_strengths",
+            [0.3, 0.301],
+            "evaluate.edit_strengths must list at least one strength, no two equal",
+        ),
+        ("evaluate.edit_strengths", [0.0], "evaluate.edit_strengths.0 must be in \\(0, 1\\]"),
+        ("model.resolution", 60, "model.resolution must be a multiple of 8"),
+        ("train.mixed_precision", "fp8", "train.mixed_precision must be no, fp16 or bf16"),
+        ("epochs", "many", "epochs must be an integer"),
+    ],
+)
 def test_bad_values_fail_at_load_naming_the_key(key, value, message):
     """The whole file (fashiondiff run's check before a run, tools): every section's errors, named."""
     with pytest.raises(PipelineError, match=message):
@@ -88,19 +99,30 @@ def test_exponent_floats_dvc_writes_read_back_as_floats():
         repo_params(lr="fast")
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda t: t["train"].update(warmup_stepz=3), r"params: unknown key train\.warmup_stepz \(known: adam_beta1, "),
-    (lambda t: t.update(decoder=None), r"params: decoder must be a mapping, got NoneType"),
-    (lambda t: t["decoder"].update(gradient_checkpointing="yes"),
-     r"params: decoder\.gradient_checkpointing must be true or false, got 'yes'"),
-    (lambda t: t.update(batch_size=32.0), r"params: batch_size must be an integer, got 32\.0"),
-    (lambda t: t["train"].update(lr_schedule="step"),
-     r"params: train\.lr_schedule must be constant_with_warmup, cosine or linear"),
-    (lambda t: t["prior"].update(lora_rank=4, trainable="blocks"),
-     r"params: prior\.lora_rank > 0 trains a LoRA adapter and nothing else, so prior\.trainable must be all"),
-    (lambda t: t["train"].update(checkpoint_every=3, gradient_accumulation_steps=2),
-     r"train\.checkpoint_every must be a multiple of train\.gradient_accumulation_steps"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t["train"].update(warmup_stepz=3), r"params: unknown key train\.warmup_stepz \(known: adam_beta1, "),
+        (lambda t: t.update(decoder=None), r"params: decoder must be a mapping, got NoneType"),
+        (
+            lambda t: t["decoder"].update(gradient_checkpointing="yes"),
+            r"params: decoder\.gradient_checkpointing must be true or false, got 'yes'",
+        ),
+        (lambda t: t.update(batch_size=32.0), r"params: batch_size must be an integer, got 32\.0"),
+        (
+            lambda t: t["train"].update(lr_schedule="step"),
+            r"params: train\.lr_schedule must be constant_with_warmup, cosine or linear",
+        ),
+        (
+            lambda t: t["prior"].update(lora_rank=4, trainable="blocks"),
+            r"params: prior\.lora_rank > 0 trains a LoRA adapter and nothing else, so prior\.trainable must be all",
+        ),
+        (
+            lambda t: t["train"].update(checkpoint_every=3, gradient_accumulation_steps=2),
+            r"train\.checkpoint_every must be a multiple of train\.gradient_accumulation_steps",
+        ),
+    ],
+)
 def test_pydantic_errors_read_as_one_line_naming_the_key(change, message):
     tree = params_tree()
     change(tree)
@@ -147,17 +169,22 @@ def test_the_loop_reads_only_what_the_train_section_has():
     assert set(LoopSettings.__annotations__) <= set(TrainParams.model_fields)
 
 
-@pytest.mark.parametrize("stage, modules", [
-    ("extract", {"data"}),
-    ("embed", {"method", "model", "embed", "data", "compute"}),
-    ("train_prior", {"method", "model", "embed", "train"}),
-    ("evaluate", {"method", "model", "evaluate", "data", "compute"}),
-    ("synthesize", {"method", "standin"}),
-])
+@pytest.mark.parametrize(
+    "stage, modules",
+    [
+        ("extract", {"data"}),
+        ("embed", {"method", "model", "embed", "data", "compute"}),
+        ("train_prior", {"method", "model", "embed", "train"}),
+        ("evaluate", {"method", "model", "evaluate", "data", "compute"}),
+        ("synthesize", {"method", "standin"}),
+    ],
+)
 def test_a_stage_imports_only_its_sections_modules(stage, modules):
-    code = ("import sys; from fashiondiff.config.view import stage_params; "
-            f"stage_params({stage!r}, {str(REPO / 'params.yaml')!r}, {str(REPO)!r}); "
-            "print(' '.join(m for m in sys.modules if m.startswith('fashiondiff.config.')))")
+    code = (
+        "import sys; from fashiondiff.config.view import stage_params; "
+        f"stage_params({stage!r}, {str(REPO / 'params.yaml')!r}, {str(REPO)!r}); "
+        "print(' '.join(m for m in sys.modules if m.startswith('fashiondiff.config.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert {m.rsplit(".", 1)[1] for m in out} == modules | {"schema", "view"}
 

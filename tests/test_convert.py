@@ -127,10 +127,26 @@ def test_the_good_rows_in_order_with_their_text_and_products(converted, shop):
     rows = _rows(done.out)
     assert (done.rows, len(rows), done.products) == (8, 8, 7)
     assert rows.images.shape == (8, 256, 256, 3) and rows.images.dtype == np.uint8
-    assert rows.text["description"] == ["Red and blue shirt", "Wide scarf, red", "Green half", "Red square on a frame",
-                                        "Blue strip", "Robe été - café", "Two-line\ncaption", "Grey sixteen"]
-    assert rows.text["name"] == ["Red and blue shirt", "Red scarf", "Green half", "Red square on a frame",
-                                 "Blue strip", "Kabát o ?", "Two-line\ncaption", "Grey sixteen"]
+    assert rows.text["description"] == [
+        "Red and blue shirt",
+        "Wide scarf, red",
+        "Green half",
+        "Red square on a frame",
+        "Blue strip",
+        "Robe été - café",
+        "Two-line\ncaption",
+        "Grey sixteen",
+    ]
+    assert rows.text["name"] == [
+        "Red and blue shirt",
+        "Red scarf",
+        "Green half",
+        "Red square on a frame",
+        "Blue strip",
+        "Kabát o ?",
+        "Two-line\ncaption",
+        "Grey sixteen",
+    ]
     assert rows.text["category"] == ["SHIRTS", "ACCESSORIES", "", "", "", "DRESSES", "", ""]
     assert rows.text["pose"] == [""] * 8
     own = [own_product_id(f) for f in KEPT]
@@ -197,10 +213,14 @@ def test_same_inputs_give_the_same_bytes_with_or_without_workers(converted, shop
 
 
 def test_json_lines_numbered_by_line_and_a_long_report_cut(shop, tmp_path, capsys):
-    lines = [json.dumps({"file": "grey.png", "caption": "Grey dress", "category": "DRESSES", "product_id": 3}),
-             "", "{not json", json.dumps(["a list"]),
-             *(json.dumps({"file": f"gone/{k}.jpg", "caption": "x"}) for k in range(25)),
-             json.dumps({"File": "tiny.png", "Caption": "Blue strip", "product_id": "3.0"})]
+    lines = [
+        json.dumps({"file": "grey.png", "caption": "Grey dress", "category": "DRESSES", "product_id": 3}),
+        "",
+        "{not json",
+        json.dumps(["a list"]),
+        *(json.dumps({"file": f"gone/{k}.jpg", "caption": "x"}) for k in range(25)),
+        json.dumps({"File": "tiny.png", "Caption": "Blue strip", "product_id": "3.0"}),
+    ]
     captions = tmp_path / "captions.jsonl"
     captions.write_text("\n".join(lines) + "\n", encoding="utf-8")
     done = convert(shop / "photos", captions, tmp_path / "out.h5", workers=0)
@@ -215,10 +235,19 @@ def test_json_lines_numbered_by_line_and_a_long_report_cut(shop, tmp_path, capsy
 
 
 def test_coco_captions_take_each_image_s_first_caption(shop, tmp_path, capsys):
-    coco = {"images": [{"id": 10, "file_name": "rgba.png"}, {"id": 20, "file_name": "grey.png"},
-                       {"id": 30, "file_name": "tiny.png"}],
-            "annotations": [{"image_id": 20, "caption": "A grey square"}, {"image_id": 10, "caption": "Half green"},
-                            {"image_id": 20, "caption": "A second caption"}, {"image_id": 99, "caption": "nobody"}]}
+    coco = {
+        "images": [
+            {"id": 10, "file_name": "rgba.png"},
+            {"id": 20, "file_name": "grey.png"},
+            {"id": 30, "file_name": "tiny.png"},
+        ],
+        "annotations": [
+            {"image_id": 20, "caption": "A grey square"},
+            {"image_id": 10, "caption": "Half green"},
+            {"image_id": 20, "caption": "A second caption"},
+            {"image_id": 99, "caption": "nobody"},
+        ],
+    }
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps(coco))
     done = convert(shop / "photos", captions, tmp_path / "coco.h5", workers=0)
@@ -240,8 +269,14 @@ def test_the_converted_file_goes_through_extraction(converted, tmp_path):
 
 
 def _cli(*args, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fashiondiff", "convert", *map(str, args)], env=project_env(),
-                          capture_output=True, text=True, timeout=120, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "fashiondiff", "convert", *map(str, args)],
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **popen,
+    )
 
 
 def test_the_command_line(shop, tmp_path):
@@ -261,8 +296,10 @@ def test_no_good_row_fails_with_one_line_and_writes_nothing(shop, tmp_path):
     done = _cli("--images", shop / "photos", "--captions", tmp_path / "bad.csv", "--out", tmp_path / "bad.h5")
     assert done.returncode == 1
     error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert error == [f"error: {tmp_path / 'bad.csv'}: no usable row, all 2 skipped (1 missing file, "
-                     f"1 empty caption); nothing written"]
+    assert error == [
+        f"error: {tmp_path / 'bad.csv'}: no usable row, all 2 skipped (1 missing file, "
+        f"1 empty caption); nothing written"
+    ]
     assert "bad.csv line 2: missing file nothere.jpg" in done.stderr
     (tmp_path / "broken.csv").write_text("file,caption\ncorrupt.jpg,Noise\ntruncated.jpg,Cut\n")
     with pytest.raises(PipelineError, match="all 2 skipped \\(2 unreadable image\\)"):
@@ -270,13 +307,16 @@ def test_no_good_row_fails_with_one_line_and_writes_nothing(shop, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["bad.csv", "broken.csv"]  # no output, no list, no temp file
 
 
-@pytest.mark.parametrize("name, text, words", [
-    ("captions.txt", "file,caption\n", "unknown captions format '.txt': give a .csv, a .jsonl"),
-    ("captions.csv", "path,text\na.jpg,b\n", "CSV header (path, text) lacks file, caption"),
-    ("captions.csv", "file,caption\n", "no rows; nothing written"),
-    ("captions.csv", "file,caption\na.jpg,caf\xe9\n".encode("latin-1"), "line 2: not UTF-8 (byte 0xe9"),
-    ("captions.json", '[{"file": "a.jpg"}]', "not COCO captions"),
-])
+@pytest.mark.parametrize(
+    "name, text, words",
+    [
+        ("captions.txt", "file,caption\n", "unknown captions format '.txt': give a .csv, a .jsonl"),
+        ("captions.csv", "path,text\na.jpg,b\n", "CSV header (path, text) lacks file, caption"),
+        ("captions.csv", "file,caption\n", "no rows; nothing written"),
+        ("captions.csv", "file,caption\na.jpg,caf\xe9\n".encode("latin-1"), "line 2: not UTF-8 (byte 0xe9"),
+        ("captions.json", '[{"file": "a.jpg"}]', "not COCO captions"),
+    ],
+)
 def test_a_captions_file_it_cannot_read_fails_with_one_line(shop, tmp_path, name, text, words):
     path = tmp_path / name
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -294,9 +334,26 @@ def test_sigterm_leaves_no_output_and_no_temp_file(tmp_path):
     for k in range(1, 300):
         os.link(photos / "0.png", photos / f"{k}.png")
     (tmp_path / "captions.csv").write_text("file,caption\n" + "".join(f"{k}.png,noise {k}\n" for k in range(300)))
-    proc = subprocess.Popen([sys.executable, "-m", "fashiondiff", "convert", "--images", str(photos), "--captions",
-                             str(tmp_path / "captions.csv"), "--out", str(tmp_path / "out.h5"), "--workers", "1"],
-                            env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fashiondiff",
+            "convert",
+            "--images",
+            str(photos),
+            "--captions",
+            str(tmp_path / "captions.csv"),
+            "--out",
+            str(tmp_path / "out.h5"),
+            "--workers",
+            "1",
+        ],
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".out.h5.tmp-") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

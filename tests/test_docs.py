@@ -39,8 +39,9 @@ def anchors(page: str) -> set[str]:
 
 def repository_paths() -> set[str]:
     """Every file git would put in a clone (tracked, or new and not ignored), and their folders."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     return set(files) | {str(parent) for name in files for parent in Path(name).parents if str(parent) != "."}
 
 

@@ -23,9 +23,16 @@ from fashiondiff.sampling import Sampling, as_img2img, image_text_to_image, text
 SIDE = 64
 FAST = Sampling(steps=50, prior_steps=2, height=SIDE, width=SIDE, guidance_scale=1.0)
 HUB_2_1_SCHEDULER = {  # kandinsky-community/kandinsky-2-1, scheduler/scheduler_config.json
-    "_class_name": "DDIMScheduler", "beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012,
-    "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-    "prediction_type": "epsilon"}
+    "_class_name": "DDIMScheduler",
+    "beta_schedule": "linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +71,19 @@ def final_latents(decoder, photo, strength: float, seed: int = 0) -> torch.Tenso
     img2img, seen = as_img2img(decoder), []
     dim = decoder.unet.config.cross_attention_dim  # the image embedding (TextImageProjection)
     embeds = torch.ones(1, dim), torch.zeros(1, dim)
-    img2img(["a skirt"], image=[photo], image_embeds=embeds[0], negative_image_embeds=embeds[1], height=SIDE,
-            width=SIDE, num_inference_steps=FAST.steps, guidance_scale=1.0, strength=strength,
-            generator=torch.Generator().manual_seed(seed), callback=lambda i, t, latents: seen.append(latents))
+    img2img(
+        ["a skirt"],
+        image=[photo],
+        image_embeds=embeds[0],
+        negative_image_embeds=embeds[1],
+        height=SIDE,
+        width=SIDE,
+        num_inference_steps=FAST.steps,
+        guidance_scale=1.0,
+        strength=strength,
+        generator=torch.Generator().manual_seed(seed),
+        callback=lambda i, t, latents: seen.append(latents),
+    )
     return seen[-1]
 
 
@@ -77,8 +94,9 @@ def test_the_photo_is_noised_as_training_noises_and_sampling_denoises(pipes, pho
     0.0001-0.02 one; the stand-in's scheduler is 2.1's."""
     _, decoder = pipes
     scheduler = decoder.scheduler
-    assert {k: scheduler.config[k] for k in HUB_2_1_SCHEDULER if k != "_class_name"} == \
-        {k: v for k, v in HUB_2_1_SCHEDULER.items() if k != "_class_name"}
+    assert {k: scheduler.config[k] for k in HUB_2_1_SCHEDULER if k != "_class_name"} == {
+        k: v for k, v in HUB_2_1_SCHEDULER.items() if k != "_class_name"
+    }
     assert type(scheduler).__name__ == HUB_2_1_SCHEDULER["_class_name"]
 
     img2img = as_img2img(decoder)
@@ -111,16 +129,19 @@ def test_near_zero_strength_gives_the_photo_back_through_the_movq(pipes, photo):
     movq_error = rmse(rec, photo)
     assert rmse(edit, photo) <= movq_error + 2.0, (rmse(edit, photo), movq_error)  # 0-255 levels
     # below one denoising step (steps x strength < 1): the photo through the MoVQ, as is
-    untouched = image_text_to_image(prior, as_img2img(decoder), ["a skirt"], [photo], [0],
-                                    replace(FAST, strength=0.01))[0]
+    untouched = image_text_to_image(
+        prior, as_img2img(decoder), ["a skirt"], [photo], [0], replace(FAST, strength=0.01)
+    )[0]
     assert rmse(untouched, rec) < 1.0
 
 
 def test_closeness_to_the_photo_falls_as_strength_rises_and_beats_text_alone(pipes, photo):
     prior, decoder = pipes
     img2img = as_img2img(decoder)
-    distance = {s: rmse(image_text_to_image(prior, img2img, ["a skirt"], [photo], [0], replace(FAST, strength=s))[0],
-                        photo) for s in (0.1, 0.3, 0.5, 0.7, 0.9)}
+    distance = {
+        s: rmse(image_text_to_image(prior, img2img, ["a skirt"], [photo], [0], replace(FAST, strength=s))[0], photo)
+        for s in (0.1, 0.3, 0.5, 0.7, 0.9)
+    }
     text_only = rmse(text_to_image(prior, decoder, ["a skirt"], [0], FAST)[0], photo)
     assert list(distance.values()) == sorted(distance.values()), distance
     assert distance[0.3] < text_only, (distance, text_only)

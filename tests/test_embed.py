@@ -28,8 +28,9 @@ def _on_the_fly(enc, extracted, rows) -> dict[str, torch.Tensor]:
     images = [Image.open(extracted / r["image"]).convert("RGB") for _, r in rows.iterrows()]
     return {
         **encode_texts(enc, rows["caption"].tolist()),
-        **encode_images(enc, clip_pixels(enc.image_processor, images, TINY_SPEC.clip_image_size),
-                        movq_pixels(images, 64)),
+        **encode_images(
+            enc, clip_pixels(enc.image_processor, images, TINY_SPEC.clip_image_size), movq_pixels(images, 64)
+        ),
     }
 
 
@@ -51,8 +52,9 @@ def test_cache_equals_encoders_on_the_fly(train_cache, tiny_base, extracted):
         got["text_hidden"] = got["text_hidden"][:, :length]
         for name in sorted(set(got) - {"text_mask"}):
             # batched vs one-image convolutions round differently (oneDNN picks per shape): 1e-4
-            np.testing.assert_allclose(got[name][0], want[name][0].numpy(), rtol=1e-4, atol=1e-4,
-                                       err_msg=f"{name} at row {row['row']}")
+            np.testing.assert_allclose(
+                got[name][0], want[name][0].numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{name} at row {row['row']}"
+            )
     assert cache.arrays["latents"].shape[1:] == (4, 8, 8)  # 64 px / MoVQ factor 8, as 2.1
     assert cache.arrays["text_hidden"].shape[0] == cache.lengths.sum() < 77 * cache.meta["captions"]
     assert cache.arrays["mclip_hidden"].shape[1] == 77  # the U-Net attends to all positions
@@ -64,8 +66,7 @@ def _losses(task, batch, seeds=range(3)) -> list[float]:
 
     items = np.arange(len(next(iter(batch.values()))))
     with torch.no_grad():
-        return [task.loss(task.model, batch, SampleDraws(0, s, items, "cpu")).item()
-                for s in seeds]
+        return [task.loss(task.model, batch, SampleDraws(0, s, items, "cpu")).item() for s in seeds]
 
 
 def test_losses_from_the_compact_cache_equal_the_per_image_layout(train_cache, tiny_base, extracted):
@@ -79,21 +80,23 @@ def test_losses_from_the_compact_cache_equal_the_per_image_layout(train_cache, t
     captions = pd.read_parquet(extracted / "captions.parquet")
     enc = load_encoders(str(tiny_base / "prior"), str(tiny_base / "decoder"), device="cpu")
     prior, decoder = load_prior(str(tiny_base / "prior")), load_decoder(str(tiny_base / "decoder"))
-    tasks = {"prior": PriorTask(prior.prior, prior.scheduler, cache, 0.3),
-             "decoder": DecoderTask(decoder.unet, decoder.scheduler, cache, 0.3, 0.3)}
+    tasks = {
+        "prior": PriorTask(prior.prior, prior.scheduler, cache, 0.3),
+        "decoder": DecoderTask(decoder.unet, decoder.scheduler, cache, 0.3, 0.3),
+    }
     index = np.array([0, 1, 2, 7, 9, 15])  # poses of one product share a caption row
-    old = {k: (v.float() if v.is_floating_point() else v)
-           for k, v in _on_the_fly(enc, extracted, captions.iloc[index]).items()}
+    old = {
+        k: (v.float() if v.is_floating_point() else v)
+        for k, v in _on_the_fly(enc, extracted, captions.iloc[index]).items()
+    }
     for name, task in tasks.items():
         task.model.eval()
         new = task.batch(index, torch.device("cpu"))
-        np.testing.assert_allclose(_losses(task, new), _losses(task, {k: old[k] for k in new}),
-                                   rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(_losses(task, new), _losses(task, {k: old[k] for k in new}), rtol=1e-5, err_msg=name)
     # Exactly: the prior masks CLIP's padded positions, so what they hold does not matter.
     task = tasks["prior"]
     new = task.batch(index, torch.device("cpu"))
-    full = dict(new, text_hidden=torch.where(new["text_mask"][..., None], new["text_hidden"],
-                                             old["text_hidden"]))
+    full = dict(new, text_hidden=torch.where(new["text_mask"][..., None], new["text_hidden"], old["text_hidden"]))
     assert not torch.equal(full["text_hidden"], new["text_hidden"])
     assert _losses(task, new) == _losses(task, full)
 

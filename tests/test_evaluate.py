@@ -17,12 +17,26 @@ from fashiondiff.evaluate.heldout import choose_prompts, heldout_rows
 from fashiondiff.evaluate.run import ModelPair, evaluate
 from fashiondiff.evaluate.summary import summary_metrics
 
-NAMES = ["black leather mini skirt", "white cotton shirt", "blue denim jacket", "red silk dress",
-         "grey wool coat", "green linen trousers", "yellow rain jacket", "pink knit sweater"]
+NAMES = [
+    "black leather mini skirt",
+    "white cotton shirt",
+    "blue denim jacket",
+    "red silk dress",
+    "grey wool coat",
+    "green linen trousers",
+    "yellow rain jacket",
+    "pink knit sweater",
+]
 OBJECTS = ["red striped mug", "blue ball", "green lamp", "black leather bag", "white kite"]
 TEXT_KEYS = {"clip_score", "fd_clip", "r_precision"}
-EDIT_KEYS = {"edit_fidelity_s50", "edit_clip_score_s50", "edit_fidelity_s100", "edit_clip_score_s100",
-             "mix_fidelity", "mix_clip_score"}
+EDIT_KEYS = {
+    "edit_fidelity_s50",
+    "edit_clip_score_s50",
+    "edit_fidelity_s100",
+    "edit_clip_score_s100",
+    "mix_fidelity",
+    "mix_clip_score",
+}
 
 
 def headline(report: dict) -> dict:
@@ -60,9 +74,18 @@ def extracted_folder(folder, names, poses, rng, first_product=100):
         product, pose = divmod(row, poses)
         image = f"images/{row:07d}.png"
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / image)
-        records.append({"row": row, "product_id": first_product + product, "pose": f"pose {pose}",
-                        "category": "CLOTHING", "name": names[product], "description": "",
-                        "caption": names[product], "image": image})
+        records.append(
+            {
+                "row": row,
+                "product_id": first_product + product,
+                "pose": f"pose {pose}",
+                "category": "CLOTHING",
+                "name": names[product],
+                "description": "",
+                "caption": names[product],
+                "image": image,
+            }
+        )
     pd.DataFrame(records).to_parquet(folder / "captions.parquet")
     return folder
 
@@ -72,18 +95,29 @@ def setup(tmp_path_factory):
     from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 
     root = tmp_path_factory.mktemp("evaluate")
-    save_pipelines(build_tiny((NAMES + OBJECTS) * 2, TinySpec(clip_image_size=32, clip_patch_size=16)),
-                   root / "models")
+    save_pipelines(build_tiny((NAMES + OBJECTS) * 2, TinySpec(clip_image_size=32, clip_patch_size=16)), root / "models")
     rng = np.random.default_rng(0)
-    folders = {"catalogue": extracted_folder(root / "validation", NAMES, 2, rng),
-               "generic": extracted_folder(root / "generic", OBJECTS, 1, rng, first_product=500)}
+    folders = {
+        "catalogue": extracted_folder(root / "validation", NAMES, 2, rng),
+        "generic": extracted_folder(root / "generic", OBJECTS, 1, rng, first_product=500),
+    }
     base = repo_params()
     params = replaced(
-        base, clip_image_size=32, diffusion_steps=2,
+        base,
+        clip_image_size=32,
+        diffusion_steps=2,
         data=replaced(base.data, holdout_fraction=0.5),
         model=replaced(base.model, resolution=64),  # MoVQ factor 8: sizes step by 64
-        evaluate=replaced(base.evaluate, num_prompts=3, prior_steps=2, batch_size=2,
-                          r_precision_candidates=4, workers=1, edit_items=3, edit_strengths=[0.5, 1.0]),
+        evaluate=replaced(
+            base.evaluate,
+            num_prompts=3,
+            prior_steps=2,
+            batch_size=2,
+            r_precision_candidates=4,
+            workers=1,
+            edit_items=3,
+            edit_strengths=[0.5, 1.0],
+        ),
     )
     return root, folders, params
 
@@ -127,8 +161,7 @@ def test_evaluate_writes_metrics_and_figures(setup):
             assert curve[0] == "strength,edit_clip_score,edit_fidelity" and len(curve) == 3
             assert curve[2].startswith("1.0,")
             assert curve[2].endswith(str(everything[domain][model]["edit_fidelity_s100"]))
-    heldout = select_split(pd.read_parquet(folders["catalogue"] / "captions.parquet"), "validation", 0.5,
-                           params.seed)
+    heldout = select_split(pd.read_parquet(folders["catalogue"] / "captions.parquet"), "validation", 0.5, params.seed)
     assert details["catalogue"]["real_images"] == len(heldout) < 16
     assert details["generic"]["real_images"] == len(OBJECTS)  # the generic file is held out whole
     for domain in ("catalogue", "generic"):
@@ -197,8 +230,14 @@ def test_evaluate_writes_fid_for_both_models(setup, inception_weights, tmp_path)
     for domain in ("catalogue", "generic"):
         real = (root / "reports_fid" / "samples" / domain / "real_images.txt").read_text().split()
         for scores in (written[domain], everything[domain]["base"]):  # tuned, base
-            assert set(scores) - EDIT_KEYS == {"clip_score", "fd_clip", "r_precision", "fid", "fid_n_generated",
-                                               "fid_n_real"}
+            assert set(scores) - EDIT_KEYS == {
+                "clip_score",
+                "fd_clip",
+                "r_precision",
+                "fid",
+                "fid_n_generated",
+                "fid_n_real",
+            }
             assert np.isfinite(scores["fid"]) and scores["fid"] > 0.0
             assert scores["fid_n_generated"] == 3 and scores["fid_n_real"] == len(real) >= 2
     assert written == headline(report)
@@ -213,16 +252,27 @@ def test_evaluate_writes_fid_for_both_models(setup, inception_weights, tmp_path)
     for relative in real:  # already at model.resolution (64 px): no resize on either side
         shutil.copy(folders["catalogue"] / relative, real_dir / relative.replace("/", "_"))
     reference = torch_fidelity.calculate_metrics(
-        input1=str(root / "reports_fid" / "samples" / "catalogue" / "tuned"), input2=str(real_dir), fid=True,
-        cuda=False, cache=False, verbose=False, save_cpu_ram=True,
+        input1=str(root / "reports_fid" / "samples" / "catalogue" / "tuned"),
+        input2=str(real_dir),
+        fid=True,
+        cuda=False,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
         feature_extractor_weights_path=str(inception_weights),
     )["frechet_inception_distance"]
     assert written["catalogue"]["fid"] == pytest.approx(reference, rel=1e-3)
 
 
 def test_prompts_prefer_one_row_per_product():
-    rows = pd.DataFrame({"row": range(12), "product_id": np.repeat([1, 2, 3, 4], 3),
-                         "caption": [f"c{i}" for i in range(12)], "image": ""})
+    rows = pd.DataFrame(
+        {
+            "row": range(12),
+            "product_id": np.repeat([1, 2, 3, 4], 3),
+            "caption": [f"c{i}" for i in range(12)],
+            "image": "",
+        }
+    )
     chosen = choose_prompts(rows, 4, seed=0)
     assert sorted(chosen["product_id"]) == [1, 2, 3, 4]
     assert choose_prompts(rows, 4, seed=0).equals(chosen)

@@ -35,8 +35,7 @@ def test_round_trip_pixels_and_captions(synthetic_h5, tmp_path):
     summary = extract(synthetic_h5, out, "{name}. {description}", chunk_size=5, workers=2)
     assert summary["rows"] == 12 and summary["products"] == 6 and summary["dropped"] == 0
     table = pd.read_parquet(out / "captions.parquet")
-    assert {"row", "product_id", "pose", "category", "name", "description", "caption",
-            "image"} <= set(table.columns)
+    assert {"row", "product_id", "pose", "category", "name", "description", "caption", "image"} <= set(table.columns)
     assert list(table["row"]) == list(range(12))
     with h5py.File(synthetic_h5) as f:
         images, ids = f["input_image"][()], f["input_productID"][:, 0]
@@ -49,22 +48,31 @@ def test_round_trip_pixels_and_captions(synthetic_h5, tmp_path):
 
 
 def test_latin1_text_round_trips_exactly(make_h5, tmp_path):
-    src = make_h5(tmp_path / "latin.h5", n=3,
-                  input_name=[b"Jupe appliqu\xe9 ", b"Robe cr\xeape\x00\x00", b"  Plain  "],
-                  input_description=["Appliqué detailing.", "Lined in crêpe de chine.", ""],
-                  input_category=["SKIRTS", "DRESSES", "TOPS"])
+    src = make_h5(
+        tmp_path / "latin.h5",
+        n=3,
+        input_name=[b"Jupe appliqu\xe9 ", b"Robe cr\xeape\x00\x00", b"  Plain  "],
+        input_description=["Appliqué detailing.", "Lined in crêpe de chine.", ""],
+        input_category=["SKIRTS", "DRESSES", "TOPS"],
+    )
     extract(src, tmp_path / "out", "{name} ({category}): {description}", 2, workers=0)
     table = pd.read_parquet(tmp_path / "out" / "captions.parquet")
     assert list(table["name"]) == ["Jupe appliqué", "Robe crêpe", "Plain"]
     assert list(table["description"]) == ["Appliqué detailing.", "Lined in crêpe de chine.", ""]
-    assert list(table["caption"]) == ["Jupe appliqué (SKIRTS): Appliqué detailing.",
-                                      "Robe crêpe (DRESSES): Lined in crêpe de chine.",
-                                      "Plain (TOPS)"]
+    assert list(table["caption"]) == [
+        "Jupe appliqué (SKIRTS): Appliqué detailing.",
+        "Robe crêpe (DRESSES): Lined in crêpe de chine.",
+        "Plain (TOPS)",
+    ]
 
 
 def test_blank_captions_fall_back_then_are_dropped(make_h5, tmp_path):
-    src = make_h5(tmp_path / "blank.h5", n=4, input_name=["", "only a name", "", "  "],
-                  input_description=["", "", "only a description", "\x00"])
+    src = make_h5(
+        tmp_path / "blank.h5",
+        n=4,
+        input_name=["", "only a name", "", "  "],
+        input_description=["", "", "only a description", "\x00"],
+    )
     summary = extract(src, tmp_path / "out", "{description}", 3, workers=1)
     assert summary["dropped"] == 2 and summary["rows"] == 2
     table = pd.read_parquet(tmp_path / "out" / "captions.parquet")
@@ -74,8 +82,7 @@ def test_blank_captions_fall_back_then_are_dropped(make_h5, tmp_path):
 
 
 def test_optional_keys_missing_and_no_product_id(make_h5, tmp_path, capsys):
-    src = make_h5(tmp_path / "bare.h5", n=3, input_name=None, input_pose=None,
-                  input_productID=None)
+    src = make_h5(tmp_path / "bare.h5", n=3, input_name=None, input_pose=None, input_productID=None)
     rows = read_rows(src, 1, 3, images=False)
     assert rows.images is None and list(rows.product_ids) == [1, 2]
     assert rows.text["name"] == ["", ""] and rows.text["description"][0] == "description 1"
@@ -126,16 +133,33 @@ def _malformed(kind: str, tmp_path: Path, make_h5, synthetic_h5) -> tuple[Path, 
         "float_image": ({"input_image": np.zeros((4, 16, 16, 3), np.float32)}, "input_image"),
         "grey_image": ({"input_image": np.zeros((4, 16, 16), np.uint8)}, "input_image"),
         "numeric_text": ({"input_season": np.zeros((4, 1))}, "input_season"),
-        "empty": ({"input_image": np.zeros((0, 16, 16, 3), np.uint8), "input_name": [],
-                   "input_description": [], "input_pose": [],
-                   "input_productID": np.zeros((0, 1), int)}, "empty"),
+        "empty": (
+            {
+                "input_image": np.zeros((0, 16, 16, 3), np.uint8),
+                "input_name": [],
+                "input_description": [],
+                "input_pose": [],
+                "input_productID": np.zeros((0, 1), int),
+            },
+            "empty",
+        ),
     }
     datasets, word = cases[kind]
     return make_h5(path, **datasets), word
 
 
-KINDS = ["not_hdf5", "truncated", "corrupt_chunk", "missing_image", "missing_description",
-         "short_key", "float_image", "grey_image", "numeric_text", "empty"]
+KINDS = [
+    "not_hdf5",
+    "truncated",
+    "corrupt_chunk",
+    "missing_image",
+    "missing_description",
+    "short_key",
+    "float_image",
+    "grey_image",
+    "numeric_text",
+    "empty",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -156,8 +180,14 @@ def test_unknown_caption_field_names_the_param(synthetic_h5, tmp_path):
 
 
 def _stage(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "stages/extract.py"), *map(str, args)],
-                          cwd=REPO, env=project_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages/extract.py"), *map(str, args)],
+        cwd=REPO,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("kind", ["not_hdf5", "missing_description", "truncated"])
@@ -216,8 +246,14 @@ def test_a_killed_worker_fails_the_stage_within_seconds(make_h5, tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
     h5 = make_h5(tmp_path / "big.h5", n=n, input_image=pixels)
     out = tmp_path / "out"
-    stage = subprocess.Popen([sys.executable, str(REPO / "stages/extract.py"), str(h5), str(out)], cwd=REPO,
-                             env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage = subprocess.Popen(
+        [sys.executable, str(REPO / "stages/extract.py"), str(h5), str(out)],
+        cwd=REPO,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     workers = yaml.safe_load((REPO / "params.yaml").read_text())["data"]["workers"]  # a fork pool starts all at once
     while len(_children(stage.pid)) < workers and time.monotonic() < deadline and stage.poll() is None:

@@ -44,9 +44,16 @@ def read_folder(folder):
 def reference_fid(generated, real, weights) -> float:
     import torch_fidelity
 
-    metrics = torch_fidelity.calculate_metrics(input1=str(generated), input2=str(real), fid=True, cuda=False,
-                                               cache=False, verbose=False, save_cpu_ram=True,
-                                               feature_extractor_weights_path=str(weights))
+    metrics = torch_fidelity.calculate_metrics(
+        input1=str(generated),
+        input2=str(real),
+        fid=True,
+        cuda=False,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+        feature_extractor_weights_path=str(weights),
+    )
     return metrics["frechet_inception_distance"]
 
 
@@ -72,8 +79,9 @@ def test_fid_equals_torch_fidelity_with_downsampled_images(tmp_path, inception_w
     # The images discriminate the resizes: torchmetrics' default (antialiased) misses by far.
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    antialiased = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(inception_weights),
-                                           antialias=True)
+    antialiased = FrechetInceptionDistance(
+        feature=2048, feature_extractor_weights_path=str(inception_weights), antialias=True
+    )
     antialiased.update(to_uint8(read_folder(real)), real=True)
     antialiased.update(to_uint8(read_folder(generated)), real=False)
     gap = abs(float(antialiased.compute()) - reference) / reference

@@ -20,16 +20,42 @@ pytestmark = pytest.mark.slow  # every stage as a process: minutes
 def test_fullsize_script_runs_every_stage_and_reports(tmp_path):
     report = tmp_path / "fullsize.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench/fullsize.py"), "--tiny", "--products", "2", "--batch-size", "4",
-         "--prompts", "2", "--steps", "4", "--work", str(tmp_path / "work"), "--report", str(report)],
-        env=project_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "bench/fullsize.py"),
+            "--tiny",
+            "--products",
+            "2",
+            "--batch-size",
+            "4",
+            "--prompts",
+            "2",
+            "--steps",
+            "4",
+            "--work",
+            str(tmp_path / "work"),
+            "--report",
+            str(report),
+        ],
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = json.loads(report.read_text())
-    assert list(got["stages"]) == ["extract@train", "extract@validation", "extract@generic", "embed@train",
-                                   "embed@validation",
-                                   "train_prior", "train_decoder", "evaluate", "generate text->image",
-                                   "generate image+text->image"]
+    assert list(got["stages"]) == [
+        "extract@train",
+        "extract@validation",
+        "extract@generic",
+        "embed@train",
+        "embed@validation",
+        "train_prior",
+        "train_decoder",
+        "evaluate",
+        "generate text->image",
+        "generate image+text->image",
+    ]
     for name, stage in got["stages"].items():
         assert stage["exit"] == 0 and stage["seconds"] > 0 and stage["peak_rss_bytes"] > 0, name
     for kind in ("prior", "decoder"):

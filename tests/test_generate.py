@@ -29,8 +29,14 @@ def models(tmp_path_factory) -> Path:
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fashiondiff", *args], cwd=cwd, env=project_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fashiondiff", *args],
+        cwd=cwd,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -45,10 +51,34 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 # The three generating runs start together (each spends most of its time importing torch).
 RUNS = {
     "text": ["black leather mini skirt", "--model", "models", "--out", "out.png", "--seed", "3"],
-    "image": ["black leather mini skirt", "--prior", "models/prior", "--decoder", "models/decoder",
-              "--image", "shirt.png", "--strength", "0.6", "--num-images", "2", "--out", "edits"],
-    "mix": ["a skirt", "--model", "models", "--mix", "white cotton shirt:0.3", "--mix", "shirt.png:0.3",
-            "--prompt-weight", "0.4", "--out", "mix.png"],
+    "image": [
+        "black leather mini skirt",
+        "--prior",
+        "models/prior",
+        "--decoder",
+        "models/decoder",
+        "--image",
+        "shirt.png",
+        "--strength",
+        "0.6",
+        "--num-images",
+        "2",
+        "--out",
+        "edits",
+    ],
+    "mix": [
+        "a skirt",
+        "--model",
+        "models",
+        "--mix",
+        "white cotton shirt:0.3",
+        "--mix",
+        "shirt.png:0.3",
+        "--prompt-weight",
+        "0.4",
+        "--out",
+        "mix.png",
+    ],
 }
 
 
@@ -82,8 +112,9 @@ def test_image_and_text_to_several_images(models, runs):
     ok(runs["image"])
     files = sorted(p.name for p in (models / "edits").iterdir())
     assert files == ["seed-0.beside.png", "seed-0.png", "seed-1.beside.png", "seed-1.png"]
-    assert runs["image"].stdout.split() == [f"edits/{name}" for name in ("seed-0.png", "seed-0.beside.png",
-                                                                          "seed-1.png", "seed-1.beside.png")]
+    assert runs["image"].stdout.split() == [
+        f"edits/{name}" for name in ("seed-0.png", "seed-0.beside.png", "seed-1.png", "seed-1.beside.png")
+    ]
     with Image.open(models / "edits" / "seed-0.png") as a, Image.open(models / "edits" / "seed-1.png") as b:
         assert a.size == (64, 64) and not np.array_equal(np.asarray(a), np.asarray(b))
     with Image.open(models / "edits" / "seed-0.beside.png") as beside:  # the photo | the edit, titled
@@ -97,12 +128,15 @@ def test_mix_of_text_and_image(models, runs):
         assert im.size == (64, 64)
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["skirt", "--model", "no/such/models"], "no such model folder"),
-    (["skirt", "--model", "models", "--image", "broken.png"], "cannot read image"),
-    (["skirt", "--model", "models", "--image", "missing.png"], "no such image"),
-    (["   ", "--model", "models"], "empty prompt"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["skirt", "--model", "no/such/models"], "no such model folder"),
+        (["skirt", "--model", "models", "--image", "broken.png"], "cannot read image"),
+        (["skirt", "--model", "models", "--image", "missing.png"], "no such image"),
+        (["   ", "--model", "models"], "empty prompt"),
+    ],
+)
 def test_clear_errors(models, args, expected):
     result = cli("generate", *args, "--out", "never.png", cwd=models)
     assert result.returncode == 1

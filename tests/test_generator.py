@@ -23,10 +23,26 @@ from fashiondiff.standin.tiny import TinySpec, build_tiny
 from fashiondiff.train.loop import weights_digest
 
 SPEC = TinySpec(clip_image_size=64, clip_patch_size=16)
-GENERATOR = GeneratorParams(prior_epochs=3, unet_epochs=3, batch_size=4, lr=2e-3, warmup_steps=0,
-                            lr_schedule="cosine", cond_dropout=0.1, checkpoint_every=4)
-CONFIG = PretrainParams(clip_steps=4, movq_steps=4, mclip_steps=4, batch_size=4, movq_batch_size=2, lr=1e-3,
-                        guide_fraction=0.5, generator=GENERATOR)
+GENERATOR = GeneratorParams(
+    prior_epochs=3,
+    unet_epochs=3,
+    batch_size=4,
+    lr=2e-3,
+    warmup_steps=0,
+    lr_schedule="cosine",
+    cond_dropout=0.1,
+    checkpoint_every=4,
+)
+CONFIG = PretrainParams(
+    clip_steps=4,
+    movq_steps=4,
+    mclip_steps=4,
+    batch_size=4,
+    movq_batch_size=2,
+    lr=1e-3,
+    guide_fraction=0.5,
+    generator=GENERATOR,
+)
 RESOLUTION = 64
 
 
@@ -77,7 +93,8 @@ def test_prior_and_unet_learn_and_a_second_process_gives_the_same_weights(encode
 
 
 def test_a_finished_pretraining_resumes_from_its_checkpoint_and_other_params_train_apart(
-        encoders_and_cache, tmp_path, capsys):
+    encoders_and_cache, tmp_path, capsys
+):
     parts, cache, _ = encoders_and_cache
     first = copy.deepcopy(parts)
     gen.pretrain_generator(first, cache, GENERATOR, seed=0, checkpoints=tmp_path)

@@ -31,25 +31,68 @@ PROCESS_TIMEOUT = 120  # compute.timeout_s: a hang fails the test, not the suite
 
 def two_nodes() -> tuple[list[str], dict[str, str]]:
     """The launcher on two fake nodes of one process each, and the environment to run it in."""
-    launcher = [sys.executable, "-m", "fashiondiff.launch", "--nodes", "2", "--processes-per-node", "1",
-                "--port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "fashiondiff.launch",
+        "--nodes",
+        "2",
+        "--processes-per-node",
+        "1",
+        "--port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     return launcher, {"PATH": f"{FAKE_SLURM}{os.pathsep}{project_env()['PATH']}", **ALLOCATION, **GLOO}
 
 
 def one_machine() -> list[str]:
     """Plain `accelerate launch`, two processes on this machine."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 # --- without processes ------------------------------------------------------------------------
 
+
 def test_outside_slurm_it_refuses_in_one_line():
     env = {k: v for k, v in project_env().items() if not k.startswith("SLURM")}
-    result = subprocess.run([sys.executable, "-m", "fashiondiff.launch", "--nodes", "2", "--processes-per-node", "8",
-                             "stages/embed.py", "data/extracted/train", "train", "data/cache/train"],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashiondiff.launch",
+            "--nodes",
+            "2",
+            "--processes-per-node",
+            "8",
+            "stages/embed.py",
+            "data/extracted/train",
+            "train",
+            "data/cache/train",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: fashiondiff.launch: not inside a Slurm allocation (no SLURM_JOB_ID)")
     assert len(result.stderr.splitlines()) == 1
@@ -60,15 +103,25 @@ def test_nodes_must_be_the_allocation_s_and_its_own_options_are_refused():
         fan_out(Layout(2, 8), ["--nodes", "2"], {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "4"})
     with pytest.raises(PipelineError, match="sets --num_processes itself"):
         parse(["--nodes", "2", "--processes-per-node", "8", "--num_processes", "4", "stages/embed.py", "a"])
-    assert parse(["--nodes=2", "--processes-per-node", "8", "--config_file", "fsdp.yaml", "stages/train_prior.py",
-                  "--cache", "c"]) == (Layout(2, 8), ["--config_file", "fsdp.yaml", "stages/train_prior.py",
-                                                      "--cache", "c"])
+    assert parse(
+        [
+            "--nodes=2",
+            "--processes-per-node",
+            "8",
+            "--config_file",
+            "fsdp.yaml",
+            "stages/train_prior.py",
+            "--cache",
+            "c",
+        ]
+    ) == (Layout(2, 8), ["--config_file", "fsdp.yaml", "stages/train_prior.py", "--cache", "c"])
 
 
 def test_each_node_launches_its_rank_with_node_0_as_the_main_process():
     step = {"SLURM_JOB_ID": "912345", "SLURM_STEP_ID": "3", "SLURM_LAUNCH_NODE_IPADDR": "10.1.2.3"}
-    commands = [node_command(Layout(4, 8), ["stages/embed.py", "x"], {**step, "SLURM_NODEID": str(n)})
-                for n in range(4)]
+    commands = [
+        node_command(Layout(4, 8), ["stages/embed.py", "x"], {**step, "SLURM_NODEID": str(n)}) for n in range(4)
+    ]
 
     def option(cmd, name):
         return cmd[cmd.index(name) + 1]
@@ -92,6 +145,7 @@ def test_node_0_elsewhere_than_dvc_is_refused():
 
 # --- two simulated nodes ----------------------------------------------------------------------
 
+
 @pytest.mark.slow  # two trainings of two gloo processes
 def test_train_prior_on_two_nodes_trains_what_two_processes_on_one_machine_train(tmp_path, tiny_base, train_cache):
     """The same split of the batches (process i is rank i either way), so the same steps and
@@ -99,11 +153,13 @@ def test_train_prior_on_two_nodes_trains_what_two_processes_on_one_machine_train
     params = stage_params(tiny_base)
     launcher, env = two_nodes()
     nodes, machine = tmp_path / "nodes", tmp_path / "machine"
-    result = run_stage(nodes, params, "train_prior.py", *train_args(nodes, "prior", train_cache),
-                       launcher=launcher, **env)
+    result = run_stage(
+        nodes, params, "train_prior.py", *train_args(nodes, "prior", train_cache), launcher=launcher, **env
+    )
     assert "2 processes ended with identical weights" in result.stdout + result.stderr
-    run_stage(machine, params, "train_prior.py", *train_args(machine, "prior", train_cache),
-              launcher=one_machine(), **GLOO)
+    run_stage(
+        machine, params, "train_prior.py", *train_args(machine, "prior", train_cache), launcher=one_machine(), **GLOO
+    )
     a, b = (json.loads((root / "prior.json").read_text()) for root in (nodes, machine))
     assert a["steps"] == b["steps"] > 0 and a["loss_last_epoch"] == b["loss_last_epoch"]
     weights = sorted(p.relative_to(nodes) for p in (nodes / "models/prior").rglob("*.safetensors"))
@@ -137,8 +193,9 @@ def pending(pid: int, sig: int) -> bool:
 
 
 @pytest.mark.slow  # two gloo processes, stopped and resumed
-def test_embed_on_two_nodes_stops_on_sigterm_and_resumes_to_the_one_process_cache(tmp_path, tiny_base, extracted,
-                                                                                  train_cache):
+def test_embed_on_two_nodes_stops_on_sigterm_and_resumes_to_the_one_process_cache(
+    tmp_path, tiny_base, extracted, train_cache
+):
     """srun would pass SIGTERM on as SIGKILL: the launcher sends it SIGUSR1, which each node
     turns into SIGTERM for its processes. Both stop with the stage's own line (finished batches
     kept); the rerun under the launcher finishes the cache, and every batch of it, encoded on the
@@ -147,8 +204,9 @@ def test_embed_on_two_nodes_stops_on_sigterm_and_resumes_to_the_one_process_cach
     launcher, env = two_nodes()
     params = stage_params(tiny_base, **{"compute.timeout_s": PROCESS_TIMEOUT})
     proc = start(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=launcher, **env)
-    ranks = wait_for(lambda: (found := stage_processes(tmp_path)).keys() == {0, 1} and found, "both stage processes",
-                     proc=proc)
+    ranks = wait_for(
+        lambda: (found := stage_processes(tmp_path)).keys() == {0, 1} and found, "both stage processes", proc=proc
+    )
 
     def captions_done():  # the image batches, a hand-over each, are still to come: neither process has ended
         try:
@@ -179,8 +237,7 @@ def test_embed_on_two_nodes_stops_on_sigterm_and_resumes_to_the_one_process_cach
     print("\n".join(lines))
     assert len(lines) == 2 and all("rerun to resume" in line for line in lines), stderr[-3000:]
     assert not (tmp_path / "cache").exists()
-    resumed = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=launcher,
-                        **env)
+    resumed = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=launcher, **env)
     assert "embed: resuming" in resumed.stdout and "8/8 captions" in resumed.stdout
     assert "fake srun: 2 nodes exited [0, 0]" in resumed.stderr
     assert len(same_files(train_cache, tmp_path / "cache")) == 17

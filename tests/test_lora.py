@@ -32,8 +32,18 @@ LORA = {"prior.lora_rank": 4, "decoder.lora_rank": 4, "lr": 0.005}  # a larger r
 
 
 def stage_args(root: Path, kind: str, cache: Path) -> list:
-    return ["--cache", cache, "--out", root / f"models/{kind}", "--checkpoints", root / f"ckpt/{kind}",
-            "--summary", root / f"{kind}.json", "--plot", root / f"{kind}.csv"]
+    return [
+        "--cache",
+        cache,
+        "--out",
+        root / f"models/{kind}",
+        "--checkpoints",
+        root / f"ckpt/{kind}",
+        "--summary",
+        root / f"{kind}.json",
+        "--plot",
+        root / f"{kind}.csv",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +53,18 @@ def lora_run(tmp_path_factory, tiny_base, train_cache) -> Path:
     (~20 s): every test that uses it is marked slow."""
     root = tmp_path_factory.mktemp("lora_run")
     params = stage_params(tiny_base, **LORA, **{"mlflow.tracking_uri": f"sqlite:///{root}/mlflow.db"})
-    decoder = stage_params(tiny_base, **LORA, **{"train.mixed_precision": "bf16", "train.max_grad_norm": 0.5,
-                                                 "train.gradient_accumulation_steps": 2})
+    decoder = stage_params(
+        tiny_base,
+        **LORA,
+        **{"train.mixed_precision": "bf16", "train.max_grad_norm": 0.5, "train.gradient_accumulation_steps": 2},
+    )
     run_stage(root, decoder, "train_decoder.py", *stage_args(root, "decoder", train_cache))
     run_stage(root, params, "train_prior.py", *stage_args(root, "prior", train_cache), FASHIONDIFF_TRACKING="on")
     return root
 
 
 # --- params -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["prior", "decoder"])
 def test_lora_and_a_trainable_subset_are_one_choice(kind):
@@ -60,13 +74,16 @@ def test_lora_and_a_trainable_subset_are_one_choice(kind):
     assert repo_params(**{f"{kind}.trainable": "proj_in"}).__getattribute__(kind).lora_rank == 0
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("prior.lora_rank", -1, "must be >= 0"),
-    ("decoder.lora_alpha", 0, "must be > 0"),
-    ("prior.lora_dropout", 1.0, r"must be in \[0, 1\)"),
-    ("decoder.lora_targets", " , ", "must name at least one module"),
-    ("prior.lora_rank", 2.5, "must be an integer"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("prior.lora_rank", -1, "must be >= 0"),
+        ("decoder.lora_alpha", 0, "must be > 0"),
+        ("prior.lora_dropout", 1.0, r"must be in \[0, 1\)"),
+        ("decoder.lora_targets", " , ", "must name at least one module"),
+        ("prior.lora_rank", 2.5, "must be an integer"),
+    ],
+)
 def test_bad_lora_params_fail_at_load_naming_the_key(key, value, message):
     with pytest.raises(PipelineError, match=rf"params: {key} {message}"):
         repo_params(**{key: value})
@@ -81,6 +98,7 @@ def test_checkpoint_fingerprint_covers_the_lora_params():
 
 
 # --- preparing the model --------------------------------------------------------------------
+
 
 def _load(tiny_base: Path, kind: str):
     from diffusers import PriorTransformer, UNet2DConditionModel
@@ -112,19 +130,28 @@ def test_targets_that_match_nothing_name_the_key(tiny_base):
 
 # --- what the stages write --------------------------------------------------------------------
 
+
 def _inputs(model, kind: str) -> dict:
     g = torch.Generator().manual_seed(0)
     c = model.config
     if kind == "prior":
         d = c.embedding_dim
-        return dict(hidden_states=torch.randn(2, d, generator=g), timestep=torch.tensor([10, 500]),
-                    proj_embedding=torch.randn(2, d, generator=g),
-                    encoder_hidden_states=torch.randn(2, c.num_embeddings, d, generator=g),
-                    attention_mask=torch.ones(2, c.num_embeddings, dtype=torch.bool))
-    return dict(sample=torch.randn(2, c.in_channels, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
-                encoder_hidden_states=torch.randn(2, 77, c.encoder_hid_dim, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(2, c.cross_attention_dim, generator=g),
-                                   "image_embeds": torch.randn(2, c.cross_attention_dim, generator=g)})
+        return dict(
+            hidden_states=torch.randn(2, d, generator=g),
+            timestep=torch.tensor([10, 500]),
+            proj_embedding=torch.randn(2, d, generator=g),
+            encoder_hidden_states=torch.randn(2, c.num_embeddings, d, generator=g),
+            attention_mask=torch.ones(2, c.num_embeddings, dtype=torch.bool),
+        )
+    return dict(
+        sample=torch.randn(2, c.in_channels, 8, 8, generator=g),
+        timestep=torch.tensor([10, 500]),
+        encoder_hidden_states=torch.randn(2, 77, c.encoder_hid_dim, generator=g),
+        added_cond_kwargs={
+            "text_embeds": torch.randn(2, c.cross_attention_dim, generator=g),
+            "image_embeds": torch.randn(2, c.cross_attention_dim, generator=g),
+        },
+    )
 
 
 @torch.no_grad()
@@ -174,8 +201,9 @@ def test_adapter_is_an_artefact_of_its_training_run(lora_run):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{lora_run}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="attributes.run_name = 'train_prior'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="attributes.run_name = 'train_prior'"
+    )
     assert len(runs) == 1
     files = [a.path for a in client.list_artifacts(runs[0].info.run_id, "lora")]
     assert files == [f"lora/{ADAPTER_FILE}"]
@@ -187,8 +215,14 @@ FAST = ["--steps", "2", "--prior-steps", "2", "--height", "64", "--width", "64",
 
 
 def _generate(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fashiondiff", "generate", "a red dress", *args, *FAST],
-                            cwd=cwd, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fashiondiff", "generate", "a red dress", *args, *FAST],
+        cwd=cwd,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -207,11 +241,14 @@ def test_generate_applies_adapters_to_the_base_model(lora_run, tiny_base):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, expected", [
-    (["--model", "models", "--lora", "models"], "has the adapter models/prior/lora merged already"),
-    (["--lora", "ckpt"], "no prior/lora/pytorch_lora_weights.safetensors"),
-    (["--prior-lora", "models/prior"], "no LoRA adapter here"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model", "models", "--lora", "models"], "has the adapter models/prior/lora merged already"),
+        (["--lora", "ckpt"], "no prior/lora/pytorch_lora_weights.safetensors"),
+        (["--prior-lora", "models/prior"], "no LoRA adapter here"),
+    ],
+)
 def test_generate_lora_errors(lora_run, tiny_base, args, expected):
     model = [] if "--model" in args else ["--model", str(tiny_base)]
     process = _generate(lora_run, *model, *args, "--out", "never.png")

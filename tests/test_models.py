@@ -42,10 +42,26 @@ from fashiondiff.standin.tiny import (
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = TinySpec(clip_image_size=64, clip_patch_size=16)
-GENERATOR = GeneratorParams(prior_epochs=2, unet_epochs=2, batch_size=4, lr=1e-3, warmup_steps=0,
-                            lr_schedule="cosine", cond_dropout=0.1, checkpoint_every=4)
-CONFIG = PretrainParams(clip_steps=40, movq_steps=30, mclip_steps=30, batch_size=8, movq_batch_size=4,
-                        lr=2e-3, guide_fraction=0.5, generator=GENERATOR)
+GENERATOR = GeneratorParams(
+    prior_epochs=2,
+    unet_epochs=2,
+    batch_size=4,
+    lr=1e-3,
+    warmup_steps=0,
+    lr_schedule="cosine",
+    cond_dropout=0.1,
+    checkpoint_every=4,
+)
+CONFIG = PretrainParams(
+    clip_steps=40,
+    movq_steps=30,
+    mclip_steps=30,
+    batch_size=8,
+    movq_batch_size=4,
+    lr=2e-3,
+    guide_fraction=0.5,
+    generator=GENERATOR,
+)
 RESOLUTION = 32
 COLOURS = {"red": (210, 30, 30), "green": (30, 150, 60), "blue": (40, 70, 210), "yellow": (235, 200, 30)}
 SHAPES = ("square", "circle", "triangle")
@@ -88,8 +104,7 @@ def trained(tmp_path_factory):
     pt.set_prior_statistics(parts, clip_pixels(parts.image_processor, images))
     out = tmp_path_factory.mktemp("tiny")
     save_pipelines(parts, out)
-    return {"parts": parts, "losses": losses, "out": out, "before": before,
-            "data": (images, captions, products)}
+    return {"parts": parts, "losses": losses, "out": out, "before": before, "data": (images, captions, products)}
 
 
 def _start_end(curve: list[float], n: int = 5) -> tuple[float, float]:
@@ -133,8 +148,14 @@ def test_prior_statistics_are_those_of_the_clip_image_embeddings(trained):
 def test_weights_are_safetensors_only(trained):
     out: Path = trained["out"]
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
-    for folder in ("prior/prior", "prior/text_encoder", "prior/image_encoder", "decoder/unet",
-                   "decoder/text_encoder", "decoder/movq"):
+    for folder in (
+        "prior/prior",
+        "prior/text_encoder",
+        "prior/image_encoder",
+        "decoder/unet",
+        "decoder/text_encoder",
+        "decoder/movq",
+    ):
         assert list((out / folder).glob("*.safetensors")), folder
 
 
@@ -149,7 +170,10 @@ def test_folders_are_kandinsky_2_1_in_plain_diffusers(trained):
     assert type(decoder.unet) is UNet2DConditionModel and type(decoder.movq) is VQModel
     unet = decoder.unet.config
     assert (unet.addition_embed_type, unet.encoder_hid_dim_type, unet.out_channels) == (
-        "text_image", "text_image_proj", 8)
+        "text_image",
+        "text_image_proj",
+        8,
+    )
     assert decoder.movq.config.norm_type == "spatial"
     # the pre-trained weights, not fresh ones, came back
     torch.testing.assert_close(prior.prior.clip_std, trained["parts"].prior.clip_std)
@@ -161,15 +185,31 @@ def test_saved_pipelines_generate_text_to_image_and_image_to_image(trained):
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     emb = prior("Red circle", num_inference_steps=2, generator=gen())
     decoder = KandinskyPipeline.from_pretrained(out / "decoder")
-    image = decoder("Red circle", image_embeds=emb.image_embeds,
-                    negative_image_embeds=emb.negative_image_embeds, height=64, width=64,
-                    num_inference_steps=2, generator=gen(), output_type="np").images
+    image = decoder(
+        "Red circle",
+        image_embeds=emb.image_embeds,
+        negative_image_embeds=emb.negative_image_embeds,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=gen(),
+        output_type="np",
+    ).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
     img2img = KandinskyImg2ImgPipeline.from_pretrained(out / "decoder")
     start = Image.fromarray(shape_image("blue", "square", 0))
-    image = img2img("Blue square", image=start, image_embeds=emb.image_embeds,
-                    negative_image_embeds=emb.negative_image_embeds, height=64, width=64,
-                    num_inference_steps=4, strength=0.5, generator=gen(), output_type="np").images
+    image = img2img(
+        "Blue square",
+        image=start,
+        image_embeds=emb.image_embeds,
+        negative_image_embeds=emb.negative_image_embeds,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        strength=0.5,
+        generator=gen(),
+        output_type="np",
+    ).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
@@ -184,9 +224,11 @@ def test_hub_id_not_in_cache_fails_fast_and_says_how_to_download():
         load_prior("fashiondiff-tests/no-such-model")
     assert time.perf_counter() - started < 3
     # a params key is named as a params key, a flag as a flag (issue 16)
-    assert str(found.value).endswith("(params model.prior); on a connected machine run `hf download "
-                                     "fashiondiff-tests/no-such-model --local-dir models/no-such-model`, "
-                                     "then set model.prior: models/no-such-model in params.yaml")
+    assert str(found.value).endswith(
+        "(params model.prior); on a connected machine run `hf download "
+        "fashiondiff-tests/no-such-model --local-dir models/no-such-model`, "
+        "then set model.prior: models/no-such-model in params.yaml"
+    )
     with pytest.raises(PipelineError, match=r"\(--prior\);.* then pass --prior models/no-such-model$"):
         load_prior("fashiondiff-tests/no-such-model", "--prior")
 
@@ -197,8 +239,9 @@ def test_pretraining_is_deterministic_from_the_seed():
     parts = build_tiny(captions, SPEC, seed=3)
     runs = []
     for copy in (copy_module.deepcopy(parts), copy_module.deepcopy(parts)):
-        runs.append((pt.pretrain_encoders(copy, images, captions, config, RESOLUTION, seed=3,
-                                          progress=False).losses, copy))
+        runs.append(
+            (pt.pretrain_encoders(copy, images, captions, config, RESOLUTION, seed=3, progress=False).losses, copy)
+        )
     (a, parts_a), (b, parts_b) = runs
     assert a == b
     for name in ("clip", "movq", "mclip"):
@@ -227,7 +270,11 @@ def test_standardised_latents_have_unit_variance_and_decode_the_same():
 
 def test_case_variants_and_hard_negative_batches():
     assert pt.case_variants(["Black leather mini skirt", "red ball"]) == [
-        "Black leather mini skirt", "Red ball", "black leather mini skirt", "red ball"]
+        "Black leather mini skirt",
+        "Red ball",
+        "black leather mini skirt",
+        "red ball",
+    ]
     texts = ["red striped mug", "red striped ball", "blue plain kite", "green knit lamp", "red knit lamp"]
     closest = pt._closest_captions(texts)
     assert closest[0].tolist() == [1] and closest[3].tolist() == [4]  # two words in common
@@ -261,8 +308,14 @@ def test_tokenizer_files_are_identical_across_processes():
     captions = [p.text["input_name"] for p in _catalogue(40, 1, seed=0, first_product_id=0)[0]]
     outputs = set()
     for hash_seed in ("1", "2", "3"):
-        run = subprocess.run([sys.executable, "-c", TOKENIZER_FILES], input="\n".join(captions), text=True,
-                             capture_output=True, env=project_env(PYTHONHASHSEED=hash_seed), check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", TOKENIZER_FILES],
+            input="\n".join(captions),
+            text=True,
+            capture_output=True,
+            env=project_env(PYTHONHASHSEED=hash_seed),
+            check=True,
+        )
         outputs.add(run.stdout)
     assert len(outputs) == 1, outputs
 

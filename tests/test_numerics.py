@@ -42,8 +42,9 @@ PROBE = textwrap.dedent("""
 def shapes_that_change(mode: str) -> int:
     env = project_env(MKL_ENABLE_INSTRUCTIONS="SSE4_2")
     env.pop("MKL_CBWR")  # as a user's shell has it: unset
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, check=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
     return int(out.stdout.split()[-1])
 
 

@@ -25,8 +25,17 @@ from test_pipeline_e2e import DVC, SMALL, fresh_copy, sh, stale_stages
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs/paper-run.md"
-REAL_STAGES = {"extract@train", "extract@validation", "extract@generic", "embed@train", "embed@validation",
-               "train_prior", "train_decoder", "evaluate", "register"}
+REAL_STAGES = {
+    "extract@train",
+    "extract@validation",
+    "extract@generic",
+    "embed@train",
+    "embed@validation",
+    "train_prior",
+    "train_decoder",
+    "evaluate",
+    "register",
+}
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")]
 
@@ -67,10 +76,12 @@ def downloads(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("downloads")
     # 40 products: data.holdout_fraction=0.1 holds a few of them out (the products' hashes decide)
     write_synthetic(out / "fashiongen_256_256_validation.h5", n_products=40, poses_per_product=2, seed=5)
-    write_synthetic(out / "fashiongen_256_256_train.h5", n_products=4, poses_per_product=2, seed=6,
-                    first_product_id=200_000)
-    coco_like(out / "coco", write_synthetic(out / "generic.h5", n_products=6, poses_per_product=1, seed=7,
-                                             domain=GENERIC))
+    write_synthetic(
+        out / "fashiongen_256_256_train.h5", n_products=4, poses_per_product=2, seed=6, first_product_id=200_000
+    )
+    coco_like(
+        out / "coco", write_synthetic(out / "generic.h5", n_products=6, poses_per_product=1, seed=7, domain=GENERIC)
+    )
     captions = [f"{c} {w}" for c in ("black", "red", "blue", "white") for w in ("dress", "shirt", "mug", "chair")]
     save_pipelines(build_tiny(captions, TinySpec(clip_image_size=224), seed=0), out / "base")
     random_inception_weights(out / "inception.pth")
@@ -145,6 +156,7 @@ def test_the_readme_and_the_page_give_the_same_command_and_the_page_runs_it():
     assert readme == page == COMMAND
     readme_text = (REPO / "README.md").read_text().split("\n## The paper's run", 1)[1].split("\n## ", 1)[0]
     page_text = PAGE.read_text().split("## 1.", 1)[0]
+
     def first_block(text: str) -> str:
         return text.split("```bash\n", 1)[1].split("```", 1)[0]
 
@@ -155,8 +167,12 @@ def test_the_readme_and_the_page_give_the_same_command_and_the_page_runs_it():
 
 def test_the_inputs_are_under_dvc_and_git_has_only_their_dvc_files(ran, clone):
     tracked = sh(clone, "git", "ls-files").split()
-    assert {"data/raw.dvc", "models/kandinsky-2-1-prior.dvc", "models/kandinsky-2-1.dvc",
-            "weights/inception/weights-inception-2015-12-05-6726825d.pth.dvc"} <= set(tracked)
+    assert {
+        "data/raw.dvc",
+        "models/kandinsky-2-1-prior.dvc",
+        "models/kandinsky-2-1.dvc",
+        "weights/inception/weights-inception-2015-12-05-6726825d.pth.dvc",
+    } <= set(tracked)
     downloads = ("data/raw/", "models/kandinsky-2-1-prior/", "models/kandinsky-2-1/")
     assert not [f for f in tracked if f.startswith(downloads)]
     prior = yaml.safe_load((clone / "models/kandinsky-2-1-prior.dvc").read_text())["outs"][0]
@@ -196,8 +212,9 @@ def test_the_run_trains_evaluates_with_fid_and_tracks_it(ran, clone):
     [parent] = client.search_runs([exp.experiment_id], filter_string="tags.`fashiondiff.role` = 'pipeline'")
     assert parent.info.run_name == "paper" and parent.data.params["model.prior"] == "models/kandinsky-2-1-prior"
     assert parent.data.params["data.files.generic"] == "data/raw/generic.h5"
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert {c.info.run_name for c in children} == {"train_prior", "train_decoder", "evaluate", "register"}
     assert "evaluate.catalogue.fid" in parent.data.metrics
 
@@ -240,8 +257,12 @@ def shop_folder(root: Path, catalogue: Path) -> Path:
         lines.append((file, name, str(int(product))))
     (photos / "corrupt.jpg").write_bytes(b"\xff\xd8 not a picture")
     Image.fromarray(rows.images[0]).save(photos / "uncaptioned.png")
-    lines += [("gone.jpg", "Black boots", "1"), ("corrupt.jpg", "Red scarf", "2"),
-              ("uncaptioned.png", "", "3"), ("p000.jpg", "Again", "4")]
+    lines += [
+        ("gone.jpg", "Black boots", "1"),
+        ("corrupt.jpg", "Red scarf", "2"),
+        ("uncaptioned.png", "", "3"),
+        ("p000.jpg", "Again", "4"),
+    ]
     with (root / "captions.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows(lines)
     return root
@@ -252,17 +273,33 @@ def test_a_shop_catalogue_runs_end_to_end_without_a_generic_file(ran, clone, dow
     in, each bad one named by its line), then `fashiondiff run` with it as the catalogue and no
     generic file: extraction, training and an evaluation of the catalogue alone."""
     shop = shop_folder(tmp_path / "shop", downloads / "fashiongen_256_256_validation.h5")
-    out = run_block(clone, [f"fashiondiff convert --images {shop / 'photos'} --captions {shop / 'captions.csv'} "
-                            f"--out data/raw/shop.h5"])
+    out = run_block(
+        clone,
+        [f"fashiondiff convert --images {shop / 'photos'} --captions {shop / 'captions.csv'} --out data/raw/shop.h5"],
+    )
     [report] = out.values()
-    for line, reason in ((82, "missing file gone.jpg"), (83, "unreadable image corrupt.jpg"),
-                         (84, "empty caption"), (85, "duplicate file p000.jpg (first at line 2)")):
+    for line, reason in (
+        (82, "missing file gone.jpg"),
+        (83, "unreadable image corrupt.jpg"),
+        (84, "empty caption"),
+        (85, "duplicate file p000.jpg (first at line 2)"),
+    ):
         assert f"captions.csv line {line}: {reason}" in report, report
     assert re.search(r"wrote data/raw/shop\.h5: 80 rows, \d+ products, 4 rows skipped", report), report
 
-    (clone / "presets/shop.yaml").write_text(yaml.safe_dump({"name": "shop", "params": {
-        "data.files.train": "data/raw/shop.h5", "data.files.validation": "data/raw/shop.h5",
-        "data.files.generic": None, "data.holdout_fraction": 0.25}}))
+    (clone / "presets/shop.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "shop",
+                "params": {
+                    "data.files.train": "data/raw/shop.h5",
+                    "data.files.validation": "data/raw/shop.h5",
+                    "data.files.generic": None,
+                    "data.holdout_fraction": 0.25,
+                },
+            }
+        )
+    )
     run = run_block(clone, ["dvc add data/raw", "fashiondiff run shop"])["fashiondiff run shop"]
     ran_stages = {line.split("'")[1] for line in run.splitlines() if line.startswith("Running stage")}
     assert ran_stages == REAL_STAGES - {"extract@generic"}, run

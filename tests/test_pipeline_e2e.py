@@ -30,18 +30,32 @@ RUNNABLE = "<!-- runnable -->"  # README.md, docs/*.md: the next ```bash block r
 # docs/ pages whose runnable blocks run after the README's, in this order (any other page after
 # them, by name), except those a test of their own runs (DOCS_OWN_TEST).
 DOCS_ORDER = ("docs/generating.md", "docs/experiments.md")
-DOCS_OWN_TEST = ("docs/reproducibility.md",  # test_repro_force_is_bit_for_bit_reproducible
-                 "docs/long-runs.md",  # test_two_experiments_through_dvc_queue_land_in_the_project_store
-                 "docs/paper-run.md")  # tests/test_paper_run.py, on a project of its own
+DOCS_OWN_TEST = (
+    "docs/reproducibility.md",  # test_repro_force_is_bit_for_bit_reproducible
+    "docs/long-runs.md",  # test_two_experiments_through_dvc_queue_land_in_the_project_store
+    "docs/paper-run.md",
+)  # tests/test_paper_run.py, on a project of its own
 TERMINAL = 200  # columns of the terminal `dvc exp show` must fit its headline into
 
 SMALL = {  # every size shrunk; the method's hyperparameters except epochs/steps kept
-    "epochs": 2, "diffusion_steps": 4,
-    "standin": {"synthetic": {"train_products": 6, "validation_products": 3, "poses_per_product": 2,
-                               "generic_train_items": 4, "generic_validation_items": 3},
-                 "pretrain": {"clip_steps": 4, "movq_steps": 4, "mclip_steps": 4, "batch_size": 8,
-                              "generator": {"prior_epochs": 2, "unet_epochs": 2, "batch_size": 4,
-                                            "checkpoint_every": 2}}},
+    "epochs": 2,
+    "diffusion_steps": 4,
+    "standin": {
+        "synthetic": {
+            "train_products": 6,
+            "validation_products": 3,
+            "poses_per_product": 2,
+            "generic_train_items": 4,
+            "generic_validation_items": 3,
+        },
+        "pretrain": {
+            "clip_steps": 4,
+            "movq_steps": 4,
+            "mclip_steps": 4,
+            "batch_size": 8,
+            "generator": {"prior_epochs": 2, "unet_epochs": 2, "batch_size": 4, "checkpoint_every": 2},
+        },
+    },
     "evaluate": {"num_prompts": 3, "prior_steps": 3, "batch_size": 3, "r_precision_candidates": 3, "edit_items": 2},
     "train": {"checkpoint_every": 4, "log_every": 1, "warmup_steps": 0},
 }
@@ -58,8 +72,9 @@ def sh(cwd: Path, *cmd: str, **extra_env: str) -> str:
 def fresh_copy(root: Path, skip: tuple[str, ...] = ()) -> Path:
     """A fresh clone-like copy of the repository in ``root``: the files git tracks or would
     track (but those under ``skip``), SMALL params, one commit."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in files:
         if (REPO / name).is_file() and not name.startswith(skip):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -142,24 +157,40 @@ def test_params_comments_name_the_stages_that_declare_each_key(project):
         if not listed:
             continue
         named = set(listed.group(1).split(", "))
-        declaring = {s for s, body in stages.items() if any(
-            isinstance(p, str) and (p == dotted or p.startswith(f"{dotted}.") or dotted.startswith(f"{p}."))
-            for p in body.get("params", []))}
+        declaring = {
+            s
+            for s, body in stages.items()
+            if any(
+                isinstance(p, str) and (p == dotted or p.startswith(f"{dotted}.") or dotted.startswith(f"{p}."))
+                for p in body.get("params", [])
+            )
+        }
         assert named == declaring, (dotted, sorted(named), sorted(declaring))
         checked.append(dotted)
     assert {"lr", "data", "data.chunk_size", "standin.pretrain", "serve"} <= set(checked), checked
 
 
 def test_repro_leaves_every_declared_output(project):
-    for path in ("data/synthetic/fashiongen_train.h5", "data/extracted/train/captions.parquet",
-                 "data/cache/validation/meta.json", "models/base/prior/model_index.json",
-                 "models/prior/model_index.json", "models/decoder/model_index.json",
-                 "reports/samples/grid.png", "reports/samples/image_text.png",
-                 "data/synthetic/generic_train.h5", "data/extracted/generic/captions.parquet",
-                 "reports/samples/generic/tuned/0002.png", "reports/samples/edits/catalogue/s50/tuned/0001.png",
-                 "reports/plots/edits_catalogue_tuned.csv", "reports/plots/edits_generic_base.csv",
-                 "reports/plots/train_prior.csv", "reports/plots/train_decoder.csv",
-                 "reports/plots/validation_prior.csv", "reports/validation/decoder/grid.png"):
+    for path in (
+        "data/synthetic/fashiongen_train.h5",
+        "data/extracted/train/captions.parquet",
+        "data/cache/validation/meta.json",
+        "models/base/prior/model_index.json",
+        "models/prior/model_index.json",
+        "models/decoder/model_index.json",
+        "reports/samples/grid.png",
+        "reports/samples/image_text.png",
+        "data/synthetic/generic_train.h5",
+        "data/extracted/generic/captions.parquet",
+        "reports/samples/generic/tuned/0002.png",
+        "reports/samples/edits/catalogue/s50/tuned/0001.png",
+        "reports/plots/edits_catalogue_tuned.csv",
+        "reports/plots/edits_generic_base.csv",
+        "reports/plots/train_prior.csv",
+        "reports/plots/train_decoder.csv",
+        "reports/plots/validation_prior.csv",
+        "reports/validation/decoder/grid.png",
+    ):
         assert (project / path).exists(), path
     for model in ("pretrain/*/unet", "prior/*/step-*", "decoder/*/step-*"):  # <fingerprint>/: not outputs
         assert list((project / "checkpoints").glob(model)), model
@@ -170,10 +201,14 @@ def test_repro_leaves_every_declared_output(project):
     for domain in ("catalogue", "generic"):
         assert scores[domain] == {k: metrics[domain]["tuned"][k] for k in ("clip_score", "fd_clip", "r_precision")}
         for model in ("base", "tuned"):
-            assert set(metrics[domain][model]) == {"clip_score", "fd_clip", "r_precision", "mix_fidelity",
-                                                   "mix_clip_score"} | edit
-    assert scores["edit"] == {"kept": metrics["catalogue"]["tuned"]["edit_fidelity_s50"],
-                              "clip": metrics["catalogue"]["tuned"]["edit_clip_score_s50"]}
+            assert (
+                set(metrics[domain][model])
+                == {"clip_score", "fd_clip", "r_precision", "mix_fidelity", "mix_clip_score"} | edit
+            )
+    assert scores["edit"] == {
+        "kept": metrics["catalogue"]["tuned"]["edit_fidelity_s50"],
+        "clip": metrics["catalogue"]["tuned"]["edit_clip_score_s50"],
+    }
     assert details["fid_status"].startswith("skipped") and details["generic"]["r_precision_chance"] == 0.333333
     shown = sh(project, str(DVC), "metrics", "show")  # the evaluation only: train summaries are plain outputs
     assert "generic.r_precision" in shown and "loss_last_epoch" not in shown and "base" not in shown
@@ -187,10 +222,12 @@ def stale_stages(root: Path) -> set[str]:
 
 # Modules that no stage computes with, one of each kind (docs/stale-map.md): an edit to one
 # must stale no stage. `register` is listed by every `dvc status` (always_changed).
-NO_STAGE_READS = ("src/fashiondiff/commands/generate.py",  # `fashiondiff generate`'s command line
-                  "src/fashiondiff/serving/page.py",  # the web page
-                  "src/fashiondiff/commands/ui.py",  # the MLflow UI's saved view
-                  "tests/conftest.py")  # a test helper
+NO_STAGE_READS = (
+    "src/fashiondiff/commands/generate.py",  # `fashiondiff generate`'s command line
+    "src/fashiondiff/serving/page.py",  # the web page
+    "src/fashiondiff/commands/ui.py",  # the MLflow UI's saved view
+    "tests/conftest.py",
+)  # a test helper
 
 
 def test_an_edit_stales_only_the_stages_that_import_the_module(project):
@@ -208,8 +245,10 @@ def test_an_edit_stales_only_the_stages_that_import_the_module(project):
             stale[edited] = stale_stages(project)
         finally:
             path.write_bytes(before)
-    assert stale == {**{f: {"register"} for f in NO_STAGE_READS},
-                     "src/fashiondiff/sampling.py": {"evaluate", "register"}}
+    assert stale == {
+        **{f: {"register"} for f in NO_STAGE_READS},
+        "src/fashiondiff/sampling.py": {"evaluate", "register"},
+    }
 
 
 def runnable_blocks(page: str, heading: str | None = None) -> list[list[str]]:
@@ -279,8 +318,15 @@ def test_exp_show_leads_with_the_scores_and_lr(experiments):
     lines = [line[:TERMINAL] for line in shown.splitlines() if line.strip()]
     header = next(line for line in lines if "Experiment" in line)
     columns = header.split()
-    for name in ("catalogue.clip_score", "catalogue.fd_clip", "catalogue.r_precision", "generic.clip_score",
-                 "generic.fd_clip", "generic.r_precision", "lr"):
+    for name in (
+        "catalogue.clip_score",
+        "catalogue.fd_clip",
+        "catalogue.r_precision",
+        "generic.clip_score",
+        "generic.fd_clip",
+        "generic.r_precision",
+        "lr",
+    ):
         assert name in columns, header
     assert columns.index("lr") > columns.index("generic.r_precision")  # metrics, then params
     lr_at = header.index(" lr ") + 1
@@ -298,8 +344,9 @@ def test_one_mlflow_parent_per_pipeline_run_with_nested_stages(project, experime
     assert len(parents) >= 1
     first = min(parents, key=lambda r: r.info.start_time)
     assert first.data.params["lr"] == "0.0005" and first.data.params["data.caption"] == "{name}"
-    children = {r.data.tags.get("fashiondiff.stage") for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+    children = {
+        r.data.tags.get("fashiondiff.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id
+    }
     assert {"train_prior", "train_decoder", "evaluate", "register"} <= children
     assert "evaluate.catalogue.fd_clip" in first.data.metrics, first.data.metrics.keys()
     assert "evaluate.reference.catalogue.base.fd_clip" in first.data.metrics
@@ -342,24 +389,36 @@ def test_mlflow_ui_shows_both_experiments_with_lr_and_the_scores(project, experi
     assert sorted(checked) == sorted(runs), checked
     port = free_port()
     log = project / "ui.log"
-    with running([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], f"http://127.0.0.1:{port}/",
-                 log=log, grace_s=30, cwd=project, env=project_env(src=project / "src")) as server:
+    with running(
+        [sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)],
+        f"http://127.0.0.1:{port}/",
+        log=log,
+        grace_s=30,
+        cwd=project,
+        env=project_env(src=project / "src"),
+    ) as server:
         address = printed_word(log, f"http://127.0.0.1:{port}/#/", server, limit_s=60)
         assert "workflowType=machine_learning" in address and "viewStateShareKey=" in address
         with chromium(2400, 1000) as browser:
             browser.get(address)
             column = "metrics.`evaluate.catalogue.fd_clip`"
             for name, run in runs.items():
-                row = wait(browser, lambda d, n=name: d.find_elements(
-                    "xpath", f"//div[@role='row'][.//a[normalize-space()='{n}']]"))
+                row = wait(
+                    browser,
+                    lambda d, n=name: d.find_elements("xpath", f"//div[@role='row'][.//a[normalize-space()='{n}']]"),
+                )
                 index = row[0].get_attribute("row-index")  # the grid's pinned and scrolled parts share it
+
                 def cell(d, i=index, col=column):
                     found = d.find_elements("css selector", f"div[role='row'][row-index='{i}'] [col-id='{col}']")
                     return found[0].text if found and found[0].text else False
-                assert float(wait(browser, cell)) == pytest.approx(run.data.metrics["evaluate.catalogue.fd_clip"],
-                                                                   rel=1e-4)
-                lr = browser.find_elements("css selector",
-                                           f"div[role='row'][row-index='{index}'] [col-id='params.`lr`']")
+
+                assert float(wait(browser, cell)) == pytest.approx(
+                    run.data.metrics["evaluate.catalogue.fd_clip"], rel=1e-4
+                )
+                lr = browser.find_elements(
+                    "css selector", f"div[role='row'][row-index='{index}'] [col-id='params.`lr`']"
+                )
                 assert lr and lr[0].text == run.data.params["lr"]
             body = browser.find_element("tag name", "body").text
             assert "evaluate.catalogue.clip_score" in body and "lr" in body
@@ -374,8 +433,10 @@ def test_readme_generate_examples_run_as_written(project, experiments):
     for command in commands[1:]:
         out = re.search(r"--out (\S+)", command).group(1)
         printed = [out, out.replace(".png", ".beside.png")] if "--image" in command else [out]  # the photo beside
-        assert all((project / p).is_file() for p in printed) and outputs[command].split() == printed, \
-            (command, outputs[command])
+        assert all((project / p).is_file() for p in printed) and outputs[command].split() == printed, (
+            command,
+            outputs[command],
+        )
 
 
 @pytest.mark.parametrize("page", docs_with_runnable_blocks())
@@ -428,14 +489,20 @@ def test_two_experiments_through_dvc_queue_land_in_the_project_store(project, ex
         assert "resumed from" not in log and "waiting for it" not in log, log
         row = next(line for line in shown.splitlines() if line.startswith(f"{name},"))
         rev = row.split(",")[1]
-        [parent] = client.search_runs([exp.experiment_id], filter_string=f"tags.`dvc.exp_name` = '{name}' and "
-                                      f"tags.`fashiondiff.role` = 'pipeline'")
+        [parent] = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`dvc.exp_name` = '{name}' and tags.`fashiondiff.role` = 'pipeline'",
+        )
         assert parent.info.run_name == name and parent.info.status == "FINISHED"
         lr = re.search(r"-n " + re.escape(name) + r" -S lr=(\S+)", " ".join(commands)).group(1)
         assert parent.data.params["lr"] == lr and lr in row
         assert {"evaluate.catalogue.fd_clip", "train_decoder.loss_last_epoch"} <= set(parent.data.metrics)
-        children = {c.info.run_name: c for c in client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+        children = {
+            c.info.run_name: c
+            for c in client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+            )
+        }
         assert set(children) == {"train_prior", "train_decoder", "evaluate", "register"}
         for kind in ("prior", "decoder"):
             child = children[f"train_{kind}"]
@@ -458,8 +525,9 @@ def test_two_experiments_through_dvc_queue_land_in_the_project_store(project, ex
     assert stale_stages(project) == {"register"}  # the applied outputs are what its dvc.lock says
     out = re.search(r"--out (\S+)", apply[1]).group(1)
     assert (project / out).is_file() and outputs[apply[1]].split() == [out]
-    [version] = [v for v in client.search_model_versions("name = 'fashiondiff-kandinsky'")
-                 if v.tags.get("dvc.exp_name") == name]
+    [version] = [
+        v for v in client.search_model_versions("name = 'fashiondiff-kandinsky'") if v.tags.get("dvc.exp_name") == name
+    ]
     assert f"fashiondiff-kandinsky version {version.version} (" in outputs[apply[2]], outputs[apply[2]]
     assert "not registered again" in outputs[apply[2]], outputs[apply[2]]
 
@@ -486,18 +554,29 @@ def test_a_cached_repro_s_parent_run_carries_the_scores_of_its_outputs(project):
     def report(name: str) -> dict:
         return json.loads((project / "reports" / name).read_text())
 
-    expected = {**parent_keys("train_prior", training_summary(report("train_prior.json"))),
-                **parent_keys("train_decoder", training_summary(report("train_decoder.json"))),
-                **parent_keys("evaluate", evaluate_summary(report("metrics.json"), report("evaluation.json")))}
-    assert {"evaluate.catalogue.fd_clip", "evaluate.generic.clip_score", "evaluate.reference.catalogue.base.fd_clip",
-            "train_prior.loss_last_epoch", "train_decoder.val_loss"} <= set(expected)
+    expected = {
+        **parent_keys("train_prior", training_summary(report("train_prior.json"))),
+        **parent_keys("train_decoder", training_summary(report("train_decoder.json"))),
+        **parent_keys("evaluate", evaluate_summary(report("metrics.json"), report("evaluation.json"))),
+    }
+    assert {
+        "evaluate.catalogue.fd_clip",
+        "evaluate.generic.clip_score",
+        "evaluate.reference.catalogue.base.fd_clip",
+        "train_prior.loss_last_epoch",
+        "train_decoder.val_loss",
+    } <= set(expected)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fashiongen-kandinsky")
     head = sh(project, "git", "rev-parse", "HEAD").strip()
-    [parent] = client.search_runs([exp.experiment_id], filter_string=f"tags.`fashiondiff.role` = 'pipeline' and "
-                                  f"tags.`mlflow.source.git.commit` = '{head}' and tags.`dvc.exp_name` = 'repro'")
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = "
-                                  f"'{parent.info.run_id}'")
+    [parent] = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`fashiondiff.role` = 'pipeline' and "
+        f"tags.`mlflow.source.git.commit` = '{head}' and tags.`dvc.exp_name` = 'repro'",
+    )
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert [c.info.run_name for c in children] == ["register"]
     found = {k: parent.data.metrics.get(k) for k in expected}
     assert found == expected
@@ -513,8 +592,19 @@ def test_training_options_rerun_the_trainings_and_what_follows_only(project, exp
 
     sh(project, "git", "add", "-A")
     sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline", "--allow-empty")
-    out = sh(project, str(DVC), "exp", "run", "--temp", "-n", "snr-offset", "-S", "train.min_snr_gamma=5",
-             "-S", "train.noise_offset=0.05")
+    out = sh(
+        project,
+        str(DVC),
+        "exp",
+        "run",
+        "--temp",
+        "-n",
+        "snr-offset",
+        "-S",
+        "train.min_snr_gamma=5",
+        "-S",
+        "train.noise_offset=0.05",
+    )
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train_prior", "train_decoder", "evaluate", "register"}, out
     shown = sh(project, str(DVC), "exp", "show", "--no-pager", "--csv")
@@ -527,8 +617,9 @@ def test_training_options_rerun_the_trainings_and_what_follows_only(project, exp
         assert theirs[stage] == ours[stage], stage
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fashiongen-kandinsky")
-    [parent] = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'snr-offset' and "
-                                  "tags.`fashiondiff.role` = 'pipeline'")
+    [parent] = client.search_runs(
+        [exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'snr-offset' and tags.`fashiondiff.role` = 'pipeline'"
+    )
     assert float(parent.data.params["train.min_snr_gamma"]) == 5.0
     assert float(parent.data.params["train.noise_offset"]) == 0.05
 
@@ -555,8 +646,11 @@ def test_the_documented_activated_venv_form_works(project):
         (project / ".venv").symlink_to(venv)
     bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     bare["PATH"] = ":".join(p for p in os.environ["PATH"].split(":") if not p.startswith(str(venv)))
-    out = subprocess.run(["bash", "-c", "source .venv/bin/activate && dvc status && python -c 'import fashiondiff'"],
-                         cwd=project, env=bare, capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", "-c", "source .venv/bin/activate && dvc status && python -c 'import fashiondiff'"],
+        cwd=project,
+        env=bare,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-
-

@@ -24,21 +24,47 @@ STOP_BOUND_S = 60  # the README's bound on this machine: log_every steps, one ch
 
 
 def train_args(root: Path, cache: Path) -> list[str]:
-    return [str(a) for a in ("--cache", cache, "--out", root / "models/prior", "--checkpoints", root / "ckpt",
-                             "--summary", root / "prior.json", "--plot", root / "prior.csv")]
+    return [
+        str(a)
+        for a in (
+            "--cache",
+            cache,
+            "--out",
+            root / "models/prior",
+            "--checkpoints",
+            root / "ckpt",
+            "--summary",
+            root / "prior.json",
+            "--plot",
+            root / "prior.csv",
+        )
+    ]
 
 
 def launcher(processes: int) -> list[str]:
     if processes == 1:
         return [sys.executable]
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
-            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port())]
+    return [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identical(tmp_path, tiny_base,
-                                                                                  train_cache, processes):
+def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identical(
+    tmp_path, tiny_base, train_cache, processes
+):
     params = stage_params(tiny_base, epochs=60, **{"train.checkpoint_every": 1000, "train.log_every": 3})
     env = {"ACCELERATE_USE_CPU": "1"} if processes > 1 else {}
     cmd = launcher(processes)
@@ -50,9 +76,13 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identica
     (stopped / "params.yaml").write_text(json.dumps(params))
     log = stopped / "log.txt"
     with open(log, "w") as out:
-        proc = subprocess.Popen([*launcher(processes), str(REPO / "stages/train_prior.py"),
-                                 *train_args(stopped, train_cache)], cwd=stopped, stdout=out,
-                                stderr=subprocess.STDOUT, env=project_env(FASHIONDIFF_TRACKING="off", **env))
+        proc = subprocess.Popen(
+            [*launcher(processes), str(REPO / "stages/train_prior.py"), *train_args(stopped, train_cache)],
+            cwd=stopped,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=project_env(FASHIONDIFF_TRACKING="off", **env),
+        )
     deadline = time.monotonic() + 180
     while "train prior:" not in log.read_text() and time.monotonic() < deadline:  # the bar: steps run
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -73,17 +103,16 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identica
     if processes == 1:
         assert proc.returncode == 143
 
-    resumed = run_stage(stopped, params, "train_prior.py", *train_args(stopped, train_cache),
-                        launcher=launcher(processes), **env)
+    resumed = run_stage(
+        stopped, params, "train_prior.py", *train_args(stopped, train_cache), launcher=launcher(processes), **env
+    )
     assert f"resumed from step {step}" in resumed.stdout + resumed.stderr
     a, b = (load_file(root / "models/prior/prior/diffusion_pytorch_model.safetensors") for root in (straight, stopped))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "prior.csv").read_text() == (stopped / "prior.csv").read_text()
 
 
-
-def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_resumes(tmp_path, tiny_base,
-                                                                                      train_cache):
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_resumes(tmp_path, tiny_base, train_cache):
     """A file-size limit (``ulimit -f``: writes fail with EFBIG, as they do with ENOSPC on a full
     disk) makes a checkpoint fail: one line naming the folder, the previous checkpoint intact, no
     half-written one; the rerun without the limit resumes from it and ends bit-identical."""
@@ -96,9 +125,13 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_re
     work = tmp_path / "work"
     work.mkdir()
     (work / "params.yaml").write_text(json.dumps(params))
-    proc = subprocess.Popen([sys.executable, str(REPO / "stages/train_prior.py"), *train_args(work, train_cache)],
-                            cwd=work, env=project_env(FASHIONDIFF_TRACKING="off"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "stages/train_prior.py"), *train_args(work, train_cache)],
+        cwd=work,
+        env=project_env(FASHIONDIFF_TRACKING="off"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not list((work / "ckpt").glob("*/step-*")) and time.monotonic() < deadline:  # ckpt/<run fingerprint>/
         time.sleep(0.01)
@@ -109,12 +142,18 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_re
     def small_files():  # bytes per file: the checkpoint's files are larger; the run writes no other file
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
-    full = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"), *train_args(work, train_cache)],
-                          cwd=work, env=project_env(FASHIONDIFF_TRACKING="off"), capture_output=True, text=True,
-                          preexec_fn=small_files)
+    full = subprocess.run(
+        [sys.executable, str(REPO / "stages/train_prior.py"), *train_args(work, train_cache)],
+        cwd=work,
+        env=project_env(FASHIONDIFF_TRACKING="off"),
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+    )
     last = full.stderr.strip().splitlines()[-1]
-    assert full.returncode == 1 and last.startswith("error: ") and "cannot write the checkpoint of step" in last, \
+    assert full.returncode == 1 and last.startswith("error: ") and "cannot write the checkpoint of step" in last, (
         full.stderr[-2000:]
+    )
     assert f"the previous checkpoint is kept ({kept})" in last and "Traceback" not in full.stderr
     assert not list((work / "ckpt").glob("*/.tmp-*")) and not (work / "models/prior").exists()
     assert sorted((work / "ckpt").glob("*/step-*"))[-1] == kept

@@ -26,8 +26,20 @@ from fashiondiff.standin.synthetic import write_synthetic
 from fashiondiff.train.loop import VALIDATIONS_AT_MOST, _Plan, validation_interval
 
 
-@pytest.mark.parametrize("value, ok", [(200, True), ("30m", True), ("1h", True), ("90s", True), ("0.5h", True),
-                                       (0, False), ("soon", False), ("30 days", False), (True, False)])
+@pytest.mark.parametrize(
+    "value, ok",
+    [
+        (200, True),
+        ("30m", True),
+        ("1h", True),
+        ("90s", True),
+        ("0.5h", True),
+        (0, False),
+        ("soon", False),
+        ("30 days", False),
+        (True, False),
+    ],
+)
 def test_checkpoint_every_takes_steps_or_a_duration(value, ok):
     tree = params_tree(train={"checkpoint_every": value})
     if ok:
@@ -71,8 +83,14 @@ def test_auto_validation_keeps_its_forward_passes_under_5_percent_and_20_validat
 def test_disk_shortfall_is_one_line_naming_the_place_and_the_numbers(tmp_path):
     require("train prior", [Need(tmp_path / "ckpt", 10, "3 checkpoints x 1 MB")], hint="lower it")
     with pytest.raises(PipelineError) as caught:
-        require("train prior", [Need(tmp_path / "ckpt" / "run", 10**18, "3 checkpoints x 1 EB"),
-                                Need(tmp_path / "models", 5, "the tuned model")], hint="lower train.checkpoints_keep")
+        require(
+            "train prior",
+            [
+                Need(tmp_path / "ckpt" / "run", 10**18, "3 checkpoints x 1 EB"),
+                Need(tmp_path / "models", 5, "the tuned model"),
+            ],
+            hint="lower train.checkpoints_keep",
+        )
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("train prior: not enough disk: needs 1000000000.0 GB on the disk of ")
@@ -94,8 +112,9 @@ def test_training_checks_the_disk_before_the_first_step(tmp_path, tiny_base, tra
 def test_checkpoints_by_time_land_on_settle_points(tmp_path, tiny_base, train_cache):
     """A period shorter than a step: a checkpoint at every settle point (every log_every steps),
     so the two kept are the last step's and the settle point before it."""
-    params = stage_params(tiny_base, epochs=3, **{"train.checkpoint_every": "0.001s", "train.log_every": 2,
-                                                  "train.checkpoints_keep": 2})
+    params = stage_params(
+        tiny_base, epochs=3, **{"train.checkpoint_every": "0.001s", "train.log_every": 2, "train.checkpoints_keep": 2}
+    )
     run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache))
     steps = json.loads((tmp_path / "prior.json").read_text())["steps"]
     kept = sorted(p.name for p in (tmp_path / "ckpt/prior").glob("*/step-*"))
@@ -111,17 +130,26 @@ def test_preset_params_are_checked_before_dvc_starts(tmp_path):
         applied(params_tree(), settings, preset)
     tree = applied(params_tree(), {"data.files.generic": None, "lr": 0.001}, preset)
     assert "generic" not in tree["data"]["files"] and tree["lr"] == 0.001
-    run = subprocess.run([sys.executable, "-m", "fashiondiff", "run", "nothing-here"], cwd=REPO,
-                         env=project_env(), capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "fashiondiff", "run", "nothing-here"],
+        cwd=REPO,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode != 0
     assert run.stderr.strip().splitlines()[-1] == "error: presets/nothing-here.yaml: no such preset (presets: paper)"
 
 
 def test_plan_counts_rows_steps_and_disk_from_the_files(tmp_path, tiny_base):
     h5 = write_synthetic(tmp_path / "cat.h5", n_products=30, poses_per_product=2, seed=3)
-    tree = params_tree(epochs=5, batch_size=4, seed=0, data={"holdout_fraction": 0.2, "files": {
-        "train": str(h5), "validation": str(h5)}}, model={"prior": str(tiny_base / "prior"),
-                                                          "decoder": str(tiny_base / "decoder")})
+    tree = params_tree(
+        epochs=5,
+        batch_size=4,
+        seed=0,
+        data={"holdout_fraction": 0.2, "files": {"train": str(h5), "validation": str(h5)}},
+        model={"prior": str(tiny_base / "prior"), "decoder": str(tiny_base / "decoder")},
+    )
     del tree["data"]["files"]["generic"]
     plan = make_plan(params_from_dict(tree), root=REPO)
     import h5py
@@ -144,7 +172,10 @@ def test_plan_counts_rows_steps_and_disk_from_the_files(tmp_path, tiny_base):
     text = make_plan(params_from_dict(tree), root=REPO).text()
     assert f"(5 epochs x {per_epoch:,} steps of 4: 2 per process x 2 processes, 2 micro-batches of 1 each)" in text
     tree["batch_size"] = 6
-    with pytest.raises(PipelineError, match=r"^params: batch_size 6 \(the global batch\) does not divide into "
-                                            r"2 processes x 2 accumulated micro-batches: use a multiple of 4$"):
+    with pytest.raises(
+        PipelineError,
+        match=r"^params: batch_size 6 \(the global batch\) does not divide into "
+        r"2 processes x 2 accumulated micro-batches: use a multiple of 4$",
+    ):
         make_plan(params_from_dict(tree), root=REPO)
     assert not plan.short

@@ -37,8 +37,14 @@ def alive(pid: int) -> bool:
 
 def test_a_server_is_up_inside_and_stopped_with_its_children_after(tmp_path):
     port, log = free_port(), tmp_path / "server.log"
-    with running([sys.executable, "-c", SERVER, str(port)], f"http://127.0.0.1:{port}/", limit_s=30, log=log,
-                 cwd=tmp_path, env=project_env()) as proc:
+    with running(
+        [sys.executable, "-c", SERVER, str(port)],
+        f"http://127.0.0.1:{port}/",
+        limit_s=30,
+        log=log,
+        cwd=tmp_path,
+        env=project_env(),
+    ) as proc:
         assert printed_word(log, "/#/", proc, limit_s=10) == f"http://127.0.0.1:{port}/#/runs"
         child = int(printed_word(log, "child-pid=", proc, limit_s=10).split("=")[1])
         assert alive(child)
@@ -52,8 +58,12 @@ def test_a_server_is_up_inside_and_stopped_with_its_children_after(tmp_path):
 def test_a_server_that_exits_is_an_error_with_its_output(tmp_path):
     log = tmp_path / "server.log"
     with pytest.raises(RuntimeError, match=r"(?s)exited with status 3.*port taken"):
-        with running([sys.executable, "-c", "print('port taken'); raise SystemExit(3)"],
-                     f"http://127.0.0.1:{free_port()}/", limit_s=30, log=log):
+        with running(
+            [sys.executable, "-c", "print('port taken'); raise SystemExit(3)"],
+            f"http://127.0.0.1:{free_port()}/",
+            limit_s=30,
+            log=log,
+        ):
             pass
     proc = start_group([sys.executable, "-c", "print('no address here')"], log)
     try:

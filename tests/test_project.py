@@ -37,9 +37,13 @@ def test_relative_paths_resolve_against_dvc_root(tmp_path, monkeypatch):
 
 
 def _hold(root: Path, fingerprint: str, seconds: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", HOLDER, str(root), fingerprint, str(seconds)],
-                            env={"PYTHONPATH": str(SRC), "PATH": ""}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root), fingerprint, str(seconds)],
+        env={"PYTHONPATH": str(SRC), "PATH": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_the_same_run_twice_at_once_takes_turns_other_runs_do_not_wait(tmp_path):

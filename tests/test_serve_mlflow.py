@@ -25,8 +25,10 @@ from fashiondiff.sampling import Sampling
 from fashiondiff.serving.registry import log_model
 from fashiondiff.tracking import Tracker, stage_run
 
-pytestmark = [pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy"),
-              pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # mlflow's, with pandas 3
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy"),
+    pytest.mark.filterwarnings("ignore:Operation with range is deprecated"),
+]  # mlflow's, with pandas 3
 NAME = "fashiondiff-kandinsky"
 
 
@@ -47,11 +49,27 @@ def registered(served) -> str:
 @pytest.fixture(scope="module")
 def endpoint(served, registered, tmp_path_factory):
     port = free_port()
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{NAME}/{registered}",
-           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{NAME}/{registered}",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     log = tmp_path_factory.mktemp("mlflow-serve") / "serve.log"
-    with running(cmd, f"http://127.0.0.1:{port}/ping", log=log, cwd=served,
-                 env=project_env(MLFLOW_TRACKING_URI=f"sqlite:///{served / 'mlflow.db'}")):
+    with running(
+        cmd,
+        f"http://127.0.0.1:{port}/ping",
+        log=log,
+        cwd=served,
+        env=project_env(MLFLOW_TRACKING_URI=f"sqlite:///{served / 'mlflow.db'}"),
+    ):
         yield f"http://127.0.0.1:{port}/invocations"
 
 
@@ -71,7 +89,14 @@ def test_the_model_is_registered_with_signature_example_and_the_pipeline_tags(se
 
     info = mlflow.models.get_model_info(f"models:/{NAME}/{registered}")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == [
-        "prompt", "image", "strength", "seed", "steps", "guidance", "num_images"]
+        "prompt",
+        "image",
+        "strength",
+        "seed",
+        "steps",
+        "guidance",
+        "num_images",
+    ]
     assert info.saved_input_example_info is not None
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{registered}"))
     files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
@@ -109,10 +134,17 @@ def test_a_model_that_fails_its_input_example_is_not_registered(served, tmp_path
     uri = f"sqlite:///{served / 'mlflow.db'}"
     with stage_run("register", params, tracking_uri=uri) as tracker:
         with pytest.raises(PipelineError, match="the logged model fails its input example: .*decoder"):
-            log_model(tracker, ENTRY, "broken-model", {}, artifacts={"prior": str(served / "models/prior"),
-                                                                   "decoder": str(broken)},
-                              signature=pyfunc.signature(), input_example=pyfunc.input_example(2),
-                              pip_requirements=[], model_config=pyfunc.model_config(Sampling()))
+            log_model(
+                tracker,
+                ENTRY,
+                "broken-model",
+                {},
+                artifacts={"prior": str(served / "models/prior"), "decoder": str(broken)},
+                signature=pyfunc.signature(),
+                input_example=pyfunc.input_example(2),
+                pip_requirements=[],
+                model_config=pyfunc.model_config(Sampling()),
+            )
     import mlflow
 
     assert not mlflow.MlflowClient(uri).search_registered_models("name = 'broken-model'")
@@ -137,21 +169,27 @@ def test_the_served_model_answers_with_png_images(endpoint, served):
     assert all(im.format == "PNG" and im.size == (SIDE, SIDE) for im in images)
     assert images[0].tobytes() != images[1].tobytes()
     photo = base64.b64encode((served / "photo.png").read_bytes()).decode()
-    status, body = post(endpoint, {"inputs": {"prompt": ["a red skirt"], "image": [photo], "strength": [0.6],
-                                              "steps": [4]}})
+    status, body = post(
+        endpoint, {"inputs": {"prompt": ["a red skirt"], "image": [photo], "strength": [0.6], "steps": [4]}}
+    )
     assert status == 200, body
     assert decode(body["predictions"][0]["image"]).size == (SIDE, SIDE)
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"prompt": "   "}, "row 0: empty prompt"),
-    ({"prompt": PROMPT, "image": "%%% not base64"}, "row 0: image: not base64"),
-    ({"prompt": PROMPT, "image": base64.b64encode(b"plain text, no picture").decode()},
-     "row 0: that upload is not an image"),
-    ({"prompt": PROMPT, "image": "A" * (15 << 20)}, r"row 0: photo is 11.2 MB: the limit is 10 MB"),
-    ({"prompt": PROMPT, "steps": 5000}, "row 0: steps must be between 1 and 1000"),
-    ({"steps": 2}, "Model is missing inputs"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "   "}, "row 0: empty prompt"),
+        ({"prompt": PROMPT, "image": "%%% not base64"}, "row 0: image: not base64"),
+        (
+            {"prompt": PROMPT, "image": base64.b64encode(b"plain text, no picture").decode()},
+            "row 0: that upload is not an image",
+        ),
+        ({"prompt": PROMPT, "image": "A" * (15 << 20)}, r"row 0: photo is 11.2 MB: the limit is 10 MB"),
+        ({"prompt": PROMPT, "steps": 5000}, "row 0: steps must be between 1 and 1000"),
+        ({"steps": 2}, "Model is missing inputs"),
+    ],
+)
 def test_bad_requests_get_a_400_with_a_reason_and_the_next_one_works(endpoint, record, message):
     status, body = post(endpoint, {"dataframe_records": [{"steps": 2, **record}]})
     assert status == 400 and message in body["message"], body
@@ -160,8 +198,9 @@ def test_bad_requests_get_a_400_with_a_reason_and_the_next_one_works(endpoint, r
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as resp:
             return resp.status, json.load(resp)

@@ -34,8 +34,22 @@ def page(served, adapters, tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("page") / "serve.log"
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    cmd = [sys.executable, "-m", "fashiondiff", "serve", "--model", "late", "--lora", str(adapters),
-           "--port", str(port), "--queue-size", str(QUEUE), "--max-upload-mb", str(UPLOAD_CAP_MB)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fashiondiff",
+        "serve",
+        "--model",
+        "late",
+        "--lora",
+        str(adapters),
+        "--port",
+        str(port),
+        "--queue-size",
+        str(QUEUE),
+        "--max-upload-mb",
+        str(UPLOAD_CAP_MB),
+    ]
     with running(cmd, url, log=log, cwd=served, env=project_env()):
         yield url
 
@@ -103,6 +117,7 @@ def test_a_burst_is_bounded_by_the_queue(client, served):
 
 # --- in the browser ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def browser():
     with chromium(1280, 1000) as driver:
@@ -169,15 +184,18 @@ def wait_for_text(browser, text: str) -> None:
 
 
 def image_sources(browser) -> list[str]:
-    return [img.get_attribute("src") for img in
-            browser.find_elements("css selector", "#image-base img, #image-tuned img")]
+    return [
+        img.get_attribute("src") for img in browser.find_elements("css selector", "#image-base img, #image-tuned img")
+    ]
 
 
 def wait_for_new_images(browser, old: list[str]) -> list[str]:
     """Both output images present and both different from ``old``."""
+
     def fresh(driver):
         now = image_sources(driver)
         return now if len(now) == 2 and not set(now) & set(old) else False
+
     return wait(browser, fresh)
 
 
@@ -191,10 +209,20 @@ def upload(url: str, path: Path) -> tuple[int, str]:
     import urllib.error
 
     boundary = "fashiondiff-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(f"{url}gradio_api/upload", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{path.name}"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{url}gradio_api/upload",
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, resp.read().decode()

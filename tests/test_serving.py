@@ -27,16 +27,19 @@ def png_bytes(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(prompt="  "), "empty prompt"),
-    (dict(prompt="x" * 1001), "prompt length must be between 1 and 1000"),
-    (dict(seed=-1), "seed must be between 0 and"),
-    (dict(num_images=5), "num_images must be between 1 and 4"),
-    (dict(sampling=replace(FAST, steps=0)), "steps must be between 1 and 1000"),
-    (dict(sampling=replace(FAST, guidance_scale=0.5)), "guidance must be between 1.0 and 20.0"),
-    (dict(source=Image.new("RGB", (8, 8)), sampling=replace(FAST, strength=1.5)), r"strength must be in \(0, 1\]"),
-    (dict(source=Image.new("RGB", (8, 8)), sampling=replace(FAST, strength=0.2)), "leaves no denoising step"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(prompt="  "), "empty prompt"),
+        (dict(prompt="x" * 1001), "prompt length must be between 1 and 1000"),
+        (dict(seed=-1), "seed must be between 0 and"),
+        (dict(num_images=5), "num_images must be between 1 and 4"),
+        (dict(sampling=replace(FAST, steps=0)), "steps must be between 1 and 1000"),
+        (dict(sampling=replace(FAST, guidance_scale=0.5)), "guidance must be between 1.0 and 20.0"),
+        (dict(source=Image.new("RGB", (8, 8)), sampling=replace(FAST, strength=1.5)), r"strength must be in \(0, 1\]"),
+        (dict(source=Image.new("RGB", (8, 8)), sampling=replace(FAST, strength=0.2)), "leaves no denoising step"),
+    ],
+)
 def test_a_bad_request_is_refused_with_its_reason(change, message):
     good = Request(PROMPT, None, 0, 1, FAST)
     check_request(good, Limits())

@@ -26,8 +26,9 @@ def test_all_poses_of_a_product_fall_on_the_same_side():
     mask = heldout_mask(ids, 0.3, seed=5)
     for pid in np.unique(ids):
         assert len(set(mask[ids == pid])) == 1
-    assert mask[np.argsort(ids, kind="stable")].tolist() == \
-        heldout_mask(np.sort(ids), 0.3, seed=5).tolist()  # independent of row order
+    assert (
+        mask[np.argsort(ids, kind="stable")].tolist() == heldout_mask(np.sort(ids), 0.3, seed=5).tolist()
+    )  # independent of row order
 
 
 def test_fraction_is_respected():

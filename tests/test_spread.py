@@ -30,9 +30,21 @@ GLOO = {"ACCELERATE_USE_CPU": "1"}  # accelerate's processes on the CPU
 
 def launcher(n: int) -> list[str]:
     """`accelerate launch` with ``n`` processes on a free port (run with GLOO in the environment)."""
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", str(n),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port())]
+    return [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 @pytest.fixture
@@ -54,8 +66,14 @@ def start(cwd: Path, params: dict, script: str, *args, launcher: list[str] | Non
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = (launcher or [sys.executable]) + [str(REPO / "stages" / script), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=cwd, env=project_env(FASHIONDIFF_TRACKING="off", **env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=project_env(FASHIONDIFF_TRACKING="off", **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -76,8 +94,9 @@ def rank_pids(launcher: int, deadline: float) -> dict[int, int]:
         ranks = {}
         for pid in children(launcher):
             try:
-                env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                           if b"=" in v)
+                env = dict(
+                    v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v
+                )
             except OSError:
                 continue
             if b"RANK" in env:
@@ -110,15 +129,17 @@ def wait_for(condition, what: str, limit: float = 120, proc=None):
 def file_limit(size: int) -> list[str]:
     """A launcher that sets RLIMIT_FSIZE (`ulimit -f`) before it becomes the stage's Python: a
     write past ``size`` bytes then fails with EFBIG (Python ignores SIGXFSZ)."""
-    code = (f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size})); "
-            "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    code = (
+        f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size})); "
+        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+    )
     return [sys.executable, "-c", code]
 
 
 def error_lines(stderr: str) -> list[str]:
     """The processes' one-line errors: under the launcher they share one stderr, so a line may
     start after another process's progress bar (tqdm ends its lines with a carriage return)."""
-    return [line[line.index("error: "):] for line in stderr.replace("\r", "\n").splitlines() if "error: " in line]
+    return [line[line.index("error: ") :] for line in stderr.replace("\r", "\n").splitlines() if "error: " in line]
 
 
 def all_gone_after(proc: subprocess.Popen, ranks: dict[int, int], killed: float) -> str:
@@ -133,26 +154,29 @@ def all_gone_after(proc: subprocess.Popen, ranks: dict[int, int], killed: float)
 
 # --- embed ------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow  # over 10 s (make test-fast leaves it out)
-def test_embed_in_two_processes_writes_the_one_process_cache(tmp_path, tiny_base, extracted, train_cache,
-                                                             cpu_processes):
+def test_embed_in_two_processes_writes_the_one_process_cache(
+    tmp_path, tiny_base, extracted, train_cache, cpu_processes
+):
     params = stage_params(tiny_base, **{"compute.timeout_s": PROCESS_TIMEOUT})
-    result = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes,
-                       **GLOO)
+    result = run_stage(
+        tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes, **GLOO
+    )
     assert "2 processes" in result.stdout
     assert len(same_files(train_cache, tmp_path / "cache")) == 17
     assert not (tmp_path / ".cache.partial").exists()
 
 
 @pytest.mark.slow  # over 10 s (make test-fast leaves it out)
-def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, tiny_base, extracted, train_cache,
-                                                                   cpu_processes):
+def test_embed_loader_killed_in_one_process_stops_both_then_resumes(
+    tmp_path, tiny_base, extracted, train_cache, cpu_processes
+):
     """Process 1's image loader killed (kill -9) while process 0 is held at a hand-over: both gone
     within 30 s, one line, no cache; the rerun (two processes) resumes to the one-process cache."""
     params = stage_params(tiny_base, **{"compute.timeout_s": PROCESS_TIMEOUT})
     progress = tmp_path / ".cache.partial" / "progress.json"
-    proc = start(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes,
-                 **GLOO)
+    proc = start(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes, **GLOO)
     ranks = rank_pids(proc.pid, time.monotonic() + 60)
 
     def captions_done():
@@ -172,15 +196,15 @@ def test_embed_loader_killed_in_one_process_stops_both_then_resumes(tmp_path, ti
     assert any(line.startswith("error: embed: the image loader process died") for line in error_lines(stderr)), stderr
     assert not (tmp_path / "cache").exists()
 
-    resumed = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache",
-                        launcher=cpu_processes, **GLOO)
+    resumed = run_stage(
+        tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", launcher=cpu_processes, **GLOO
+    )
     assert "embed: resuming" in resumed.stdout and "8/8 captions" in resumed.stdout
     same_files(train_cache, tmp_path / "cache")
 
 
 @pytest.mark.slow  # the launcher's SIGTERM path is the loader test's process 0; this is one process
-def test_embed_sigterm_keeps_the_finished_batches_and_the_rerun_resumes(tmp_path, tiny_base, extracted,
-                                                                        train_cache):
+def test_embed_sigterm_keeps_the_finished_batches_and_the_rerun_resumes(tmp_path, tiny_base, extracted, train_cache):
     """SIGTERM (held with SIGSTOP until sent, so that the run cannot finish first) stops the
     stage with one line saying what is kept; the rerun resumes to the one-process cache."""
     params = stage_params(tiny_base)
@@ -192,8 +216,9 @@ def test_embed_sigterm_keeps_the_finished_batches_and_the_rerun_resumes(tmp_path
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143  # 128 + SIGTERM, as the training stages
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: embed: stopped by SIGTERM; ") and \
-        last.endswith(("rerun to resume", "no batch was finished yet, rerun to start")), last
+    assert last.startswith("error: embed: stopped by SIGTERM; ") and last.endswith(
+        ("rerun to resume", "no batch was finished yet, rerun to start")
+    ), last
     assert not (tmp_path / "cache").exists()
     resumed = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache")
     if "the finished" in last and "the finished 0/8 captions, 0/16 images" not in last:
@@ -209,8 +234,9 @@ def test_embed_full_disk_at_the_start_names_the_file(tmp_path, tiny_base, extrac
     (tmp_path / "cache" / "meta.json").write_text("{}")  # stands for an older cache, to be replaced
     old = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
     params = stage_params(tiny_base)
-    full = run_stage(tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", check=False,
-                     launcher=file_limit(2048))
+    full = run_stage(
+        tmp_path, params, "embed.py", extracted, "train", tmp_path / "cache", check=False, launcher=file_limit(2048)
+    )
     assert full.returncode == 1
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / '.cache.partial'}/") and ".npy: cannot write, file too large" in last
@@ -219,6 +245,7 @@ def test_embed_full_disk_at_the_start_names_the_file(tmp_path, tiny_base, extrac
 
 
 # --- evaluate ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory, inception_weights):
@@ -231,15 +258,29 @@ def evaluation(tmp_path_factory, inception_weights):
     save_pipelines(build_tiny((NAMES + OBJECTS) * 2, spec, seed=0), root / "base")
     save_pipelines(build_tiny((NAMES + OBJECTS) * 2, spec, seed=1), root / "tuned")
     rng = np.random.default_rng(0)
-    folders = {"catalogue": extracted_folder(root / "validation", NAMES, 2, rng),
-               "generic": extracted_folder(root / "generic", OBJECTS, 1, rng, first_product=500)}
-    params = params_tree(**{
-        "clip_image_size": 32, "diffusion_steps": 2, "data.holdout_fraction": 0.5, "model.resolution": 64,
-        "model.prior": str(root / "base" / "prior"), "model.decoder": str(root / "base" / "decoder"),
-        "evaluate.num_prompts": 5, "evaluate.prior_steps": 2, "evaluate.batch_size": 2,
-        "evaluate.edit_items": 3, "evaluate.edit_strengths": [0.5],
-        "evaluate.r_precision_candidates": 4, "evaluate.workers": 1, "compute.timeout_s": PROCESS_TIMEOUT,
-        "evaluate.fid_weights": "weights/inception/weights.pth"})
+    folders = {
+        "catalogue": extracted_folder(root / "validation", NAMES, 2, rng),
+        "generic": extracted_folder(root / "generic", OBJECTS, 1, rng, first_product=500),
+    }
+    params = params_tree(
+        **{
+            "clip_image_size": 32,
+            "diffusion_steps": 2,
+            "data.holdout_fraction": 0.5,
+            "model.resolution": 64,
+            "model.prior": str(root / "base" / "prior"),
+            "model.decoder": str(root / "base" / "decoder"),
+            "evaluate.num_prompts": 5,
+            "evaluate.prior_steps": 2,
+            "evaluate.batch_size": 2,
+            "evaluate.edit_items": 3,
+            "evaluate.edit_strengths": [0.5],
+            "evaluate.r_precision_candidates": 4,
+            "evaluate.workers": 1,
+            "compute.timeout_s": PROCESS_TIMEOUT,
+            "evaluate.fid_weights": "weights/inception/weights.pth",
+        }
+    )
     args = ["--catalogue", folders["catalogue"], "--generic", folders["generic"], "--tuned", root / "tuned"]
 
     def cwd(name: str) -> Path:  # a run's folder, with the FID weights where the stage wants them
@@ -271,9 +312,22 @@ def test_evaluate_in_n_processes_writes_the_same_samples_and_metrics(evaluation,
     for domain in a:
         for model in a[domain]:
             x, y = a[domain][model], b[domain][model]
-            assert x.keys() == y.keys() == {"clip_score", "r_precision", "fd_clip", "fid", "fid_n_generated",
-                                            "fid_n_real", "edit_fidelity_s50", "edit_clip_score_s50",
-                                            "mix_fidelity", "mix_clip_score"}
+            assert (
+                x.keys()
+                == y.keys()
+                == {
+                    "clip_score",
+                    "r_precision",
+                    "fd_clip",
+                    "fid",
+                    "fid_n_generated",
+                    "fid_n_real",
+                    "edit_fidelity_s50",
+                    "edit_clip_score_s50",
+                    "mix_fidelity",
+                    "mix_clip_score",
+                }
+            )
             for key in x:
                 if key in ("fd_clip", "fid"):
                     assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-9), (domain, model, key)
@@ -290,8 +344,7 @@ def test_evaluate_process_killed_stops_both_and_one_process_resumes(evaluation, 
     folder = cwd("killed")
     proc = start(folder, params, "evaluate.py", *args, "--reports", "reports", launcher=cpu_processes, **GLOO)
     ranks = rank_pids(proc.pid, time.monotonic() + 60)
-    wait_for(lambda: (folder / "reports/.samples.partial/.progress/base.json").is_file(), "a finished round",
-             proc=proc)
+    wait_for(lambda: (folder / "reports/.samples.partial/.progress/base.json").is_file(), "a finished round", proc=proc)
     os.kill(ranks[1], signal.SIGKILL)
     stderr = all_gone_after(proc, ranks, time.monotonic())
     lines = error_lines(stderr)
@@ -314,14 +367,16 @@ def test_evaluate_full_disk_keeps_the_outputs_and_the_rerun_resumes(evaluation):
     reference = folder / "reference"
     shutil.copytree(folder / "reports", reference)
     before = {p: p.read_bytes() for p in (folder / "reports").rglob("*") if p.is_file()}
-    full = run_stage(folder, params, "evaluate.py", *args, "--reports", "reports", check=False,
-                     launcher=file_limit(64 * 1024))
+    full = run_stage(
+        folder, params, "evaluate.py", *args, "--reports", "reports", check=False, launcher=file_limit(64 * 1024)
+    )
     assert full.returncode == 1
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith("error: reports/.samples.partial/grid.png: cannot write, file too large;"), last
     assert "rerun to resume" in last and "Traceback" not in full.stderr
-    assert {p: p.read_bytes() for p in (folder / "reports").rglob("*") if p.is_file() and ".samples.partial"
-            not in str(p)} == before
+    assert {
+        p: p.read_bytes() for p in (folder / "reports").rglob("*") if p.is_file() and ".samples.partial" not in str(p)
+    } == before
     resumed = run_stage(folder, params, "evaluate.py", *args, "--reports", "reports")
     assert "evaluate: resuming" in resumed.stdout and "14 of base's batches, 14 of tuned's batches" in resumed.stdout
     same_files(reference, folder / "reports")
@@ -339,11 +394,14 @@ def test_evaluate_holds_a_batch_of_images_whatever_the_number_of_prompts(tmp_pat
     from fashiondiff.evaluate.run import ModelPair, evaluate
     from fashiondiff.standin.tiny import TinySpec, build_tiny, save_pipelines
 
-    save_pipelines(build_tiny(NAMES + OBJECTS, TinySpec(clip_image_size=32, clip_patch_size=16), seed=0),
-                   tmp_path / "models")
+    save_pipelines(
+        build_tiny(NAMES + OBJECTS, TinySpec(clip_image_size=32, clip_patch_size=16), seed=0), tmp_path / "models"
+    )
     rng = np.random.default_rng(0)
-    folders = {"catalogue": extracted_folder(tmp_path / "validation", NAMES, 2, rng),
-               "generic": extracted_folder(tmp_path / "generic", OBJECTS, 1, rng, first_product=500)}
+    folders = {
+        "catalogue": extracted_folder(tmp_path / "validation", NAMES, 2, rng),
+        "generic": extracted_folder(tmp_path / "generic", OBJECTS, 1, rng, first_product=500),
+    }
     live = []
     take = samples.Partial.take
 
@@ -358,10 +416,22 @@ def test_evaluate_holds_a_batch_of_images_whatever_the_number_of_prompts(tmp_pat
     pair = ModelPair(str(tmp_path / "models" / "prior"), str(tmp_path / "models" / "decoder"))
     peaks = {}
     for n in (3, 9):
-        params = replaced(base, clip_image_size=32, diffusion_steps=2, model=replaced(base.model, resolution=64),
-                          evaluate=replaced(base.evaluate, num_prompts=n, prior_steps=2, batch_size=2, workers=1,
-                                            edit_items=2, edit_strengths=[0.5],
-                                            r_precision_candidates=3))
+        params = replaced(
+            base,
+            clip_image_size=32,
+            diffusion_steps=2,
+            model=replaced(base.model, resolution=64),
+            evaluate=replaced(
+                base.evaluate,
+                num_prompts=n,
+                prior_steps=2,
+                batch_size=2,
+                workers=1,
+                edit_items=2,
+                edit_strengths=[0.5],
+                r_precision_candidates=3,
+            ),
+        )
         live.clear()
         evaluate(folders, pair, pair, params, tmp_path / f"reports{n}", RecordingTracker())
         peaks[n] = max(live)
@@ -370,4 +440,5 @@ def test_evaluate_holds_a_batch_of_images_whatever_the_number_of_prompts(tmp_pat
     assert details["generic"]["prompts_with_replacement"] and details["generic"]["real_images"] == len(OBJECTS)
     assert len(list((tmp_path / "reports9" / "samples" / "generic" / "base").glob("*.png"))) == 9
     assert not json.loads((tmp_path / "reports3" / "evaluation.json").read_text())["catalogue"][
-        "prompts_with_replacement"]
+        "prompts_with_replacement"
+    ]

@@ -29,8 +29,13 @@ def stales(path: str) -> set[str]:
 
 def test_commands_page_ui_view_tools_tests_and_benchmarks_stale_no_stage():
     free = [f for f in MAP if f.startswith(("src/fashiondiff/commands/", "tools/", "tests/", "bench/"))]
-    free += ["src/fashiondiff/__main__.py", "src/fashiondiff/processes.py", "src/fashiondiff/launch.py",
-             "src/fashiondiff/serving/page.py", "src/fashiondiff/serving/studio.py"]
+    free += [
+        "src/fashiondiff/__main__.py",
+        "src/fashiondiff/processes.py",
+        "src/fashiondiff/launch.py",
+        "src/fashiondiff/serving/page.py",
+        "src/fashiondiff/serving/studio.py",
+    ]
     assert {"src/fashiondiff/commands/generate.py", "src/fashiondiff/commands/ui.py", "tests/conftest.py"} <= set(free)
     assert {f: MAP[f] for f in free if MAP[f]} == {}
 
@@ -74,8 +79,14 @@ def test_no_stage_before_training_lists_a_file_that_defines_a_training_option():
     """Any file defining a train.*, prior.* or decoder.* key: the module SECTIONS names, and any
     other that spells out such a section's model (a copy would bring the staleness back)."""
     defining = {f"src/fashiondiff/config/{SECTIONS[s]}.py" for s in TRAINING_SECTIONS}
-    defining |= {f for f in MAP if f.startswith("src/") and any(
-        name in (REPO / f).read_text() for name in ("class TrainParams", "class PriorParams", "class DecoderParams"))}
+    defining |= {
+        f
+        for f in MAP
+        if f.startswith("src/")
+        and any(
+            name in (REPO / f).read_text() for name in ("class TrainParams", "class PriorParams", "class DecoderParams")
+        )
+    }
     assert all(TRAININGS <= after({s}, REPO) for s in ("extract", "embed"))  # before training, by the DAG
     assert {f: sorted(BEFORE_TRAINING & stales(f)) for f in defining if BEFORE_TRAINING & stales(f)} == {}
 
@@ -84,8 +95,13 @@ def test_formats_live_below_their_readers_nothing_outside_train_imports_it():
     """The LoRA adapter's format is models/adapter.py's: generate, serve and the served model read
     it without importing training. Only the stand-in's pre-training, which runs the loop, may."""
     imports_train = re.compile(r"^\s*(from fashiondiff\.train[ .]|import fashiondiff\.train)", re.MULTILINE)
-    outside = [f for f in MAP if f.startswith("src/fashiondiff/") and imports_train.search((REPO / f).read_text())
-               and not f.startswith(("src/fashiondiff/train/", "src/fashiondiff/standin/"))]
+    outside = [
+        f
+        for f in MAP
+        if f.startswith("src/fashiondiff/")
+        and imports_train.search((REPO / f).read_text())
+        and not f.startswith(("src/fashiondiff/train/", "src/fashiondiff/standin/"))
+    ]
     assert outside == []
     assert stales("src/fashiondiff/models/adapter.py") == TRAININGS  # sampling and serving import it lazily
 

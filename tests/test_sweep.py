@@ -52,8 +52,12 @@ with leased(["0", "1"], 1, Path(sys.argv[1]), poll_s=0.05) as ids:
 def test_concurrent_runs_lease_distinct_gpus_and_the_extra_one_waits(tmp_path):
     """Three processes at once, two GPUs, one each: no GPU is held by two at a time, and the third
     starts only once one of the first two has given its GPU back."""
-    procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env=project_env()) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=project_env()
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=60)[0].splitlines() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     held = sorted((float(start), float(end), gpu) for gpu, start, end in (lines[-1].split() for lines in outputs))
@@ -87,14 +91,28 @@ def test_sweep_file_errors_are_one_line_naming_the_key(tmp_path, monkeypatch):
 def test_a_failed_step_is_one_error_line_and_its_exit_status(tmp_path):
     """A git remote that is not there: `git clone` fails, and sweep-one says so in one line."""
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"git_remote": str(tmp_path / "nowhere.git"), "workdir": str(tmp_path / "w"),
-                                     "experiments": [{"name": "a", "params": {"lr": 0.001}}]}))
-    result = subprocess.run([sys.executable, "-m", "fashiondiff", "sweep-one", str(sweep), "0"], cwd=tmp_path,
-                            capture_output=True, text=True, env=project_env())
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "git_remote": str(tmp_path / "nowhere.git"),
+                "workdir": str(tmp_path / "w"),
+                "experiments": [{"name": "a", "params": {"lr": 0.001}}],
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "fashiondiff", "sweep-one", str(sweep), "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=project_env(),
+    )
     assert result.returncode == 128  # git's
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: git clone -q {tmp_path / 'nowhere.git'} {tmp_path / 'w/.a.partial'} in "
-                      f"{tmp_path / 'w'} exited with 128"], result.stderr
+    assert errors == [
+        f"error: git clone -q {tmp_path / 'nowhere.git'} {tmp_path / 'w/.a.partial'} in "
+        f"{tmp_path / 'w'} exited with 128"
+    ], result.stderr
     assert not (tmp_path / "w/a").exists()  # no half-made clone for a rerun to take as finished
 
 
@@ -108,6 +126,7 @@ def test_the_committed_placeholder_remote_is_refused(tmp_path):
 
 
 # -- two experiments at once, in two clones; a third clone sees both --------------------------
+
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> dict:
@@ -132,15 +151,41 @@ def sweep(tmp_path_factory) -> dict:
     try:
         uri = f"http://127.0.0.1:{port}"
         sweep_file = root / "sweep.yaml"
-        sweep_file.write_text(yaml.safe_dump({
-            "git_remote": str(remote), "workdir": str(root / "clones"), "mlflow": {"tracking_uri": uri},
-            "experiments": [{"name": name, "params": params} for name, (params, _) in EXPERIMENTS.items()]}))
+        sweep_file.write_text(
+            yaml.safe_dump(
+                {
+                    "git_remote": str(remote),
+                    "workdir": str(root / "clones"),
+                    "mlflow": {"tracking_uri": uri},
+                    "experiments": [{"name": name, "params": params} for name, (params, _) in EXPERIMENTS.items()],
+                }
+            )
+        )
         started = time.monotonic()
-        runs = [subprocess.Popen([sys.executable, "-m", "fashiondiff", "sweep-one", str(sweep_file), str(index),
-                                  "--gpus", "0,1", "--per-run", "1", "--lock-dir", str(root / "gpu-locks")],
-                                 cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 env=project_env(FASHIONDIFF_TRACKING="on"))
-                for index in range(len(EXPERIMENTS))]
+        runs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fashiondiff",
+                    "sweep-one",
+                    str(sweep_file),
+                    str(index),
+                    "--gpus",
+                    "0,1",
+                    "--per-run",
+                    "1",
+                    "--lock-dir",
+                    str(root / "gpu-locks"),
+                ],
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=project_env(FASHIONDIFF_TRACKING="on"),
+            )
+            for index in range(len(EXPERIMENTS))
+        ]
         outputs = {name: run.communicate(timeout=1800)[0] for name, run in zip(EXPERIMENTS, runs, strict=True)}
         print(f"two sweep-one at once: {time.monotonic() - started:.0f} s")
         for run, (name, out) in zip(runs, outputs.items(), strict=True):
@@ -201,15 +246,19 @@ def test_the_tracking_server_holds_both_runs_with_their_scores(sweep, third):
     client = mlflow.MlflowClient(tracking_uri=sweep["uri"])
     exp = client.get_experiment_by_name("fashiongen-kandinsky")
     for name, (params, stages) in EXPERIMENTS.items():
-        [parent] = client.search_runs([exp.experiment_id], filter_string=f"tags.`dvc.exp_name` = '{name}' and "
-                                      f"tags.`fashiondiff.role` = 'pipeline'")
+        [parent] = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`dvc.exp_name` = '{name}' and tags.`fashiondiff.role` = 'pipeline'",
+        )
         assert parent.info.status == "FINISHED"
         assert all(float(parent.data.params[k]) == v for k, v in params.items())
         scores = yaml.safe_load(sh(third, "git", "show", f"{experiment_revs(third)[name]}:reports/scores.json"))
         assert parent.data.metrics["evaluate.catalogue.fd_clip"] == pytest.approx(
-            scores["catalogue"]["fd_clip"], rel=1e-6)
-        children = client.search_runs([exp.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+            scores["catalogue"]["fd_clip"], rel=1e-6
+        )
+        children = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
         assert {c.info.run_name for c in children} == stages
 
 
@@ -231,5 +280,4 @@ def experiment_revs(clone: Path) -> dict[str, str]:
     """Each experiment's commit, by name, from DVC's refs (refs/exps/<baseline, as 2 + 38 digits>/<name>;
     DVC keeps refs/exps/EXEC_APPLY and the like beside them)."""
     refs = sh(clone, "git", "for-each-ref", "refs/exps", "--format=%(refname) %(objectname)")
-    return {ref.split("/")[-1]: rev for ref, rev in (line.split() for line in refs.splitlines())
-            if ref.count("/") == 4}
+    return {ref.split("/")[-1]: rev for ref, rev in (line.split() for line in refs.splitlines()) if ref.count("/") == 4}

@@ -29,15 +29,24 @@ from fashiondiff.standin.synthetic import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT_KEYS = {"input_name", "input_description", "input_category", "input_subcategory",
-             "input_pose", "input_gender", "input_composition", "input_concat_description",
-             "input_department", "input_season", "input_brand"}
+TEXT_KEYS = {
+    "input_name",
+    "input_description",
+    "input_category",
+    "input_subcategory",
+    "input_pose",
+    "input_gender",
+    "input_composition",
+    "input_concat_description",
+    "input_department",
+    "input_season",
+    "input_brand",
+}
 
 
 def test_layout_is_exactly_fashiongens(synthetic_h5):
     with h5py.File(synthetic_h5, "r") as f:
-        assert set(f) == TEXT_KEYS | {"input_image", "input_productID", "input_msrpUSD",
-                                      "index", "index_2"}
+        assert set(f) == TEXT_KEYS | {"input_image", "input_productID", "input_msrpUSD", "index", "index_2"}
         n = 12
         assert f["input_image"].dtype == np.uint8 and f["input_image"].shape == (n, 256, 256, 3)
         for key in TEXT_KEYS:
@@ -101,7 +110,7 @@ def test_pictures_follow_colour_and_garment_and_survive_64px():
         masks[garment.noun] = np.any(picture != 245, axis=-1)
     nouns = list(masks)
     for i, a in enumerate(nouns):  # silhouettes are distinct
-        for b in nouns[i + 1:]:
+        for b in nouns[i + 1 :]:
             iou = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
             assert iou < 0.9, (a, b, iou)
 
@@ -109,24 +118,31 @@ def test_pictures_follow_colour_and_garment_and_survive_64px():
 def test_materials_are_drawn_differently():
     garment = GARMENTS[0]
     pose = Pose(0.0, 0.0, 1.0, 0.0, False, (245, 245, 245))
-    pictures = {m: render(Product(1, garment, "blue", m, {}, 0), pose)
-                for m in synthetic.MATERIALS}
+    pictures = {m: render(Product(1, garment, "blue", m, {}, 0), pose) for m in synthetic.MATERIALS}
     garment_px = np.any(pictures["plain"] != 245, axis=-1)
     for i, a in enumerate(synthetic.MATERIALS):
-        for b in synthetic.MATERIALS[i + 1:]:
+        for b in synthetic.MATERIALS[i + 1 :]:
             diff = np.abs(pictures[a].astype(int) - pictures[b]).sum(-1)[garment_px]
             assert diff.mean() > 15, (a, b)
 
 
 def sizes(train=3, validation=2, poses=1, generic_train=2, generic_validation=1) -> SyntheticParams:
-    return SyntheticParams(train_products=train, validation_products=validation, poses_per_product=poses,
-                           generic_train_items=generic_train, generic_validation_items=generic_validation)
+    return SyntheticParams(
+        train_products=train,
+        validation_products=validation,
+        poses_per_product=poses,
+        generic_train_items=generic_train,
+        generic_validation_items=generic_validation,
+    )
 
 
 def test_synthesize_four_files_with_disjoint_products(tmp_path):
     paths = synthesize(tmp_path / "out", sizes(), seed=0)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(synthetic.FILES) == sorted(
-        p.name for p in paths.values())
+    assert (
+        sorted(p.name for p in (tmp_path / "out").iterdir())
+        == sorted(synthetic.FILES)
+        == sorted(p.name for p in paths.values())
+    )
     ids = {}
     for name, path in paths.items():
         with h5py.File(path) as f:
@@ -158,7 +174,7 @@ def test_generic_domain_shares_words_not_looks():
         pictures[kind.noun] = red
     nouns = list(pictures)
     for i, a in enumerate(nouns):  # silhouettes are distinct
-        for b in nouns[i + 1:]:
+        for b in nouns[i + 1 :]:
             iou = (pictures[a] & pictures[b]).sum() / (pictures[a] | pictures[b]).sum()
             assert iou < 0.9, (a, b, iou)
     catalogue = _plain(GARMENTS[0], "red")
@@ -172,12 +188,27 @@ def test_a_wall_always_stands_out_from_the_object():
 
 
 def test_stage_writes_the_four_files(tmp_path):
-    tree = params_tree(**{"seed": 3, "standin.synthetic": {
-        "train_products": 2, "validation_products": 1, "poses_per_product": 2,
-        "generic_train_items": 2, "generic_validation_items": 1}})
+    tree = params_tree(
+        **{
+            "seed": 3,
+            "standin.synthetic": {
+                "train_products": 2,
+                "validation_products": 1,
+                "poses_per_product": 2,
+                "generic_train_items": 2,
+                "generic_validation_items": 1,
+            },
+        }
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
-    done = subprocess.run([sys.executable, str(REPO / "stages/synthesize.py"), "raw"],
-                          cwd=tmp_path, env=project_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "stages/synthesize.py"), "raw"],
+        cwd=tmp_path,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(tmp_path / "raw")) == sorted(synthetic.FILES)
 

@@ -61,8 +61,14 @@ def _run_stages(workdir: Path, uri: str, stages=("prepare", "train"), lr: float 
     script = workdir / "stage.py"
     script.write_text(STAGE)
     for stage in stages:
-        out = subprocess.run([sys.executable, str(script), stage, uri, str(lr), str(REPO / "params.yaml")], cwd=workdir,
-                             env=project_env(FASHIONDIFF_TRACKING="on"), capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, str(script), stage, uri, str(lr), str(REPO / "params.yaml")],
+            cwd=workdir,
+            env=project_env(FASHIONDIFF_TRACKING="on"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout == ""  # nothing from mlflow on stdout
         assert out.stderr.count("mlflow:") == 1, out.stderr  # one line, on stderr
@@ -115,8 +121,7 @@ def test_two_stage_processes_share_one_parent(local_stage):
     assert parent.data.params["lr"] == "0.0005" and parent.data.params["data.caption"] == "{name}"
     assert parent.data.tags["dvc.exp_name"] == "local"
     assert parent.data.tags["mlflow.source.git.commit"] == "unknown"  # tmp_path is no git repo
-    assert parent.data.metrics == {"prepare.loss": 0.25, "prepare.steps": 20,
-                                   "train.loss": 0.25, "train.steps": 20}
+    assert parent.data.metrics == {"prepare.loss": 0.25, "prepare.steps": 20, "train.loss": 0.25, "train.steps": 20}
     assert parent.info.status == "FINISHED"
 
     children = _search(client, exp_id, _children(parent.info.run_id))
@@ -171,8 +176,7 @@ def test_runs_view_shows_changed_params_and_headline_metrics(local_stage):
             tracker.log_image(Image.new("RGB", (4, 4)), "samples/grid.png", parent_name="grid.png")
     address = ui.publish_runs_view(params, ["train.loss"], ["lr"])
     client, exp_id = _client(local_stage / "mlflow.db")
-    assert address == (f"#/experiments/{exp_id}/runs?workflowType=machine_learning"
-                       f"&viewStateShareKey={ui.RUNS_VIEW_ID}")
+    assert address == (f"#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={ui.RUNS_VIEW_ID}")
     tags = client.get_experiment(exp_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags[f"mlflow.sharedViewState.{ui.RUNS_VIEW_ID}"])
@@ -193,12 +197,21 @@ def _stage_reports(folder: Path):
     reports = {
         "train_prior": {"loss_first_epoch": 0.5, "loss_last_epoch": 0.125, "steps": 6, "val_clip_score": 42.5},
         "train_decoder": {"loss_first_epoch": 0.75, "loss_last_epoch": 0.25, "steps": 6},
-        "metrics": {d: {"base": {"clip_score": 40.0 + i, "fd_clip": 90.5}, "tuned": {"clip_score": 50.0 + i,
-                                                                                 "fd_clip": 12.25}}
-                    for i, d in enumerate(("catalogue", "generic"))},
-        "evaluation": {"catalogue": {"real": {"r_precision": 0.75}, "prompts": 3, "truncated_captions": 0,
-                                     "prompts_with_replacement": False, "edits": {"strengths": [0.3, 0.5]}},
-                       "fid_status": "skipped", "extra_count": 4},
+        "metrics": {
+            d: {"base": {"clip_score": 40.0 + i, "fd_clip": 90.5}, "tuned": {"clip_score": 50.0 + i, "fd_clip": 12.25}}
+            for i, d in enumerate(("catalogue", "generic"))
+        },
+        "evaluation": {
+            "catalogue": {
+                "real": {"r_precision": 0.75},
+                "prompts": 3,
+                "truncated_captions": 0,
+                "prompts_with_replacement": False,
+                "edits": {"strengths": [0.3, 0.5]},
+            },
+            "fid_status": "skipped",
+            "extra_count": 4,
+        },
     }
     for name, report in reports.items():
         (folder / f"{name}.json").write_text(json.dumps(report))
@@ -221,9 +234,11 @@ def test_register_gives_a_cached_repro_s_parent_the_stages_scores(local_stage):
         tracker.log_summary(evaluate_summary(reports["metrics"], reports["evaluation"]))
     with stage_run("register", params) as tracker:
         logged = log_parent_scores(tracker, files)
-    assert logged == {"train_prior": [], "evaluate": [],
-                      "train_decoder": ["train_decoder.loss_first_epoch", "train_decoder.loss_last_epoch",
-                                        "train_decoder.steps"]}
+    assert logged == {
+        "train_prior": [],
+        "evaluate": [],
+        "train_decoder": ["train_decoder.loss_first_epoch", "train_decoder.loss_last_epoch", "train_decoder.steps"],
+    }
     with stage_run("register", replaced(params, seed=7)) as cached:  # a new parent: register alone
         log_parent_scores(cached, files)
 
@@ -232,12 +247,19 @@ def test_register_gives_a_cached_repro_s_parent_the_stages_scores(local_stage):
     assert tracker.parent_run_id != cached.parent_run_id
     assert filled == ran  # the same columns, the same values
     assert {k: v for k, v in filled.items() if k.startswith("evaluate.")} == {
-        "evaluate.catalogue.clip_score": 50.0, "evaluate.catalogue.fd_clip": 12.25,
-        "evaluate.generic.clip_score": 51.0, "evaluate.generic.fd_clip": 12.25,
-        "evaluate.reference.catalogue.base.clip_score": 40.0, "evaluate.reference.catalogue.base.fd_clip": 90.5,
-        "evaluate.reference.generic.base.clip_score": 41.0, "evaluate.reference.generic.base.fd_clip": 90.5,
-        "evaluate.reference.catalogue.real.r_precision": 0.75, "evaluate.reference.catalogue.prompts": 3,
-        "evaluate.reference.catalogue.truncated_captions": 0, "evaluate.reference.extra_count": 4}
+        "evaluate.catalogue.clip_score": 50.0,
+        "evaluate.catalogue.fd_clip": 12.25,
+        "evaluate.generic.clip_score": 51.0,
+        "evaluate.generic.fd_clip": 12.25,
+        "evaluate.reference.catalogue.base.clip_score": 40.0,
+        "evaluate.reference.catalogue.base.fd_clip": 90.5,
+        "evaluate.reference.generic.base.clip_score": 41.0,
+        "evaluate.reference.generic.base.fd_clip": 90.5,
+        "evaluate.reference.catalogue.real.r_precision": 0.75,
+        "evaluate.reference.catalogue.prompts": 3,
+        "evaluate.reference.catalogue.truncated_captions": 0,
+        "evaluate.reference.extra_count": 4,
+    }
     assert filled["train_prior.val_clip_score"] == 42.5 and filled["train_decoder.steps"] == 6
     for key in ("evaluate.catalogue.clip_score", "train_prior.loss_last_epoch"):  # logged once: left alone
         assert len(client.get_metric_history(tracker.parent_run_id, key)) == 1, key
@@ -301,8 +323,9 @@ def _get(base: str, endpoint: str, **query) -> dict:
 
 
 def _post(base: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        f"{base}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.load(resp)
 
@@ -313,11 +336,29 @@ def test_stages_against_a_real_tracking_server(tmp_path):
     base = f"http://127.0.0.1:{port}"
     work = tmp_path / "work"
     work.mkdir()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts")]
-    with running(cmd, f"{base}/health", log=tmp_path / "server.log", cwd=tmp_path,
-                 env=project_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")):
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+    ]
+    with running(
+        cmd,
+        f"{base}/health",
+        log=tmp_path / "server.log",
+        cwd=tmp_path,
+        env=project_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+    ):
         _run_stages(work, base)
 
         exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)
@@ -331,8 +372,7 @@ def test_stages_against_a_real_tracking_server(tmp_path):
         metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
         assert metrics["prepare.loss"] == 0.25 and metrics["train.steps"] == 20
 
-        found = _post(base, "/api/2.0/mlflow/runs/search",
-                      {"experiment_ids": [exp_id], "filter": _children(parent_id)})
+        found = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "filter": _children(parent_id)})
         children = {r["info"]["run_name"]: r["info"]["run_id"] for r in found["runs"]}
         assert sorted(children) == ["prepare", "train"]
         for name, run_id in children.items():
@@ -350,9 +390,22 @@ def test_stages_against_a_real_tracking_server(tmp_path):
 def _server(tmp_path: Path, port: int):
     """``mlflow server`` on ``port`` with its store in ``tmp_path`` (the same store when started
     again), once it answers; stop it with stop_process_group."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+    ]
     log = tmp_path / f"server-{time.monotonic_ns()}.log"
     proc = start_group(cmd, log, cwd=tmp_path, env=project_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     wait_until_up(f"http://127.0.0.1:{port}/health", proc, 120, log)
@@ -373,11 +426,27 @@ def test_an_unreachable_server_stops_a_stage_before_its_work_with_one_line(tmp_p
     params["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{port}"
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     started = time.monotonic()
-    out = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"), "--cache", "missing", "--out", "m",
-                          "--checkpoints", "c", "--summary", "s.json", "--plot", "p.csv"], cwd=tmp_path,
-                         env=project_env(FASHIONDIFF_TRACKING="on", FASHIONDIFF_TRACKING_START_S="3",
-                                         FASHIONDIFF_TRACKING_RETRY_S="1"),
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages/train_prior.py"),
+            "--cache",
+            "missing",
+            "--out",
+            "m",
+            "--checkpoints",
+            "c",
+            "--summary",
+            "s.json",
+            "--plot",
+            "p.csv",
+        ],
+        cwd=tmp_path,
+        env=project_env(FASHIONDIFF_TRACKING="on", FASHIONDIFF_TRACKING_START_S="3", FASHIONDIFF_TRACKING_RETRY_S="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: mlflow (http://127.0.0.1:{port}): ") and "tried for 3 s" in last, out.stderr
@@ -393,8 +462,12 @@ def test_a_server_away_past_the_stage_end_gets_its_calls_from_the_next_stage(tmp
     for key in [k for k in os.environ if k.startswith("DVC_")]:
         monkeypatch.delenv(key)
     monkeypatch.delenv(tracking.ENV_SWITCH, raising=False)
-    for key, value in {"FASHIONDIFF_TRACKING_FLUSH_S": "1", "FASHIONDIFF_TRACKING_RETRY_S": "0.5",
-                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}.items():
+    for key, value in {
+        "FASHIONDIFF_TRACKING_FLUSH_S": "1",
+        "FASHIONDIFF_TRACKING_RETRY_S": "0.5",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }.items():
         monkeypatch.setenv(key, value)
     work = tmp_path / "work"
     work.mkdir()
@@ -426,12 +499,17 @@ def test_a_server_away_past_the_stage_end_gets_its_calls_from_the_next_stage(tmp
             pass
         assert "delivering 7 tracking calls an earlier stage kept" in capsys.readouterr().err
         assert not spool.parent.exists()
-        exp_id = _get(base, "/api/2.0/mlflow/experiments/get-by-name",
-                      experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
+        exp_id = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"][
+            "experiment_id"
+        ]
         runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
         train = next(r for r in runs if r["info"]["run_name"] == "train")
-        assert [(s, v) for s, v, _ in _history(base, tracker.run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 0.25),
-                                                                                   (3, 1 / 3)]
+        assert [(s, v) for s, v, _ in _history(base, tracker.run_id, "loss")] == [
+            (1, 1.0),
+            (2, 0.5),
+            (3, 0.25),
+            (3, 1 / 3),
+        ]
         assert train["info"]["status"] == "FINISHED"
         files = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=tracker.run_id, path="notes")["files"]
         assert [f["path"] for f in files] == ["notes/note.txt"]
@@ -455,16 +533,34 @@ def test_a_training_stage_outlives_a_server_stopped_for_a_minute(tmp_path, tiny_
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    params = stage_params(tiny_base, epochs=OUTAGE_EPOCHS, **{"train.log_every": 5, "train.checkpoint_every": 100,
-                                                              "mlflow.tracking_uri": base})
+    params = stage_params(
+        tiny_base,
+        epochs=OUTAGE_EPOCHS,
+        **{"train.log_every": 5, "train.checkpoint_every": 100, "mlflow.tracking_uri": base},
+    )
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     server = _server(tmp_path, port)
-    args = ["--cache", train_cache, "--out", "models/prior", "--checkpoints", "ckpt", "--summary", "prior.json",
-            "--plot", "prior.csv"]
+    args = [
+        "--cache",
+        train_cache,
+        "--out",
+        "models/prior",
+        "--checkpoints",
+        "ckpt",
+        "--summary",
+        "prior.json",
+        "--plot",
+        "prior.csv",
+    ]
     log = tmp_path / "stage.log"
-    stage = start_group([sys.executable, str(REPO / "stages/train_prior.py"), *map(str, args)], log, cwd=tmp_path,
-                        env=project_env(FASHIONDIFF_TRACKING="on", FASHIONDIFF_TRACKING_RETRY_S="2",
-                                        FASHIONDIFF_TRACKING_FLUSH_S="600"))
+    stage = start_group(
+        [sys.executable, str(REPO / "stages/train_prior.py"), *map(str, args)],
+        log,
+        cwd=tmp_path,
+        env=project_env(
+            FASHIONDIFF_TRACKING="on", FASHIONDIFF_TRACKING_RETRY_S="2", FASHIONDIFF_TRACKING_FLUSH_S="600"
+        ),
+    )
     try:
         run_id = _wait_for_first_loss(base, stage, log)
         stop_process_group(server)

@@ -27,8 +27,18 @@ from fashiondiff.train.prior import PriorTask
 
 
 def train_args(root: Path, kind: str, cache: Path) -> list:
-    return ["--cache", cache, "--out", root / f"models/{kind}", "--checkpoints", root / f"ckpt/{kind}",
-            "--summary", root / f"{kind}.json", "--plot", root / f"{kind}.csv"]
+    return [
+        "--cache",
+        cache,
+        "--out",
+        root / f"models/{kind}",
+        "--checkpoints",
+        root / f"ckpt/{kind}",
+        "--summary",
+        root / f"{kind}.json",
+        "--plot",
+        root / f"{kind}.csv",
+    ]
 
 
 def test_the_stage_flags_name_the_train_paths():
@@ -60,8 +70,7 @@ def test_prior_loss_ignores_captions_when_they_are_all_dropped(tiny_base, train_
 def test_decoder_loss_trains_epsilon_channels_only(tiny_base, train_cache):
     pipe = load_decoder(str(tiny_base / "decoder"))
     task = DecoderTask(pipe.unet, pipe.scheduler, open_cache(train_cache), 0.5, 0.1)
-    loss = task.loss(pipe.unet, task.batch(np.arange(4), torch.device("cpu")),
-                     SampleDraws(0, 0, np.arange(4), "cpu"))
+    loss = task.loss(pipe.unet, task.batch(np.arange(4), torch.device("cpu")), SampleDraws(0, 0, np.arange(4), "cpu"))
     loss.backward()
     grad = pipe.unet.conv_out.weight.grad
     assert torch.isfinite(loss)
@@ -70,25 +79,43 @@ def test_decoder_loss_trains_epsilon_channels_only(tiny_base, train_cache):
 
 
 # Every loss and optimiser option of issue 31 at once (adamw8bit needs CUDA: its own test below).
-OPTIONS = {"train.min_snr_gamma": 5.0, "train.noise_offset": 0.05, "train.input_perturbation": 0.1,
-           "train.loss": "huber", "train.huber_delta": 0.5, "train.ema_decay": 0.9, "train.ema_device": "cpu",
-           "train.ema_every": 2}
+OPTIONS = {
+    "train.min_snr_gamma": 5.0,
+    "train.noise_offset": 0.05,
+    "train.input_perturbation": 0.1,
+    "train.loss": "huber",
+    "train.huber_delta": 0.5,
+    "train.ema_decay": 0.9,
+    "train.ema_device": "cpu",
+    "train.ema_every": 2,
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, variant", [
-    pytest.param("prior", {}, id="full"),
-    # LoRA under all the loop does: EMA (of the adapter), accumulation, clipping, and adapter
-    # dropout, whose draws come from torch's global RNG (restored from the checkpoint).
-    pytest.param("prior", {"prior.lora_rank": 4, "prior.lora_dropout": 0.1, "train.ema_decay": 0.9,
-                           "train.gradient_accumulation_steps": 2, "train.max_grad_norm": 0.05}, id="lora"),
-    pytest.param("prior", OPTIONS, id="options-prior"),
-    pytest.param("decoder", OPTIONS, id="options-decoder"),
-])
+@pytest.mark.parametrize(
+    "kind, variant",
+    [
+        pytest.param("prior", {}, id="full"),
+        # LoRA under all the loop does: EMA (of the adapter), accumulation, clipping, and adapter
+        # dropout, whose draws come from torch's global RNG (restored from the checkpoint).
+        pytest.param(
+            "prior",
+            {
+                "prior.lora_rank": 4,
+                "prior.lora_dropout": 0.1,
+                "train.ema_decay": 0.9,
+                "train.gradient_accumulation_steps": 2,
+                "train.max_grad_norm": 0.05,
+            },
+            id="lora",
+        ),
+        pytest.param("prior", OPTIONS, id="options-prior"),
+        pytest.param("decoder", OPTIONS, id="options-decoder"),
+    ],
+)
 def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train_cache, kind, variant):
     epochs = 40 if kind == "prior" else 10
-    params = stage_params(tiny_base, epochs=epochs, **{"train.checkpoint_every": 10, "train.log_every": 5},
-                          **variant)
+    params = stage_params(tiny_base, epochs=epochs, **{"train.checkpoint_every": 10, "train.log_every": 5}, **variant)
     script = f"train_{kind}.py"
     straight = tmp_path / "straight"
     run_stage(straight, params, script, *train_args(straight, kind, train_cache))
@@ -96,10 +123,13 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path, tiny_base, train
     killed = tmp_path / "killed"
     killed.mkdir()
     (killed / "params.yaml").write_text(json.dumps(params))
-    proc = subprocess.Popen([sys.executable, str(REPO / "stages" / script),
-                             *map(str, train_args(killed, kind, train_cache))], cwd=killed,
-                            env=project_env(FASHIONDIFF_TRACKING="off"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "stages" / script), *map(str, train_args(killed, kind, train_cache))],
+        cwd=killed,
+        env=project_env(FASHIONDIFF_TRACKING="off"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list((killed / f"ckpt/{kind}").glob("*/step-*")) and time.time() < deadline:  # <fingerprint>/
         time.sleep(0.02)
@@ -146,8 +176,9 @@ def test_decoder_stage_output_loads_in_plain_diffusers(tmp_path, tiny_base, trai
     from diffusers import KandinskyPipeline
 
     params = stage_params(tiny_base, epochs=3)
-    run_stage(tmp_path, params, "train_decoder.py", *train_args(tmp_path, "decoder", train_cache),
-              "--val-cache", train_cache)
+    run_stage(
+        tmp_path, params, "train_decoder.py", *train_args(tmp_path, "decoder", train_cache), "--val-cache", train_cache
+    )
     metrics = json.loads((tmp_path / "decoder.json").read_text())
     assert metrics["steps"] == 12 and np.isfinite(metrics["val_loss"])
     lines = (tmp_path / "decoder.csv").read_text().splitlines()
@@ -157,8 +188,15 @@ def test_decoder_stage_output_loads_in_plain_diffusers(tmp_path, tiny_base, trai
     assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
     pipe = KandinskyPipeline.from_pretrained(folder)
     embeds = torch.zeros(1, pipe.unet.config.cross_attention_dim)
-    image = pipe("red knit sweater", image_embeds=embeds, negative_image_embeds=embeds, height=64, width=64,
-                 num_inference_steps=2, output_type="np").images
+    image = pipe(
+        "red knit sweater",
+        image_embeds=embeds,
+        negative_image_embeds=embeds,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        output_type="np",
+    ).images
     assert image.shape == (1, 64, 64, 3)
 
 
@@ -197,13 +235,27 @@ def _batch_split(root: Path) -> list[str]:
 
 def _launcher(n: int) -> list[str]:
     accelerate = Path(sys.executable).with_name("accelerate")
-    return [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    return [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [pytest.param({}, id="full"),
-                                     pytest.param({"prior.lora_rank": 4, "lr": 0.005}, id="lora")])
+@pytest.mark.parametrize(
+    "variant", [pytest.param({}, id="full"), pytest.param({"prior.lora_rank": 4, "lr": 0.005}, id="lora")]
+)
 def test_two_processes_train_what_one_process_trains(tmp_path, tiny_base, train_cache, variant):
     """batch_size is the global batch: two processes take 2 samples each of a step's 4, draw each
     sample's noise as one process does, and end with its weights and loss curve within round-off;
@@ -211,13 +263,21 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_base, train_
     plan differs: the fingerprint has the processes and the share)."""
     params = stage_params(tiny_base, epochs=6, **variant)
     params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache),
-              FASHIONDIFF_TRACKING="on")
+    run_stage(
+        tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache), FASHIONDIFF_TRACKING="on"
+    )
     one, one_curve = _trained(tmp_path), _curve(tmp_path)
     split = _batch_split(tmp_path)
     assert json.loads((tmp_path / "prior.json").read_text())["steps"] == len(one_curve) == 6 * 16 // 4
-    result = run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache),
-                       launcher=_launcher(2), ACCELERATE_USE_CPU="1", FASHIONDIFF_TRACKING="on")
+    result = run_stage(
+        tmp_path,
+        params,
+        "train_prior.py",
+        *train_args(tmp_path, "prior", train_cache),
+        launcher=_launcher(2),
+        ACCELERATE_USE_CPU="1",
+        FASHIONDIFF_TRACKING="on",
+    )
     output = result.stdout + result.stderr
     assert "2 processes ended with identical weights" in output
     assert "starting afresh" in output and "resumed" not in output
@@ -231,8 +291,11 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_base, train_
     # Every checkpoint holds both ranks' RNG states, and no half-built folder is left: rank 0
     # once renamed a checkpoint before rank 1 had written its part (which then recreated the
     # temporary folder, or crashed when it vanished under it).
-    two_process = [p for p in (tmp_path / "ckpt" / "prior").iterdir() if p.is_dir()
-                   and (p / "step-00000024" / "random_states_1.pkl").is_file()]
+    two_process = [
+        p
+        for p in (tmp_path / "ckpt" / "prior").iterdir()
+        if p.is_dir() and (p / "step-00000024" / "random_states_1.pkl").is_file()
+    ]
     assert len(two_process) == 1
     steps = [p for p in two_process[0].iterdir() if p.is_dir()]
     assert sorted(p.name for p in steps) == ["step-00000022", "step-00000024"]
@@ -247,8 +310,9 @@ def test_accumulated_micro_batches_train_what_one_batch_trains(tmp_path, tiny_ba
     same optimiser steps, weights and epoch losses within round-off."""
     params = stage_params(tiny_base, epochs=6)
     run_stage(tmp_path / "one", params, "train_prior.py", *train_args(tmp_path / "one", "prior", train_cache))
-    accumulated = stage_params(tiny_base, epochs=6, **{"train.gradient_accumulation_steps": 2,
-                                                       "train.checkpoint_every": 4})
+    accumulated = stage_params(
+        tiny_base, epochs=6, **{"train.gradient_accumulation_steps": 2, "train.checkpoint_every": 4}
+    )
     run_stage(tmp_path / "acc", accumulated, "train_prior.py", *train_args(tmp_path / "acc", "prior", train_cache))
     a, b = (json.loads((tmp_path / d / "prior.json").read_text()) for d in ("one", "acc"))
     assert b["steps"] == 2 * a["steps"] == 2 * 6 * 16 // 4  # the loop's steps are micro-steps
@@ -260,12 +324,12 @@ def test_accumulated_micro_batches_train_what_one_batch_trains(tmp_path, tiny_ba
 
 def test_a_global_batch_that_does_not_divide_is_refused_in_one_line(tmp_path, tiny_base, train_cache):
     params = stage_params(tiny_base, batch_size=5, **{"train.gradient_accumulation_steps": 2})
-    result = run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache),
-                       check=False)
+    result = run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache), check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: params: batch_size 5 (the global batch) does not divide into 1 process x 2 accumulated "
-        "micro-batches: use a multiple of 2")
+        "micro-batches: use a multiple of 2"
+    )
     assert not (tmp_path / "models").exists()
 
 
@@ -289,11 +353,20 @@ def test_each_sample_draws_the_same_whatever_its_batch(tiny_base, train_cache):
 def test_fsdp_or_deepspeed_launches_stop_before_training(tmp_path, tiny_base, train_cache):
     """Training is data parallel over full replicas; a sharded launch is refused in one line."""
     params = stage_params(tiny_base)
-    result = run_stage(tmp_path, params, "train_prior.py", *train_args(tmp_path, "prior", train_cache),
-                       check=False, ACCELERATE_USE_FSDP="true")
+    result = run_stage(
+        tmp_path,
+        params,
+        "train_prior.py",
+        *train_args(tmp_path, "prior", train_cache),
+        check=False,
+        ACCELERATE_USE_FSDP="true",
+    )
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: train: FSDP is set by the launcher; training runs data parallel over full replicas only")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: train: FSDP is set by the launcher; training runs data parallel over full replicas only")
+    )
 
 
 def _config(module) -> dict:
@@ -329,8 +402,9 @@ def test_training_loads_only_its_network_and_saves_a_complete_pipeline(tmp_path,
     old.save_pretrained(tmp_path / "old", safe_serialization=True)
 
     files = {p.relative_to(tmp_path / "new") for p in (tmp_path / "new").rglob("*") if p.is_file()}
-    assert files - {Path("fashiondiff_config.json")} == \
-        {p.relative_to(tmp_path / "old") for p in (tmp_path / "old").rglob("*") if p.is_file()}
+    assert files - {Path("fashiondiff_config.json")} == {
+        p.relative_to(tmp_path / "old") for p in (tmp_path / "old").rglob("*") if p.is_file()
+    }
     for rel in files:
         if rel.parts[0] not in (component, "fashiondiff_config.json"):
             assert (tmp_path / "new" / rel).read_bytes() == (base_dir / rel).read_bytes(), rel
@@ -375,8 +449,12 @@ def test_every_option_off_is_the_plain_loss_bit_for_bit_and_each_option_changes_
 
     plain = loss(None)
     assert loss(_objective(pipe.scheduler)) == plain
-    for option in ({"min_snr_gamma": 5.0}, {"noise_offset": 0.1}, {"input_perturbation": 0.1},
-                   {"loss": "huber", "huber_delta": 0.1}):
+    for option in (
+        {"min_snr_gamma": 5.0},
+        {"noise_offset": 0.1},
+        {"input_perturbation": 0.1},
+        {"loss": "huber", "huber_delta": 0.1},
+    ):
         changed = loss(_objective(pipe.scheduler, **option))
         assert math.isfinite(changed) and changed != plain, option
 

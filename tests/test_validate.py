@@ -29,20 +29,38 @@ pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 # 16 items, batch 4: 4 steps an epoch, 40 steps; a checkpoint and a validation every 10 steps.
 # LoRA with dropout (draws from torch's global RNG, which validation must not move) and an EMA
 # (validation swaps its weights in and back).
-WATCHED = {"epochs": 10, "train.checkpoint_every": 10, "train.validate_every": 10, "train.log_every": 5,
-           "train.validation_images": 2, "train.validation_steps": 2, "prior.lora_rank": 4,
-           "prior.lora_dropout": 0.1, "train.ema_decay": 0.9}
+WATCHED = {
+    "epochs": 10,
+    "train.checkpoint_every": 10,
+    "train.validate_every": 10,
+    "train.log_every": 5,
+    "train.validation_images": 2,
+    "train.validation_steps": 2,
+    "prior.lora_rank": 4,
+    "prior.lora_dropout": 0.1,
+    "train.ema_decay": 0.9,
+}
 VALIDATION_STEPS = [10, 20, 30, 40]
 
 
 def validated(root: Path, cache: Path) -> list:
-    return [*train_args(root, "prior", cache), "--val-cache", cache, "--val-plot", root / "validation.csv",
-            "--val-pictures", root / "pictures"]
+    return [
+        *train_args(root, "prior", cache),
+        "--val-cache",
+        cache,
+        "--val-plot",
+        root / "validation.csv",
+        "--val-pictures",
+        root / "pictures",
+    ]
 
 
 def weights(root: Path) -> dict:
-    return {f"{folder}/{name}": tensor for folder in ("prior", "lora")
-            for name, tensor in load_file(next((root / "models/prior" / folder).glob("*.safetensors"))).items()}
+    return {
+        f"{folder}/{name}": tensor
+        for folder in ("prior", "lora")
+        for name, tensor in load_file(next((root / "models/prior" / folder).glob("*.safetensors"))).items()
+    }
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -50,8 +68,11 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def steps_validated(output: str) -> list[int]:
-    return [int(line.split(" at step ")[1].split(":")[0]) for line in output.splitlines()
-            if line.startswith("validation prior at step ")]
+    return [
+        int(line.split(" at step ")[1].split(":")[0])
+        for line in output.splitlines()
+        if line.startswith("validation prior at step ")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +83,14 @@ def watched(tmp_path_factory, tiny_base, train_cache):
     params["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = project_env(FASHIONDIFF_TRACKING="on")
-    result = subprocess.run([sys.executable, str(REPO / "stages/train_prior.py"),
-                             *map(str, validated(root, train_cache))],
-                            cwd=root, env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "stages/train_prior.py"), *map(str, validated(root, train_cache))],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root, params, result.stdout + result.stderr
 
@@ -96,8 +122,10 @@ def test_mlflow_run_has_the_curves_and_pictures_of_each_validation(watched):
 
     root, _, _ = watched
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("fashiongen-kandinsky").experiment_id],
-                               filter_string="tags.`fashiondiff.stage` = 'train_prior'")
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("fashiongen-kandinsky").experiment_id],
+        filter_string="tags.`fashiondiff.stage` = 'train_prior'",
+    )
     for key in ("val_loss", "val_clip_score", "val_image_embed_cosine", "validation_s"):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted({m.step for m in history}) == VALIDATION_STEPS, key
@@ -119,9 +147,13 @@ def test_kill_9_and_resume_with_validation_on_repeats_none(tmp_path, watched, tr
     root, params, _ = watched
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = project_env(FASHIONDIFF_TRACKING="off")
-    proc = subprocess.Popen([sys.executable, str(REPO / "stages/train_prior.py"),
-                             *map(str, validated(tmp_path, train_cache))],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "stages/train_prior.py"), *map(str, validated(tmp_path, train_cache))],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list((tmp_path / "ckpt/prior").glob("*/step-*")) and time.time() < deadline:  # <run fingerprint>/
         time.sleep(0.02)
@@ -148,30 +180,60 @@ def test_kill_9_and_resume_with_validation_on_repeats_none(tmp_path, watched, tr
 
 
 def _launcher() -> list[str]:
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port())]
+    return [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 def _two_processes(tmp_path: Path, params: dict, args: list, check: bool = True):
-    return run_stage(tmp_path, params, "train_decoder.py", *args, launcher=_launcher(), check=check, timeout=300,
-                     ACCELERATE_USE_CPU="1")
+    return run_stage(
+        tmp_path,
+        params,
+        "train_decoder.py",
+        *args,
+        launcher=_launcher(),
+        check=check,
+        timeout=300,
+        ACCELERATE_USE_CPU="1",
+    )
 
 
 def decoder_args(root: Path, cache: Path) -> list:
-    return [*train_args(root, "decoder", cache), "--val-cache", cache, "--val-plot", root / "validation.csv",
-            "--val-pictures", root / "pictures"]
+    return [
+        *train_args(root, "decoder", cache),
+        "--val-cache",
+        cache,
+        "--val-plot",
+        root / "validation.csv",
+        "--val-pictures",
+        root / "pictures",
+    ]
 
 
 @pytest.mark.slow  # over 10 s (make test-fast leaves it out)
 def test_two_processes_validate_on_the_main_one_and_agree(tmp_path, tiny_base, train_cache):
-    params = stage_params(tiny_base, epochs=2, **{"train.validate_every": 4, "train.validation_images": 2,
-                                                  "train.validation_steps": 2})
+    params = stage_params(
+        tiny_base, epochs=2, **{"train.validate_every": 4, "train.validation_images": 2, "train.validation_steps": 2}
+    )
     result = _two_processes(tmp_path, params, decoder_args(tmp_path, train_cache))
     output = result.stdout + result.stderr
     assert "2 processes ended with identical weights" in output
-    assert [line.split(":")[0] for line in output.splitlines() if line.startswith("validation decoder")] == \
-        ["validation decoder at step 4", "validation decoder at step 8"]  # the main process's alone
+    assert [line.split(":")[0] for line in output.splitlines() if line.startswith("validation decoder")] == [
+        "validation decoder at step 4",
+        "validation decoder at step 8",
+    ]  # the main process's alone
     assert (tmp_path / "validation.csv").read_text().splitlines()[0] == "step,val_loss,val_clip_score"
     assert {"0000.png", "0001.png", "grid.png"} <= set(files(tmp_path / "pictures"))
 
@@ -184,8 +246,9 @@ def test_a_validation_that_fails_ends_both_processes(tmp_path, tiny_base, train_
     shutil.copytree(tiny_base, broken)
     for f in (broken / "prior/image_encoder").glob("*.safetensors"):
         f.write_bytes(b"not safetensors")
-    params = stage_params(broken, epochs=2, **{"train.validate_every": 2, "train.validation_images": 1,
-                                               "train.validation_steps": 1})
+    params = stage_params(
+        broken, epochs=2, **{"train.validate_every": 2, "train.validation_images": 1, "train.validation_steps": 1}
+    )
     params["model"]["decoder"] = str(tiny_base / "decoder")  # the cache's identity: only the prior moved
     shutil.copytree(train_cache, tmp_path / "cache")
     meta = json.loads((tmp_path / "cache/meta.json").read_text())
@@ -219,8 +282,14 @@ def test_pictures_from_the_cache_are_the_pipelines_pictures_of_the_captions(tiny
     rows = pd.read_parquet(extracted / "captions.parquet").set_index("row")
     captions = rows.loc[cache.rows[validator.items], "caption"].tolist()
     prior, decoder = load_prior(str(tiny_base / "prior")), load_decoder(str(tiny_base / "decoder"))
-    sampling = Sampling(steps=3, guidance_scale=params.train.validation_guidance, prior_steps=3,
-                        prior_guidance_scale=params.train.validation_guidance, height=64, width=64)
+    sampling = Sampling(
+        steps=3,
+        guidance_scale=params.train.validation_guidance,
+        prior_steps=3,
+        prior_guidance_scale=params.train.validation_guidance,
+        height=64,
+        width=64,
+    )
     expected = text_to_image(prior, decoder, captions, [params.seed + i for i in range(3)], sampling)
     for got, want in zip(images, expected):
         difference = np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int))

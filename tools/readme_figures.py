@@ -38,8 +38,17 @@ EDIT_PROMPT = "Red sweater"
 SEEDS = (0, 1, 2, 3)
 CELL = 128  # pixels per image in generate_examples.png (the tiny model draws 64)
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars")
+BROWSER_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--hide-scrollbars",
+)
 WAIT_S = 120
 NAMES = ("generate_examples", "mlflow", "serve_page")
 
@@ -52,14 +61,33 @@ def generate_examples(out: Path) -> None:
 
     sampling = defaults("params.yaml")
     with tempfile.TemporaryDirectory(prefix="figures-") as work:
-        texts = generate(PROMPT, "models/prior", "models/decoder", Path(work) / "text", seed=SEEDS[0],
-                         num_images=len(SEEDS), sampling=sampling, quiet=True)
-        [edit] = generate(EDIT_PROMPT, "models/prior", "models/decoder", Path(work) / "edit.png", source=PHOTO,
-                          sampling=sampling, quiet=True)
+        texts = generate(
+            PROMPT,
+            "models/prior",
+            "models/decoder",
+            Path(work) / "text",
+            seed=SEEDS[0],
+            num_images=len(SEEDS),
+            sampling=sampling,
+            quiet=True,
+        )
+        [edit] = generate(
+            EDIT_PROMPT,
+            "models/prior",
+            "models/decoder",
+            Path(work) / "edit.png",
+            source=PHOTO,
+            sampling=sampling,
+            quiet=True,
+        )
         text_row = beside([fit(Image.open(p).convert("RGB"), CELL) for p in texts])
         edit_row = beside([fit(Image.open(p).convert("RGB"), CELL) for p in (PHOTO, edit)])
-    figure = beside([titled(f'text -> image: "{PROMPT}" (seeds {SEEDS[0]}-{SEEDS[-1]})', text_row),
-                     titled(f'photo + "{EDIT_PROMPT}" -> image (strength {sampling.strength:g})', edit_row)])
+    figure = beside(
+        [
+            titled(f'text -> image: "{PROMPT}" (seeds {SEEDS[0]}-{SEEDS[-1]})', text_row),
+            titled(f'photo + "{EDIT_PROMPT}" -> image (strength {sampling.strength:g})', edit_row),
+        ]
+    )
     figure.save(out / "generate_examples.png")
 
 
@@ -78,24 +106,35 @@ def check_runs(params_path: str = "params.yaml") -> list[str]:
     params = load_params(params_path)
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(params.mlflow.tracking_uri))
     exp = client.get_experiment_by_name(params.mlflow.experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'",
-                              order_by=["attributes.start_time DESC"], max_results=2) if exp else []
+    runs = (
+        client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=2,
+        )
+        if exp
+        else []
+    )
     names = set(params.flat())
     unknown = sorted({k for r in runs for k in r.data.params} - names)
     lrs = {r.data.params.get("lr") for r in runs}
     if len(runs) < 2 or lrs != COMPARED_LRS or unknown:
-        sys.exit(f"error: the two newest pipeline runs in {params.mlflow.tracking_uri} must be the README's "
-                 f"`dvc exp run -S lr=0.001` and `-S lr=0.00025` with params.yaml's names; found "
-                 f"{[(r.info.run_name, r.data.params.get('lr')) for r in runs]}"
-                 + (f", params params.yaml has not: {', '.join(unknown[:5])}" if unknown else ""))
+        sys.exit(
+            f"error: the two newest pipeline runs in {params.mlflow.tracking_uri} must be the README's "
+            f"`dvc exp run -S lr=0.001` and `-S lr=0.00025` with params.yaml's names; found "
+            f"{[(r.info.run_name, r.data.params.get('lr')) for r in runs]}"
+            + (f", params params.yaml has not: {', '.join(unknown[:5])}" if unknown else "")
+        )
     return [r.info.run_name for r in runs]
 
 
 def mlflow_pictures(out: Path) -> None:
     print(f"figures: mlflow pictures of {' and '.join(check_runs())}", flush=True)
     port = free_port()
-    with served([sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], f"http://127.0.0.1:{port}/",
-                "#/experiments/") as address:
+    with served(
+        [sys.executable, "-m", "fashiondiff", "ui", "--port", str(port)], f"http://127.0.0.1:{port}/", "#/experiments/"
+    ) as address:
         with chromium(1600, 640) as browser:
             browser.get(address.split("#")[0])
             # a browser that chose the sidebar's "Model training" once, as the README says: the
@@ -107,10 +146,15 @@ def mlflow_pictures(out: Path) -> None:
             time.sleep(2)  # the grid settles its column widths
             save_screenshot(browser, out / "mlflow_runs.png")
             for index in (0, 1):  # newest first: the two latest pipeline runs (their stage runs are folded)
-                browser.find_element("css selector", f"div[role='row'][row-index='{index}'] "
-                                                      ".ag-selection-checkbox input").click()
-            compare = wait(browser, lambda d: [b for b in d.find_elements("tag name", "button")
-                                               if b.text.strip() == "Compare" and b.is_enabled()])
+                browser.find_element(
+                    "css selector", f"div[role='row'][row-index='{index}'] .ag-selection-checkbox input"
+                ).click()
+            compare = wait(
+                browser,
+                lambda d: [
+                    b for b in d.find_elements("tag name", "button") if b.text.strip() == "Compare" and b.is_enabled()
+                ],
+            )
             compare[0].click()
             wait(browser, lambda d: "compare-runs" in d.current_url)
             wait(browser, lambda d: d.find_elements("xpath", "//*[normalize-space()='Visualizations']"))[0].click()
@@ -149,6 +193,7 @@ def serve_page(out: Path) -> None:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def served(cmd: list[str], url: str, marker: str = "") -> Iterator[str]:
@@ -205,8 +250,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="reports/figures", help="where the pictures go")
     parser.add_argument("--only", nargs="*", choices=NAMES, help="only these pictures")
-    parser.add_argument("--check", action="store_true",
-                        help="only check that the MLflow pictures would show the runs their caption names")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that the MLflow pictures would show the runs their caption names",
+    )
     args = parser.parse_args()
     if args.check:
         print(" ".join(check_runs()))

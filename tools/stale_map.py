@@ -45,8 +45,12 @@ def _paths(root: Path, kinds: tuple[str, ...]) -> dict[str, list[str]]:
     for name in DVC_FILES:
         for stage, body in yaml.safe_load((root / name).read_text())["stages"].items():
             body = body.get("do", body)
-            paths = [p for kind in kinds for entry in body.get(kind, []) or []
-                     for p in ([entry] if isinstance(entry, str) else entry)]
+            paths = [
+                p
+                for kind in kinds
+                for entry in body.get(kind, []) or []
+                for p in ([entry] if isinstance(entry, str) else entry)
+            ]
             found[stage] = [re.sub(r"\$\{[^}]*\}", "*", p) for p in paths if not p.startswith("${")]
     return found
 
@@ -75,27 +79,34 @@ def _overlap(out: str, dep: str) -> bool:
 def stale_map(root: Path = ROOT, tops=SOURCES) -> dict[str, list[str]]:
     """Every Python file under ``tops`` -> the stages whose deps hold it (in dvc.yaml order)."""
     deps = stage_deps(root)
-    files = sorted(str(p.relative_to(root)) for top in tops for p in (root / top).rglob("*.py")
-                   if "__pycache__" not in p.parts)
-    return {f: [s for s, ds in deps.items() if any(f == d or f.startswith(d.rstrip("/") + "/") for d in ds)]
-            for f in files}
+    files = sorted(
+        str(p.relative_to(root)) for top in tops for p in (root / top).rglob("*.py") if "__pycache__" not in p.parts
+    )
+    return {
+        f: [s for s, ds in deps.items() if any(f == d or f.startswith(d.rstrip("/") + "/") for d in ds)] for f in files
+    }
 
 
 def render(mapping: dict[str, list[str]]) -> str:
-    lines = ["# Which stages an edit makes stale", "",
-             "Written by `python tools/stale_map.py --write` from the `deps` of `dvc.yaml` and",
-             "`standin/dvc.yaml` (a test checks it is current). DVC reruns a stage when a file it lists",
-             "changes; a file listed nowhere (commands, the web page, the MLflow UI view) reruns nothing,",
-             "and no file under `tools/`, `tests/` or `bench/` is any stage's dependency (tests/test_stale_map.py",
-             "checks both). `register` runs at every `dvc repro` anyway (`always_changed`).",
-             "",
-             "Params are cut the same way: each stage validates only the sections it declares, with",
-             "their own modules under `src/fashiondiff/config/` (`train.py`: `train`, `prior`, `decoder`;",
-             "`data.py`, `embed.py`, ...), and lists only those; `schema.py` (the shared types) and `view.py`",
-             "are every stage's. So a new training option, in `config/train.py`, makes the two trainings",
-             "stale (and, through their outputs, `evaluate` and `register`), never `extract`, `embed` or",
-             "the stand-in's stages; `config/whole.py`, the whole file's check, is no stage's.",
-             "", "| file | stages it makes stale |", "| --- | --- |"]
+    lines = [
+        "# Which stages an edit makes stale",
+        "",
+        "Written by `python tools/stale_map.py --write` from the `deps` of `dvc.yaml` and",
+        "`standin/dvc.yaml` (a test checks it is current). DVC reruns a stage when a file it lists",
+        "changes; a file listed nowhere (commands, the web page, the MLflow UI view) reruns nothing,",
+        "and no file under `tools/`, `tests/` or `bench/` is any stage's dependency (tests/test_stale_map.py",
+        "checks both). `register` runs at every `dvc repro` anyway (`always_changed`).",
+        "",
+        "Params are cut the same way: each stage validates only the sections it declares, with",
+        "their own modules under `src/fashiondiff/config/` (`train.py`: `train`, `prior`, `decoder`;",
+        "`data.py`, `embed.py`, ...), and lists only those; `schema.py` (the shared types) and `view.py`",
+        "are every stage's. So a new training option, in `config/train.py`, makes the two trainings",
+        "stale (and, through their outputs, `evaluate` and `register`), never `extract`, `embed` or",
+        "the stand-in's stages; `config/whole.py`, the whole file's check, is no stage's.",
+        "",
+        "| file | stages it makes stale |",
+        "| --- | --- |",
+    ]
     lines += [f"| `{f}` | {', '.join(f'`{s}`' for s in stages) or '-'} |" for f, stages in mapping.items()]
     return "\n".join(lines) + "\n"
 

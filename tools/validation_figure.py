@@ -22,16 +22,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-KINDS = {"decoder": "decoder: drawn from the items' true CLIP image embeddings",
-         "prior": "prior: captions -> image embeddings -> the base decoder draws them"}
+KINDS = {
+    "decoder": "decoder: drawn from the items' true CLIP image embeddings",
+    "prior": "prior: captions -> image embeddings -> the base decoder draws them",
+}
 STEP = re.compile(r"\+step\+(\d+)\+")
 CELL = 128  # pixels per picture (the embedded default draws 64: nearest-neighbour, twice)
 
 
 def newest_run(client, experiment_id: str, kind: str):
     """The newest live stage run of ``train_<kind>`` with validation pictures."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`fashiondiff.stage` = 'train_{kind}'",
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`fashiondiff.stage` = 'train_{kind}'",
+        order_by=["attributes.start_time DESC"],
+    )
     for run in runs:
         if any(f.path.endswith(".png") for f in client.list_artifacts(run.info.run_id, "images")):
             return run
@@ -45,8 +50,13 @@ def cut(grid, columns: int):
 
     w = (grid.width - pad) // columns - pad
     h = (grid.height - pad) // 2 - pad
-    return [[grid.crop((pad + c * (w + pad), pad + r * (h + pad), pad + c * (w + pad) + w, pad + r * (h + pad) + h))
-             for c in range(columns)] for r in range(2)]
+    return [
+        [
+            grid.crop((pad + c * (w + pad), pad + r * (h + pad), pad + c * (w + pad) + w, pad + r * (h + pad) + h))
+            for c in range(columns)
+        ]
+        for r in range(2)
+    ]
 
 
 def kind_figure(client, run, kind: str, captions_dir: Path, work: Path, columns: int):
@@ -58,13 +68,14 @@ def kind_figure(client, run, kind: str, captions_dir: Path, work: Path, columns:
 
     run_id = run.info.run_id
     [folder] = [f.path for f in client.list_artifacts(run_id, "validation") if f.is_dir]  # validation/<kind>
-    items = json.loads(Path(client.download_artifacts(run_id, f"{folder}/items.json", str(work)))
-                       .read_text())["items"]
-    pngs = sorted((f.path for f in client.list_artifacts(run_id, "images") if f.path.endswith(".png")),
-                  key=lambda p: int(STEP.search(p).group(1)))
+    items = json.loads(Path(client.download_artifacts(run_id, f"{folder}/items.json", str(work))).read_text())["items"]
+    pngs = sorted(
+        (f.path for f in client.list_artifacts(run_id, "images") if f.path.endswith(".png")),
+        key=lambda p: int(STEP.search(p).group(1)),
+    )
     every = -(-len(pngs) // columns)  # every k-th validation, counted back from the last
     table: dict[str, list] = {}
-    for path in pngs[len(pngs) - 1::-every][::-1]:
+    for path in pngs[len(pngs) - 1 :: -every][::-1]:
         with Image.open(client.download_artifacts(run_id, path, str(work))) as grid:
             held_out, drawn = cut(grid.convert("RGB"), len(items))
         table.setdefault("held-out (MoVQ)", held_out)
@@ -99,8 +110,9 @@ def stacked(panels: list):
     from PIL import Image
 
     gap = 24
-    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels) + gap * (len(panels) - 1)),
-                      "white")
+    sheet = Image.new(
+        "RGB", (max(p.width for p in panels), sum(p.height for p in panels) + gap * (len(panels) - 1)), "white"
+    )
     y = 0
     for panel in panels:
         sheet.paste(panel, (0, y))
@@ -111,11 +123,15 @@ def stacked(panels: list):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default=None, help="default: params.yaml's mlflow.tracking_uri")
-    parser.add_argument("--captions", default="data/extracted/validation",
-                        help="the held-out split's extracted folder (its captions.parquet)")
+    parser.add_argument(
+        "--captions",
+        default="data/extracted/validation",
+        help="the held-out split's extracted folder (its captions.parquet)",
+    )
     parser.add_argument("--out", default="reports/figures/validation_over_steps.png")
-    parser.add_argument("--columns", type=int, default=6, help="at most this many validation steps, "
-                        "every k-th, the last included")
+    parser.add_argument(
+        "--columns", type=int, default=6, help="at most this many validation steps, every k-th, the last included"
+    )
     args = parser.parse_args()
 
     from mlflow.tracking import MlflowClient
@@ -131,8 +147,17 @@ def main() -> None:
     if experiment is None:
         sys.exit(f"error: no MLflow experiment {params.mlflow.experiment!r}; run the pipeline first")
     with tempfile.TemporaryDirectory(prefix="validation-figure-") as work:
-        panels = [kind_figure(client, newest_run(client, experiment.experiment_id, kind), kind,
-                              Path(args.captions), Path(work), args.columns) for kind in KINDS]
+        panels = [
+            kind_figure(
+                client,
+                newest_run(client, experiment.experiment_id, kind),
+                kind,
+                Path(args.captions),
+                Path(work),
+                args.columns,
+            )
+            for kind in KINDS
+        ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     figure = stacked(panels)
     # 256 colours (like the README's screenshots): a third of the bytes, no visible change at this size

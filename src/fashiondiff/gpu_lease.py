@@ -45,8 +45,9 @@ def parse_ids(text: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def leased(ids: Sequence[str], count: int, lock_dir: Path, poll_s: float = POLL_S,
-           say: Callable[[str], None] = print) -> Iterator[list[str]]:
+def leased(
+    ids: Sequence[str], count: int, lock_dir: Path, poll_s: float = POLL_S, say: Callable[[str], None] = print
+) -> Iterator[list[str]]:
     """``count`` of the GPU ``ids``, held by this process for the block (waiting until that many
     are free); given back on leaving it."""
     if not 1 <= count <= len(ids):

@@ -55,8 +55,14 @@ HOST_MARK = "FASHIONDIFF_LAUNCH_HOST"  # the host name of the node where DVC run
 # the system picks the local ports of outgoing connections.
 PORT_BASE, PORT_SPAN = 20000, 10000
 # accelerate launch options set here, from the allocation; refused among the options passed on
-SET_HERE = ("--multi_gpu", "--num_machines", "--machine_rank", "--main_process_ip", "--main_process_port",
-            "--num_processes")
+SET_HERE = (
+    "--multi_gpu",
+    "--num_machines",
+    "--machine_rank",
+    "--main_process_ip",
+    "--main_process_port",
+    "--num_processes",
+)
 _OWN = {"--nodes", "--processes-per-node", "--port"}  # this module's options, each with a value
 
 
@@ -76,8 +82,9 @@ class Layout:
 def parse(argv: Sequence[str]) -> tuple[Layout, list[str]]:
     """This module's options, which come first, and the rest: accelerate launch options, the stage
     script and its arguments, passed on as they are."""
-    parser = argparse.ArgumentParser(prog="python -m fashiondiff.launch", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="python -m fashiondiff.launch", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--nodes", type=int, required=True, help="the allocation's node count (checked)")
     parser.add_argument("--processes-per-node", type=int, required=True, help="processes per node: its GPUs")
     parser.add_argument("--port", type=int, help="the main process's port (default: from the job and step ids)")
@@ -87,32 +94,58 @@ def parse(argv: Sequence[str]) -> tuple[Layout, list[str]]:
     args = parser.parse_args(argv[:end])
     layout, rest = Layout(args.nodes, args.processes_per_node, args.port), list(argv[end:])
     if layout.nodes < 1 or layout.processes_per_node < 1:
-        raise PipelineError(f"fashiondiff.launch: --nodes {layout.nodes} --processes-per-node "
-                            f"{layout.processes_per_node}: both must be at least 1")
+        raise PipelineError(
+            f"fashiondiff.launch: --nodes {layout.nodes} --processes-per-node "
+            f"{layout.processes_per_node}: both must be at least 1"
+        )
     script = next((i for i, arg in enumerate(rest) if arg.endswith(".py")), None)
     if script is None:
         raise PipelineError(f"fashiondiff.launch: no stage script (a .py file) in {' '.join(rest) or 'the arguments'}")
     clash = sorted({a.split("=", 1)[0] for a in rest[:script]} & set(SET_HERE))
     if clash:
-        raise PipelineError(f"fashiondiff.launch sets {', '.join(clash)} itself, from the allocation: "
-                            "leave them out of compute.launcher")
+        raise PipelineError(
+            f"fashiondiff.launch sets {', '.join(clash)} itself, from the allocation: "
+            "leave them out of compute.launcher"
+        )
     return layout, rest
 
 
 def srun_command(layout: Layout, argv: Sequence[str]) -> list[str]:
     """srun starting this module (with ``argv``) once on each node of the allocation."""
     n = layout.nodes
-    return ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--export=ALL",
-            sys.executable, "-m", "fashiondiff.launch", *argv]
+    return [
+        "srun",
+        f"--nodes={n}",
+        f"--ntasks={n}",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=0",
+        "--export=ALL",
+        sys.executable,
+        "-m",
+        "fashiondiff.launch",
+        *argv,
+    ]
 
 
 def node_command(layout: Layout, rest: Sequence[str], env: Mapping[str, str]) -> list[str]:
     """``accelerate launch`` for this node of the step, from srun's variables in ``env``."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_machines", str(layout.nodes), "--machine_rank", _slurm(env, "SLURM_NODEID"),
-            "--main_process_ip", _slurm(env, "SLURM_LAUNCH_NODE_IPADDR"),
-            "--main_process_port", str(layout.port or derived_port(env)),
-            "--num_processes", str(layout.processes), *rest]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        str(layout.nodes),
+        "--machine_rank",
+        _slurm(env, "SLURM_NODEID"),
+        "--main_process_ip",
+        _slurm(env, "SLURM_LAUNCH_NODE_IPADDR"),
+        "--main_process_port",
+        str(layout.port or derived_port(env)),
+        "--num_processes",
+        str(layout.processes),
+        *rest,
+    ]
 
 
 def derived_port(env: Mapping[str, str]) -> int:
@@ -124,16 +157,21 @@ def derived_port(env: Mapping[str, str]) -> int:
 def fan_out(layout: Layout, argv: Sequence[str], env: Mapping[str, str]) -> int:
     """On the node where DVC runs: check the allocation, run srun, return its exit status."""
     if "SLURM_JOB_ID" not in env:
-        raise PipelineError("fashiondiff.launch: not inside a Slurm allocation (no SLURM_JOB_ID): run dvc "
-                            "from an sbatch script (docs/distributed.md), or use accelerate launch on one machine")
+        raise PipelineError(
+            "fashiondiff.launch: not inside a Slurm allocation (no SLURM_JOB_ID): run dvc "
+            "from an sbatch script (docs/distributed.md), or use accelerate launch on one machine"
+        )
     allocated = env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES"))
     if allocated != str(layout.nodes):
-        raise PipelineError(f"fashiondiff.launch: --nodes {layout.nodes}, but Slurm job {env['SLURM_JOB_ID']} "
-                            f"has {allocated} (SLURM_JOB_NUM_NODES): set --nodes to the job's node count")
+        raise PipelineError(
+            f"fashiondiff.launch: --nodes {layout.nodes}, but Slurm job {env['SLURM_JOB_ID']} "
+            f"has {allocated} (SLURM_JOB_NUM_NODES): set --nodes to the job's node count"
+        )
     node_env = {**env, NODE_MARK: "1", HOST_MARK: socket.gethostname()}
     try:
-        return run(srun_command(layout, argv), node_env, relay={signal.SIGTERM: signal.SIGUSR1,
-                                                                 signal.SIGINT: signal.SIGUSR1})
+        return run(
+            srun_command(layout, argv), node_env, relay={signal.SIGTERM: signal.SIGUSR1, signal.SIGINT: signal.SIGUSR1}
+        )
     except FileNotFoundError:
         raise PipelineError("fashiondiff.launch: no srun on PATH (Slurm's command)") from None
 
@@ -141,15 +179,27 @@ def fan_out(layout: Layout, argv: Sequence[str], env: Mapping[str, str]) -> int:
 def on_node(layout: Layout, rest: Sequence[str], env: Mapping[str, str]) -> int:
     """On each node, under srun: run ``accelerate launch`` for this node, return its exit status."""
     if env.get("SLURM_NODEID") == "0" and socket.gethostname() != env.get(HOST_MARK):
-        raise PipelineError(f"fashiondiff.launch: node 0 of the step is {socket.gethostname()}, but DVC runs on "
-                            f"{env.get(HOST_MARK)}: process 0 writes the outputs on node 0, where DVC must look "
-                            "for them; run dvc in the sbatch script (it runs on the allocation's first node)")
-    return run(node_command(layout, rest, env), env, relay={signal.SIGUSR1: signal.SIGTERM},
-               ignore=(signal.SIGTERM, signal.SIGINT), child_ignores=(signal.SIGUSR1,))
+        raise PipelineError(
+            f"fashiondiff.launch: node 0 of the step is {socket.gethostname()}, but DVC runs on "
+            f"{env.get(HOST_MARK)}: process 0 writes the outputs on node 0, where DVC must look "
+            "for them; run dvc in the sbatch script (it runs on the allocation's first node)"
+        )
+    return run(
+        node_command(layout, rest, env),
+        env,
+        relay={signal.SIGUSR1: signal.SIGTERM},
+        ignore=(signal.SIGTERM, signal.SIGINT),
+        child_ignores=(signal.SIGUSR1,),
+    )
 
 
-def run(cmd: Sequence[str], env: Mapping[str, str], relay: Mapping[int, int], ignore: Sequence[int] = (),
-        child_ignores: Sequence[int] = ()) -> int:
+def run(
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    relay: Mapping[int, int],
+    ignore: Sequence[int] = (),
+    child_ignores: Sequence[int] = (),
+) -> int:
     """Run ``cmd`` to its end; while it runs, signal ``s`` sent here goes to it as ``relay[s]``, and
     the signals in ``ignore`` do nothing here. ``child_ignores``: signals it starts ignoring. Its exit
     status, 128 + N when signal N ended it (as a shell reports it)."""

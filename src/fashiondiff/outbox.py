@@ -46,8 +46,14 @@ FLUSH_S = ("FASHIONDIFF_TRACKING_FLUSH_S", 60.0)  # a stage's end waits at most 
 SPOOL_DIR = ".fashiondiff/outbox"  # under the project's root (fashiondiff.project)
 # MLflow's server errors that say "try again" (a refused or timed-out request is INTERNAL_ERROR
 # too); any other error code is the store refusing the op itself.
-TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
-             "SERVICE_UNDER_MAINTENANCE", "ABORTED"}
+TRANSIENT = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+    "SERVICE_UNDER_MAINTENANCE",
+    "ABORTED",
+}
 _MERGE_LIMIT = 1000  # metrics per log_batch (MLflow's own limit per request)
 
 
@@ -98,8 +104,9 @@ def send(client, op: dict) -> None:
         with Image.open(op["path"]) as image:
             image.load()
             if op.get("key"):  # MLflow's own async logging would retry on its schedule, then drop it
-                client.log_image(run, image, key=op["key"], step=op.get("step"), timestamp=op.get("timestamp"),
-                                 synchronous=True)
+                client.log_image(
+                    run, image, key=op["key"], step=op.get("step"), timestamp=op.get("timestamp"), synchronous=True
+                )
             else:
                 client.log_image(run, image, artifact_file=op["artifact_file"], synchronous=True)
     elif kind == "end":
@@ -239,8 +246,11 @@ class Outbox:
                     self._outage(exc)
                     self._stop.wait(seconds(RETRY_S))  # a fixed pace, whatever the stage puts meanwhile
                     continue
-                print(f"mlflow: dropped a {head['op']} call the store refused: {_reason(exc)}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"mlflow: dropped a {head['op']} call the store refused: {_reason(exc)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self._done(head)
 
     def _take(self) -> dict:
@@ -263,15 +273,23 @@ class Outbox:
                     self._pending.popleft()
             self._wake.notify_all()
         if self._down_since is not None:
-            print(f"mlflow: {self.label} answers again after {time.monotonic() - self._down_since:.0f} s; "
-                  f"sending what was queued", file=sys.stderr, flush=True)
+            print(
+                f"mlflow: {self.label} answers again after {time.monotonic() - self._down_since:.0f} s; "
+                f"sending what was queued",
+                file=sys.stderr,
+                flush=True,
+            )
             self._down_since = None
 
     def _outage(self, exc: BaseException) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
-            print(f"mlflow: {self.label} does not answer ({_reason(exc)}); the stage goes on, "
-                  f"its tracking calls are kept and retried every {seconds(RETRY_S):g} s", file=sys.stderr, flush=True)
+            print(
+                f"mlflow: {self.label} does not answer ({_reason(exc)}); the stage goes on, "
+                f"its tracking calls are kept and retried every {seconds(RETRY_S):g} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _release(self, folder: Path) -> None:
         """An adopted spool folder, all of it delivered: deleted."""
@@ -304,7 +322,7 @@ def store_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    folder = Path(uri[len("sqlite:///"):]).parent
+    folder = Path(uri[len("sqlite:///") :]).parent
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -39,9 +39,11 @@ class StageReports:
 
     def summaries(self) -> dict[str, dict[str, float]]:
         """Stage name -> the summary that stage logs, rebuilt from its reports."""
-        return {"train_prior": training_summary(_read(self.train_prior)),
-                "train_decoder": training_summary(_read(self.train_decoder)),
-                "evaluate": evaluate_summary(_read(self.metrics), _read(self.evaluation))}
+        return {
+            "train_prior": training_summary(_read(self.train_prior)),
+            "train_decoder": training_summary(_read(self.train_decoder)),
+            "evaluate": evaluate_summary(_read(self.metrics), _read(self.evaluation)),
+        }
 
 
 def log_parent_scores(tracker, reports: StageReports) -> dict[str, list[str]]:
@@ -51,8 +53,11 @@ def log_parent_scores(tracker, reports: StageReports) -> dict[str, list[str]]:
     logged = {stage: tracker.log_parent_summary(stage, metrics) for stage, metrics in reports.summaries().items()}
     filled = [f"{stage} ({len(keys)})" for stage, keys in logged.items() if keys]
     if filled:
-        print(f"register: the pipeline run's scores of stages that did not run under it, from their "
-              f"reports: {', '.join(filled)}", file=sys.stderr)
+        print(
+            f"register: the pipeline run's scores of stages that did not run under it, from their "
+            f"reports: {', '.join(filled)}",
+            file=sys.stderr,
+        )
     return logged
 
 

@@ -130,13 +130,16 @@ def make_plan(params, root: Path = Path(".")) -> Plan:
     per_process = split_batch(params.batch_size, world, accumulation)
     per_epoch = train_rows // params.batch_size  # optimiser steps; the last partial batch is dropped
     steps = per_epoch * params.epochs
-    split = ("one process" if world == 1 else f"{per_process * accumulation} per process x {world} processes")
+    split = "one process" if world == 1 else f"{per_process * accumulation} per process x {world} processes"
     if accumulation > 1:
         split += f", {accumulation} micro-batches of {per_process} each"
-    plan.lines.append(f"data: {train_rows:,} training images of {n_train:,} in {files.train}"
-                      + (f" ({held_train:,} held out: data.holdout_fraction {fraction})" if fraction else ""))
-    plan.lines.append(f"steps: {steps:,} per model ({params.epochs} epochs x {per_epoch:,} steps of "
-                      f"{params.batch_size}: {split})")
+    plan.lines.append(
+        f"data: {train_rows:,} training images of {n_train:,} in {files.train}"
+        + (f" ({held_train:,} held out: data.holdout_fraction {fraction})" if fraction else "")
+    )
+    plan.lines.append(
+        f"steps: {steps:,} per model ({params.epochs} epochs x {per_epoch:,} steps of {params.batch_size}: {split})"
+    )
     rates, measured_on, batch = measured_rates(root)
     if rates:
         scale = per_process * accumulation / batch  # one process's samples per step
@@ -145,7 +148,8 @@ def make_plan(params, root: Path = Path(".")) -> Plan:
             f"hours, extrapolated (if the models are Kandinsky 2.1 at 256 px): prior {_hours(hours['prior'])}, "
             f"decoder {_hours(hours['decoder'])}: steps x the s/step that bench/bench_gpu_train.py measured on "
             f"{measured_on}, batch {batch} ({RATES_FILE}); left out: data loading, checkpoints, validation, "
-            f"embed, evaluate")
+            f"embed, evaluate"
+        )
 
     needs: list[tuple[str, int, str]] = []
     extracted = 0
@@ -158,14 +162,20 @@ def make_plan(params, root: Path = Path(".")) -> Plan:
     n_val, held_val = rows_of(str(root / files.validation), fraction, seed)
     cache_rows = train_rows + (held_val if fraction else n_val)
     per_row = CACHE_BYTES_FP16 * (2 if params.embed.dtype == "float32" else 1)
-    needs.append(("data/cache", cache_rows * per_row,
-                  f"embedding cache, {gb(per_row)} per image ({params.embed.dtype})"))
+    needs.append(
+        ("data/cache", cache_rows * per_row, f"embedding cache, {gb(per_row)} per image ({params.embed.dtype})")
+    )
     keep = checkpoints_at_peak(params.train.checkpoints_keep)
     for kind, sub in MODEL_PARTS.items():
         base = root / getattr(params.model, kind)
         trained = parameters(base / sub)
-        needs.append((f"checkpoints/{kind}", keep * checkpoint_bytes(trained, ema=params.train.ema_decay > 0),
-                      f"{keep} checkpoints of {trained / 1e6:,.1f} M parameters"))
+        needs.append(
+            (
+                f"checkpoints/{kind}",
+                keep * checkpoint_bytes(trained, ema=params.train.ema_decay > 0),
+                f"{keep} checkpoints of {trained / 1e6:,.1f} M parameters",
+            )
+        )
         needs.append((f"models/{kind}", folder_bytes(base), "tuned model (the base folder's size)"))
     outputs = sum(b for p, b, _ in needs if not p.startswith("checkpoints"))
     needs.append((".dvc/cache", outputs, "DVC's copy of those outputs (none with linked cache.type)"))
@@ -173,8 +183,10 @@ def make_plan(params, root: Path = Path(".")) -> Plan:
     free = shutil.disk_usage(existing(root)).free
     plan.lines.append("disk, estimated (beside the data files, which are there):")
     plan.lines += [f"  {p:<20} {gb(b):>9}  {what}" for p, b, what in needs]
-    plan.lines.append(f"  {'total':<20} {gb(total):>9}  against {gb(free)} free at {existing(root).resolve()}"
-                      + ("" if free >= total else f": SHORT by {gb(total - free)}"))
+    plan.lines.append(
+        f"  {'total':<20} {gb(total):>9}  against {gb(free)} free at {existing(root).resolve()}"
+        + ("" if free >= total else f": SHORT by {gb(total - free)}")
+    )
     if free < total:
         plan.short.append(f"needs {gb(total)}, {gb(free)} free")
     return plan

@@ -46,9 +46,15 @@ def project_env(src: Path | None = None, **extra: str) -> dict[str, str]:
     telemetry, and outside any DVC run (no inherited ``DVC_*``: a program started here is no
     stage of a run that may have started us); ``extra`` last."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
-    env.update(PYTHONPATH=str(src or SRC), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MLFLOW_DISABLE_TELEMETRY="true",
-               DO_NOT_TRACK="1", GRADIO_ANALYTICS_ENABLED="False")
+    env.update(
+        PYTHONPATH=str(src or SRC),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+    )
     env.setdefault("OMP_NUM_THREADS", "1")
     for key, value in MKL_REPRODUCIBLE.items():
         env.setdefault(key, value)
@@ -93,8 +99,9 @@ def printed_word(log: Path, marker: str, proc: subprocess.Popen, limit_s: float)
 
 
 @contextlib.contextmanager
-def running(cmd: Sequence[str], url: str, limit_s: float = 120, log: Path | None = None,
-            grace_s: float = 15, **popen) -> Iterator[subprocess.Popen]:
+def running(
+    cmd: Sequence[str], url: str, limit_s: float = 120, log: Path | None = None, grace_s: float = 15, **popen
+) -> Iterator[subprocess.Popen]:
     """``cmd`` started in its own group, once ``url`` answers; stopped with its children on leaving."""
     proc = start_group(cmd, log, **popen)
     try:

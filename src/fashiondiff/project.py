@@ -85,8 +85,12 @@ def _locked(path: Path, wait: bool, who: str = "") -> Iterator[bool]:
             if not wait:
                 yield False
                 return
-            print(f"{who}: another run with the same params and data is training here; "
-                  f"waiting for it, then resuming from its checkpoints", file=sys.stderr, flush=True)
+            print(
+                f"{who}: another run with the same params and data is training here; "
+                f"waiting for it, then resuming from its checkpoints",
+                file=sys.stderr,
+                flush=True,
+            )
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield True

@@ -35,6 +35,7 @@ class Sampling:
 # The checks every entry point's request passes (the web page, the served model, generate):
 # one-line errors for what the pipelines would reject with a traceback, or draw from nothing.
 
+
 def check_prompt(prompt: str) -> None:
     if not prompt.strip():
         raise PipelineError('empty prompt: say what to draw, e.g. "black leather mini skirt"')
@@ -46,9 +47,9 @@ def check_strength(sampling: Sampling, img2img: bool = True, flag: str = "") -> 
     if not 0.0 < sampling.strength <= 1.0:
         raise PipelineError(f"{flag}strength must be in (0, 1], got {sampling.strength}")
     if img2img and int(sampling.steps * sampling.strength) < 1:
-        raise PipelineError(f"{flag}steps {sampling.steps} x {flag}strength {sampling.strength} leaves no "
-                            "denoising step: raise either")
-
+        raise PipelineError(
+            f"{flag}steps {sampling.steps} x {flag}strength {sampling.strength} leaves no denoising step: raise either"
+        )
 
 
 def generators(seeds: Sequence[int]) -> list:
@@ -58,22 +59,27 @@ def generators(seeds: Sequence[int]) -> list:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-
 def image_embeds(prior, prompts: Sequence[str], gens: list, sampling: Sampling):
     """Prior: captions -> (image_embeds, negative_image_embeds) (2.1's zero-image negative)."""
-    out = prior(list(prompts), generator=gens, num_inference_steps=sampling.prior_steps,
-                guidance_scale=sampling.prior_guidance_scale)
+    out = prior(
+        list(prompts),
+        generator=gens,
+        num_inference_steps=sampling.prior_steps,
+        guidance_scale=sampling.prior_guidance_scale,
+    )
     return out.image_embeds, out.negative_image_embeds
-
 
 
 def mixed_embeds(prior, conditions: Sequence, weights: Sequence[float], gen, sampling: Sampling):
     """2.1's ``prior.interpolate``: the weighted sum of text and image conditions."""
-    out = prior.interpolate(list(conditions), list(weights), generator=gen,
-                            num_inference_steps=sampling.prior_steps,
-                            guidance_scale=sampling.prior_guidance_scale)
+    out = prior.interpolate(
+        list(conditions),
+        list(weights),
+        generator=gen,
+        num_inference_steps=sampling.prior_steps,
+        guidance_scale=sampling.prior_guidance_scale,
+    )
     return out.image_embeds, out.negative_image_embeds
-
 
 
 def decode(decoder, prompts: Sequence[str], embeds, gens: list, sampling: Sampling, sources=None):
@@ -83,20 +89,25 @@ def decode(decoder, prompts: Sequence[str], embeds, gens: list, sampling: Sampli
     noised to ``sampling.strength`` and denoised from there.
     """
     positive, negative = embeds
-    kwargs = dict(image_embeds=positive, negative_image_embeds=negative, height=sampling.height,
-                  width=sampling.width, num_inference_steps=sampling.steps,
-                  guidance_scale=sampling.guidance_scale, generator=gens, output_type="pil")
+    kwargs = dict(
+        image_embeds=positive,
+        negative_image_embeds=negative,
+        height=sampling.height,
+        width=sampling.width,
+        num_inference_steps=sampling.steps,
+        guidance_scale=sampling.guidance_scale,
+        generator=gens,
+        output_type="pil",
+    )
     if sources is not None:
         kwargs.update(image=list(sources), strength=sampling.strength)
     return decoder(list(prompts), **kwargs).images
-
 
 
 def text_to_image(prior, decoder, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling):
     """One image per prompt; prompt ``i`` uses a generator seeded with ``seeds[i]``."""
     gens = generators(seeds)
     return decode(decoder, prompts, image_embeds(prior, prompts, gens, sampling), gens, sampling)
-
 
 
 def image_text_to_image(prior, img2img, prompts, sources, seeds, sampling: Sampling):
@@ -106,14 +117,12 @@ def image_text_to_image(prior, img2img, prompts, sources, seeds, sampling: Sampl
     return decode(img2img, prompts, embeds, gens, sampling, sources=sources)
 
 
-
 def as_img2img(decoder):
     """An image + text pipeline sharing the (already loaded) decoder's components, that noises
     the source at the noise level its first denoising step expects (:func:`img2img_class`)."""
     pipe = img2img_class()(**decoder.components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
 
 
 @functools.cache
@@ -151,14 +160,18 @@ def img2img_class():
     return ScheduledImg2Img
 
 
-
 def sampling_from_params(params, strength: float = Sampling.strength) -> Sampling:
     """The sampling settings ``evaluate`` uses: diffusion_steps, evaluate.*, model.resolution."""
     ev = params.evaluate
-    return Sampling(steps=params.diffusion_steps, guidance_scale=ev.guidance_scale,
-                    prior_steps=ev.prior_steps, prior_guidance_scale=ev.prior_guidance_scale,
-                    height=params.model.resolution, width=params.model.resolution, strength=strength)
-
+    return Sampling(
+        steps=params.diffusion_steps,
+        guidance_scale=ev.guidance_scale,
+        prior_steps=ev.prior_steps,
+        prior_guidance_scale=ev.prior_guidance_scale,
+        height=params.model.resolution,
+        width=params.model.resolution,
+        strength=strength,
+    )
 
 
 def apply_adapters(prior_pipe, decoder_pipe, prior_lora: str | None, decoder_lora: str | None) -> None:
@@ -173,7 +186,6 @@ def apply_adapters(prior_pipe, decoder_pipe, prior_lora: str | None, decoder_lor
         load_adapter(decoder_pipe.unet, decoder_lora, "--decoder-lora")
 
 
-
 def quiet_libraries() -> None:
     """No loading bars or library chatter on the user's terminal; errors still show."""
     from diffusers.utils import logging as diffusers_logging
@@ -182,4 +194,3 @@ def quiet_libraries() -> None:
     for lib in (diffusers_logging, transformers_logging):
         lib.set_verbosity_error()
         lib.disable_progress_bar()
-

@@ -111,8 +111,9 @@ class Tracker:
     ``client`` stays usable for what needs an answer now (the register stage's registry calls).
     """
 
-    def __init__(self, stage: str, client=None, run_id: str = "", parent_run_id: str = "",
-                 tracking_uri: str = "", outbox=None) -> None:
+    def __init__(
+        self, stage: str, client=None, run_id: str = "", parent_run_id: str = "", tracking_uri: str = "", outbox=None
+    ) -> None:
         self.stage = stage
         self.run_id = run_id
         self.parent_run_id = parent_run_id
@@ -218,16 +219,20 @@ class Tracker:
         now = int(time.time() * 1000)
         self._put({"op": "metrics", "run": run_id, "points": [[k, float(v), now, int(s)] for k, s, v in points]})
 
-    def _image(self, run_id: str, image, artifact_file: str | None = None, key: str | None = None,
-               step: int | None = None) -> None:
+    def _image(
+        self, run_id: str, image, artifact_file: str | None = None, key: str | None = None, step: int | None = None
+    ) -> None:
         """``image`` as ``artifact_file``, or as MLflow's stepped image ``key`` at ``step``."""
         if self.outbox is None:
             self.client.log_image(run_id, image, artifact_file=artifact_file, key=key, step=step, synchronous=True)
             return
         path = self.outbox.stage_image(image, posixpath.basename(artifact_file or f"{key}.png"))
         op = {"op": "image", "run": run_id, "path": path}
-        op.update({"artifact_file": artifact_file} if key is None else
-                  {"key": key, "step": int(step or 0), "timestamp": int(time.time() * 1000)})
+        op.update(
+            {"artifact_file": artifact_file}
+            if key is None
+            else {"key": key, "step": int(step or 0), "timestamp": int(time.time() * 1000)}
+        )
         self._put(op)
 
 
@@ -273,7 +278,7 @@ def resolve_tracking_uri(uri: str, cwd: str | Path | None = None) -> str:
     repository, whose ``mlflow.db`` DVC deletes with it)."""
     prefix = "sqlite:///"
     if uri.startswith(prefix):
-        path = uri[len(prefix):]
+        path = uri[len(prefix) :]
         if path and not path.startswith("/") and not path.startswith(":memory:"):
             return prefix + str((Path(cwd or project_root()) / path).resolve())
     return uri
@@ -334,33 +339,53 @@ def _open(stage: str, params: dict[str, object], experiment: str, uri: str) -> T
             raise
         except Exception as exc:  # noqa: BLE001 - the store's errors: retried or one line
             if not is_transient(exc) or time.monotonic() >= deadline:
-                hint = (f" (tried for {seconds(START_S):g} s: is the server running? FASHIONDIFF_TRACKING=off "
-                        f"runs without tracking)" if is_transient(exc) else "")
+                hint = (
+                    f" (tried for {seconds(START_S):g} s: is the server running? FASHIONDIFF_TRACKING=off "
+                    f"runs without tracking)"
+                    if is_transient(exc)
+                    else ""
+                )
                 raise PipelineError(f"mlflow ({display_uri(uri)}): {first_line(exc, repr(exc))}{hint}") from exc
             if not waiting:
-                print(f"mlflow: {display_uri(uri)} does not answer; retrying for up to {seconds(START_S):g} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"mlflow: {display_uri(uri)} does not answer; retrying for up to {seconds(START_S):g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 waiting = True
             time.sleep(min(seconds(RETRY_S), max(0.0, deadline - time.monotonic())))
     tracker.outbox = Outbox(client, uri, project_root(), label=display_uri(uri))
     kept = tracker.outbox.adopted
     adopted = f"; delivering {kept} tracking calls an earlier stage kept" if kept else ""
-    print(f"mlflow: {stage} run {tracker.run_id} in pipeline run {tracker.parent_run_id} "
-          f"({display_uri(uri)}, experiment {experiment}){adopted}", file=sys.stderr)
+    print(
+        f"mlflow: {stage} run {tracker.run_id} in pipeline run {tracker.parent_run_id} "
+        f"({display_uri(uri)}, experiment {experiment}){adopted}",
+        file=sys.stderr,
+    )
     return tracker
 
 
-def _open_runs(client, stage: str, params: dict[str, object], experiment: str, identity: dict[str, str],
-               uri: str) -> Tracker:
+def _open_runs(
+    client, stage: str, params: dict[str, object], experiment: str, identity: dict[str, str], uri: str
+) -> Tracker:
     """The experiment, the pipeline's parent run and this stage's child run (idempotent: a
     retry finds the parent made before, and supersedes a child made before)."""
     exp_id = _experiment(client, experiment, uri)
     parent_id = _parent(client, exp_id, identity)
     _log_params(client, parent_id, params)  # idempotent: same key, same values
-    child = client.create_run(exp_id, run_name=stage, tags={
-        TAG_PARENT: parent_id, TAG_ROLE: "stage", TAG_STAGE: stage, TAG_KEY: identity["key"],
-        TAG_COMMIT: identity["commit"], TAG_EXP_NAME: identity["exp_name"], "mlflow.user": _user(),
-    })
+    child = client.create_run(
+        exp_id,
+        run_name=stage,
+        tags={
+            TAG_PARENT: parent_id,
+            TAG_ROLE: "stage",
+            TAG_STAGE: stage,
+            TAG_KEY: identity["key"],
+            TAG_COMMIT: identity["commit"],
+            TAG_EXP_NAME: identity["exp_name"],
+            "mlflow.user": _user(),
+        },
+    )
     _supersede(client, exp_id, parent_id, stage, keep=child.info.run_id)
     client.update_run(parent_id, status="RUNNING")
     return Tracker(stage, client, child.info.run_id, parent_id, uri)
@@ -380,8 +405,11 @@ def _close(tracker: Tracker, status: str) -> None:
         print(f"mlflow: could not mark run {tracker.run_id} {status}: {exc!r}", file=sys.stderr)
         return
     if spool is not None:
-        print(f"mlflow: {display_uri(tracker.tracking_uri)} did not answer for {seconds(FLUSH_S):g} s; its "
-              f"undelivered calls are kept in {spool} for the next stage to deliver", file=sys.stderr)
+        print(
+            f"mlflow: {display_uri(tracker.tracking_uri)} did not answer for {seconds(FLUSH_S):g} s; its "
+            f"undelivered calls are kept in {spool} for the next stage to deliver",
+            file=sys.stderr,
+        )
 
 
 def _status_for(exc: BaseException) -> str:
@@ -409,15 +437,17 @@ def _experiment(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri),
-                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+            return client.create_experiment(
+                name, artifact_location=_artifact_location(uri), tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}
+            )
         except MlflowException:  # created meanwhile by another stage process
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage != "active":
-        raise PipelineError(f"mlflow: experiment {name!r} is deleted; restore it "
-                            f"(mlflow experiments restore) or purge it (mlflow gc)")
+        raise PipelineError(
+            f"mlflow: experiment {name!r} is deleted; restore it (mlflow experiments restore) or purge it (mlflow gc)"
+        )
     if TAG_EXPERIMENT_KIND not in exp.tags:  # a kind chosen in the UI is left alone
         client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     return exp.experiment_id
@@ -426,7 +456,7 @@ def _experiment(client, name: str, uri: str) -> str:
 def _artifact_location(uri: str) -> str | None:
     """sqlite without a server: ``mlartifacts/`` beside the database; servers: their default."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         db.parent.mkdir(parents=True, exist_ok=True)
         return (db.parent / "mlartifacts").as_uri()
     return None
@@ -439,8 +469,13 @@ def _parent(client, exp_id: str, identity: dict[str, str]) -> str:
     run_name = identity["exp_name"]
     if "DVC_EXP_NAME" not in os.environ:
         run_name = f"{run_name}-{identity['key'][:8]}"
-    tags = {TAG_KEY: identity["key"], TAG_ROLE: "pipeline", TAG_COMMIT: identity["commit"],
-            TAG_EXP_NAME: identity["exp_name"], "mlflow.user": _user()}
+    tags = {
+        TAG_KEY: identity["key"],
+        TAG_ROLE: "pipeline",
+        TAG_COMMIT: identity["commit"],
+        TAG_EXP_NAME: identity["exp_name"],
+        "mlflow.user": _user(),
+    }
     if identity["baseline_rev"]:
         tags[TAG_BASELINE] = identity["baseline_rev"]
     mine = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
@@ -452,14 +487,14 @@ def _parent(client, exp_id: str, identity: dict[str, str]) -> str:
 
 
 def _parents(client, exp_id: str, key: str) -> list[str]:
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{TAG_KEY}` = '{key}' "
-                              f"and tags.`{TAG_ROLE}` = 'pipeline'")
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{TAG_KEY}` = '{key}' and tags.`{TAG_ROLE}` = 'pipeline'")
     return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
 
 
 def _supersede(client, exp_id: str, parent_id: str, stage: str, keep: str) -> None:
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' "
-                              f"and tags.`{TAG_STAGE}` = '{stage}'")
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and tags.`{TAG_STAGE}` = '{stage}'"
+    )
     for run in runs:
         if run.info.run_id == keep:
             continue
@@ -477,13 +512,14 @@ def _log_params(client, run_id: str, params: dict) -> None:
 
 def _text(value: object) -> str:
     text = str(value)
-    return text if len(text) <= _MAX_PARAM_VALUE else text[:_MAX_PARAM_VALUE - 3] + "..."
+    return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."
 
 
 def _git_commit(root: str) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"

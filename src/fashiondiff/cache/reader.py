@@ -86,5 +86,5 @@ def open_cache(path: str | Path, expect: dict | None = None) -> Cache:
                 f"re-run the embed stage"
             )
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
-    uncond = {f.stem[len("uncond_"):]: np.load(f) for f in sorted(path.glob("uncond_*.npy"))}
+    uncond = {f.stem[len("uncond_") :]: np.load(f) for f in sorted(path.glob("uncond_*.npy"))}
     return Cache(path=path, meta=meta, arrays=arrays, uncond=uncond, rows=np.load(path / "rows.npy"))

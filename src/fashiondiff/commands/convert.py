@@ -25,14 +25,21 @@ OUT_SUFFIXES = (".h5", ".hdf5")
 
 def add_parser(subparsers) -> None:
     """Register ``convert`` on the top-level CLI."""
-    p = subparsers.add_parser("convert", help="a folder of photos + a captions file -> a FashionGen-layout .h5",
-                              description=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "convert",
+        help="a folder of photos + a captions file -> a FashionGen-layout .h5",
+        description=CLI_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", required=True, metavar="DIR", help="the folder the captions' file paths are in")
-    p.add_argument("--captions", required=True, metavar="FILE",
-                   help="a .csv or .jsonl (file, caption[, name, category, product_id]) or a COCO captions .json")
+    p.add_argument(
+        "--captions",
+        required=True,
+        metavar="FILE",
+        help="a .csv or .jsonl (file, caption[, name, category, product_id]) or a COCO captions .json",
+    )
     p.add_argument("--out", required=True, metavar="FILE.h5", help="the HDF5 file to write")
-    p.add_argument("--workers", type=int, default=2,
-                   help="processes decoding the photos (default 2; 0: this process)")
+    p.add_argument("--workers", type=int, default=2, help="processes decoding the photos (default 2; 0: this process)")
     p.set_defaults(func=run)
 
 
@@ -45,8 +52,12 @@ def run(args: argparse.Namespace) -> None:
         raise PipelineError(f"--out {args.out}: give an HDF5 file name ending in .h5")
     with stop_on_signals():
         done = convert(args.images, args.captions, args.out, workers=args.workers)
-    print(f"wrote {done.out}: {done.rows} rows, {done.products} products, {len(done.skipped)} rows "
-          f"skipped, {done.seconds:.1f} s")
+    print(
+        f"wrote {done.out}: {done.rows} rows, {done.products} products, {len(done.skipped)} rows "
+        f"skipped, {done.seconds:.1f} s"
+    )
     if done.replaced:
-        print(f"{done.replaced} rows had characters outside latin-1 (FashionGen's encoding), written "
-              f"as their plain letters or '?' (docs/catalogue.md)")
+        print(
+            f"{done.replaced} rows had characters outside latin-1 (FashionGen's encoding), written "
+            f"as their plain letters or '?' (docs/catalogue.md)"
+        )

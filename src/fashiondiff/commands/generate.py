@@ -49,14 +49,6 @@ CLI_HELP = __doc__.split(" The sampling itself")[0].replace("Usage::", "Examples
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-
-
-
-
-
-
-
-
 # --- the command -------------------------------------------------------------------------------
 
 
@@ -91,18 +83,35 @@ def output_paths(out: str | Path, seeds: Sequence[int]) -> list[Path]:
 
 def check_sampling(sampling: Sampling, img2img: bool) -> None:
     """One-line errors for settings the pipelines would reject with a traceback."""
-    for name, value in (("--steps", sampling.steps), ("--prior-steps", sampling.prior_steps),
-                        ("--height", sampling.height), ("--width", sampling.width)):
+    for name, value in (
+        ("--steps", sampling.steps),
+        ("--prior-steps", sampling.prior_steps),
+        ("--height", sampling.height),
+        ("--width", sampling.width),
+    ):
         if value < 1:
             raise PipelineError(f"{name} must be >= 1, got {value}")
     check_strength(sampling, img2img, flag="--")
 
 
-def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: str | None = None,
-             mix: Sequence[str] = (), prompt_weight: float = 1.0, seed: int = 0, num_images: int = 1,
-             sampling: Sampling = Sampling(), device: str | None = None, lora: str | None = None,
-             prior_lora: str | None = None, decoder_lora: str | None = None,
-             quiet: bool = False) -> list[Path]:
+def generate(
+    prompt: str,
+    prior: str,
+    decoder: str,
+    out: str | Path,
+    *,
+    source: str | None = None,
+    mix: Sequence[str] = (),
+    prompt_weight: float = 1.0,
+    seed: int = 0,
+    num_images: int = 1,
+    sampling: Sampling = Sampling(),
+    device: str | None = None,
+    lora: str | None = None,
+    prior_lora: str | None = None,
+    decoder_lora: str | None = None,
+    quiet: bool = False,
+) -> list[Path]:
     """Generate ``num_images`` images and write them as PNG; return their paths.
 
     ``lora``/``prior_lora``/``decoder_lora``: adapters applied to the loaded models
@@ -137,8 +146,7 @@ def generate(prompt: str, prior: str, decoder: str, out: str | Path, *, source: 
     for path, s in zip(paths, seeds):
         gens = generators([s])
         if conditions:
-            embeds = mixed_embeds(prior_pipe, [prompt, *conditions], [prompt_weight, *weights],
-                                  gens[0], sampling)
+            embeds = mixed_embeds(prior_pipe, [prompt, *conditions], [prompt_weight, *weights], gens[0], sampling)
         else:
             embeds = image_embeds(prior_pipe, [prompt], gens, sampling)
         sources = [source_image] if source_image is not None else None
@@ -164,26 +172,39 @@ def beside(source, image, prompt: str, strength: float, seed: int):
     return image_text_figure(prompt, photo, {f"strength {strength:g}": image}, subtitle=f"seed {seed}")
 
 
-
 def add_parser(subparsers) -> None:
     """Register ``generate`` on the top-level CLI."""
-    p = subparsers.add_parser("generate", help="text (or image + text, or a mix) -> image",
-                              description=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", help="what to generate, e.g. \"black leather mini skirt\"")
-    p.add_argument("--model", default="models",
-                   help="folder holding prior/ and decoder/ (tuned: models, base: models/base)")
+    p = subparsers.add_parser(
+        "generate",
+        help="text (or image + text, or a mix) -> image",
+        description=CLI_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("prompt", help='what to generate, e.g. "black leather mini skirt"')
+    p.add_argument(
+        "--model", default="models", help="folder holding prior/ and decoder/ (tuned: models, base: models/base)"
+    )
     p.add_argument("--prior", help="prior folder or Hub id (overrides --model)")
     p.add_argument("--decoder", help="decoder folder or Hub id (overrides --model)")
-    p.add_argument("--lora", metavar="DIR",
-                   help="apply the LoRA adapters DIR/prior/lora and/or DIR/decoder/lora (training's "
-                        "--out folders' parent, e.g. models) to the base model: use with --model models/base")
+    p.add_argument(
+        "--lora",
+        metavar="DIR",
+        help="apply the LoRA adapters DIR/prior/lora and/or DIR/decoder/lora (training's "
+        "--out folders' parent, e.g. models) to the base model: use with --model models/base",
+    )
     p.add_argument("--prior-lora", metavar="DIR", help="a prior adapter folder (overrides --lora's)")
     p.add_argument("--decoder-lora", metavar="DIR", help="a decoder adapter folder (overrides --lora's)")
     p.add_argument("--image", help="source image: image + text -> image (img2img)")
-    p.add_argument("--strength", type=float,
-                   help=f"img2img: how far from the source to go, (0, 1] (default {Sampling.strength})")
-    p.add_argument("--mix", action="append", default=[], metavar="TEXT_OR_IMAGE:WEIGHT",
-                   help="add a weighted condition (repeatable); the prompt takes --prompt-weight")
+    p.add_argument(
+        "--strength", type=float, help=f"img2img: how far from the source to go, (0, 1] (default {Sampling.strength})"
+    )
+    p.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        metavar="TEXT_OR_IMAGE:WEIGHT",
+        help="add a weighted condition (repeatable); the prompt takes --prompt-weight",
+    )
     p.add_argument("--prompt-weight", type=float, default=1.0, help="the prompt's weight in a --mix")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
     p.add_argument("--steps", type=int, help="decoder steps (default: params diffusion_steps, else 100)")
@@ -197,7 +218,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--params", default="params.yaml", help="defaults come from here if it exists")
     p.set_defaults(func=run)
-
 
 
 def defaults(params_path: str | Path) -> Sampling:
@@ -214,14 +234,33 @@ def run(args: argparse.Namespace) -> None:
     check_prompt(args.prompt)
     prior, decoder = resolve_models(args.model, args.prior, args.decoder)
     base = defaults(args.params)
-    chosen = {"steps": args.steps, "guidance_scale": args.guidance, "prior_steps": args.prior_steps,
-              "prior_guidance_scale": args.prior_guidance, "height": args.height, "width": args.width,
-              "strength": args.strength}
+    chosen = {
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "prior_steps": args.prior_steps,
+        "prior_guidance_scale": args.prior_guidance,
+        "height": args.height,
+        "width": args.width,
+        "strength": args.strength,
+    }
     sampling = Sampling(**{k: (v if v is not None else getattr(base, k)) for k, v in chosen.items()})
-    paths = generate(args.prompt, prior, decoder, args.out, source=args.image, mix=args.mix,
-                     prompt_weight=args.prompt_weight, seed=args.seed, num_images=args.num_images,
-                     sampling=sampling, device=args.device, lora=args.lora, prior_lora=args.prior_lora,
-                     decoder_lora=args.decoder_lora, quiet=True)
+    paths = generate(
+        args.prompt,
+        prior,
+        decoder,
+        args.out,
+        source=args.image,
+        mix=args.mix,
+        prompt_weight=args.prompt_weight,
+        seed=args.seed,
+        num_images=args.num_images,
+        sampling=sampling,
+        device=args.device,
+        lora=args.lora,
+        prior_lora=args.prior_lora,
+        decoder_lora=args.decoder_lora,
+        quiet=True,
+    )
     for path in paths:
         print(path)
         if args.image:

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fashiondiff",
         description="Kandinsky 2.1 fine-tuned on FashionGen: generate images from the trained models, "
-                    "serve them, or look at the pipeline runs in MLflow.",
+        "serve them, or look at the pipeline runs in MLflow.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")

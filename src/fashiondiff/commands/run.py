@@ -32,16 +32,26 @@ PRESETS = Path("presets")
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("run", help="run a preset (presets/NAME.yaml) as one DVC experiment",
-                                 description=__doc__.split("\n\n")[0])
+    parser = commands.add_parser(
+        "run", help="run a preset (presets/NAME.yaml) as one DVC experiment", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("preset", help="a preset's name (presets/NAME.yaml) or a YAML file")
     how = parser.add_mutually_exclusive_group()
-    how.add_argument("--dry", action="store_true",
-                     help="list the stages DVC would run, then the planned steps, hours and disk; run nothing")
+    how.add_argument(
+        "--dry",
+        action="store_true",
+        help="list the stages DVC would run, then the planned steps, hours and disk; run nothing",
+    )
     how.add_argument("--queue", action="store_true", help="queue the experiment (dvc exp run --queue)")
     parser.add_argument("-n", "--name", help="the experiment's name (default: the preset's)")
-    parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
-                        help="one more param, after the preset's (as dvc exp run -S)")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more param, after the preset's (as dvc exp run -S)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -122,14 +132,20 @@ def run(args: argparse.Namespace) -> None:
     plan = make_plan(params)
     removals = [k for k, v in settings.items() if v is None and _has(tree, k)]
     flags = [f for k, v in settings.items() if v is not None for f in ("-S", as_flag(k, v))]
-    command = ["dvc", "exp", "run", "-n", name] + (["--dry", "--force"] if args.dry else []) + (
-        ["--queue"] if args.queue else []) + flags
+    command = (
+        ["dvc", "exp", "run", "-n", name]
+        + (["--dry", "--force"] if args.dry else [])
+        + (["--queue"] if args.queue else [])
+        + flags
+    )
     removing = f", removing {', '.join(removals)} from params.yaml" if removals else ""
     print(f"{path}: {len(settings)} params{removing}")
     print(plan.text())
     if plan.short and not args.dry:
-        raise PipelineError(f"fashiondiff run {args.preset}: not enough disk: {'; '.join(plan.short)} "
-                            f"(the plan above; free space, or link DVC's cache: docs/paper-run.md)")
+        raise PipelineError(
+            f"fashiondiff run {args.preset}: not enough disk: {'; '.join(plan.short)} "
+            f"(the plan above; free space, or link DVC's cache: docs/paper-run.md)"
+        )
     print("$ " + shlex.join(command), flush=True)
     original = params_file.read_text(encoding="utf-8")
     if removals:

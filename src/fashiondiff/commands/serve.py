@@ -27,20 +27,32 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def add_parser(subparsers) -> None:
     """Register ``serve`` on the top-level CLI."""
     limits = Limits()
-    p = subparsers.add_parser("serve", help="web page: text or photo + text -> image, base vs tuned",
-                              description="The web page for the stylist: text -> image and photo + text -> "
-                                          "image, the base and the tuned model side by side.")
+    p = subparsers.add_parser(
+        "serve",
+        help="web page: text or photo + text -> image, base vs tuned",
+        description="The web page for the stylist: text -> image and photo + text -> "
+        "image, the base and the tuned model side by side.",
+    )
     p.add_argument("--model", default="models", help="tuned model: a folder with prior/ and decoder/")
     p.add_argument("--base-prior", help="base prior folder or Hub id (default: params model.prior)")
     p.add_argument("--base-decoder", help="base decoder folder or Hub id (default: params model.decoder)")
     p.add_argument("--tuned-only", action="store_true", help="no base column (half the memory)")
-    p.add_argument("--lora", action="append", default=[], metavar="DIR",
-                   help="a folder with prior/lora and/or decoder/lora to offer on the base (repeatable)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder with prior/lora and/or decoder/lora to offer on the base (repeatable)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to bind (default 7860)")
     p.add_argument("--queue-size", type=int, default=8, help="requests that may wait; more are refused (default 8)")
-    p.add_argument("--max-upload-mb", type=float, default=limits.max_upload_mb,
-                   help=f"photo size cap (default {limits.max_upload_mb:g})")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=limits.max_upload_mb,
+        help=f"photo size cap (default {limits.max_upload_mb:g})",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--params", default="params.yaml", help="defaults come from here if it exists")
     p.set_defaults(func=run)
@@ -48,9 +60,11 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Check the options, build the page, serve until Ctrl-C."""
-    for ok, what in ((args.queue_size >= 1, f"--queue-size must be >= 1, got {args.queue_size}"),
-                     (args.max_upload_mb > 0, f"--max-upload-mb must be > 0, got {args.max_upload_mb}"),
-                     (0 < args.port < 65536, f"--port must be in 1..65535, got {args.port}")):
+    for ok, what in (
+        (args.queue_size >= 1, f"--queue-size must be >= 1, got {args.queue_size}"),
+        (args.max_upload_mb > 0, f"--max-upload-mb must be > 0, got {args.max_upload_mb}"),
+        (0 < args.port < 65536, f"--port must be in 1..65535, got {args.port}"),
+    ):
         if not ok:
             raise PipelineError(what)
     from dataclasses import replace
@@ -79,8 +93,9 @@ def _base(args) -> tuple[str, str]:
     if args.base_prior and args.base_decoder:
         return args.base_prior, args.base_decoder
     if not Path(args.params).is_file():
-        raise PipelineError(f"{args.params}: no params file to take the base model from: "
-                            "give --base-prior and --base-decoder")
+        raise PipelineError(
+            f"{args.params}: no params file to take the base model from: give --base-prior and --base-decoder"
+        )
     from fashiondiff.config.whole import load_params
 
     model = load_params(args.params).model
@@ -104,9 +119,12 @@ def _serve(studio, args) -> None:
     from fashiondiff.serving.page import build, launch_options
 
     if args.host not in LOOPBACK:
-        print(f"serve: binding {args.host}: anyone who can reach this machine can use the page "
-              "(there is no login)", file=sys.stderr)
+        print(
+            f"serve: binding {args.host}: anyone who can reach this machine can use the page (there is no login)",
+            file=sys.stderr,
+        )
     page = build(studio, args.queue_size)
-    print(f"serve: {studio.describe()}; queue {args.queue_size}, uploads up to {args.max_upload_mb:g} MB",
-          file=sys.stderr)
+    print(
+        f"serve: {studio.describe()}; queue {args.queue_size}, uploads up to {args.max_upload_mb:g} MB", file=sys.stderr
+    )
     page.launch(**launch_options(args.host, args.port, args.max_upload_mb))

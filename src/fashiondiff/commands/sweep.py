@@ -75,18 +75,28 @@ class SweepFile(BaseModel):
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("sweep-one", help="run one experiment of a sweep file in a clone of its own "
-                                 "and push it (a Slurm array task, or a plain host)",
-                                 description=__doc__.split("\n\n")[0])
+    parser = commands.add_parser(
+        "sweep-one",
+        help="run one experiment of a sweep file in a clone of its own "
+        "and push it (a Slurm array task, or a plain host)",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument("sweep", type=Path, help="the sweep file (YAML)")
-    parser.add_argument("index", nargs="?", type=int,
-                        help="which experiment, from 0 (default: $SLURM_ARRAY_TASK_ID)")
-    parser.add_argument("--gpus", type=parse_ids, metavar="IDS",
-                        help="this machine's GPU ids to share among the sweep-one runs on it, e.g. 0,1,2,3: "
-                             "this run leases --per-run of them and sees only those (CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("index", nargs="?", type=int, help="which experiment, from 0 (default: $SLURM_ARRAY_TASK_ID)")
+    parser.add_argument(
+        "--gpus",
+        type=parse_ids,
+        metavar="IDS",
+        help="this machine's GPU ids to share among the sweep-one runs on it, e.g. 0,1,2,3: "
+        "this run leases --per-run of them and sees only those (CUDA_VISIBLE_DEVICES)",
+    )
     parser.add_argument("--per-run", type=int, default=1, metavar="N", help="GPUs per experiment (default 1)")
-    parser.add_argument("--lock-dir", type=Path, default=None,
-                        help="where the GPU leases' lock files live (default: a folder of yours under /tmp)")
+    parser.add_argument(
+        "--lock-dir",
+        type=Path,
+        default=None,
+        help="where the GPU leases' lock files live (default: a folder of yours under /tmp)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -114,14 +124,16 @@ def chosen(sweep: SweepFile, index: int | None, path: Path) -> Experiment:
     if index is None:
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
         if task is None:
-            raise PipelineError(f"sweep-one {path}: give the experiment's INDEX, or run it as a Slurm array "
-                                f"task (SLURM_ARRAY_TASK_ID)")
+            raise PipelineError(
+                f"sweep-one {path}: give the experiment's INDEX, or run it as a Slurm array task (SLURM_ARRAY_TASK_ID)"
+            )
         if not task.isdigit():
             raise PipelineError(f"SLURM_ARRAY_TASK_ID={task}: expected an experiment's index, from 0")
         index = int(task)
     if not 0 <= index < len(sweep.experiments):
-        raise PipelineError(f"{path}: no experiment {index}: it has {len(sweep.experiments)} "
-                            f"(0 to {len(sweep.experiments) - 1})")
+        raise PipelineError(
+            f"{path}: no experiment {index}: it has {len(sweep.experiments)} (0 to {len(sweep.experiments) - 1})"
+        )
     return sweep.experiments[index]
 
 
@@ -170,8 +182,12 @@ def gpus(args: argparse.Namespace, env: dict[str, str]):
     if not args.gpus:
         yield
         return
-    with leased(args.gpus, args.per_run, args.lock_dir or default_lock_dir(),
-                say=lambda line: print(f"sweep-one: {line}", flush=True)) as ids:
+    with leased(
+        args.gpus,
+        args.per_run,
+        args.lock_dir or default_lock_dir(),
+        say=lambda line: print(f"sweep-one: {line}", flush=True),
+    ) as ids:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
         print(f"sweep-one: GPUs {env['CUDA_VISIBLE_DEVICES']} (CUDA_VISIBLE_DEVICES)", flush=True)
         yield
@@ -182,11 +198,14 @@ def dvc_remote(clone: Path, env: dict[str, str]) -> str:
     named = subprocess.run(["dvc", "remote", "default"], cwd=clone, env=env, capture_output=True, text=True)
     name = named.stdout.strip() if named.returncode == 0 else ""
     if not name:
-        raise PipelineError(f"{clone}: no default DVC remote: `dvc remote add -d NAME URL` in the project, "
-                            f"commit .dvc/config and push")
+        raise PipelineError(
+            f"{clone}: no default DVC remote: `dvc remote add -d NAME URL` in the project, commit .dvc/config and push"
+        )
     if output(["dvc", "config", f"remote.{name}.url"], clone, env).strip() == PLACEHOLDER_REMOTE:
-        raise PipelineError(f"{clone}: DVC remote {name} is still {PLACEHOLDER_REMOTE}: point it at shared "
-                            f"storage (dvc remote modify {name} url ...), commit .dvc/config and push")
+        raise PipelineError(
+            f"{clone}: DVC remote {name} is still {PLACEHOLDER_REMOTE}: point it at shared "
+            f"storage (dvc remote modify {name} url ...), commit .dvc/config and push"
+        )
     return name
 
 
@@ -203,8 +222,10 @@ def call(command: list[str], cwd: Path, env: dict[str, str], hint: str = "") -> 
     code = subprocess.call(command, cwd=cwd, env=env)
     if code:
         shown = 6  # up to `dvc exp run --pull -n NAME`: the settings that follow can be many
-        error = PipelineError(f"{shlex.join(command[:shown])}{' ...' if len(command) > shown else ''} in {cwd} "
-                              f"exited with {code}{': ' + hint if hint else ''}")
+        error = PipelineError(
+            f"{shlex.join(command[:shown])}{' ...' if len(command) > shown else ''} in {cwd} "
+            f"exited with {code}{': ' + hint if hint else ''}"
+        )
         error.exit_code = code if code > 0 else 128 - code  # killed by a signal: the shell's 128 + N
         raise error
 

@@ -42,11 +42,19 @@ from fashiondiff.tracking import (
 # (docs/evaluation.md), then the final training losses, then the last
 # validation's loss and scores (docs/monitoring.md; their curves and pictures: the stage's run).
 ALWAYS_PARAMS = ("lr",)
-HEADLINE_METRICS = tuple(f"evaluate.{domain}.{metric}" for domain in ("catalogue", "generic")
-                         for metric in ("clip_score", "r_precision", "fd_clip")) + (
-    "train_prior.loss_last_epoch", "train_decoder.loss_last_epoch",
-    "train_prior.val_loss", "train_decoder.val_loss", "train_prior.val_clip_score",
-    "train_decoder.val_clip_score", "train_prior.val_image_embed_cosine")
+HEADLINE_METRICS = tuple(
+    f"evaluate.{domain}.{metric}"
+    for domain in ("catalogue", "generic")
+    for metric in ("clip_score", "r_precision", "fd_clip")
+) + (
+    "train_prior.loss_last_epoch",
+    "train_decoder.loss_last_epoch",
+    "train_prior.val_loss",
+    "train_decoder.val_loss",
+    "train_prior.val_clip_score",
+    "train_decoder.val_clip_score",
+    "train_prior.val_image_embed_cosine",
+)
 START_LIMIT_S = 120  # `mlflow ui` answers after ~15 s here
 
 # MLflow 3's saved views (constants.ts, savedViewEnvelope.ts): an experiment tag
@@ -62,10 +70,12 @@ RUNS_VIEW_NAME = "fashiondiff: pipeline runs"
 def add_parser(subparsers) -> None:
     """Register ``ui`` on the top-level CLI."""
     p = subparsers.add_parser(
-        "ui", help="the MLflow UI, opened on the pipeline runs ready to compare",
+        "ui",
+        help="the MLflow UI, opened on the pipeline runs ready to compare",
         description="Start the MLflow UI on the pipeline's tracking store (params mlflow.tracking_uri) and "
-                    "print the address of its runs, one row per pipeline run with the params that differ and "
-                    "the headline metrics as columns. With an http(s) tracking URI, only print the address.")
+        "print the address of its runs, one row per pipeline run with the params that differ and "
+        "the headline metrics as columns. With an http(s) tracking URI, only print the address.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000, help="port to bind (default 5000)")
     p.add_argument("--params", default="params.yaml", help="where mlflow.tracking_uri and mlflow.experiment are")
@@ -94,16 +104,18 @@ def run(args: argparse.Namespace) -> None:
             wait_until_up(root, server, START_LIMIT_S)
         except RuntimeError as exc:
             raise PipelineError(f"`mlflow ui` did not start ({exc}); is the port taken? try --port") from None
-        print(f"MLflow UI on {root} (Ctrl-C stops it). The pipeline runs, ready to compare:\n"
-              f"  {root}{address}", flush=True)
+        print(
+            f"MLflow UI on {root} (Ctrl-C stops it). The pipeline runs, ready to compare:\n  {root}{address}",
+            flush=True,
+        )
         server.wait()
     finally:
         stop_process_group(server)
 
 
-
-def publish_runs_view(params: Params, metrics: Sequence[str], always: Sequence[str],
-                      tracking_uri: str | None = None) -> str:
+def publish_runs_view(
+    params: Params, metrics: Sequence[str], always: Sequence[str], tracking_uri: str | None = None
+) -> str:
     """Save the experiment's "pipeline runs" view in MLflow; return its address below the UI root.
 
     The view (an MLflow saved view, listed under *Views* on the runs page) shows one row per
@@ -122,11 +134,15 @@ def publish_runs_view(params: Params, metrics: Sequence[str], always: Sequence[s
     try:
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(name)
-        runs = [] if exp is None or exp.lifecycle_stage != "active" else client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'")
+        runs = (
+            []
+            if exp is None or exp.lifecycle_stage != "active"
+            else client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'pipeline'")
+        )
         if not runs:
-            raise PipelineError(f"mlflow ({display_uri(uri)}): experiment {name!r} has no pipeline run yet: "
-                                f"run `make repro` first")
+            raise PipelineError(
+                f"mlflow ({display_uri(uri)}): experiment {name!r} has no pipeline run yet: run `make repro` first"
+            )
         keys = list(dict.fromkeys([*params.flat(), *sorted({k for r in runs for k in r.data.params})]))
         changed = [k for k in keys if k not in always and len({r.data.params.get(k) for r in runs}) > 1]
         state = _view_state([*always, *changed[:_VIEW_MAX_CHANGED]], metrics)
@@ -136,16 +152,25 @@ def publish_runs_view(params: Params, metrics: Sequence[str], always: Sequence[s
             client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     except MlflowException as exc:
         raise PipelineError(f"mlflow ({display_uri(uri)}): {first_line(exc)}") from exc
-    return (f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
-            f"&viewStateShareKey={RUNS_VIEW_ID}")
+    return f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_ID}"
 
 
 def serve_ui(tracking_uri: str, host: str, port: int) -> subprocess.Popen:
     """Start ``mlflow ui`` (one worker) on a local tracking store, in a process group of its own
     (its server process has children): the caller waits for it and stops it with ``stop_process_group``."""
     mlflow_cli = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "ui", "--backend-store-uri",
-           resolve_tracking_uri(tracking_uri), "--host", host, "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(mlflow_cli) if mlflow_cli.exists() else "mlflow",
+        "ui",
+        "--backend-store-uri",
+        resolve_tracking_uri(tracking_uri),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     try:
         return start_group(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"})
     except OSError as exc:

@@ -11,8 +11,9 @@ from fashiondiff.errors import PipelineError
 
 class EvaluateParams(Section):
     num_prompts: Annotated[int, checked(lambda v: v >= 2, "must be >= 2 (fd_clip needs a covariance)")]
-    r_precision_candidates: Annotated[int, checked(lambda v: v >= 2,
-                                                   "must be >= 2 (the caption itself and at least one other)")]
+    r_precision_candidates: Annotated[
+        int, checked(lambda v: v >= 2, "must be >= 2 (the caption itself and at least one other)")
+    ]
     guidance_scale: Float
     prior_guidance_scale: Float
     prior_steps: Count
@@ -20,9 +21,13 @@ class EvaluateParams(Section):
     workers: Count
     fid_weights: Text
     edit_items: Count
-    edit_strengths: Annotated[list[Annotated[Float, checked(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")]],
-                              checked(lambda v: 0 < len(v) == len({round(s * 100) for s in v}),
-                                      "must list at least one strength, no two equal in two digits")]
+    edit_strengths: Annotated[
+        list[Annotated[Float, checked(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")]],
+        checked(
+            lambda v: 0 < len(v) == len({round(s * 100) for s in v}),
+            "must list at least one strength, no two equal in two digits",
+        ),
+    ]
     mix_image_weight: Annotated[Float, checked(lambda v: 0.0 < v < 1.0, "must be in (0, 1)")]
 
 
@@ -37,5 +42,7 @@ def check(params) -> None:
         return
     weakest = min(section.edit_strengths)
     if int(steps * weakest) < 1:
-        raise PipelineError(f"params: diffusion_steps {steps} x evaluate.edit_strengths' "
-                            f"{weakest} leaves evaluate's img2img no denoising step: raise either")
+        raise PipelineError(
+            f"params: diffusion_steps {steps} x evaluate.edit_strengths' "
+            f"{weakest} leaves evaluate's img2img no denoising step: raise either"
+        )

@@ -75,8 +75,10 @@ class TrainParams(Section):
     @model_validator(mode="after")
     def _resume_on_a_sync_step(self):
         if isinstance(self.checkpoint_every, int) and self.checkpoint_every % self.gradient_accumulation_steps:
-            raise PipelineError("params: train.checkpoint_every must be a multiple of "
-                                "train.gradient_accumulation_steps (resume lands on a sync step)")
+            raise PipelineError(
+                "params: train.checkpoint_every must be a multiple of "
+                "train.gradient_accumulation_steps (resume lands on a sync step)"
+            )
         return self
 
 
@@ -89,9 +91,13 @@ class LoraSection(Section):
     lora_rank: Annotated[int, checked(lambda v: v >= 0, "must be >= 0 (0: full fine-tuning)")]
     lora_alpha: Positive
     lora_dropout: Annotated[Float, checked(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")]
-    lora_targets: Annotated[Text, checked(lambda v: any(t.strip() for t in v.split(",")),
-                                          "must name at least one module (comma-separated names, "
-                                          "e.g. to_q,to_k,to_v,to_out.0)")]
+    lora_targets: Annotated[
+        Text,
+        checked(
+            lambda v: any(t.strip() for t in v.split(",")),
+            "must name at least one module (comma-separated names, e.g. to_q,to_k,to_v,to_out.0)",
+        ),
+    ]
 
     @model_validator(mode="after")
     def _lora_or_subset(self):
@@ -99,7 +105,8 @@ class LoraSection(Section):
         if self.lora_rank and self.trainable.strip() != "all":
             raise PipelineError(
                 f"params: {key}.lora_rank > 0 trains a LoRA adapter and nothing else, so {key}.trainable "
-                f"must be all (got {self.trainable!r}); or set {key}.lora_rank: 0 to fine-tune selected parameters")
+                f"must be all (got {self.trainable!r}); or set {key}.lora_rank: 0 to fine-tune selected parameters"
+            )
         return self
 
 

@@ -73,8 +73,24 @@ COLUMNS = ("file", "caption", "name", "category", "product_id")
 REQUIRED = ("file", "caption")
 BATCH = 16  # pictures per worker task
 REPORT_LINES = 20
-TYPOGRAPHIC = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "“": '"', "”": '"', "„": '"',
-                             "‐": "-", "‑": "-", "‒": "-", "–": "-", "—": "-", "―": "-", "−": "-"})
+TYPOGRAPHIC = str.maketrans(
+    {
+        "‘": "'",
+        "’": "'",
+        "‚": "'",
+        "‛": "'",
+        "“": '"',
+        "”": '"',
+        "„": '"',
+        "‐": "-",
+        "‑": "-",
+        "‒": "-",
+        "–": "-",
+        "—": "-",
+        "―": "-",
+        "−": "-",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,15 +146,18 @@ class Converted:
 
 # --- the captions file -------------------------------------------------------------------------
 
+
 def _utf8_lines(path: Path) -> Iterator[str]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             try:
                 yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise PipelineError(f"{path} line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at "
-                                    f"column {exc.start + 1}): save it as UTF-8 (a spreadsheet's "
-                                    f"\"CSV UTF-8\")") from None
+                raise PipelineError(
+                    f"{path} line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at "
+                    f"column {exc.start + 1}): save it as UTF-8 (a spreadsheet's "
+                    f'"CSV UTF-8")'
+                ) from None
 
 
 def _entry(where: str, fields: dict) -> Entry:
@@ -152,9 +171,11 @@ def _read_csv(path: Path) -> list[Entry]:
         header = [h.strip().lower() for h in next(records, [])]
         missing = [c for c in REQUIRED if c not in header]
         if missing:
-            raise PipelineError(f"{path}: CSV header ({', '.join(header) or 'empty'}) lacks "
-                                f"{', '.join(missing)}: expected file, caption and optionally "
-                                f"name, category, product_id")
+            raise PipelineError(
+                f"{path}: CSV header ({', '.join(header) or 'empty'}) lacks "
+                f"{', '.join(missing)}: expected file, caption and optionally "
+                f"name, category, product_id"
+            )
         entries, last_line = [], records.line_num
         for cells in records:
             where, last_line = f"line {last_line + 1}", records.line_num
@@ -191,12 +212,17 @@ def _read_coco(path: Path) -> list[Entry]:
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not JSON ({exc}); a .json captions file is read as COCO "
-                            f"captions, a .jsonl one as one object per line") from None
-    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
-            and isinstance(data.get("annotations"), list)):
-        raise PipelineError(f"{path}: not COCO captions: expected an object with 'images' and "
-                            f"'annotations' lists (for one object per line, name the file .jsonl)")
+        raise PipelineError(
+            f"{path}: not JSON ({exc}); a .json captions file is read as COCO "
+            f"captions, a .jsonl one as one object per line"
+        ) from None
+    if not (
+        isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list)
+    ):
+        raise PipelineError(
+            f"{path}: not COCO captions: expected an object with 'images' and "
+            f"'annotations' lists (for one object per line, name the file .jsonl)"
+        )
     captions: dict = {}
     for note in data["annotations"]:
         if isinstance(note, dict) and note.get("image_id") is not None:
@@ -215,8 +241,7 @@ def _read_coco(path: Path) -> list[Entry]:
     return entries
 
 
-READERS: dict[str, Callable[[Path], list[Entry]]] = {".csv": _read_csv, ".jsonl": _read_jsonl,
-                                                     ".json": _read_coco}
+READERS: dict[str, Callable[[Path], list[Entry]]] = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_coco}
 
 
 def read_captions(path: str | os.PathLike) -> list[Entry]:
@@ -224,14 +249,17 @@ def read_captions(path: str | os.PathLike) -> list[Entry]:
     path = Path(path)
     reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise PipelineError(f"{path}: unknown captions format '{path.suffix}': give a .csv, a .jsonl "
-                            f"(JSON Lines) or a .json (COCO captions) file")
+        raise PipelineError(
+            f"{path}: unknown captions format '{path.suffix}': give a .csv, a .jsonl "
+            f"(JSON Lines) or a .json (COCO captions) file"
+        )
     if not path.is_file():
         raise PipelineError(f"{path}: no such captions file")
     return reader(path)
 
 
 # --- text and ids ------------------------------------------------------------------------------
+
 
 def to_latin1(text: str) -> str:
     """``text`` in latin-1's characters: NFC, typographic dashes and quotes made ASCII, any other
@@ -268,11 +296,10 @@ def _product_id(text: str) -> int | None:
         if not number.is_integer():
             return None
         value = int(number)
-    return value if -2**63 <= value < 2**63 else None
+    return value if -(2**63) <= value < 2**63 else None
 
 
-def _text_problem(entry: Entry, product_id: int | None, first: dict[str, str],
-                  images: Path) -> tuple[str, str] | None:
+def _text_problem(entry: Entry, product_id: int | None, first: dict[str, str], images: Path) -> tuple[str, str] | None:
     """(kind, detail) of the first check ``entry`` fails that needs no decoding, or None."""
     if entry.problem:
         return entry.problem
@@ -307,6 +334,7 @@ def _check_text(entries: list[Entry], images: Path) -> tuple[list[_Row], list[Sk
 
 
 # --- pictures ----------------------------------------------------------------------------------
+
 
 def _eight_bit(image: Image.Image) -> Image.Image:
     """16-bit and 32-bit grey (I;16*, I, F) scaled to 8 bits: Pillow's convert would clip at 255."""
@@ -371,13 +399,16 @@ def _decoded(batches: list[list[str]], workers: int) -> Iterator[list[np.ndarray
         while pending:
             yield pending.popleft().result()
     except BrokenProcessPool:
-        raise PipelineError("convert: a process decoding the photos died (killed, or out of memory?); "
-                            "nothing was written, rerun to start again") from None
+        raise PipelineError(
+            "convert: a process decoding the photos died (killed, or out of memory?); "
+            "nothing was written, rerun to start again"
+        ) from None
     finally:  # a stop (SIGTERM, an error) must not wait for the batches still queued
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- the HDF5 file -----------------------------------------------------------------------------
+
 
 def _bytes_column(values: Iterable[str]) -> np.ndarray:
     encoded = [v.encode("latin-1") for v in values]
@@ -387,9 +418,11 @@ def _bytes_column(values: Iterable[str]) -> np.ndarray:
 
 def _write_text(f: h5py.File, rows: list[_Row]) -> None:
     """Every text key of the layout as (N, 1) latin-1 byte strings, and the product ids."""
-    fields = {"name": [to_latin1(r.entry.name or r.entry.caption) for r in rows],
-              "description": [to_latin1(r.entry.caption) for r in rows],
-              "category": [to_latin1(r.entry.category) for r in rows]}
+    fields = {
+        "name": [to_latin1(r.entry.name or r.entry.caption) for r in rows],
+        "description": [to_latin1(r.entry.caption) for r in rows],
+        "category": [to_latin1(r.entry.category) for r in rows],
+    }
     for field, key in TEXT_FIELDS.items():
         f.create_dataset(key, data=_bytes_column(fields.get(field, [""] * len(rows))), track_times=False)
     ids = np.array([r.product_id for r in rows], dtype=np.int64).reshape(-1, 1)
@@ -400,16 +433,27 @@ def _write(handle, rows: list[_Row], workers: int, label: str) -> tuple[list[_Ro
     """Decode ``rows``' pictures into ``handle``'s HDF5 file; the rows kept, and those not decoded."""
     kept: list[_Row] = []
     skips: list[Skip] = []
-    with h5py.File(handle, "w", track_order=False) as f, \
-            tqdm(total=len(rows), unit="img", desc=label, disable=None, leave=False, file=sys.stderr) as bar:
+    with (
+        h5py.File(handle, "w", track_order=False) as f,
+        tqdm(total=len(rows), unit="img", desc=label, disable=None, leave=False, file=sys.stderr) as bar,
+    ):
         # one picture per chunk: 192 KiB, under h5py's 1 MiB chunk cache, and any row range reads whole chunks
-        images = f.create_dataset(IMAGE_KEY, shape=(0, SIZE, SIZE, 3), maxshape=(None, SIZE, SIZE, 3),
-                                  chunks=(1, SIZE, SIZE, 3), dtype=np.uint8, track_times=False)
-        batches = [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
+        images = f.create_dataset(
+            IMAGE_KEY,
+            shape=(0, SIZE, SIZE, 3),
+            maxshape=(None, SIZE, SIZE, 3),
+            chunks=(1, SIZE, SIZE, 3),
+            dtype=np.uint8,
+            track_times=False,
+        )
+        batches = [rows[i : i + BATCH] for i in range(0, len(rows), BATCH)]
         for batch, results in zip(batches, _decoded([[r.path for r in b] for b in batches], workers)):
             good = [(row, pixels) for row, pixels in zip(batch, results) if not isinstance(pixels, str)]
-            skips += [Skip(row.index, row.entry.where, row.entry.file, "unreadable image",
-                           f"{row.entry.file} ({why})") for row, why in zip(batch, results) if isinstance(why, str)]
+            skips += [
+                Skip(row.index, row.entry.where, row.entry.file, "unreadable image", f"{row.entry.file} ({why})")
+                for row, why in zip(batch, results)
+                if isinstance(why, str)
+            ]
             if good:
                 start = images.shape[0]
                 images.resize(start + len(good), axis=0)
@@ -422,6 +466,7 @@ def _write(handle, rows: list[_Row], workers: int, label: str) -> tuple[list[_Ro
 
 
 # --- the report and the command's function -----------------------------------------------------
+
 
 def report(skips: list[Skip], captions: Path, total: int, full_list: Path | None) -> str:
     """The summary of skipped rows: counts by kind, then at most :data:`REPORT_LINES` rows."""
@@ -445,8 +490,9 @@ def _write_skipped(path: Path, skips: list[Skip]) -> None:
         writer.writerows((s.where, s.file, s.reason) for s in skips)
 
 
-def convert(images: str | os.PathLike, captions: str | os.PathLike, out: str | os.PathLike,
-            workers: int = 2) -> Converted:
+def convert(
+    images: str | os.PathLike, captions: str | os.PathLike, out: str | os.PathLike, workers: int = 2
+) -> Converted:
     """Write ``out``: the good rows of ``captions`` (pictures from the folder ``images``) in the
     FashionGen layout; print the summary of skipped rows to stderr. ``workers`` processes decode
     the pictures (0: this process)."""
@@ -473,10 +519,16 @@ def convert(images: str | os.PathLike, captions: str | os.PathLike, out: str | o
         print(report(skips, captions, len(entries), full_list), file=sys.stderr)
     else:
         full_list.unlink(missing_ok=True)  # an earlier run's list would tell of rows now kept
-    replaced = sum(any(to_latin1(t) != t for t in (r.entry.caption, r.entry.name, r.entry.category))
-                   for r in kept)
-    return Converted(out, len(kept), len({r.product_id for r in kept}), tuple(skips),
-                     full_list if skips else None, replaced, time.perf_counter() - began)
+    replaced = sum(any(to_latin1(t) != t for t in (r.entry.caption, r.entry.name, r.entry.category)) for r in kept)
+    return Converted(
+        out,
+        len(kept),
+        len({r.product_id for r in kept}),
+        tuple(skips),
+        full_list if skips else None,
+        replaced,
+        time.perf_counter() - began,
+    )
 
 
 def _no_good_row(captions: Path, skips: list[Skip], total: int) -> PipelineError:

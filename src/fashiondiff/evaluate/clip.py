@@ -54,8 +54,10 @@ class ClipEncoder:
     def __init__(self, prior_pipeline, image_size: int, batch_size: int = 8) -> None:
         encoder_size = prior_pipeline.image_encoder.config.image_size
         if image_size != encoder_size:
-            raise PipelineError(f"params: clip_image_size is {image_size} but the base image encoder "
-                                f"takes {encoder_size}x{encoder_size} images")
+            raise PipelineError(
+                f"params: clip_image_size is {image_size} but the base image encoder "
+                f"takes {encoder_size}x{encoder_size} images"
+            )
         self.image_encoder = prior_pipeline.image_encoder
         self.text_encoder = prior_pipeline.text_encoder
         self.processor = prior_pipeline.image_processor
@@ -70,10 +72,13 @@ class ClipEncoder:
         size = self.image_size
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = [im.convert("RGB") for im in images[start:start + self.batch_size]]
-            pixels = self.processor(images=batch, size={"shortest_edge": size},
-                                    crop_size={"height": size, "width": size},
-                                    return_tensors="pt").pixel_values
+            batch = [im.convert("RGB") for im in images[start : start + self.batch_size]]
+            pixels = self.processor(
+                images=batch,
+                size={"shortest_edge": size},
+                crop_size={"height": size, "width": size},
+                return_tensors="pt",
+            ).pixel_values
             param = next(self.image_encoder.parameters())
             with torch.no_grad():
                 embeds = self.image_encoder(pixels.to(param.device, param.dtype)).image_embeds
@@ -87,12 +92,17 @@ class ClipEncoder:
         out = []
         device = next(self.text_encoder.parameters()).device
         for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[start:start + self.batch_size]), padding="max_length",
-                                    max_length=self.tokenizer.model_max_length, truncation=True,
-                                    return_tensors="pt")
+            tokens = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             with torch.no_grad():
-                embeds = self.text_encoder(input_ids=tokens.input_ids.to(device),
-                                           attention_mask=tokens.attention_mask.to(device)).text_embeds
+                embeds = self.text_encoder(
+                    input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+                ).text_embeds
             out.append(embeds.float().cpu().numpy())
         return np.concatenate(out)
 

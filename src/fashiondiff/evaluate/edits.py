@@ -34,8 +34,24 @@ import numpy as np
 
 from fashiondiff.evaluate.clip import clip_score
 
-COLOURS = ("black", "white", "red", "blue", "green", "yellow", "pink", "grey", "brown", "navy", "beige",
-           "orange", "purple", "burgundy", "khaki", "cream")
+COLOURS = (
+    "black",
+    "white",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "pink",
+    "grey",
+    "brown",
+    "navy",
+    "beige",
+    "orange",
+    "purple",
+    "burgundy",
+    "khaki",
+    "cream",
+)
 _WORD = re.compile(r"[A-Za-z]+")
 MIX = "mix"
 
@@ -57,7 +73,7 @@ def recoloured(caption: str) -> str | None:
         if word.lower() in COLOURS:
             new = COLOURS[(COLOURS.index(word.lower()) + 1) % len(COLOURS)]
             new = new.capitalize() if word[0].isupper() else new
-            return caption[:match.start()] + new + caption[match.end():]
+            return caption[: match.start()] + new + caption[match.end() :]
     return None
 
 
@@ -69,4 +85,4 @@ def edit_prompts(captions: Sequence[str]) -> list[str]:
 
 def pair_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row by row ``clip_score(a[i], b[i])``: each pair alone, whoever computed its batch."""
-    return np.array([clip_score(a[i:i + 1], b[i:i + 1]) for i in range(len(a))])
+    return np.array([clip_score(a[i : i + 1], b[i : i + 1]) for i in range(len(a))])

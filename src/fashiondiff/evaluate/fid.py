@@ -40,7 +40,7 @@ FID_RESIZE = "torch-fidelity's TF1-compatible bilinear resize to 299x299 (antial
 
 def _one_line(text: str, limit: int = 300) -> str:
     line = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _load_error(exc: Exception) -> str:
@@ -56,10 +56,12 @@ def _state_dict_error(exc: Exception) -> str:
     parts = []
     for line in str(exc).splitlines():
         line = line.strip()
-        for label, prefix in (("missing", "Missing key(s) in state_dict:"),
-                              ("unexpected", "Unexpected key(s) in state_dict:")):
+        for label, prefix in (
+            ("missing", "Missing key(s) in state_dict:"),
+            ("unexpected", "Unexpected key(s) in state_dict:"),
+        ):
             if line.startswith(prefix):
-                keys = [k.strip().strip('"') for k in line[len(prefix):].rstrip(". ").split(",")]
+                keys = [k.strip().strip('"') for k in line[len(prefix) :].rstrip(". ").split(",")]
                 parts.append(f"{len(keys)} {label} keys, e.g. {keys[0]}")
         if line.startswith("size mismatch for"):
             parts.append(line.rstrip("."))
@@ -84,12 +86,19 @@ def load_inception_weights(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, not a torch file, or pickled objects
-        raise PipelineError(f"evaluate.fid_weights {path}: not an Inception-v3 state dict "
-                            f"(torch.load(weights_only=True) failed: {_load_error(exc)})") from None
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise PipelineError(f"evaluate.fid_weights {path}: not an Inception-v3 state dict "
-                            f"(expected a dict of tensors, got {type(state).__name__})")
+        raise PipelineError(
+            f"evaluate.fid_weights {path}: not an Inception-v3 state dict "
+            f"(torch.load(weights_only=True) failed: {_load_error(exc)})"
+        ) from None
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
+    ):
+        raise PipelineError(
+            f"evaluate.fid_weights {path}: not an Inception-v3 state dict "
+            f"(expected a dict of tensors, got {type(state).__name__})"
+        )
     return state
 
 
@@ -110,16 +119,25 @@ def build_fid_metric(path: str | Path, state: dict):
             # sync_on_compute=False: under `accelerate launch` torchmetrics would gather the states of
             # every process in compute(), a collective that only process 0 reaches here: the
             # processes' states are handed over and summed by fid_from_parts instead.
-            return FrechetInceptionDistance(feature=FID_FEATURES, reset_real_features=False, normalize=False,
-                                            feature_extractor_weights_path=str(copy), antialias=False,
-                                            sync_on_compute=False, compute_with_cache=False)
+            return FrechetInceptionDistance(
+                feature=FID_FEATURES,
+                reset_real_features=False,
+                normalize=False,
+                feature_extractor_weights_path=str(copy),
+                antialias=False,
+                sync_on_compute=False,
+                compute_with_cache=False,
+            )
         except RuntimeError as exc:  # load_state_dict: missing/unexpected keys, size mismatch
-            raise PipelineError(f"evaluate.fid_weights {path}: not an Inception-v3 state dict "
-                                f"({_state_dict_error(exc)})") from None
+            raise PipelineError(
+                f"evaluate.fid_weights {path}: not an Inception-v3 state dict ({_state_dict_error(exc)})"
+            ) from None
 
 
-SIDES = {True: ("real_features_sum", "real_features_cov_sum", "real_features_num_samples"),
-         False: ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples")}
+SIDES = {
+    True: ("real_features_sum", "real_features_cov_sum", "real_features_num_samples"),
+    False: ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples"),
+}
 
 
 def fid_state(metric, real: bool) -> dict:
@@ -160,9 +178,11 @@ def inception_fid(weights: str, device=None):
     batches; the real statistics survive ``reset()`` (``reset_real_features=False``).
     """
     if not weights:
-        return None, ("skipped: evaluate.fid_weights is empty (fetch torch-fidelity's Inception weights "
-                      "into weights/inception/ with `dvc import-url`, then set it to weights/inception/"
-                      "weights-inception-2015-12-05-6726825d.pth: docs/fid.md)")
+        return None, (
+            "skipped: evaluate.fid_weights is empty (fetch torch-fidelity's Inception weights "
+            "into weights/inception/ with `dvc import-url`, then set it to weights/inception/"
+            "weights-inception-2015-12-05-6726825d.pth: docs/fid.md)"
+        )
     path = Path(weights)
     if not path.is_file():
         return None, f"skipped: evaluate.fid_weights {weights}: no such file"
@@ -170,12 +190,16 @@ def inception_fid(weights: str, device=None):
         import torch_fidelity  # noqa: F401  (the feature extractor)
         import torchmetrics.image.fid  # noqa: F401
     except Exception as exc:  # ImportError, or a torchvision that does not match torch
-        return None, (f"skipped: torchmetrics/torch-fidelity not importable ({type(exc).__name__}: "
-                      f"{_one_line(exc, 160)}); both are in requirements.txt: `make install`")
+        return None, (
+            f"skipped: torchmetrics/torch-fidelity not importable ({type(exc).__name__}: "
+            f"{_one_line(exc, 160)}); both are in requirements.txt: `make install`"
+        )
     metric = build_fid_metric(path, load_inception_weights(path))
     if device is not None:
         metric = metric.to(device)
-    status = (f"computed: torchmetrics FrechetInceptionDistance(feature={FID_FEATURES}, antialias=False) over "
-              f"torch-fidelity's Inception-v3 ({_versions()}), weights {weights} "
-              f"(sha256 {_sha256(path)[:16]}); uint8 RGB images, {FID_RESIZE}")
+    status = (
+        f"computed: torchmetrics FrechetInceptionDistance(feature={FID_FEATURES}, antialias=False) over "
+        f"torch-fidelity's Inception-v3 ({_versions()}), weights {weights} "
+        f"(sha256 {_sha256(path)[:16]}); uint8 RGB images, {FID_RESIZE}"
+    )
     return metric, status

@@ -123,8 +123,9 @@ def titled(title: str, image: Image.Image) -> Image.Image:
 def beside(images: Sequence[Image.Image]) -> Image.Image:
     """``images`` left to right, top-aligned, a gap between them."""
     gap = 4 * PAD
-    out = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1),
-                            max(im.height for im in images)), BACKGROUND)
+    out = Image.new(
+        "RGB", (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images)), BACKGROUND
+    )
     x = 0
     for image in images:
         out.paste(image, (x, 0))
@@ -132,8 +133,9 @@ def beside(images: Sequence[Image.Image]) -> Image.Image:
     return out
 
 
-def image_text_figure(prompt: str, source: Image.Image, results: Mapping[str, Image.Image],
-                      subtitle: str = "") -> Image.Image:
+def image_text_figure(
+    prompt: str, source: Image.Image, results: Mapping[str, Image.Image], subtitle: str = ""
+) -> Image.Image:
     """``source | results...`` with the prompt as the title (the method's image + text figure)."""
     images = [source, *results.values()]
     cell = cell_size(images)

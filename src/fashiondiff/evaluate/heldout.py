@@ -54,8 +54,7 @@ def _one_pass(rows: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
 def choose_prompts(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """``n`` rows in a seeded order: one row per product first, then second poses, ...; past the
     last row, further passes over all of them (pass ``p`` seeded ``(seed, p)``)."""
-    passes = [_one_pass(rows, np.random.default_rng(seed if p == 0 else [seed, p]))
-              for p in range(-(-n // len(rows)))]
+    passes = [_one_pass(rows, np.random.default_rng(seed if p == 0 else [seed, p])) for p in range(-(-n // len(rows)))]
     return pd.concat(passes).head(n).reset_index(drop=True)
 
 
@@ -113,5 +112,14 @@ def held_out(name: str, folder: Path, holdout_fraction: float, params, clip) -> 
         raise PipelineError(f"{folder}: 1 distinct held-out caption; R-precision needs >= 2")
     where = {text: i for i, text in enumerate(texts)}
     own = np.array([where[c] for c in prompts["caption"].astype(str)])
-    return HeldOut(name, folder, rows, prompts[["caption", "image"]], texts, clip.encode_texts(texts), own,
-                   r_precision_candidates(own, len(texts), r, params.seed), len(rows) < ev.num_prompts)
+    return HeldOut(
+        name,
+        folder,
+        rows,
+        prompts[["caption", "image"]],
+        texts,
+        clip.encode_texts(texts),
+        own,
+        r_precision_candidates(own, len(texts), r, params.seed),
+        len(rows) < ev.num_prompts,
+    )

@@ -29,6 +29,7 @@ from fashiondiff.errors import PipelineError
 
 # --- Fréchet distance -------------------------------------------------------------------
 
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
@@ -42,8 +43,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape}, {mu2.shape}; "
-                         f"sigma {sigma1.shape}, {sigma2.shape}")
+        raise ValueError(
+            f"frechet_distance: shapes differ: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}"
+        )
     covmean = _sqrtm_product(sigma1, sigma2)
     if covmean is None:
         offset = np.eye(d) * eps
@@ -128,6 +130,7 @@ class GaussianStats:
 
 # --- R-precision ----------------------------------------------------------------------------
 
+
 def r_precision_candidates(own: Sequence[int], n_texts: int, r: int, seed: int) -> np.ndarray:
     """(n, r) indices into ``n_texts`` distinct captions: row ``i`` is its own caption
     ``own[i]`` (column 0) and ``r - 1`` others drawn without replacement, seeded by ``(seed, i)``.
@@ -162,5 +165,3 @@ def r_precision(image_embeds, text_embeds, candidates: np.ndarray) -> float:
     beaten = (others > own).any(axis=1)
     tied = (others == own).sum(axis=1)
     return float(np.mean(np.where(beaten, 0.0, 1.0 / (1.0 + tied))))
-
-

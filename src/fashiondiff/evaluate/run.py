@@ -92,8 +92,9 @@ EDIT_ROWS = 4  # photos per domain shown in image_text.png
 TOP_ROWS = 3  # prompts per domain in base_vs_tuned.png
 
 
-def real_tallies(held: dict[str, HeldOut], clip: ClipEncoder, fids: dict, resolution: int, batch_size: int,
-                 ranks: Ranks) -> dict[tuple[str, str], Tally]:
+def real_tallies(
+    held: dict[str, HeldOut], clip: ClipEncoder, fids: dict, resolution: int, batch_size: int, ranks: Ranks
+) -> dict[tuple[str, str], Tally]:
     """This process's share of the real side, per domain: every held-out image (``rows``: the real
     statistics of fd_clip and FID) and each prompt's own photo (``prompts``: the real images'
     clip_score and r_precision), in batches of ``batch_size``, as one process takes them."""
@@ -103,7 +104,7 @@ def real_tallies(held: dict[str, HeldOut], clip: ClipEncoder, fids: dict, resolu
         fid = fids.get(domain)
         paths = h.rows["image"].tolist()
         for b in ranks.shard(range(-(-len(paths) // batch_size))):
-            images = [load_real(h.folder, p, resolution) for p in paths[b * batch_size:(b + 1) * batch_size]]
+            images = [load_real(h.folder, p, resolution) for p in paths[b * batch_size : (b + 1) * batch_size]]
             rows.stats.update(clip.encode_images(images))
             if fid is not None:
                 fid.update(to_uint8(images).to(fid.device), real=True)
@@ -116,8 +117,15 @@ def real_tallies(held: dict[str, HeldOut], clip: ClipEncoder, fids: dict, resolu
     return out
 
 
-def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, params, reports_dir,
-             tracker, ranks: Ranks | None = None) -> dict | None:
+def evaluate(
+    folders: dict[str, str | Path],
+    base: ModelPair,
+    tuned: ModelPair,
+    params,
+    reports_dir,
+    tracker,
+    ranks: Ranks | None = None,
+) -> dict | None:
     """Generate with base and tuned models on each domain, score both, write the reports.
 
     Under several processes (``ranks``) each takes a share of the work; process 0 writes and
@@ -126,9 +134,21 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
     ranks = ranks or Ranks.start("evaluate", 0.0)
     reports_dir = Path(reports_dir)
     ev = params.evaluate
-    job = Job({"base": base, "tuned": tuned}, {}, sampling_from_params(params), params.seed, ev.batch_size,
-              params.model.resolution, params.clip_image_size, ev.fid_weights, ranks.device,
-              reports_dir / ".samples.partial", ev.edit_items, tuple(ev.edit_strengths), ev.mix_image_weight)
+    job = Job(
+        {"base": base, "tuned": tuned},
+        {},
+        sampling_from_params(params),
+        params.seed,
+        ev.batch_size,
+        params.model.resolution,
+        params.clip_image_size,
+        ev.fid_weights,
+        ranks.device,
+        reports_dir / ".samples.partial",
+        ev.edit_items,
+        tuple(ev.edit_strengths),
+        ev.mix_image_weight,
+    )
     clip = base_clip(job)
     fids, fid_status = {}, ""
     for domain in (d for d in DOMAINS if d in folders):
@@ -147,9 +167,13 @@ def evaluate(folders: dict[str, str | Path], base: ModelPair, tuned: ModelPair, 
         if not ranks.main:
             return None
         whole = {key: Tally.merged([p.get(key) for p in parts]) for key in parts[0].keys() | _keys(tasks)}
-        metrics = {d: {m: _rounded({**_scores(whole[(m, d)], whole[("rows", d)], fids[d]),
-                                    **_edit_scores(whole, m, d, job)}) for m in MODELS}
-                   for d in job.held}
+        metrics = {
+            d: {
+                m: _rounded({**_scores(whole[(m, d)], whole[("rows", d)], fids[d]), **_edit_scores(whole, m, d, job)})
+                for m in MODELS
+            }
+            for d in job.held
+        }
         details = describe(job, whole, clip, params, fid_status)
         write_outputs(reports_dir, metrics, details, _figures(job), tracker, partial, job)
     except (Interrupted, HandOverFailed) as exc:
@@ -175,8 +199,11 @@ def _edit_scores(whole: dict[tuple[str, str], Tally], model: str, domain: str, j
 
 def _scores(generated: Tally, real: Tally, fid) -> dict[str, float]:
     """clip_score, r_precision and fd_clip (and fid with its image counts) of one model's images."""
-    scores = {"clip_score": generated.mean("clip"), "r_precision": generated.mean("hits"),
-              "fd_clip": frechet_distance(*generated.stats.moments(), *real.stats.moments())}
+    scores = {
+        "clip_score": generated.mean("clip"),
+        "r_precision": generated.mean("hits"),
+        "fd_clip": frechet_distance(*generated.stats.moments(), *real.stats.moments()),
+    }
     if fid is not None:
         scores["fid"] = fid_from_parts(fid, real.fid_parts, generated.fid_parts)
         scores["fid_n_generated"] = int(fid.fake_features_num_samples)
@@ -189,13 +216,15 @@ def _figures(job: Job) -> dict:
     TOP_ROWS as base_vs_tuned.png (the README's opening picture) and
     image_text.png (the first EDIT_ROWS photos of each domain, each edit variant, base and tuned),
     from the PNGs in the partial folder."""
+
     def read(path: Path):
         with Image.open(path) as image:
             return image.convert("RGB")
 
     def first(model: str, domain: str, variant: str, n: int) -> list[Image.Image]:
-        return [read(path) for b in range(-(-n // job.batch_size))
-                for path in job.paths(Task(model, domain, b, variant))][:n]
+        return [
+            read(path) for b in range(-(-n // job.batch_size)) for path in job.paths(Task(model, domain, b, variant))
+        ][:n]
 
     grids, tops, edits = [], [], []
     for domain, h in job.held.items():
@@ -204,41 +233,58 @@ def _figures(job: Job) -> dict:
         columns.update({model: first(model, domain, TEXT, rows) for model in MODELS})
         grids.append(figures.titled(domain, figures.sample_grid(h.captions[:rows], columns)))
         top = min(TOP_ROWS, rows)
-        tops.append(figures.titled(domain, figures.sample_grid(h.captions[:top], {
-            k: v[:top] for k, v in columns.items()})))
+        tops.append(
+            figures.titled(domain, figures.sample_grid(h.captions[:top], {k: v[:top] for k, v in columns.items()}))
+        )
         rows = min(EDIT_ROWS, job.count(domain, MIX))
         columns = {"photo": job.sources(domain, range(rows))}
         for model in MODELS:
             for variant in job.variants():
                 label = "mix" if variant == MIX else f"{job.strength(variant):g}"
                 columns[f"{model} {label}"] = first(model, domain, variant, rows)
-        edits.append(figures.titled(f"{domain}: photo + edit prompt (img2img strengths, and 2.1's mix)",
-                                    figures.sample_grid(job.edit_prompts(domain)[:rows], columns)))
-    return {"grid.png": figures.beside(grids), "base_vs_tuned.png": figures.beside(tops),
-            "image_text.png": figures.beside(edits)}
+        edits.append(
+            figures.titled(
+                f"{domain}: photo + edit prompt (img2img strengths, and 2.1's mix)",
+                figures.sample_grid(job.edit_prompts(domain)[:rows], columns),
+            )
+        )
+    return {
+        "grid.png": figures.beside(grids),
+        "base_vs_tuned.png": figures.beside(tops),
+        "image_text.png": figures.beside(edits),
+    }
 
 
-def describe(job: Job, whole: dict[tuple[str, str], Tally], clip: ClipEncoder, params,
-             fid_status: str) -> dict:
+def describe(job: Job, whole: dict[tuple[str, str], Tally], clip: ClipEncoder, params, fid_status: str) -> dict:
     """evaluation.json: the real images' own scores, and what the scores were measured on."""
     out = {}
     held = job.held
     for d, h in held.items():
         real = whole[("prompts", d)]
         r = h.candidates.shape[1]
-        out[d] = {"prompts": len(h.prompts), "real_images": len(h.rows),
-                  "prompts_with_replacement": h.with_replacement,
-                  "distinct_captions": len(h.texts),
-                  "r_precision_candidates": r, "r_precision_chance": _sig(1 / r),
-                  "truncated_captions": clip.count_truncated(h.captions),
-                  "real": {"clip_score": _sig(real.mean("clip")), "r_precision": _sig(real.mean("hits"))},
-                  "edits": {"photos": job.count(d, MIX), "strengths": list(job.strengths),
-                            "mix_image_weight": job.mix_image_weight, **edit_references(job, d, clip),
-                            "prompts": job.edit_prompts(d)}}
+        out[d] = {
+            "prompts": len(h.prompts),
+            "real_images": len(h.rows),
+            "prompts_with_replacement": h.with_replacement,
+            "distinct_captions": len(h.texts),
+            "r_precision_candidates": r,
+            "r_precision_chance": _sig(1 / r),
+            "truncated_captions": clip.count_truncated(h.captions),
+            "real": {"clip_score": _sig(real.mean("clip")), "r_precision": _sig(real.mean("hits"))},
+            "edits": {
+                "photos": job.count(d, MIX),
+                "strengths": list(job.strengths),
+                "mix_image_weight": job.mix_image_weight,
+                **edit_references(job, d, clip),
+                "prompts": job.edit_prompts(d),
+            },
+        }
     if params.evaluate.fid_weights and fid_status.startswith("computed"):
-        fid_status += (f"; per domain: samples/<domain>/base and samples/<domain>/tuned vs every held-out image "
-                       f"of the domain (samples/<domain>/real_images.txt), at model.resolution "
-                       f"{params.model.resolution}x{params.model.resolution} like the generated ones")
+        fid_status += (
+            f"; per domain: samples/<domain>/base and samples/<domain>/tuned vs every held-out image "
+            f"of the domain (samples/<domain>/real_images.txt), at model.resolution "
+            f"{params.model.resolution}x{params.model.resolution} like the generated ones"
+        )
     out["fid_status"] = fid_status
     return out
 
@@ -262,8 +308,10 @@ def edit_references(job: Job, domain: str, clip: ClipEncoder) -> dict[str, float
         pixels = ((out[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte()
         rebuilt.append(Image.fromarray(pixels.cpu().numpy()))
     seen = clip.encode_images(photos)
-    return {"photo_clip_score": _sig(float(pair_scores(seen, clip.encode_texts(job.edit_prompts(domain))).mean())),
-            "movq_fidelity": _sig(float(pair_scores(clip.encode_images(rebuilt), seen).mean()))}
+    return {
+        "photo_clip_score": _sig(float(pair_scores(seen, clip.encode_texts(job.edit_prompts(domain))).mean())),
+        "movq_fidelity": _sig(float(pair_scores(clip.encode_images(rebuilt), seen).mean())),
+    }
 
 
 def _sig(x: float) -> float:
@@ -278,8 +326,9 @@ def _rounded(scores: dict) -> dict:
     return {k: int(v) if k in COUNT_KEYS else _sig(v) for k, v in scores.items()}
 
 
-def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dict, tracker, partial: Partial,
-                  job: Job) -> None:
+def write_outputs(
+    reports_dir: Path, metrics: dict, details: dict, pictures: dict, tracker, partial: Partial, job: Job
+) -> None:
     """samples/ (the partial folder, completed and renamed into place last), metrics.json,
     scores.json and evaluation.json (atomic files); to the tracker: the numbers of metrics.json
     and evaluation.json as ``fashiondiff.evaluate.summary`` names them (the tuned model's scores as
@@ -298,8 +347,11 @@ def write_outputs(reports_dir: Path, metrics: dict, details: dict, pictures: dic
         with disk_full_is_an_error(path, partial.kept):
             path.write_text("".join(f"{p}\n" for p in h.rows["image"]))
     tuned = {d: by_model["tuned"] for d, by_model in metrics.items()}
-    for name, value in (("metrics.json", metrics), ("scores.json", headline(tuned, job.strengths)),
-                        ("evaluation.json", details)):
+    for name, value in (
+        ("metrics.json", metrics),
+        ("scores.json", headline(tuned, job.strengths)),
+        ("evaluation.json", details),
+    ):
         write_json(reports_dir / name, value)  # a full disk: fashiondiff.io's one line
     for domain in DOMAINS:  # a domain left out (no data.files.generic): its curves have no point
         for model in MODELS:
@@ -328,15 +380,20 @@ def headline(tuned: dict, strengths) -> dict:
 
 def edit_curve(scores: dict, job: Job) -> list[dict]:
     """A model's edits on one domain, strength by strength: the `dvc plots` trade-off curve."""
-    return [{"strength": s, "edit_clip_score": scores[f"edit_clip_score_{variant_name(s)}"],
-             "edit_fidelity": scores[f"edit_fidelity_{variant_name(s)}"]} for s in sorted(job.strengths)]
+    return [
+        {
+            "strength": s,
+            "edit_clip_score": scores[f"edit_clip_score_{variant_name(s)}"],
+            "edit_fidelity": scores[f"edit_fidelity_{variant_name(s)}"],
+        }
+        for s in sorted(job.strengths)
+    ]
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else list(CURVE_COLUMNS),
-                                lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else list(CURVE_COLUMNS), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 

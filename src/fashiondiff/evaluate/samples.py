@@ -128,7 +128,7 @@ class Job:
 
     def edit_prompts(self, domain: str) -> list[str]:
         """Each edited photo's prompt: its caption, recoloured (``fashiondiff.evaluate.edits``)."""
-        return edit_prompts(self.held[domain].captions[:self.count(domain, MIX)])
+        return edit_prompts(self.held[domain].captions[: self.count(domain, MIX)])
 
     def sources(self, domain: str, numbers) -> list[Image.Image]:
         """The edited photos ``numbers``: those prompts' own photos, at the model's resolution."""
@@ -154,18 +154,31 @@ def _folder_id(name: str):
     path = Path(name)
     if not path.is_dir():
         return name
-    return [name, sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-                         for f in path.rglob("*") if f.is_file())]
+    return [
+        name,
+        sorted(
+            (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()
+        ),
+    ]
 
 
 def fingerprint(job: Job, model: str) -> str:
     """What a model's finished batches must share with this run to be kept."""
     pair = job.pairs[model]
-    blob = {"model": [_folder_id(pair.prior), _folder_id(pair.decoder)], "sampling": asdict(job.sampling),
-            "seed": job.seed, "batch_size": job.batch_size, "device": job.device.split(":")[0],
-            "prompts": {d: h.captions for d, h in job.held.items()},
-            "edits": {"items": job.edit_items, "strengths": list(job.strengths), "mix": job.mix_image_weight,
-                      "sources": {d: h.prompts["image"].astype(str).tolist() for d, h in job.held.items()}}}
+    blob = {
+        "model": [_folder_id(pair.prior), _folder_id(pair.decoder)],
+        "sampling": asdict(job.sampling),
+        "seed": job.seed,
+        "batch_size": job.batch_size,
+        "device": job.device.split(":")[0],
+        "prompts": {d: h.captions for d, h in job.held.items()},
+        "edits": {
+            "items": job.edit_items,
+            "strengths": list(job.strengths),
+            "mix": job.mix_image_weight,
+            "sources": {d: h.prompts["image"].astype(str).tolist() for d, h in job.held.items()},
+        },
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -225,8 +238,9 @@ class Partial:
             if task.model == model:
                 done.setdefault(task.key, set()).add(task.batch)
         path = self.job.work / PROGRESS / f"{model}.json"
-        write_json(path, {"fingerprint": self.fingerprints[model],
-                          "done": {d: batch_runs(b) for d, b in sorted(done.items())}})
+        write_json(
+            path, {"fingerprint": self.fingerprints[model], "done": {d: batch_runs(b) for d, b in sorted(done.items())}}
+        )
 
 
 def _png(image: Image.Image) -> bytes:
@@ -241,8 +255,9 @@ def base_clip(job: Job) -> ClipEncoder:
     from fashiondiff.models.loader import load_prior
 
     base = job.pairs["base"]
-    return ClipEncoder(load_prior(base.prior, base.prior_key, prior=None).to(job.device), job.clip_image_size,
-                       job.batch_size)
+    return ClipEncoder(
+        load_prior(base.prior, base.prior_key, prior=None).to(job.device), job.clip_image_size, job.batch_size
+    )
 
 
 class Sampler:
@@ -298,20 +313,23 @@ class Sampler:
         numbers = job.span(task)
         seeds = [job.seed + i for i in numbers]
         if task.variant == TEXT:
-            captions = job.held[task.domain].captions[numbers.start:numbers.stop]
+            captions = job.held[task.domain].captions[numbers.start : numbers.stop]
             return text_to_image(prior, decoder, captions, seeds, job.sampling)
-        prompts = job.edit_prompts(task.domain)[numbers.start:numbers.stop]
+        prompts = job.edit_prompts(task.domain)[numbers.start : numbers.stop]
         sources = job.sources(task.domain, numbers)
         if task.variant != MIX:
             strength = job.strength(task.variant)
-            return image_text_to_image(prior, img2img, prompts, sources, seeds,
-                                       replace(job.sampling, strength=strength))
+            return image_text_to_image(
+                prior, img2img, prompts, sources, seeds, replace(job.sampling, strength=strength)
+            )
         # 2.1's mix, as `fashiondiff generate --mix`: the photo and the prompt through prior.interpolate,
         # each item with its own generator (prior, then decoder)
         gens = generators(seeds)
         weight = job.mix_image_weight
-        embeds = [mixed_embeds(prior, [source, prompt], [weight, 1.0 - weight], gen, job.sampling)
-                  for source, prompt, gen in zip(sources, prompts, gens)]
+        embeds = [
+            mixed_embeds(prior, [source, prompt], [weight, 1.0 - weight], gen, job.sampling)
+            for source, prompt, gen in zip(sources, prompts, gens)
+        ]
         import torch
 
         batched = tuple(torch.cat([e[k] for e in embeds]) for k in (0, 1))
@@ -322,7 +340,7 @@ class Sampler:
         numbers = self.job.span(task)
         edited = self.clip.encode_images(images)
         sources = self.clip.encode_images(self.job.sources(task.domain, numbers))
-        prompts = self.clip.encode_texts(self.job.edit_prompts(task.domain)[numbers.start:numbers.stop])
+        prompts = self.clip.encode_texts(self.job.edit_prompts(task.domain)[numbers.start : numbers.stop])
         tally = self.tallies.setdefault((task.model, task.key), Tally())
         tally.add_pairs(numbers, clip=pair_scores(edited, prompts), fidelity=pair_scores(edited, sources))
 
@@ -349,8 +367,9 @@ class Sampler:
         self.group = None
 
 
-def run_share(sampler: Sampler, tasks: list[Task], done: set[Task], ranks: Ranks, partial: Partial | None,
-              desc: str) -> dict[tuple[str, str], Tally]:
+def run_share(
+    sampler: Sampler, tasks: list[Task], done: set[Task], ranks: Ranks, partial: Partial | None, desc: str
+) -> dict[tuple[str, str], Tally]:
     """This process's share of ``tasks``, round by round; ``partial`` (process 0, or a worker
     writing its own model) writes every process's PNGs. Returns this process's tallies."""
     mine = ranks.shard(tasks)
@@ -379,8 +398,9 @@ def _worker(job: Job, tasks: list[Task], partial: Partial, model: str) -> dict:
     return run_share(sampler, tasks, partial.done, Ranks("evaluate", 0.0), partial, f"evaluate {model}")
 
 
-def sample(job: Job, tasks: list[Task], done: set[Task], ranks: Ranks, partial: Partial | None,
-           sampler: Sampler, workers: int) -> dict[tuple[str, str], Tally]:
+def sample(
+    job: Job, tasks: list[Task], done: set[Task], ranks: Ranks, partial: Partial | None, sampler: Sampler, workers: int
+) -> dict[tuple[str, str], Tally]:
     """Every task, by this process alone, by one worker per model (``workers`` >= 2, one process on
     a CPU), or shared with the launcher's other processes."""
     if workers < 2 or ranks.count > 1 or job.device != "cpu":
@@ -393,8 +413,10 @@ def sample(job: Job, tasks: list[Task], done: set[Task], ranks: Ranks, partial: 
             try:
                 tallies.update(future.result())
             except BrokenProcessPool:
-                raise PipelineError(f"evaluate: the process sampling the {model} model died (killed, or out of "
-                                    f"memory); {partial.reread().kept()}") from None
+                raise PipelineError(
+                    f"evaluate: the process sampling the {model} model died (killed, or out of "
+                    f"memory); {partial.reread().kept()}"
+                ) from None
     except BaseException:
         # A stop (SIGTERM, Ctrl-C) or a failure must not wait for a model's whole sampling:
         # Python 3.11's pool has no terminate_workers() (3.14 has), hence its private list.

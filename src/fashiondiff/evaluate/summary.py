@@ -29,5 +29,4 @@ def summary_metrics(metrics: dict, details: dict) -> dict[str, float]:
 
 def numbers(report: dict, prefix: str = "") -> dict[str, float]:
     """The numeric leaves of ``report``, flat, as ``{"<prefix>catalogue.clip_score": ...}``."""
-    return {k: v for k, v in flatten(report, prefix).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in flatten(report, prefix).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

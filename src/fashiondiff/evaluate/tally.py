@@ -41,10 +41,14 @@ class Tally:
         prompts is the same whichever process scored which."""
         numbers = np.asarray(list(numbers), dtype=np.int64)
         self.numbers.append(numbers)
-        self.clip.append(np.array([clip_score(embeds[j:j + 1], held.text_embeds[held.own[[i]]])
-                                   for j, i in enumerate(numbers)]))
-        self.hits.append(np.array([r_precision(embeds[j:j + 1], held.text_embeds, held.candidates[[i]])
-                                   for j, i in enumerate(numbers)]))
+        self.clip.append(
+            np.array([clip_score(embeds[j : j + 1], held.text_embeds[held.own[[i]]]) for j, i in enumerate(numbers)])
+        )
+        self.hits.append(
+            np.array(
+                [r_precision(embeds[j : j + 1], held.text_embeds, held.candidates[[i]]) for j, i in enumerate(numbers)]
+            )
+        )
 
     def add_pairs(self, numbers, clip: np.ndarray, fidelity: np.ndarray) -> None:
         """Edits ``numbers``: each one's alignment to its prompt and fidelity to its photo."""
@@ -56,8 +60,10 @@ class Tally:
         """The mean of ``clip``, ``hits`` or ``fidelity`` over every prompt, taken in prompt order."""
         numbers = np.concatenate(self.numbers)
         if not np.array_equal(np.sort(numbers), np.arange(len(numbers))):
-            raise RuntimeError(f"evaluate: scores of prompts {sorted(set(range(len(numbers))) - set(numbers))[:5]}"
-                               " are missing or doubled")  # a bug in the sharing out, never the user's
+            raise RuntimeError(
+                f"evaluate: scores of prompts {sorted(set(range(len(numbers))) - set(numbers))[:5]}"
+                " are missing or doubled"
+            )  # a bug in the sharing out, never the user's
         values = np.concatenate(getattr(self, name))
         return float(np.mean(values[np.argsort(numbers, kind="stable")]))
 

@@ -48,13 +48,16 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, what: str) -> None:
     try:
         model.load_lora_adapter(str(folder), use_safetensors=True, prefix=None)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise PipelineError(f"{folder}: cannot apply this LoRA adapter to the {type(model).__name__} "
-                            f"({what}): {first_line(exc)}") from None
+        raise PipelineError(
+            f"{folder}: cannot apply this LoRA adapter to the {type(model).__name__} ({what}): {first_line(exc)}"
+        ) from None
     expected = len(_tensor_names(folder / ADAPTER_FILE))
     loaded = sum(".lora_" in name for name in model.state_dict())
     if not has_adapter(model) or loaded != expected:
-        raise PipelineError(f"{folder}: {loaded} of the adapter's {expected} LoRA tensors fit the "
-                            f"{type(model).__name__} ({what}): an adapter of another model?")
+        raise PipelineError(
+            f"{folder}: {loaded} of the adapter's {expected} LoRA tensors fit the "
+            f"{type(model).__name__} ({what}): an adapter of another model?"
+        )
 
 
 def _tensor_names(path: Path) -> list[str]:

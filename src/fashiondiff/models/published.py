@@ -19,29 +19,73 @@ from __future__ import annotations
 
 import contextlib
 
-CLIP_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 projection_dim=768, vocab_size=49408, max_position_embeddings=77)
-CLIP_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                   image_size=224, patch_size=14, projection_dim=768)
-PRIOR = dict(num_attention_heads=32, attention_head_dim=64, num_layers=20, embedding_dim=768,
-             num_embeddings=77, additional_embeddings=4)
+CLIP_TEXT = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    projection_dim=768,
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
+CLIP_VISION = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
+)
+PRIOR = dict(
+    num_attention_heads=32,
+    attention_head_dim=64,
+    num_layers=20,
+    embedding_dim=768,
+    num_embeddings=77,
+    additional_embeddings=4,
+)
 MCLIP = dict(
-    transformerDimSize=1024, imageDimSize=768,  # M-CLIP's map from XLM-R's width to CLIP's
-    vocab_size=250002, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-    pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    transformerDimSize=1024,
+    imageDimSize=768,  # M-CLIP's map from XLM-R's width to CLIP's
+    vocab_size=250002,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
 )
 UNET = dict(
-    in_channels=4, out_channels=8, addition_embed_type="text_image", attention_head_dim=64,
-    block_out_channels=(384, 768, 1152, 1536), cross_attention_dim=768, encoder_hid_dim=1024,
-    encoder_hid_dim_type="text_image_proj", layers_per_block=3, resnet_time_scale_shift="scale_shift",
+    in_channels=4,
+    out_channels=8,
+    addition_embed_type="text_image",
+    attention_head_dim=64,
+    block_out_channels=(384, 768, 1152, 1536),
+    cross_attention_dim=768,
+    encoder_hid_dim=1024,
+    encoder_hid_dim_type="text_image_proj",
+    layers_per_block=3,
+    resnet_time_scale_shift="scale_shift",
     down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
     up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn", class_embed_type=None, sample_size=64,
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    class_embed_type=None,
+    sample_size=64,
 )
 MOVQ = dict(
-    in_channels=3, out_channels=3, latent_channels=4, vq_embed_dim=4, num_vq_embeddings=16384,
-    block_out_channels=(128, 256, 256, 512), layers_per_block=2, norm_type="spatial",
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    vq_embed_dim=4,
+    num_vq_embeddings=16384,
+    block_out_channels=(128, 256, 256, 512),
+    layers_per_block=2,
+    norm_type="spatial",
     down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
     up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
 )
@@ -78,8 +122,8 @@ def builders(**text_ids) -> dict:
         CLIPVisionModelWithProjection,
     )
 
-    clip = {k[len("clip_"):]: v for k, v in text_ids.items() if k.startswith("clip_")}
-    mclip = {k[len("mclip_"):]: v for k, v in text_ids.items() if k.startswith("mclip_")}
+    clip = {k[len("clip_") :]: v for k, v in text_ids.items() if k.startswith("clip_")}
+    mclip = {k[len("mclip_") :]: v for k, v in text_ids.items() if k.startswith("mclip_")}
     return {
         "clip_text": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT, **clip)),
         "clip_vision": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VISION)),
@@ -112,8 +156,10 @@ def main() -> None:
     for name, count in counts.items():
         print(f"{name:12s} {count / 1e6:9.1f} M parameters  {count * 2 / 2**30:6.2f} GiB in bf16")
     for name in ("prior", "unet"):
-        print(f"train {name:6s}: weights+grads+AdamW {training_memory_gib(counts[name]):5.1f} GiB "
-              f"(+EMA {training_memory_gib(counts[name], ema=True):5.1f} GiB), plus activations")
+        print(
+            f"train {name:6s}: weights+grads+AdamW {training_memory_gib(counts[name]):5.1f} GiB "
+            f"(+EMA {training_memory_gib(counts[name], ema=True):5.1f} GiB), plus activations"
+        )
 
 
 if __name__ == "__main__":

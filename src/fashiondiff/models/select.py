@@ -28,8 +28,9 @@ def resolve_models(model: str | None, prior: str | None, decoder: str | None) ->
     return prior, decoder
 
 
-def resolve_adapters(lora: str | None, prior_lora: str | None, decoder_lora: str | None,
-                     prior: str, decoder: str) -> tuple[str | None, str | None]:
+def resolve_adapters(
+    lora: str | None, prior_lora: str | None, decoder_lora: str | None, prior: str, decoder: str
+) -> tuple[str | None, str | None]:
     """The adapter folders to apply: explicit ``--prior-lora``/``--decoder-lora`` win over
     ``--lora``'s ``prior/lora`` and ``decoder/lora``. Each must hold an adapter, and must not
     sit inside the model folder it would be applied to (that folder has it merged already)."""
@@ -46,13 +47,17 @@ def resolve_adapters(lora: str | None, prior_lora: str | None, decoder_lora: str
             raise PipelineError(f"{lora}: no prior/lora/{ADAPTER_FILE} or decoder/lora/{ADAPTER_FILE} (--lora)")
         prior_lora = prior_lora or found.get("prior")
         decoder_lora = decoder_lora or found.get("decoder")
-    for adapter, model, flag, model_flag in ((prior_lora, prior, "--prior-lora", "--prior"),
-                                            (decoder_lora, decoder, "--decoder-lora", "--decoder")):
+    for adapter, model, flag, model_flag in (
+        (prior_lora, prior, "--prior-lora", "--prior"),
+        (decoder_lora, decoder, "--decoder-lora", "--decoder"),
+    ):
         if adapter is None:
             continue
         if not (Path(adapter) / ADAPTER_FILE).is_file():
             raise PipelineError(f"{adapter}: no LoRA adapter here (no {ADAPTER_FILE}) ({flag})")
         if Path(adapter).resolve().parent == Path(model).resolve():
-            raise PipelineError(f"{model} has the adapter {adapter} merged already: apply it to the base "
-                                f"model instead ({model_flag} or --model, e.g. --model models/base)")
+            raise PipelineError(
+                f"{model} has the adapter {adapter} merged already: apply it to the base "
+                f"model instead ({model_flag} or --model, e.g. --model models/base)"
+            )
     return prior_lora, decoder_lora

@@ -39,11 +39,11 @@ class Limits:
     """What one request may ask for, so that no request (or burst) can exhaust memory or hold
     the server for long. The page's --max-upload-mb overrides ``max_upload_mb``."""
 
-    max_upload_mb: float = 10.0   # encoded photo size
-    max_side: int = 4096          # photo pixels per side, checked before decoding (no image bombs)
+    max_upload_mb: float = 10.0  # encoded photo size
+    max_side: int = 4096  # photo pixels per side, checked before decoding (no image bombs)
     max_prompt_chars: int = 1000  # CLIP reads 77 tokens anyway
-    max_images: int = 4           # images per request
-    max_steps: int = 1000         # decoder steps (2.1's noise schedule has 1000)
+    max_images: int = 4  # images per request
+    max_steps: int = 1000  # decoder steps (2.1's noise schedule has 1000)
     max_guidance: float = 20.0
 
 

@@ -39,7 +39,6 @@ def read_image(path: str | Path, what: str = "--image"):
         raise PipelineError(f"{path}: cannot read image ({what}): {reason}") from None
 
 
-
 def open_photo(source: Path | bytes, limits: Limits):
     """An RGB PIL image from a file or bytes; PipelineError if it is too large or not an image."""
     size = source.stat().st_size if isinstance(source, Path) else len(source)

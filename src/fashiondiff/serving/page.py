@@ -29,12 +29,13 @@ from fashiondiff.serving.studio import NO_ADAPTER, Studio
 TITLE = "fashiondiff: Kandinsky 2.1 fine-tuned on FashionGen"
 GROUP = "generate"  # the one concurrency group both tabs share
 # System fonts: the default theme would fetch Google Fonts, which a machine offline cannot.
-THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                          font_mono=["ui-monospace", "monospace"])
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 LOG = logging.getLogger("fashiondiff.serve")
 IMAGE_HEIGHT = 320  # shown size: small models draw 64 px, shown scaled up with crisp pixels
-CSS = ("#image-source img, #image-base img, #image-tuned img, #photo img "
-       "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}")
+CSS = (
+    "#image-source img, #image-base img, #image-tuned img, #photo img "
+    "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
+)
 
 
 class PhotoInput(gr.Image):
@@ -62,25 +63,50 @@ def build(studio: Studio, queue_size: int) -> gr.Blocks:
                 text_go = gr.Button("Generate", variant="primary", elem_id="text-go")
             with gr.Tab("Photo + what to change"):
                 with gr.Row():
-                    photo = PhotoInput(label="Photo", type="filepath", image_mode=None, height=IMAGE_HEIGHT,
-                                       sources=["upload", "clipboard"], elem_id="photo")
+                    photo = PhotoInput(
+                        label="Photo",
+                        type="filepath",
+                        image_mode=None,
+                        height=IMAGE_HEIGHT,
+                        sources=["upload", "clipboard"],
+                        elem_id="photo",
+                    )
                     with gr.Column():
                         photo_prompt = gr.Textbox(label="Prompt", placeholder="red silk blouse", elem_id="photo-prompt")
-                        strength = gr.Slider(0.05, 1.0, value=s.strength, step=0.05,
-                                             label="Strength: how far from the photo")
+                        strength = gr.Slider(
+                            0.05, 1.0, value=s.strength, step=0.05, label="Strength: how far from the photo"
+                        )
                         photo_go = gr.Button("Generate", variant="primary", elem_id="photo-go")
         with gr.Row():
             seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
             steps = gr.Slider(1, limits.max_steps, value=s.steps, step=1, label="Steps")
             guidance = gr.Slider(1.0, limits.max_guidance, value=s.guidance_scale, step=0.5, label="Guidance")
-            adapter = gr.Dropdown([NO_ADAPTER, *studio.adapters], value=NO_ADAPTER, visible=bool(studio.adapters),
-                                  label="LoRA adapter on the base model")
+            adapter = gr.Dropdown(
+                [NO_ADAPTER, *studio.adapters],
+                value=NO_ADAPTER,
+                visible=bool(studio.adapters),
+                label="LoRA adapter on the base model",
+            )
         with gr.Row():
-            source = gr.Image(label="your photo", format="png", interactive=False, height=IMAGE_HEIGHT,
-                              visible=False, elem_id="image-source")
-            images = [gr.Image(label=side.label, format="png", interactive=False, height=IMAGE_HEIGHT,
-                               buttons=["download", "fullscreen"], elem_id=f"image-{side.label}")
-                      for side in studio.sides]
+            source = gr.Image(
+                label="your photo",
+                format="png",
+                interactive=False,
+                height=IMAGE_HEIGHT,
+                visible=False,
+                elem_id="image-source",
+            )
+            images = [
+                gr.Image(
+                    label=side.label,
+                    format="png",
+                    interactive=False,
+                    height=IMAGE_HEIGHT,
+                    buttons=["download", "fullscreen"],
+                    elem_id=f"image-{side.label}",
+                )
+                for side in studio.sides
+            ]
         notes = gr.Markdown(elem_id="notes")
         outputs = [*images, notes]
         events = dict(outputs=outputs, concurrency_limit=1, concurrency_id=GROUP)
@@ -101,19 +127,30 @@ def build(studio: Studio, queue_size: int) -> gr.Blocks:
 
         settings = [seed, steps, guidance]
         text_go.click(on_text, [text_prompt, *settings, adapter], api_name="text_to_image", **events).success(
-            hide_source, None, source, api_visibility="private", queue=False)
+            hide_source, None, source, api_visibility="private", queue=False
+        )
         text_prompt.submit(on_text, [text_prompt, *settings, adapter], api_visibility="private", **events).success(
-            hide_source, None, source, api_visibility="private", queue=False)
-        photo_go.click(on_photo, [photo, photo_prompt, *settings, strength, adapter],
-                       api_name="photo_to_image", **events).success(
-            show_source, [photo, strength], source, api_visibility="private", queue=False)
+            hide_source, None, source, api_visibility="private", queue=False
+        )
+        photo_go.click(
+            on_photo, [photo, photo_prompt, *settings, strength, adapter], api_name="photo_to_image", **events
+        ).success(show_source, [photo, strength], source, api_visibility="private", queue=False)
     return page.queue(max_size=queue_size, default_concurrency_limit=1)
 
 
 def launch_options(host: str, port: int, max_upload_mb: float) -> dict:
     """``gr.Blocks.launch`` keywords: the address, the upload cap, the offline theme."""
-    return dict(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20),
-                show_error=False, theme=THEME, css=CSS, footer_links=["api"], share=False, inbrowser=False)
+    return dict(
+        server_name=host,
+        server_port=port,
+        max_file_size=int(max_upload_mb * 2**20),
+        show_error=False,
+        theme=THEME,
+        css=CSS,
+        footer_links=["api"],
+        share=False,
+        inbrowser=False,
+    )
 
 
 def _generate(studio: Studio, prompt, photo, seed, steps, guidance, strength, adapter):
@@ -126,6 +163,5 @@ def _generate(studio: Studio, prompt, photo, seed, steps, guidance, strength, ad
         raise gr.Error(f"generation failed ({type(exc).__name__}); the server log has the details") from None
     for note in result.notes:
         gr.Warning(note)
-    updates = [gr.update(value=result.images[side.label], label=result.labels[side.label])
-               for side in studio.sides]
+    updates = [gr.update(value=result.images[side.label], label=result.labels[side.label]) for side in studio.sides]
     return [*updates, "\n".join(f"- {note}" for note in result.notes)]

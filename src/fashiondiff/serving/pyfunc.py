@@ -41,8 +41,15 @@ from fashiondiff.sampling import Sampling
 from fashiondiff.serving.engine import Engine, Limits, Request, check_request
 from fashiondiff.serving.images import b64decode_photo, open_photo, png_base64
 
-INPUTS = {"prompt": "string", "image": "string", "strength": "double", "seed": "long",
-          "steps": "long", "guidance": "double", "num_images": "long"}
+INPUTS = {
+    "prompt": "string",
+    "image": "string",
+    "strength": "double",
+    "seed": "long",
+    "steps": "long",
+    "guidance": "double",
+    "num_images": "long",
+}
 OUTPUTS = {"row": "long", "seed": "long", "image": "string"}
 EXAMPLE_PROMPT = "black leather mini skirt"
 
@@ -92,9 +99,12 @@ class KandinskyModel(PythonModel):
         source = None
         if "image" in field:
             source = open_photo(b64decode_photo(str(field["image"]), self.limits), self.limits)
-        sampling = replace(self.defaults, steps=int(field.get("steps", self.defaults.steps)),
-                           guidance_scale=float(field.get("guidance", self.defaults.guidance_scale)),
-                           strength=float(field.get("strength", self.defaults.strength)))
+        sampling = replace(
+            self.defaults,
+            steps=int(field.get("steps", self.defaults.steps)),
+            guidance_scale=float(field.get("guidance", self.defaults.guidance_scale)),
+            strength=float(field.get("strength", self.defaults.strength)),
+        )
         request = Request(prompt, source, int(field.get("seed", 0)), int(field.get("num_images", 1)), sampling)
         check_request(request, self.limits)
         return request

@@ -26,11 +26,21 @@ from pathlib import Path
 from fashiondiff.serving.registry import find_model_version, log_model
 
 ENTRY = Path(__file__).with_name("mlflow_model.py")  # models from code: what MLflow runs to build it
-PACKAGE = Path(__file__).resolve().parents[1]         # src/fashiondiff, shipped as the model's code/
-TAG_DIGEST = "fashiondiff.models_sha256"             # on each version: the digest of its two folders
+PACKAGE = Path(__file__).resolve().parents[1]  # src/fashiondiff, shipped as the model's code/
+TAG_DIGEST = "fashiondiff.models_sha256"  # on each version: the digest of its two folders
 # What the model imports at serving time, pinned to the versions that logged it.
-REQUIREMENTS = ("mlflow", "torch", "diffusers", "transformers", "safetensors", "peft", "sentencepiece",
-                "pillow", "numpy", "pandas")
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "peft",
+    "sentencepiece",
+    "pillow",
+    "numpy",
+    "pandas",
+)
 EXAMPLE_STEPS = 2  # the input example's decoder steps: MLflow runs it once while logging
 
 
@@ -44,8 +54,10 @@ def register(models_dir: str | Path, params, tracker) -> str:
     size_mb = sum(_megabytes(folder) for folder in folders.values())
     cap, name = params.serve.max_log_mb, params.serve.registered_model
     if size_mb > cap:
-        _say(f"{models_dir} is {size_mb:.0f} MB, over serve.max_log_mb {cap:g}: not logged "
-             f"(raise serve.max_log_mb to log and register it)")
+        _say(
+            f"{models_dir} is {size_mb:.0f} MB, over serve.max_log_mb {cap:g}: not logged "
+            f"(raise serve.max_log_mb to log and register it)"
+        )
         return ""
     if not tracker.enabled:
         _say("tracking is off (FASHIONDIFF_TRACKING): not logged")
@@ -57,8 +69,10 @@ def register(models_dir: str | Path, params, tracker) -> str:
     else:
         version = _log(folders, params, tracker, {TAG_DIGEST: digest})
     tracker.log_summary({"model_version": int(version)})
-    _say(f"{name} version {version} ({size_mb:.1f} MB): "
-         f"mlflow models serve -m models:/{name}/{version} --env-manager local")
+    _say(
+        f"{name} version {version} ({size_mb:.1f} MB): "
+        f"mlflow models serve -m models:/{name}/{version} --env-manager local"
+    )
     return version
 
 
@@ -87,11 +101,17 @@ def _log(folders: dict[str, Path], params, tracker, tags: dict[str, str]) -> str
         code = Path(tmp) / PACKAGE.name
         shutil.copytree(PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyi"))
         return log_model(
-            tracker, ENTRY, params.serve.registered_model, tags,
+            tracker,
+            ENTRY,
+            params.serve.registered_model,
+            tags,
             artifacts={part: str(folder) for part, folder in folders.items()},
-            signature=pyfunc.signature(), input_example=pyfunc.input_example(EXAMPLE_STEPS),
-            code_paths=[str(code)], pip_requirements=requirements(),
-            model_config=pyfunc.model_config(sampling_from_params(params)))
+            signature=pyfunc.signature(),
+            input_example=pyfunc.input_example(EXAMPLE_STEPS),
+            code_paths=[str(code)],
+            pip_requirements=requirements(),
+            model_config=pyfunc.model_config(sampling_from_params(params)),
+        )
 
 
 def _megabytes(folder: Path) -> float:

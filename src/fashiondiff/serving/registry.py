@@ -32,8 +32,9 @@ def find_model_version(tracker: Tracker, name: str, tag: str, value: str) -> str
     try:
         versions = tracker.client.search_model_versions(f"name = '{name}'")
     except MlflowException as exc:
-        raise PipelineError(f"mlflow ({display_uri(tracker.tracking_uri)}): cannot search model {name!r}: "
-                            f"{first_line(exc)}") from exc
+        raise PipelineError(
+            f"mlflow ({display_uri(tracker.tracking_uri)}): cannot search model {name!r}: {first_line(exc)}"
+        ) from exc
     found = [int(v.version) for v in versions if v.tags.get(tag) == value]
     return str(max(found)) if found else ""
 
@@ -53,19 +54,23 @@ def log_model(tracker: Tracker, code: str | Path, registered_name: str, tags: di
     from mlflow.models import Model
 
     run_tags = tracker.client.get_run(tracker.run_id).data.tags
-    tags = {**tags, **{k: run_tags[k] for k in (TAG_COMMIT, TAG_EXP_NAME, TAG_KEY) if k in run_tags},
-            TAG_PIPELINE_RUN: tracker.parent_run_id}
+    tags = {
+        **tags,
+        **{k: run_tags[k] for k in (TAG_COMMIT, TAG_EXP_NAME, TAG_KEY) if k in run_tags},
+        TAG_PIPELINE_RUN: tracker.parent_run_id,
+    }
     mlflow.set_tracking_uri(tracker.tracking_uri)  # Model.log and register_model use the global one
     try:
         with _failed_validation() as failures:
-            info = Model.log(None, mlflow.pyfunc, name="model", run_id=tracker.run_id,
-                             python_model=str(code), **model)
+            info = Model.log(None, mlflow.pyfunc, name="model", run_id=tracker.run_id, python_model=str(code), **model)
         if failures:
             raise PipelineError(f"mlflow: the logged model fails its input example: {failures[0]}")
         version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
     except MlflowException as exc:
-        raise PipelineError(f"mlflow ({display_uri(tracker.tracking_uri)}): cannot log or register model "
-                            f"{registered_name!r}: {first_line(exc)}") from exc
+        raise PipelineError(
+            f"mlflow ({display_uri(tracker.tracking_uri)}): cannot log or register model "
+            f"{registered_name!r}: {first_line(exc)}"
+        ) from exc
     return str(version.version)
 
 

@@ -35,8 +35,15 @@ class Side:
     against the base, so only a side with ``takes_adapters`` gets one applied. ``folder``:
     the folder holding prior/ and decoder/ when the side was named by one (``--model``)."""
 
-    def __init__(self, label: str, prior: str, decoder: str, device: str | None = None,
-                 takes_adapters: bool = False, folder: str | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        prior: str,
+        decoder: str,
+        device: str | None = None,
+        takes_adapters: bool = False,
+        folder: str | None = None,
+    ) -> None:
         self.label, self.prior, self.decoder, self.device = label, prior, decoder, device
         self.takes_adapters, self.folder = takes_adapters, folder
         self._engine: Engine | None = None
@@ -54,17 +61,18 @@ class Side:
 
 @dataclass
 class Result:
-    images: dict          # side label -> PIL image, or None where that side failed
-    labels: dict          # side label -> caption (the base side names its LoRA adapter)
-    notes: list[str]      # one line per failed side
+    images: dict  # side label -> PIL image, or None where that side failed
+    labels: dict  # side label -> caption (the base side names its LoRA adapter)
+    notes: list[str]  # one line per failed side
 
 
 class Studio:
     def __init__(self, sides: list[Side], adapters: dict[str, tuple], limits: Limits, sampling: Sampling):
         self.sides, self.adapters, self.limits, self.sampling = sides, adapters, limits, sampling
 
-    def generate(self, prompt: str, photo: str | None, seed, steps, guidance, strength,
-                 adapter: str = NO_ADAPTER) -> Result:
+    def generate(
+        self, prompt: str, photo: str | None, seed, steps, guidance, strength, adapter: str = NO_ADAPTER
+    ) -> Result:
         """One image per side for ``prompt`` (an edit of the ``photo`` file when given)."""
         request = self.request(prompt, photo, seed, steps, guidance, strength)
         if adapter != NO_ADAPTER and adapter not in self.adapters:
@@ -91,8 +99,7 @@ class Studio:
             if value is None:
                 raise PipelineError(f"{name}: give a number")
         source = open_photo(Path(photo), self.limits) if photo else None
-        sampling = replace(self.sampling, steps=int(steps), guidance_scale=float(guidance),
-                           strength=float(strength))
+        sampling = replace(self.sampling, steps=int(steps), guidance_scale=float(guidance), strength=float(strength))
         request = Request(prompt or "", source, int(seed), 1, sampling)
         check_request(request, self.limits)
         return request
@@ -101,8 +108,7 @@ class Studio:
         return "; ".join(side.describe() for side in self.sides)
 
 
-def find_adapters(folders: list[str], base_prior: str, base_decoder: str,
-                  required: bool = True) -> dict[str, tuple]:
+def find_adapters(folders: list[str], base_prior: str, base_decoder: str, required: bool = True) -> dict[str, tuple]:
     """``{folder: (prior_lora, decoder_lora)}`` for each folder holding prior/lora and/or
     decoder/lora (as training writes them). A folder without any is an error when
     ``required``, else skipped (the tuned model trained without LoRA)."""

@@ -84,10 +84,15 @@ def pretrain_base(files: dict[str, tuple[str, str]], params, out: str, reports: 
         seconds = {**result.seconds, "total": round(time.perf_counter() - started, 1)}
         log_pretraining(tracker, report, history, seconds, grid, Path(reports) / "pretrain.json")
     r, m = report["retrieval"], report["movq"]
-    print("pretrain: " + "; ".join(
-        f"{d}: CLIP top-1 {r[d]['top1']:.2f} (chance {r[d]['top1_chance']:.2f}), MoVQ PSNR {m[d]['psnr']:.1f} dB"
-        for d in DOMAINS) + f"; final loss prior {report['final_loss']['prior']:.3f}, "
-        f"U-Net {report['final_loss']['unet']:.3f}; {seconds['total']} s")
+    print(
+        "pretrain: "
+        + "; ".join(
+            f"{d}: CLIP top-1 {r[d]['top1']:.2f} (chance {r[d]['top1_chance']:.2f}), MoVQ PSNR {m[d]['psnr']:.1f} dB"
+            for d in DOMAINS
+        )
+        + f"; final loss prior {report['final_loss']['prior']:.3f}, "
+        f"U-Net {report['final_loss']['unet']:.3f}; {seconds['total']} s"
+    )
 
 
 def pretrain_parts(files: dict[str, tuple[str, str]], params, checkpoints: str):
@@ -98,11 +103,12 @@ def pretrain_parts(files: dict[str, tuple[str, str]], params, checkpoints: str):
     validation = {d: load_split(files[d][1], template) for d in DOMAINS}
     images = np.concatenate([train[d][0] for d in DOMAINS])
     captions = [c for d in DOMAINS for c in train[d][1]]
-    parts = build_tiny(pt.case_variants(captions), TinySpec(clip_image_size=params.clip_image_size),
-                       seed=params.seed)
+    parts = build_tiny(pt.case_variants(captions), TinySpec(clip_image_size=params.clip_image_size), seed=params.seed)
     # Two processes, one thread each: the MoVQ and then the U-Net train in the second.
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool, \
-            tempfile.TemporaryDirectory(prefix="fashiondiff-pretrain-") as work:
+    with (
+        ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool,
+        tempfile.TemporaryDirectory(prefix="fashiondiff-pretrain-") as work,
+    ):
         result = pt.pretrain_encoders(parts, images, captions, cfg, res, params.seed, pool=pool)
         pt.set_prior_statistics(parts, clip_pixels(parts.image_processor, train["generic"][0]))
         cache = gen.generic_cache(parts, files["generic"][0], template, params.clip_image_size, res, Path(work))
@@ -115,10 +121,17 @@ def pretrain_parts(files: dict[str, tuple[str, str]], params, checkpoints: str):
 def log_pretraining(tracker, report: dict, history: dict, seconds: dict, grid: Image.Image, report_file: Path) -> None:
     for kind, points in history.items():
         tracker.log_curve(f"{kind}_loss", [(p["step"], p["loss"]) for p in points])
-    tracker.log_summary({f"{group}.{domain}.{k}": float(v) for group in ("retrieval", "movq")
-                         for domain in DOMAINS for k, v in report[group][domain].items()})
-    tracker.log_summary({f"{group}.{k}": float(v) for group in ("mclip", "final_loss")
-                         for k, v in report[group].items()})
+    tracker.log_summary(
+        {
+            f"{group}.{domain}.{k}": float(v)
+            for group in ("retrieval", "movq")
+            for domain in DOMAINS
+            for k, v in report[group][domain].items()
+        }
+    )
+    tracker.log_summary(
+        {f"{group}.{k}": float(v) for group in ("mclip", "final_loss") for k, v in report[group].items()}
+    )
     tracker.log_summary({f"seconds.{k}": float(v) for k, v in seconds.items()})
     tracker.log_image(grid, "movq_reconstructions.png")
     tracker.log_artifact(report_file)

@@ -32,6 +32,7 @@ from fashiondiff.standin.tokenizers import train_clip_bpe, train_xlmr_unigram
 CLIP_VOCAB = CLIP_TEXT["vocab_size"]
 XLMR_VOCAB = MCLIP["vocab_size"]
 
+
 def clip_tokenizer(texts: list[str]):
     """CLIP BPE learnt on ``texts``, padded with unused tokens to CLIP's 49,408 entries."""
     from transformers import CLIPTokenizer
@@ -69,8 +70,16 @@ def _index(folder: Path, index: dict) -> None:
     import diffusers
 
     (folder / "model_index.json").write_text(
-        json.dumps({"_class_name": index["_class_name"], "_diffusers_version": diffusers.__version__,
-                    **{k: v for k, v in sorted(index.items()) if k != "_class_name"}}, indent=2) + "\n")
+        json.dumps(
+            {
+                "_class_name": index["_class_name"],
+                "_diffusers_version": diffusers.__version__,
+                **{k: v for k, v in sorted(index.items()) if k != "_class_name"},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def save_full_pipelines(texts: Iterable[str], out_dir: str | Path, seed: int = 0) -> dict:
@@ -83,8 +92,11 @@ def save_full_pipelines(texts: Iterable[str], out_dir: str | Path, seed: int = 0
     texts = list(texts)
     prior_dir, decoder_dir = Path(out_dir) / "prior", Path(out_dir) / "decoder"
     clip_tok, xlmr_tok = clip_tokenizer(texts), xlmr_tokenizer(texts)
-    build = builders(clip_bos_token_id=clip_tok.bos_token_id, clip_eos_token_id=clip_tok.eos_token_id,
-                     clip_pad_token_id=clip_tok.pad_token_id)
+    build = builders(
+        clip_bos_token_id=clip_tok.bos_token_id,
+        clip_eos_token_id=clip_tok.eos_token_id,
+        clip_pad_token_id=clip_tok.pad_token_id,
+    )
     networks = {
         (prior_dir, "text_encoder"): build["clip_text"],
         (prior_dir, "image_encoder"): build["clip_vision"],
@@ -102,7 +114,8 @@ def save_full_pipelines(texts: Iterable[str], out_dir: str | Path, seed: int = 0
         gc.collect()
     clip_tok.save_pretrained(prior_dir / "tokenizer")
     CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
-        prior_dir / "image_processor")
+        prior_dir / "image_processor"
+    )
     prior_scheduler().save_pretrained(prior_dir / "scheduler")
     xlmr_tok.save_pretrained(decoder_dir / "tokenizer")
     decoder_scheduler().save_pretrained(decoder_dir / "scheduler")

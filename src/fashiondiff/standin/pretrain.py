@@ -44,14 +44,15 @@ from fashiondiff.standin.tiny import TinyParts
 
 # --- inputs, prepared once (pixels: fashiondiff.embed.encoders) ----------------------
 
+
 def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Input ids and attention mask, padded to 77 tokens as both 2.1 pipelines do."""
-    tok = tokenizer(list(captions), padding="max_length", max_length=TEXT_LENGTH, truncation=True,
-                    return_tensors="pt")
+    tok = tokenizer(list(captions), padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
     return tok["input_ids"], tok["attention_mask"]
 
 
 # --- the whole recipe ----------------------------------------------------------------
+
 
 @dataclass
 class PretrainResult:
@@ -60,8 +61,16 @@ class PretrainResult:
     latent_moments: dict[str, list[float]] = None  # the MoVQ latents' mean/std before standardising
 
 
-def pretrain_encoders(parts: TinyParts, images: np.ndarray, captions: Sequence[str], cfg: PretrainParams,
-                      resolution: int, seed: int, progress: bool = True, pool=None) -> PretrainResult:
+def pretrain_encoders(
+    parts: TinyParts,
+    images: np.ndarray,
+    captions: Sequence[str],
+    cfg: PretrainParams,
+    resolution: int,
+    seed: int,
+    progress: bool = True,
+    pool=None,
+) -> PretrainResult:
     """Pre-train CLIP, MoVQ and MultilingualCLIP in place.
 
     ``images`` are (N, H, W, 3) uint8 with one caption each. ``pool``: a one-process
@@ -76,16 +85,15 @@ def pretrain_encoders(parts: TinyParts, images: np.ndarray, captions: Sequence[s
     result.seconds["prepare"] = round(time.perf_counter() - started, 1)
     if pool is not None:
         movq_job = pool.submit(_timed, train_movq, parts.movq, small, cfg, seed, progress, 1)
-    result.losses["clip"], result.seconds["clip"] = _timed(
-        train_clip, parts, pixels, captions, cfg, seed, progress)
+    result.losses["clip"], result.seconds["clip"] = _timed(train_clip, parts, pixels, captions, cfg, seed, progress)
     result.losses["mclip"], result.seconds["mclip"] = _timed(
-        distill_mclip, parts, case_variants(captions), cfg, seed, progress)
+        distill_mclip, parts, case_variants(captions), cfg, seed, progress
+    )
     if pool is not None:
         (state, result.losses["movq"]), result.seconds["movq"] = movq_job.result()
         parts.movq.load_state_dict(state)
     else:
-        (_, result.losses["movq"]), result.seconds["movq"] = _timed(
-            train_movq, parts.movq, small, cfg, seed, progress)
+        (_, result.losses["movq"]), result.seconds["movq"] = _timed(train_movq, parts.movq, small, cfg, seed, progress)
     for model in (parts.clip, parts.movq, parts.mclip):
         model.eval().requires_grad_(False)
     result.latent_moments = standardise_latents(parts.movq, small)
@@ -129,8 +137,7 @@ def _optimiser(params, lr: float, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _loop(name: str, steps: int, loss_fn, params, lr: float, progress: bool,
-          position: int = 0) -> list[float]:
+def _loop(name: str, steps: int, loss_fn, params, lr: float, progress: bool, position: int = 0) -> list[float]:
     """The one tiny training loop of this module: ``loss_fn()`` returns a scalar per step."""
     opt, sched = _optimiser(params, lr, steps)
     curve = []
@@ -149,6 +156,7 @@ def _loop(name: str, steps: int, loss_fn, params, lr: float, progress: bool,
 
 # --- 1. CLIP -----------------------------------------------------------------------------
 
+
 def _closest_captions(texts: Sequence[str]) -> list[torch.Tensor]:
     """For each caption, the other captions sharing the most words with it (lowercased): its
     hard negatives. "red striped mug" -> "red striped ball", "red striped t-shirt", ..."""
@@ -160,8 +168,9 @@ def _closest_captions(texts: Sequence[str]) -> list[torch.Tensor]:
     return out
 
 
-def _caption_batch(groups: list[torch.Tensor], closest: list[torch.Tensor], size: int,
-                   gen: torch.Generator) -> torch.Tensor:
+def _caption_batch(
+    groups: list[torch.Tensor], closest: list[torch.Tensor], size: int, gen: torch.Generator
+) -> torch.Tensor:
     """One random image for each of ``size`` distinct captions: half drawn at random, and for
     each of those one of its closest captions (see :func:`_closest_captions`).
 
@@ -197,14 +206,20 @@ def _augment(pixels: torch.Tensor, gen: torch.Generator, shift: float = 0.06) ->
     padded = F.pad(pixels, (pad, pad, pad, pad), mode="replicate")
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
     flips = (torch.rand(n, generator=gen) < 0.5).tolist()
-    out = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(offsets)])
+    out = torch.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
     flip_idx = [i for i, f in enumerate(flips) if f]
     out[flip_idx] = out[flip_idx].flip(-1)
     return out
 
 
-def train_clip(parts: TinyParts, pixels: torch.Tensor, captions: Sequence[str], cfg: PretrainParams,
-               seed: int, progress: bool = True) -> list[float]:
+def train_clip(
+    parts: TinyParts,
+    pixels: torch.Tensor,
+    captions: Sequence[str],
+    cfg: PretrainParams,
+    seed: int,
+    progress: bool = True,
+) -> list[float]:
     """Contrastive training of ``parts.clip`` on (pixel values, caption) pairs."""
     gen = _generator(seed, "clip")
     clip = parts.clip.train().requires_grad_(True)
@@ -219,14 +234,14 @@ def train_clip(parts: TinyParts, pixels: torch.Tensor, captions: Sequence[str], 
     def loss_fn():
         idx = _caption_batch(groups, closest, size, gen)
         t = rows[idx]
-        out = clip(input_ids=ids[t], attention_mask=mask[t], pixel_values=_augment(pixels[idx], gen),
-                   return_loss=True)
+        out = clip(input_ids=ids[t], attention_mask=mask[t], pixel_values=_augment(pixels[idx], gen), return_loss=True)
         return out.loss
 
     return _loop("clip", cfg.clip_steps, loss_fn, list(clip.parameters()), cfg.lr, progress)
 
 
 # --- 2. MoVQ -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CellColours:
@@ -242,8 +257,9 @@ class CellColours:
         return cls(blocks.mean((0, 2, 3), keepdim=True), blocks.std((0, 2, 3), keepdim=True))
 
 
-def movq_loss(movq, x: torch.Tensor, colours: CellColours | None = None,
-              guide_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def movq_loss(
+    movq, x: torch.Tensor, colours: CellColours | None = None, guide_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(training loss, RGB reconstruction MSE) of ``movq`` on ``x`` in [-1, 1].
 
     Reconstruction (L1 + L2) goes through the unquantised path the Kandinsky pipelines
@@ -267,8 +283,9 @@ def movq_loss(movq, x: torch.Tensor, colours: CellColours | None = None,
     return loss, F.mse_loss(rec.detach(), x)
 
 
-def train_movq(movq, pixels: torch.Tensor, cfg: PretrainParams, seed: int, progress: bool = True,
-               position: int = 0) -> tuple[dict, list[float]]:
+def train_movq(
+    movq, pixels: torch.Tensor, cfg: PretrainParams, seed: int, progress: bool = True, position: int = 0
+) -> tuple[dict, list[float]]:
     """Autoencoder training of the MoVQ on (N, 3, R, R) pixels in [-1, 1], in place.
 
     Returns the trained weights (a state dict, for a caller in another process) and the losses.
@@ -310,13 +327,14 @@ def standardise_latents(movq, pixels: torch.Tensor, chunk: int = 64) -> dict[str
     from diffusers.models.attention_processor import SpatialNorm
 
     movq.eval()
-    z = torch.cat([movq.encode(pixels[i:i + chunk]).latents for i in range(0, len(pixels), chunk)])
+    z = torch.cat([movq.encode(pixels[i : i + chunk]).latents for i in range(0, len(pixels), chunk)])
     mean, std = z.mean((0, 2, 3)), z.std((0, 2, 3)).clamp_min(1e-6)
     enc = movq.quant_conv
     enc.weight.div_(std[:, None, None, None])
     enc.bias.sub_(mean).div_(std)
-    consumers = [movq.post_quant_conv] + [conv for m in movq.modules() if isinstance(m, SpatialNorm)
-                                          for conv in (m.conv_y, m.conv_b)]
+    consumers = [movq.post_quant_conv] + [
+        conv for m in movq.modules() if isinstance(m, SpatialNorm) for conv in (m.conv_y, m.conv_b)
+    ]
     for conv in consumers:  # W z + b = (W * std) z' + (W mean + b)
         conv.bias.add_(conv.weight[:, :, 0, 0] @ mean)
         conv.weight.mul_(std[None, :, None, None])
@@ -327,24 +345,33 @@ def standardise_latents(movq, pixels: torch.Tensor, chunk: int = 64) -> dict[str
 
 # --- 3. MultilingualCLIP ------------------------------------------------------------------
 
+
 @torch.no_grad()
 def clip_text_embeds(parts: TinyParts, captions: Sequence[str], chunk: int = 256) -> torch.Tensor:
     """CLIP ``text_embeds`` (projected, unnormalised), as CLIPTextModelWithProjection gives them."""
     ids, mask = tokenize(parts.clip_tokenizer, captions)
-    return torch.cat([parts.clip.get_text_features(input_ids=ids[i:i + chunk],
-                                                   attention_mask=mask[i:i + chunk]).pooler_output
-                      for i in range(0, len(ids), chunk)])
+    return torch.cat(
+        [
+            parts.clip.get_text_features(input_ids=ids[i : i + chunk], attention_mask=mask[i : i + chunk]).pooler_output
+            for i in range(0, len(ids), chunk)
+        ]
+    )
 
 
 @torch.no_grad()
 def clip_image_embeds(parts: TinyParts, pixels: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """CLIP ``image_embeds`` (projected, unnormalised), as CLIPVisionModelWithProjection gives them."""
-    return torch.cat([parts.clip.get_image_features(pixel_values=pixels[i:i + chunk]).pooler_output
-                      for i in range(0, len(pixels), chunk)])
+    return torch.cat(
+        [
+            parts.clip.get_image_features(pixel_values=pixels[i : i + chunk]).pooler_output
+            for i in range(0, len(pixels), chunk)
+        ]
+    )
 
 
-def distill_mclip(parts: TinyParts, captions: Sequence[str], cfg: PretrainParams, seed: int,
-                  progress: bool = True) -> list[float]:
+def distill_mclip(
+    parts: TinyParts, captions: Sequence[str], cfg: PretrainParams, seed: int, progress: bool = True
+) -> list[float]:
     """Regress the MultilingualCLIP embedding onto the frozen CLIP text embedding (MSE + cosine)."""
     gen = _generator(seed, "mclip")
     parts.clip.eval()
@@ -365,6 +392,7 @@ def distill_mclip(parts: TinyParts, captions: Sequence[str], cfg: PretrainParams
 
 # --- 4. the prior's statistics -------------------------------------------------------------
 
+
 @torch.no_grad()
 def set_prior_statistics(parts: TinyParts, pixels: torch.Tensor, min_std: float = 1e-3) -> None:
     """``prior.clip_mean``/``clip_std`` := per-dimension mean/std of the CLIP image embeddings;
@@ -376,6 +404,7 @@ def set_prior_statistics(parts: TinyParts, pixels: torch.Tensor, min_std: float 
 
 
 # --- quality on held-out data ---------------------------------------------------------------
+
 
 def _hit_probability(scores: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor:
     """P(own candidate in the top ``k``) per row, ties broken uniformly at random.
@@ -398,8 +427,13 @@ def _chance(n_candidates: int, n_correct: np.ndarray, k: int) -> float:
 
 
 @torch.no_grad()
-def retrieval_accuracy(parts: TinyParts, images: np.ndarray, captions: Sequence[str],
-                       product_ids: Sequence[int] | None = None, ks: Sequence[int] = (1, 5)) -> dict:
+def retrieval_accuracy(
+    parts: TinyParts,
+    images: np.ndarray,
+    captions: Sequence[str],
+    product_ids: Sequence[int] | None = None,
+    ks: Sequence[int] = (1, 5),
+) -> dict:
     """Image -> caption retrieval among one caption per product (per image if no ids given).
 
     ``top{k}``: the image's own product's caption is in the top k; ``top{k}_same_caption``:
@@ -438,18 +472,22 @@ def distillation_agreement(parts: TinyParts, captions: Sequence[str]) -> dict:
     target = clip_text_embeds(parts, texts)
     ids, mask = tokenize(parts.mclip_tokenizer, texts)
     pred, _ = parts.mclip(input_ids=ids, attention_mask=mask)
-    return {"captions": len(texts), "mse": F.mse_loss(pred, target).item(),
-            "cosine": F.cosine_similarity(pred, target, dim=-1).mean().item()}
+    return {
+        "captions": len(texts),
+        "mse": F.mse_loss(pred, target).item(),
+        "cosine": F.cosine_similarity(pred, target, dim=-1).mean().item(),
+    }
 
 
 @torch.no_grad()
-def reconstruct(movq, images: np.ndarray, resolution: int,
-                chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct(movq, images: np.ndarray, resolution: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(originals, reconstructions) in [-1, 1], decoded the way the Kandinsky pipelines do."""
     movq.eval()
     x = movq_pixels(images, resolution)
-    rec = [movq.decode(movq.encode(x[i:i + chunk]).latents, force_not_quantize=True).sample
-           for i in range(0, len(x), chunk)]
+    rec = [
+        movq.decode(movq.encode(x[i : i + chunk]).latents, force_not_quantize=True).sample
+        for i in range(0, len(x), chunk)
+    ]
     return x, torch.cat(rec).clamp(-1, 1)
 
 
@@ -468,9 +506,15 @@ def reconstruction_error(movq, images: np.ndarray, resolution: int) -> dict:
     border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2).median(dim=2).values
     objects = (cells_x - (border[:, :, None, None] + 1) * 127.5).norm(dim=1) > 32
     object_error = (cells_x - cells_rec).norm(dim=1)[objects].mean().item()
-    z = torch.cat([movq.encode(x[i:i + 64]).latents for i in range(0, len(x), 64)])
-    return {"mse": mse, "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "colour_mse": colour,
-            "object_colour_error": object_error, "latent_mean": z.mean().item(), "latent_std": z.std().item()}
+    z = torch.cat([movq.encode(x[i : i + 64]).latents for i in range(0, len(x), 64)])
+    return {
+        "mse": mse,
+        "psnr": 10 * math.log10(1 / max(mse, 1e-12)),
+        "colour_mse": colour,
+        "object_colour_error": object_error,
+        "latent_mean": z.mean().item(),
+        "latent_std": z.std().item(),
+    }
 
 
 def reconstruction_grid(movq, images: np.ndarray, resolution: int, n: int = 8, zoom: int = 2) -> Image.Image:

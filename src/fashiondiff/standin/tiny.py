@@ -96,8 +96,10 @@ def train_tokenizers(texts: Iterable[str], spec: TinySpec) -> tuple[CLIPTokenize
     CLIP's tokenizer lowercases its input; XLM-R's does not, so it learns the cased text.
     """
     texts = list(texts)
-    return (train_clip_bpe(texts, spec.clip_vocab, TEXT_LENGTH),
-            train_xlmr_unigram(texts, spec.mclip_vocab, TEXT_LENGTH))
+    return (
+        train_clip_bpe(texts, spec.clip_vocab, TEXT_LENGTH),
+        train_xlmr_unigram(texts, spec.mclip_vocab, TEXT_LENGTH),
+    )
 
 
 def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec(), seed: int = 0) -> TinyParts:
@@ -108,80 +110,124 @@ def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec(), seed: int = 0)
     clip = CLIPModel(
         CLIPConfig(
             text_config=CLIPTextConfig(
-                vocab_size=len(clip_tok), hidden_size=d, intermediate_size=4 * d,
-                num_hidden_layers=spec.clip_layers, num_attention_heads=spec.clip_heads,
-                max_position_embeddings=TEXT_LENGTH, projection_dim=d,
-                bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+                vocab_size=len(clip_tok),
+                hidden_size=d,
+                intermediate_size=4 * d,
+                num_hidden_layers=spec.clip_layers,
+                num_attention_heads=spec.clip_heads,
+                max_position_embeddings=TEXT_LENGTH,
+                projection_dim=d,
+                bos_token_id=clip_tok.bos_token_id,
+                eos_token_id=clip_tok.eos_token_id,
                 pad_token_id=clip_tok.pad_token_id,
             ).to_dict(),
             vision_config=CLIPVisionConfig(
-                hidden_size=spec.clip_vision_hidden, intermediate_size=4 * spec.clip_vision_hidden,
-                num_hidden_layers=spec.clip_layers, num_attention_heads=spec.clip_heads,
-                image_size=spec.clip_image_size, patch_size=spec.clip_patch_size, projection_dim=d,
+                hidden_size=spec.clip_vision_hidden,
+                intermediate_size=4 * spec.clip_vision_hidden,
+                num_hidden_layers=spec.clip_layers,
+                num_attention_heads=spec.clip_heads,
+                image_size=spec.clip_image_size,
+                patch_size=spec.clip_patch_size,
+                projection_dim=d,
             ).to_dict(),
             projection_dim=d,
         )
     )
     size = spec.clip_image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     prior = PriorTransformer(
-        num_attention_heads=spec.prior_heads, attention_head_dim=d // spec.prior_heads,
-        num_layers=spec.prior_layers, embedding_dim=d, num_embeddings=TEXT_LENGTH,
+        num_attention_heads=spec.prior_heads,
+        attention_head_dim=d // spec.prior_heads,
+        num_layers=spec.prior_layers,
+        embedding_dim=d,
+        num_embeddings=TEXT_LENGTH,
         additional_embeddings=4,
     )
     with torch.no_grad():  # a fresh prior has clip_std == 0; pretrain sets the real statistics
         prior.clip_std.fill_(1.0)
     mclip = MultilingualCLIP(
         MCLIPConfig(
-            transformerDimSize=spec.mclip_hidden, imageDimSize=d, vocab_size=len(xlm_tok),
-            hidden_size=spec.mclip_hidden, intermediate_size=4 * spec.mclip_hidden,
-            num_hidden_layers=spec.mclip_layers, num_attention_heads=4,
-            max_position_embeddings=XLMR_POSITIONS, pad_token_id=xlm_tok.pad_token_id,
-            bos_token_id=xlm_tok.bos_token_id, eos_token_id=xlm_tok.eos_token_id,
+            transformerDimSize=spec.mclip_hidden,
+            imageDimSize=d,
+            vocab_size=len(xlm_tok),
+            hidden_size=spec.mclip_hidden,
+            intermediate_size=4 * spec.mclip_hidden,
+            num_hidden_layers=spec.mclip_layers,
+            num_attention_heads=4,
+            max_position_embeddings=XLMR_POSITIONS,
+            pad_token_id=xlm_tok.pad_token_id,
+            bos_token_id=xlm_tok.bos_token_id,
+            eos_token_id=xlm_tok.eos_token_id,
         )
     )
     c0, c1 = spec.unet_channels
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=8,  # 4 epsilon + 4 learned-variance channels, as in 2.1
+        in_channels=4,
+        out_channels=8,  # 4 epsilon + 4 learned-variance channels, as in 2.1
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        block_out_channels=(c0, c1), layers_per_block=1, norm_num_groups=8,
-        attention_head_dim=8, cross_attention_dim=d,
-        encoder_hid_dim=spec.mclip_hidden, encoder_hid_dim_type="text_image_proj",
-        addition_embed_type="text_image", resnet_time_scale_shift="scale_shift",
+        block_out_channels=(c0, c1),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=d,
+        encoder_hid_dim=spec.mclip_hidden,
+        encoder_hid_dim_type="text_image_proj",
+        addition_embed_type="text_image",
+        resnet_time_scale_shift="scale_shift",
         class_embed_type=None,
     )
     n = len(spec.movq_channels)
     movq = VQModel(
-        in_channels=3, out_channels=3, latent_channels=4, vq_embed_dim=4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        vq_embed_dim=4,
         down_block_types=("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",),
         up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (n - 1),
-        block_out_channels=tuple(spec.movq_channels), layers_per_block=1, norm_num_groups=8,
-        num_vq_embeddings=spec.movq_codebook, norm_type="spatial",
+        block_out_channels=tuple(spec.movq_channels),
+        layers_per_block=1,
+        norm_num_groups=8,
+        num_vq_embeddings=spec.movq_codebook,
+        norm_type="spatial",
     )
     return TinyParts(
-        clip=clip, clip_tokenizer=clip_tok, image_processor=image_processor,
-        prior=prior, prior_scheduler=prior_scheduler(), mclip=mclip, mclip_tokenizer=xlm_tok,
-        unet=unet, decoder_scheduler=decoder_scheduler(), movq=movq,
+        clip=clip,
+        clip_tokenizer=clip_tok,
+        image_processor=image_processor,
+        prior=prior,
+        prior_scheduler=prior_scheduler(),
+        mclip=mclip,
+        mclip_tokenizer=xlm_tok,
+        unet=unet,
+        decoder_scheduler=decoder_scheduler(),
+        movq=movq,
     )
 
 
 def prior_scheduler() -> UnCLIPScheduler:
     """The scheduler settings of kandinsky-2-1-prior."""
     return UnCLIPScheduler(
-        variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
-        clip_sample=True, clip_sample_range=10.0,
+        variance_type="fixed_small_log",
+        prediction_type="sample",
+        num_train_timesteps=1000,
+        clip_sample=True,
+        clip_sample_range=10.0,
     )
 
 
 def decoder_scheduler() -> DDIMScheduler:
     """The scheduler settings of kandinsky-2-1 (DDIM over a linear 1000-step schedule)."""
     return DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
         thresholding=False,
     )
 
@@ -192,24 +238,29 @@ def split_clip(clip: CLIPModel) -> tuple[CLIPTextModelWithProjection, CLIPVision
     vision = CLIPVisionModelWithProjection(clip.config.vision_config)
     state = clip.state_dict()
     text.load_state_dict({k: v for k, v in state.items() if k.startswith(("text_model.", "text_projection."))})
-    vision.load_state_dict(
-        {k: v for k, v in state.items() if k.startswith(("vision_model.", "visual_projection."))}
-    )
+    vision.load_state_dict({k: v for k, v in state.items() if k.startswith(("vision_model.", "visual_projection."))})
     return text.eval(), vision.eval()
 
 
 def prior_pipeline(parts: TinyParts) -> KandinskyPriorPipeline:
     text, vision = split_clip(parts.clip)
     return KandinskyPriorPipeline(
-        prior=parts.prior, image_encoder=vision, text_encoder=text, tokenizer=parts.clip_tokenizer,
-        scheduler=parts.prior_scheduler, image_processor=parts.image_processor,
+        prior=parts.prior,
+        image_encoder=vision,
+        text_encoder=text,
+        tokenizer=parts.clip_tokenizer,
+        scheduler=parts.prior_scheduler,
+        image_processor=parts.image_processor,
     )
 
 
 def decoder_pipeline(parts: TinyParts) -> KandinskyPipeline:
     return KandinskyPipeline(
-        text_encoder=parts.mclip, tokenizer=parts.mclip_tokenizer, unet=parts.unet,
-        scheduler=parts.decoder_scheduler, movq=parts.movq,
+        text_encoder=parts.mclip,
+        tokenizer=parts.mclip_tokenizer,
+        unet=parts.unet,
+        scheduler=parts.decoder_scheduler,
+        movq=parts.movq,
     )
 
 

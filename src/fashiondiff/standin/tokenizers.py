@@ -28,8 +28,9 @@ SCORE_DIGITS = 6  # Unigram log-probabilities are rounded: no float noise in the
 
 def _byte_alphabet() -> list[str]:
     """GPT-2/CLIP's printable stand-ins for the 256 byte values, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     extra = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
@@ -110,8 +111,7 @@ def train_xlmr_unigram(texts: Iterable[str], vocab_size: int, max_length: int = 
     words = sorted((p for p in pieces if len(p) > 1 and p not in chars), key=lambda p: (-pieces[p], p))[:room]
     vocab = [(s, 0.0) for s in specials]
     vocab += sorted(((w, score(pieces[w])) for w in words), key=lambda x: (-x[1], x[0]))
-    vocab += sorted(((c, round(floor + score(n), SCORE_DIGITS)) for c, n in chars.items()),
-                    key=lambda x: (-x[1], x[0]))
+    vocab += sorted(((c, round(floor + score(n), SCORE_DIGITS)) for c, n in chars.items()), key=lambda x: (-x[1], x[0]))
     vocab.append(("<mask>", 0.0))
     tokenizer = XLMRobertaTokenizer(vocab=vocab)
     tokenizer.model_max_length = max_length

@@ -32,8 +32,16 @@ from fashiondiff.io import DISK_FULL
 def plan_fingerprint(fingerprint: str, world: int, plan) -> str:
     """The caller's fingerprint (params, data) joined with what shapes the step plan here:
     one process's checkpoint at step 600 means another step in a two-process run."""
-    blob = json.dumps({"run": fingerprint, "processes": world, "per_rank": plan.per_rank,
-                       "steps_per_epoch": plan.steps_per_epoch, "total": plan.total}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "run": fingerprint,
+            "processes": world,
+            "per_rank": plan.per_rank,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "total": plan.total,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -65,12 +73,16 @@ def checkpoint_trainable_only(acc, model: torch.nn.Module) -> None:
         state = {bare(k): v for k, v in load_file(str(path), device=device).items()}
         missing = names - set(state)
         if missing:
-            raise PipelineError(f"{path}: checkpoint lacks {len(missing)} trained parameters "
-                                f"(e.g. {sorted(missing)[0]}); delete {Path(input_dir).parent} to start afresh")
+            raise PipelineError(
+                f"{path}: checkpoint lacks {len(missing)} trained parameters "
+                f"(e.g. {sorted(missing)[0]}); delete {Path(input_dir).parent} to start afresh"
+            )
         unexpected = acc.unwrap_model(models[0]).load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
-            raise PipelineError(f"{path}: checkpoint holds parameters this model lacks (e.g. {unexpected[0]}); "
-                                f"delete {Path(input_dir).parent} to start afresh")
+            raise PipelineError(
+                f"{path}: checkpoint holds parameters this model lacks (e.g. {unexpected[0]}); "
+                f"delete {Path(input_dir).parent} to start afresh"
+            )
         models.pop(0)  # loaded: Accelerate's strict load would want the frozen weights too
 
     acc.register_save_state_pre_hook(save)
@@ -143,7 +155,7 @@ class Checkpoints:
             self._write(step, tmp, lambda: (tmp / "trainer_state.json").write_text(json.dumps(state)))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in self._all()[:-self.keep]:
+            for old in self._all()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
@@ -154,6 +166,8 @@ class Checkpoints:
             write()
         except Exception as exc:  # noqa: BLE001 - torch.save, safetensors and pickle each fail their own way
             shutil.rmtree(tmp, ignore_errors=True)
-            raise PipelineError(f"{tmp}: cannot write the checkpoint of step {step} ({_write_error(exc)}); "
-                                f"the previous checkpoint is kept ({self.latest() or 'none'}): free space "
-                                f"and rerun to resume") from exc
+            raise PipelineError(
+                f"{tmp}: cannot write the checkpoint of step {step} ({_write_error(exc)}); "
+                f"the previous checkpoint is kept ({self.latest() or 'none'}): free space "
+                f"and rerun to resume"
+            ) from exc

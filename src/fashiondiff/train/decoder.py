@@ -32,15 +32,23 @@ if TYPE_CHECKING:  # the stand-in's pre-training runs these tasks plain, without
 class DecoderTask:
     name = "decoder"
 
-    def __init__(self, unet, scheduler, cache: Cache, text_dropout: float, image_dropout: float,
-                 objective: Objective | None = None):
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        cache: Cache,
+        text_dropout: float,
+        image_dropout: float,
+        objective: Objective | None = None,
+    ):
         self.model = unet
         self.objective = objective  # the loss options (fashiondiff.train.objective); None: plain MSE
         self.scheduler = scheduler
         self.cache = cache
         self.text_dropout, self.image_dropout = text_dropout, image_dropout
-        self.uncond = {k: torch.from_numpy(cache.uncond[k]).float()
-                       for k in ("mclip_hidden", "mclip_embeds", "image_embeds")}
+        self.uncond = {
+            k: torch.from_numpy(cache.uncond[k]).float() for k in ("mclip_hidden", "mclip_embeds", "image_embeds")
+        }
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -62,8 +70,9 @@ class DecoderTask:
         hidden = drop(batch["mclip_hidden"], u["mclip_hidden"], no_text)
         pooled = drop(batch["mclip_embeds"], u["mclip_embeds"], no_text)
         image = drop(batch["image_embeds"], u["image_embeds"], no_image)
-        out = model(noisy, t, encoder_hidden_states=hidden,
-                    added_cond_kwargs={"text_embeds": pooled, "image_embeds": image}).sample
+        out = model(
+            noisy, t, encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "image_embeds": image}
+        ).sample
         pred = out[:, : latents.shape[1]].float()
         if self.objective is None:
             return F.mse_loss(pred, target)

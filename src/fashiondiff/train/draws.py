@@ -40,11 +40,11 @@ def item_seed(seed: int, step: int, item: int, stream: int) -> int:
 class SampleDraws:
     """One generator per item of a batch; every draw returns a batch-first tensor on ``device``."""
 
-    def __init__(self, seed: int, step: int, items, device: torch.device | str,
-                 stream: int = TRAIN_STREAM) -> None:
+    def __init__(self, seed: int, step: int, items, device: torch.device | str, stream: int = TRAIN_STREAM) -> None:
         self.device = torch.device(device)
-        self.generators = [torch.Generator().manual_seed(item_seed(seed, step, int(i), stream))
-                           for i in np.asarray(items).reshape(-1)]
+        self.generators = [
+            torch.Generator().manual_seed(item_seed(seed, step, int(i), stream)) for i in np.asarray(items).reshape(-1)
+        ]
 
     def __len__(self) -> int:
         return len(self.generators)

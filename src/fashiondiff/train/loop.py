@@ -117,8 +117,7 @@ class Task(Protocol):
 
     def batch(self, index: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]: ...
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
-             draws: SampleDraws) -> torch.Tensor: ...
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], draws: SampleDraws) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,8 @@ def split_batch(batch_size: int, world: int, accumulation: int) -> int:
         raise PipelineError(
             f"params: batch_size {batch_size} (the global batch) does not divide into {world} "
             f"process{'es' if world > 1 else ''} x {accumulation} accumulated micro-batch"
-            f"{'es' if accumulation > 1 else ''}: use a multiple of {parts}")
+            f"{'es' if accumulation > 1 else ''}: use a multiple of {parts}"
+        )
     return batch_size // parts
 
 
@@ -204,8 +204,12 @@ class Speed:
     def choose(cls, cfg: LoopSettings, device: torch.device, model: torch.nn.Module) -> Speed:
         cuda = device.type == "cuda"
         convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-        return cls(compile=cfg.compile == "on" or (cfg.compile == "auto" and cuda), fused_adamw=cuda,
-                   channels_last=cuda and convolutional, pin_memory=cuda)
+        return cls(
+            compile=cfg.compile == "on" or (cfg.compile == "auto" and cuda),
+            fused_adamw=cuda,
+            channels_last=cuda and convolutional,
+            pin_memory=cuda,
+        )
 
 
 class _Batches:
@@ -233,7 +237,7 @@ class _Batches:
             self._orders = {e: orders[e] for e in sorted(orders)[-2:]}  # this epoch and the next
         q, micro = divmod(k, self.plan.accumulation)
         lo = q * self.plan.global_batch + (micro * self.world + self.rank) * self.plan.per_rank
-        return np.sort(orders[epoch][lo:lo + self.plan.per_rank])
+        return np.sort(orders[epoch][lo : lo + self.plan.per_rank])
 
     def _fetch(self, step: int) -> dict[str, torch.Tensor]:
         batch = self.task.batch(self.index(step), torch.device("cpu"))
@@ -250,8 +254,10 @@ class _Batches:
         if step + 1 < self.plan.total:
             self._next = (step + 1, self._pool.submit(self._fetch, step + 1))
         memory = torch.channels_last if self.speed.channels_last else torch.preserve_format
-        return {k: v.to(device, non_blocking=True, memory_format=memory if v.dim() == 4 else torch.preserve_format)
-                for k, v in batch.items()}
+        return {
+            k: v.to(device, non_blocking=True, memory_format=memory if v.dim() == 4 else torch.preserve_format)
+            for k, v in batch.items()
+        }
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -335,10 +341,19 @@ def _prepare(acc, task: Task, cfg: LoopSettings, lr: float, plan: _Plan, speed: 
 
         optimizer = bitsandbytes.optim.AdamW8bit(trainable, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=cfg.weight_decay,
-                                      **({"fused": True} if speed.fused_adamw else {}))
-    schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
-                             num_training_steps=math.ceil(plan.total / cfg.gradient_accumulation_steps))
+        optimizer = torch.optim.AdamW(
+            trainable,
+            lr=lr,
+            betas=betas,
+            weight_decay=cfg.weight_decay,
+            **({"fused": True} if speed.fused_adamw else {}),
+        )
+    schedule = get_scheduler(
+        cfg.lr_schedule,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=math.ceil(plan.total / cfg.gradient_accumulation_steps),
+    )
     ema = _make_ema(trainable, cfg.ema_decay, cfg.ema_device)
     if speed.compile:
         task.model.compile()  # in place: the state_dict keeps its names (checkpoints, saving)
@@ -350,9 +365,16 @@ def _prepare(acc, task: Task, cfg: LoopSettings, lr: float, plan: _Plan, speed: 
     return model, optimizer, schedule, ema, trainable
 
 
-def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | Path, fingerprint: str,
-          log: Callable[[dict, int], None] | None = None, validate: Validate | None = None,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
+def train(
+    task: Task,
+    cfg: LoopSettings,
+    sched: Schedule,
+    checkpoint_dir: str | Path,
+    fingerprint: str,
+    log: Callable[[dict, int], None] | None = None,
+    validate: Validate | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
     """Train ``task.model``; resume from ``checkpoint_dir`` if it holds a run with ``fingerprint``
     and the same step plan (processes, batch per process, steps). ``log(metrics, step)`` gets
     each logged point (main process); ``validate``: see the module doc; ``on_step(step)`` is
@@ -360,8 +382,7 @@ def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | 
     from accelerate import Accelerator
 
     _check_replicas()
-    acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                      mixed_precision=cfg.mixed_precision)
+    acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision)
     _check_optimizer(cfg.optimizer, acc.device)
     world, rank, n = acc.num_processes, acc.process_index, len(task)
     plan = _plan(n, sched, world, cfg.gradient_accumulation_steps, acc)
@@ -415,8 +436,10 @@ def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | 
         for (s, lr, _), loss in zip(pending, means):
             epoch = s // plan.steps_per_epoch
             if not math.isfinite(loss):
-                raise PipelineError(f"train {task.name}: loss is {loss} at step {s} (epoch {epoch}); "
-                                    f"stopped, last good checkpoint kept: {ckpts.latest() or 'none'}")
+                raise PipelineError(
+                    f"train {task.name}: loss is {loss} at step {s} (epoch {epoch}); "
+                    f"stopped, last good checkpoint kept: {ckpts.latest() or 'none'}"
+                )
             progress.add(epoch, loss)
             if (s + 1) % cfg.log_every == 0 or s + 1 == plan.total:
                 point = progress.point(s + 1, epoch, lr)
@@ -426,8 +449,14 @@ def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | 
         pending.clear()
         return signum, due
 
-    bar = tqdm(total=plan.total, initial=start, desc=f"train {task.name}", unit="step",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        total=plan.total,
+        initial=start,
+        desc=f"train {task.name}",
+        unit="step",
+        disable=not acc.is_main_process,
+        dynamic_ncols=True,
+    )
     model.train()
     clock[1] = start
     try:
@@ -469,12 +498,22 @@ def train(task: Task, cfg: LoopSettings, sched: Schedule, checkpoint_dir: str | 
     if world > 1:
         _check_ranks_agree(final, acc, task.name)
     ckpts.save(plan.total, progress.state())
-    return TrainResult(model=final, history=progress.history, epoch_losses=progress.epoch_losses(),
-                       steps=plan.total, samples_per_s=progress.speed,
-                       data_share=batches.wait_s / max(progress.seconds, 1e-9), checkpoint_s=ckpts.seconds,
-                       is_main=acc.is_main_process, validations=progress.validations, train_s=progress.seconds,
-                       validation_s=progress.validate_s, batch_global=plan.global_batch,
-                       batch_per_process=plan.per_rank, processes=world)
+    return TrainResult(
+        model=final,
+        history=progress.history,
+        epoch_losses=progress.epoch_losses(),
+        steps=plan.total,
+        samples_per_s=progress.speed,
+        data_share=batches.wait_s / max(progress.seconds, 1e-9),
+        checkpoint_s=ckpts.seconds,
+        is_main=acc.is_main_process,
+        validations=progress.validations,
+        train_s=progress.seconds,
+        validation_s=progress.validate_s,
+        batch_global=plan.global_batch,
+        batch_per_process=plan.per_rank,
+        processes=world,
+    )
 
 
 VALIDATIONS_AT_MOST = 20  # validate_every auto: validations per run, at most (and the last step)
@@ -527,8 +566,12 @@ def _stop(ckpts: Checkpoints, step: int, progress: _Progress, plan: _Plan, name:
     ckpts.save(step, progress.state())
     saved = ckpts.latest()
     acc.print(f"train {name}: {signal.Signals(signum).name} received: checkpoint {saved} saved")
-    raise Stopped(f"train {name}: stopped by {signal.Signals(signum).name} at step {step} of {plan.total}; "
-                  f"checkpoint {saved} saved: rerun to resume", signum, step)
+    raise Stopped(
+        f"train {name}: stopped by {signal.Signals(signum).name} at step {step} of {plan.total}; "
+        f"checkpoint {saved} saved: rerun to resume",
+        signum,
+        step,
+    )
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -559,9 +602,11 @@ def _check_replicas() -> None:
     ranks' check, the EMA, save_pretrained read whole weights); a sharded launch stops here."""
     sharded = [k for k in REPLICA_ONLY if os.environ.get(k, "").lower() in ("1", "true", "yes")]
     if sharded:
-        raise PipelineError(f"train: {sharded[0].removeprefix('ACCELERATE_USE_')} is set by the launcher; "
-                            f"training runs data parallel over full replicas only (docs/distributed.md): "
-                            f"launch without it")
+        raise PipelineError(
+            f"train: {sharded[0].removeprefix('ACCELERATE_USE_')} is set by the launcher; "
+            f"training runs data parallel over full replicas only (docs/distributed.md): "
+            f"launch without it"
+        )
 
 
 def _check_optimizer(name: str, device: torch.device) -> None:
@@ -571,11 +616,15 @@ def _check_optimizer(name: str, device: torch.device) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise PipelineError("params: train.optimizer adamw8bit needs the bitsandbytes package "
-                            "(pip install bitsandbytes), not installed here; or use adamw") from None
+        raise PipelineError(
+            "params: train.optimizer adamw8bit needs the bitsandbytes package "
+            "(pip install bitsandbytes), not installed here; or use adamw"
+        ) from None
     if device.type != "cuda":
-        raise PipelineError(f"params: train.optimizer adamw8bit (bitsandbytes' AdamW8bit) runs on a CUDA "
-                            f"device; this run is on {device.type}: use adamw")
+        raise PipelineError(
+            f"params: train.optimizer adamw8bit (bitsandbytes' AdamW8bit) runs on a CUDA "
+            f"device; this run is on {device.type}: use adamw"
+        )
 
 
 def _make_ema(trainable: list[torch.nn.Parameter], decay: float, device: str):
@@ -618,5 +667,3 @@ class _HostEma:
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.load_state_dict(state)
-
-

@@ -30,13 +30,19 @@ def add_lora(model: torch.nn.Module, section, key: str) -> int:
     number of trainable (adapter) parameters. ``key`` is the section's name, for errors."""
     from peft import LoraConfig
 
-    config = LoraConfig(r=section.lora_rank, lora_alpha=section.lora_alpha,
-                        lora_dropout=section.lora_dropout, target_modules=targets(section.lora_targets))
+    config = LoraConfig(
+        r=section.lora_rank,
+        lora_alpha=section.lora_alpha,
+        lora_dropout=section.lora_dropout,
+        target_modules=targets(section.lora_targets),
+    )
     try:
         model.add_adapter(config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
-        raise PipelineError(f"params: {key}.lora_targets={section.lora_targets!r} matches no module "
-                            f"of the {type(model).__name__} ({first_line(exc)})") from None
+        raise PipelineError(
+            f"params: {key}.lora_targets={section.lora_targets!r} matches no module "
+            f"of the {type(model).__name__} ({first_line(exc)})"
+        ) from None
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

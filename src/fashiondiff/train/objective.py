@@ -55,10 +55,18 @@ class Objective:
     def from_params(cls, train, scheduler) -> Objective:
         prediction = scheduler.config.get("prediction_type", "epsilon")
         if train.min_snr_gamma > 0 and prediction not in SNR_FORMS:
-            raise PipelineError(f"params: train.min_snr_gamma has no form for a {prediction!r} target "
-                                f"(known: {', '.join(SNR_FORMS)})")
-        return cls(train.min_snr_gamma, train.noise_offset, train.input_perturbation, train.loss,
-                   train.huber_delta, prediction, scheduler.alphas_cumprod.float())
+            raise PipelineError(
+                f"params: train.min_snr_gamma has no form for a {prediction!r} target (known: {', '.join(SNR_FORMS)})"
+            )
+        return cls(
+            train.min_snr_gamma,
+            train.noise_offset,
+            train.input_perturbation,
+            train.loss,
+            train.huber_delta,
+            prediction,
+            scheduler.alphas_cumprod.float(),
+        )
 
     def noises(self, noise: torch.Tensor, draws: SampleDraws) -> tuple[torch.Tensor, torch.Tensor]:
         """(the noise an epsilon target is, the noise the input is noised with)."""

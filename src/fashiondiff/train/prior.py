@@ -35,8 +35,9 @@ class PriorTask:
         # clip_mean/clip_std are Parameters of the prior, but statistics, not weights.
         prior.clip_mean.requires_grad_(False)
         prior.clip_std.requires_grad_(False)
-        self.uncond = {k: torch.from_numpy(cache.uncond[k]).float()
-                       for k in ("text_embeds", "text_hidden", "text_mask")}
+        self.uncond = {
+            k: torch.from_numpy(cache.uncond[k]).float() for k in ("text_embeds", "text_hidden", "text_mask")
+        }
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -58,8 +59,9 @@ class PriorTask:
         text_embeds = drop(batch["text_embeds"], u["text_embeds"], dropped)
         hidden = drop(batch["text_hidden"], u["text_hidden"], dropped)
         mask = drop(batch["text_mask"].float(), u["text_mask"].float(), dropped).bool()
-        pred = model(noisy, timestep=t, proj_embedding=text_embeds, encoder_hidden_states=hidden,
-                     attention_mask=mask).predicted_image_embedding
+        pred = model(
+            noisy, timestep=t, proj_embedding=text_embeds, encoder_hidden_states=hidden, attention_mask=mask
+        ).predicted_image_embedding
         if self.objective is None:
             return F.mse_loss(pred.float(), target)
         return self.objective.loss(pred.float(), target, t)

@@ -105,9 +105,13 @@ def load_base(kind: str, params) -> BaseParts:
 
     key, component = ("model.prior", "prior") if kind == "prior" else ("model.decoder", "unet")
     name = params.model.prior if kind == "prior" else params.model.decoder
-    return BaseParts(folder=Path(resolve(name, key)), key=key, component=component,
-                     network=load_component(name, component, key),
-                     scheduler=load_component(name, "scheduler", key))
+    return BaseParts(
+        folder=Path(resolve(name, key)),
+        key=key,
+        component=component,
+        network=load_component(name, component, key),
+        scheduler=load_component(name, "scheduler", key),
+    )
 
 
 def make_task(kind: str, params, cache):
@@ -117,31 +121,49 @@ def make_task(kind: str, params, cache):
 
         pipe = load_base("prior", params)
         prepare(pipe.prior, params.prior, "prior")
-        return pipe, PriorTask(pipe.prior, pipe.scheduler, cache, params.prior.text_dropout,
-                               Objective.from_params(params.train, pipe.scheduler))
+        return pipe, PriorTask(
+            pipe.prior,
+            pipe.scheduler,
+            cache,
+            params.prior.text_dropout,
+            Objective.from_params(params.train, pipe.scheduler),
+        )
     from fashiondiff.train.decoder import DecoderTask
 
     pipe = load_base("decoder", params)
     prepare(pipe.unet, params.decoder, "decoder")
     if params.decoder.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    task = DecoderTask(pipe.unet, pipe.scheduler, cache, params.decoder.text_dropout,
-                       params.decoder.image_dropout, Objective.from_params(params.train, pipe.scheduler))
+    task = DecoderTask(
+        pipe.unet,
+        pipe.scheduler,
+        cache,
+        params.decoder.text_dropout,
+        params.decoder.image_dropout,
+        Objective.from_params(params.train, pipe.scheduler),
+    )
     return pipe, task
 
 
 def _identity(params) -> dict:
-    return cache_identity(params.model.prior, params.model.decoder, params.clip_image_size,
-                          params.model.resolution, params.embed.dtype)
+    return cache_identity(
+        params.model.prior, params.model.decoder, params.clip_image_size, params.model.resolution, params.embed.dtype
+    )
 
 
 def fingerprint(kind: str, params, cache_meta: dict) -> str:
     """What a checkpoint must share with this run to be resumed."""
     section = params.prior if kind == "prior" else params.decoder
-    blob = json.dumps({
-        "kind": kind, "train": params.train.model_dump(), "schedule": dataclasses.asdict(schedule(params)),
-        "section": section.model_dump(), "cache": cache_meta["fingerprint"],
-    }, sort_keys=True)
+    blob = json.dumps(
+        {
+            "kind": kind,
+            "train": params.train.model_dump(),
+            "schedule": dataclasses.asdict(schedule(params)),
+            "section": section.model_dump(),
+            "cache": cache_meta["fingerprint"],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -163,8 +185,7 @@ def run_training(kind: str, params, paths: TrainPaths, tracker) -> dict | None:
     with checkpoint_home(paths.checkpoints, run, rank=int(os.environ.get("RANK", "0"))) as home:
         check_disk(kind, params, task.model, home, paths.out)
         try:
-            result = train(task, params.train, schedule(params), home, run, log=tracker.log_metrics,
-                           validate=validator)
+            result = train(task, params.train, schedule(params), home, run, log=tracker.log_metrics, validate=validator)
         except Stopped as stop:  # preempted: the checkpoint of stop.step is saved; say so on the run
             tracker.log_metrics({"stopped_at_step": stop.step}, step=stop.step)
             raise
@@ -172,10 +193,16 @@ def run_training(kind: str, params, paths: TrainPaths, tracker) -> dict | None:
             return None
         summary = write_outputs(pipe, params, result, len(cache), validator, paths)
     tracker.log_summary(summary_metrics(summary))  # what register rebuilds from the summary file
-    tracker.log_params({"model_dir": str(Path(paths.out).resolve()), "checkpoint_dir": str(home),
-                        # batch_size is the global batch; how this run split it
-                        "batch_global": result.batch_global, "batch_per_process": result.batch_per_process,
-                        "processes": result.processes})
+    tracker.log_params(
+        {
+            "model_dir": str(Path(paths.out).resolve()),
+            "checkpoint_dir": str(home),
+            # batch_size is the global batch; how this run split it
+            "batch_global": result.batch_global,
+            "batch_per_process": result.batch_per_process,
+            "processes": result.processes,
+        }
+    )
     for path in (paths.summary, paths.plot, Path(paths.out) / "fashiondiff_config.json"):
         tracker.log_artifact(path)
     if (Path(paths.out) / ADAPTER_DIR).is_dir():
@@ -184,15 +211,24 @@ def run_training(kind: str, params, paths: TrainPaths, tracker) -> dict | None:
     # (0 when no step ran here: a rerun that found the finished checkpoint)
     validation_share = result.validation_s / result.train_s if result.train_s > 0 else 0.0
     checkpoint_share = result.checkpoint_s / result.train_s if result.train_s > 0 else 0.0
-    tracker.log_metrics({"samples_per_s_mean": result.samples_per_s, "data_share": result.data_share,
-                         "checkpoint_seconds": result.checkpoint_s, "train_s": result.train_s,
-                         "validation_s_total": result.validation_s, "validation_share": validation_share,
-                         "checkpoint_share": checkpoint_share})
-    print(f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
-          f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
-          f"data {100 * result.data_share:.1f}% of step time; steps {result.train_s:.1f} s, "
-          f"validation {result.validation_s:.1f} s ({100 * validation_share:.1f}%), "
-          f"checkpoints {result.checkpoint_s:.1f} s ({100 * checkpoint_share:.1f}%)")
+    tracker.log_metrics(
+        {
+            "samples_per_s_mean": result.samples_per_s,
+            "data_share": result.data_share,
+            "checkpoint_seconds": result.checkpoint_s,
+            "train_s": result.train_s,
+            "validation_s_total": result.validation_s,
+            "validation_share": validation_share,
+            "checkpoint_share": checkpoint_share,
+        }
+    )
+    print(
+        f"train {kind}: loss {summary['loss_first_epoch']:.4f} (first epoch) -> "
+        f"{summary['loss_last_epoch']:.4f} (last), {result.samples_per_s:.0f} samples/s, "
+        f"data {100 * result.data_share:.1f}% of step time; steps {result.train_s:.1f} s, "
+        f"validation {result.validation_s:.1f} s ({100 * validation_share:.1f}%), "
+        f"checkpoints {result.checkpoint_s:.1f} s ({100 * checkpoint_share:.1f}%)"
+    )
     return summary
 
 
@@ -205,13 +241,14 @@ def check_disk(kind: str, params, model: torch.nn.Module, home: Path, out_dir: s
     count = checkpoints_at_peak(params.train.checkpoints_keep)
     base = getattr(params.model, kind)
     output = folder_bytes(base) or 4 * sum(p.numel() for p in model.parameters())
-    needs = [Need(home, max(0, count * each - folder_bytes(home)), f"{count} checkpoints x {gb(each)}"),
-             Need(out_dir, output, "the tuned model")]
+    needs = [
+        Need(home, max(0, count * each - folder_bytes(home)), f"{count} checkpoints x {gb(each)}"),
+        Need(out_dir, output, "the tuned model"),
+    ]
     require(f"train {kind}", needs, hint="free space there, or lower train.checkpoints_keep")
 
 
-def write_outputs(pipe: BaseParts, params, result: TrainResult, train_items: int, validator,
-                  paths: TrainPaths) -> dict:
+def write_outputs(pipe: BaseParts, params, result: TrainResult, train_items: int, validator, paths: TrainPaths) -> dict:
     """The stage's outputs: the tuned pipeline, the summary JSON, the loss curve CSV (and the
     validation's curve and pictures); returns the summary."""
     summary = {
@@ -262,8 +299,9 @@ def copy_untouched(base: Path, out: Path, skip: str, key: str) -> None:
             continue
         if entry.is_dir():
             files = [f for f in entry.rglob("*") if f.is_file() and keep(f)]
-            if any(f.suffix in WEIGHT_SUFFIXES for f in entry.rglob("*")) and \
-                    not any(f.suffix == ".safetensors" for f in files):
+            if any(f.suffix in WEIGHT_SUFFIXES for f in entry.rglob("*")) and not any(
+                f.suffix == ".safetensors" for f in files
+            ):
                 raise PipelineError(f"{entry}: no safetensors weights to copy into the tuned pipeline ({key})")
             for f in files:
                 target = out / f.relative_to(base)

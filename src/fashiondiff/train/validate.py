@@ -136,8 +136,9 @@ class Validator:
         start = time.perf_counter()
         device = next(model.parameters()).device
         with self._autocast(device):
-            record = {"val_loss": (yield from validation_loss(self.task, model, self.cache, self.seed,
-                                                               self.batch_size))}
+            record = {
+                "val_loss": (yield from validation_loss(self.task, model, self.cache, self.seed, self.batch_size))
+            }
             if len(self.items):
                 pictures, scores = yield from self._draw(step, model, device)
                 record.update(scores)
@@ -189,8 +190,12 @@ class Validator:
         with torch.no_grad():
             pixels = decoder.movq.decode(latents, force_not_quantize=True).sample
         references = decoder.numpy_to_pil((pixels * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
-        return {"prior": prior, "decoder": decoder, "references": references,
-                "clip": ClipEncoder(prior, self.clip_image_size, batch_size=max(1, len(self.items)))}
+        return {
+            "prior": prior,
+            "decoder": decoder,
+            "references": references,
+            "clip": ClipEncoder(prior, self.clip_image_size, batch_size=max(1, len(self.items))),
+        }
 
     def _fields(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         return self.cache.fetch(self.items, names)
@@ -202,8 +207,12 @@ class Validator:
         from diffusers import KandinskyPriorPipeline
 
         k = len(self.items)
-        cached = {name: to_tensor(v, device) for name, v in self._fields(
-            ("image_embeds", "text_embeds", "text_hidden", "text_mask", "mclip_embeds", "mclip_hidden")).items()}
+        cached = {
+            name: to_tensor(v, device)
+            for name, v in self._fields(
+                ("image_embeds", "text_embeds", "text_hidden", "text_mask", "mclip_embeds", "mclip_hidden")
+            ).items()
+        }
         empty = {name: to_tensor(v, device) for name, v in self.cache.uncond.items()}
         gens = [torch.Generator("cpu").manual_seed(self.seed + i) for i in range(k)]
         steps = {"num_inference_steps": self.steps, "guidance_scale": self.guidance, "generator": gens}
@@ -212,8 +221,12 @@ class Validator:
             negative = empty["image_embeds"].expand(k, -1)  # 2.1's: the blank image's embedding
             return self._pictures(decoder, cached["image_embeds"], negative, steps), {}
         prior = _quiet(KandinskyPriorPipeline(**{**self.parts["prior"].components, "prior": model}))
-        _encode_from_cache(prior, tuple(cached[f"text_{n}"] for n in ("embeds", "hidden", "mask")),
-                           tuple(empty[f"text_{n}"] for n in ("embeds", "hidden", "mask")), k)
+        _encode_from_cache(
+            prior,
+            tuple(cached[f"text_{n}"] for n in ("embeds", "hidden", "mask")),
+            tuple(empty[f"text_{n}"] for n in ("embeds", "hidden", "mask")),
+            k,
+        )
         out = prior([""] * k, **steps)
         cosine = _mean_cosine(out.image_embeds, cached["image_embeds"])
         decoder = self._decoder(self.parts["decoder"].unet, cached, empty)  # the base U-Net
@@ -221,16 +234,27 @@ class Validator:
         return pictures, {"val_image_embed_cosine": cosine}
 
     def _pictures(self, decoder, embeds: torch.Tensor, negative: torch.Tensor, steps: dict) -> list:
-        return decoder([""] * len(self.items), image_embeds=embeds, negative_image_embeds=negative,
-                       height=self.resolution, width=self.resolution, output_type="pil", **steps).images
+        return decoder(
+            [""] * len(self.items),
+            image_embeds=embeds,
+            negative_image_embeds=negative,
+            height=self.resolution,
+            width=self.resolution,
+            output_type="pil",
+            **steps,
+        ).images
 
     def _decoder(self, unet: torch.nn.Module, cached: dict, empty: dict):
         """2.1's decoder pipeline with ``unet``, the items' M-CLIP encodings from the cache."""
         from diffusers import KandinskyPipeline
 
         pipe = _quiet(KandinskyPipeline(**{**self.parts["decoder"].components, "unet": unet}))
-        _encode_from_cache(pipe, (cached["mclip_embeds"], cached["mclip_hidden"], None),
-                           (empty["mclip_embeds"], empty["mclip_hidden"], None), len(self.items))
+        _encode_from_cache(
+            pipe,
+            (cached["mclip_embeds"], cached["mclip_hidden"], None),
+            (empty["mclip_embeds"], empty["mclip_hidden"], None),
+            len(self.items),
+        )
         return pipe
 
     def conclude(self, result: TrainResult) -> dict[str, float]:
@@ -252,9 +276,13 @@ class Validator:
             write_curve(plot_path, result.validations, self.columns)
             self.tracker.log_artifact(plot_path)
         if pictures_dir:
-            write_pictures(Path(pictures_dir), self.last, self.items, self.cache.rows,
-                           {"sampling_steps": self.steps, "guidance_scale": self.guidance,
-                            "resolution": self.resolution})
+            write_pictures(
+                Path(pictures_dir),
+                self.last,
+                self.items,
+                self.cache.rows,
+                {"sampling_steps": self.steps, "guidance_scale": self.guidance, "resolution": self.resolution},
+            )
             self.tracker.log_artifact(pictures_dir, PICTURES_KEY)  # validation/<folder name>/
 
 
@@ -309,13 +337,15 @@ def _encode_from_cache(pipe, positive: tuple, negative: tuple, k: int) -> None:
     returns (diffusers 0.42.1, both pipelines: embeds, hidden states, mask; under guidance the
     empty caption's rows first), one prompt per item. tests/test_validate.py checks the pictures
     against the pipelines fed the captions themselves."""
+
     def encode(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None):
         if len(prompt) != k or num_images_per_prompt != 1 or negative_prompt is not None:
             raise PipelineError("validation: the cached captions serve one image per item, no negative prompt")
         if not do_classifier_free_guidance:
             return positive
-        return tuple(None if p is None else torch.cat([n.expand_as(p).to(p.dtype), p])
-                     for p, n in zip(positive, negative))
+        return tuple(
+            None if p is None else torch.cat([n.expand_as(p).to(p.dtype), p]) for p, n in zip(positive, negative)
+        )
 
     pipe._encode_prompt = encode
 
@@ -350,8 +380,7 @@ def write_curve(path: str, validations: list[dict], columns: tuple[str, ...]) ->
             writer.writerow({k: record.get(k, "") for k in columns})
 
 
-def write_pictures(folder: Path, last: Pictures | None, items: np.ndarray, rows: np.ndarray,
-                   settings: dict) -> None:
+def write_pictures(folder: Path, last: Pictures | None, items: np.ndarray, rows: np.ndarray, settings: dict) -> None:
     """``NNNN.png`` per item (PNG without metadata: same pixels, same bytes), ``grid.png`` (held-out
     above, drawn below) and ``items.json`` (which cache positions and captions.parquet rows)."""
     with atomic_dir(folder) as tmp:
@@ -359,7 +388,11 @@ def write_pictures(folder: Path, last: Pictures | None, items: np.ndarray, rows:
             for i, image in enumerate(last.images):
                 image.convert("RGB").save(Path(tmp) / f"{i:04d}.png", format="PNG")
             last.grid.save(Path(tmp) / "grid.png", format="PNG")
-        write_json(Path(tmp) / "items.json", {
-            "step": last.step if last is not None else None,
-            "items": [{"position": int(p), "row": int(rows[p])} for p in items],
-            **settings})
+        write_json(
+            Path(tmp) / "items.json",
+            {
+                "step": last.step if last is not None else None,
+                "items": [{"position": int(p), "row": int(rows[p])} for p in items],
+                **settings,
+            },
+        )
