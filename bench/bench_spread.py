@@ -14,7 +14,9 @@ of every process of the run (VmHWM, polled every 0.2 s) is reported per process.
 * default: embed (the train split) and evaluate (``--steps`` diffusion steps, default params
   otherwise) under ``python`` and under two gloo processes (ACCELERATE_USE_CPU=1); evaluate also
   with ``evaluate.workers`` 1 (one process) and 2 (the default: base and tuned in two processes).
-  Rates leave the start-up out: embed's own images/s line, evaluate's sampling bars' time;
+  Rates leave the start-up out: embed's own images/s line, evaluate's sampling bars' time. Every
+  output file of embed (the cache) and of evaluate (reports/) is compared byte for byte, one
+  process against two (``embed_files``, ``evaluate_files``: how many, and which differ);
 * ``--rss``: evaluate at ``evaluate.num_prompts`` 200 and 2,000, ``diffusion_steps`` 10 (issue 22:
   peak RSS within 20 %);
 * ``--fullsize`` (CUDA): Kandinsky 2.1 at its published size with random weights
@@ -178,6 +180,17 @@ def images_of(params: dict) -> int:
     return 2 * (2 * params["evaluate"]["num_prompts"] + 1)
 
 
+def same_files(a: Path, b: Path) -> dict:
+    """Every file under ``a`` and ``b`` compared byte for byte: how many, and which differ."""
+    names = sorted({p.relative_to(root) for root in (a, b) for p in root.rglob("*") if p.is_file()})
+    differ = [
+        str(n)
+        for n in names
+        if not ((a / n).is_file() and (b / n).is_file()) or (a / n).read_bytes() != (b / n).read_bytes()
+    ]
+    return {"files": len(names), "differ": differ}
+
+
 def cpu_figures(args) -> dict:
     project, work = args.project.resolve(), args.work.resolve()
     params = base_params(project)
@@ -208,6 +221,9 @@ def cpu_figures(args) -> dict:
     out["evaluate_metrics_identical"] = (work / "evaluate-1-1/reports/metrics.json").read_bytes() == (
         work / "evaluate-2-2/reports/metrics.json"
     ).read_bytes()
+    # issue 30's check: every output file of the stage, one process against two
+    out["embed_files"] = same_files(work / "embed-1/cache", work / "embed-2/cache")
+    out["evaluate_files"] = same_files(work / "evaluate-1-1/reports", work / "evaluate-2-2/reports")
     out["settings"] = {
         "diffusion_steps": args.steps,
         "embed_images": "data/extracted/train",
