@@ -102,7 +102,7 @@ def main() -> None:
         }
         print(
             f"batch {args.batch}, {args.repeats} interleaved rounds, torch threads {torch.get_num_threads()}; "
-            f"median step, ratio to the default's median"
+            f"median step, ratio to the default's median (the rounds' ratios, quartiles)"
         )
         for name, (make_task, net, scheduler) in models.items():
             batch = make_task(None).batch(items, torch.device("cpu"))
@@ -117,7 +117,9 @@ def main() -> None:
             reference = statistics.median(times["default"])
             for option, ts in times.items():
                 m = statistics.median(ts)
-                print(f"{name:8s} {option:24s} {1000 * m:7.1f} ms  x{m / reference:.2f}")
+                # each round's ratio to the default's step of the same round: the noise
+                q1, _, q3 = statistics.quantiles([t / d for t, d in zip(ts, times["default"])], n=4)
+                print(f"{name:8s} {option:24s} {1000 * m:7.1f} ms  x{m / reference:.2f}  (rounds: {q1:.2f}-{q3:.2f})")
 
 
 if __name__ == "__main__":
