@@ -3,6 +3,7 @@
 Usage:
     python bench/bench_spread.py --project DIR [--steps 200]    # CPU: one process vs two (gloo)
     python bench/bench_spread.py --project DIR --rss            # evaluate at 200 and 2,000 prompts
+    python bench/bench_spread.py --project DIR --train          # train_prior: one process vs two
     python bench/bench_spread.py --fullsize --processes 1 8     # GPUs: full size, images/s per GPU
     python bench/bench_spread.py --fullsize --tiny --processes 1 2 --steps 4   # its smoke test, CPU
 
@@ -17,6 +18,8 @@ of every process of the run (VmHWM, polled every 0.2 s) is reported per process.
   Rates leave the start-up out: embed's own images/s line, evaluate's sampling bars' time. Every
   output file of embed (the cache) and of evaluate (reports/) is compared byte for byte, one
   process against two (``embed_files``, ``evaluate_files``: how many, and which differ);
+* ``--train``: train_prior with the project's params under ``python`` and under two gloo
+  processes: optimiser steps, the largest gap between the loss curves and between the weights;
 * ``--rss``: evaluate at ``evaluate.num_prompts`` 200 and 2,000, ``diffusion_steps`` 10 (issue 22:
   peak RSS within 20 %);
 * ``--fullsize`` (CUDA): Kandinsky 2.1 at its published size with random weights
@@ -232,6 +235,36 @@ def cpu_figures(args) -> dict:
     return out
 
 
+def train_figures(args) -> dict:
+    """train_prior as dvc.yaml starts it, one process against two, the project's params (its
+    ``batch_size`` is the global batch): the optimiser steps, the largest gap between the two
+    loss curves and between the two trained networks' weights (issue 30's check)."""
+    from safetensors.numpy import load_file
+
+    project, work = args.project.resolve(), args.work.resolve()
+    params = base_params(project)
+    cache = project / "data/cache"
+    out: dict = {"batch_size": params["batch_size"]}
+    for n in (1, 2):
+        stage_args = ["--cache", cache / "train", "--out", "prior"]
+        stage_args += ["--checkpoints", "checkpoints", "--summary", "prior.json", "--plot", "curve.csv"]
+        rec = run(work, f"train-{n}", params, launcher(n), "train_prior.py", stage_args, cpu=True)
+        rec.pop("log")
+        summary = json.loads((work / f"train-{n}/prior.json").read_text())
+        out[f"{n} process{'es' if n > 1 else ''}"] = {**rec, "steps": summary["steps"]}
+    curves = []
+    for n in (1, 2):
+        rows = (work / f"train-{n}/curve.csv").read_text().splitlines()[1:]
+        curves.append([float(row.split(",")[2]) for row in rows])
+    out["curve_points"] = len(curves[0])
+    out["curve_gap"] = max(abs(a - b) for a, b in zip(*curves)) if len(curves[0]) == len(curves[1]) else None
+    weights = "prior/prior/diffusion_pytorch_model.safetensors"
+    one, two = (load_file(str(work / f"train-{n}/{weights}")) for n in (1, 2))
+    out["weight_gap"] = max(float(abs(one[k].astype("float64") - two[k]).max()) for k in one)
+    out["weights_identical"] = (work / f"train-1/{weights}").read_bytes() == (work / f"train-2/{weights}").read_bytes()
+    return out
+
+
 def rss_figures(args) -> dict:
     project, work = args.project.resolve(), args.work.resolve()
     params = base_params(project)
@@ -357,6 +390,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "build" / "bench_spread")
     parser.add_argument("--steps", type=int, default=None, help="diffusion_steps (CPU 200, full size 500)")
     parser.add_argument("--rss", action="store_true", help="evaluate's peak RSS at 200 and 2,000 prompts")
+    parser.add_argument("--train", action="store_true", help="train_prior in one process and two: steps, gaps")
     parser.add_argument("--fullsize", action="store_true", help="full-size networks on GPUs")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 8], help="--fullsize: GPUs per run")
     parser.add_argument("--products", type=int, default=256, help="--fullsize: train products (x 4 poses)")
@@ -374,6 +408,8 @@ def main() -> None:
         result = fullsize_figures(args)
     elif args.rss:
         result = rss_figures(args)
+    elif args.train:
+        result = train_figures(args)
     else:
         args.steps = args.steps or 200
         result = cpu_figures(args)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashiondiff.batching import split_batch
 from fashiondiff.disk import checkpoint_bytes, checkpoints_at_peak, existing, folder_bytes, gb
 from fashiondiff.errors import PipelineError
 
@@ -124,8 +125,6 @@ def make_plan(params, root: Path = Path(".")) -> Plan:
         raise PipelineError(f"plan: data file not found: {', '.join(missing)} (data.files)")
     n_train, held_train = rows_of(str(root / files.train), fraction, seed)
     train_rows = n_train - held_train if fraction else n_train
-    from fashiondiff.train.loop import split_batch  # the loop's own arithmetic (and refusal)
-
     world, accumulation = processes(params.compute.launcher), params.train.gradient_accumulation_steps
     per_process = split_batch(params.batch_size, world, accumulation)
     per_epoch = train_rows // params.batch_size  # optimiser steps; the last partial batch is dropped

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fashiondiff.batching import split_batch
 from fashiondiff.config.schema import duration_s
 from fashiondiff.errors import PipelineError, Stopped
 from fashiondiff.train.checkpoints import (
@@ -166,18 +167,6 @@ class _Plan:
     @property
     def global_batch(self) -> int:
         return self.per_rank * self.processes * self.accumulation
-
-
-def split_batch(batch_size: int, world: int, accumulation: int) -> int:
-    """Each process's share of a global batch per micro-step, or a one-line refusal."""
-    parts = world * accumulation
-    if batch_size % parts:
-        raise PipelineError(
-            f"params: batch_size {batch_size} (the global batch) does not divide into {world} "
-            f"process{'es' if world > 1 else ''} x {accumulation} accumulated micro-batch"
-            f"{'es' if accumulation > 1 else ''}: use a multiple of {parts}"
-        )
-    return batch_size // parts
 
 
 def _plan(n: int, sched: Schedule, world: int, accumulation: int, acc) -> _Plan:
