@@ -242,10 +242,16 @@ def train_figures(args) -> dict:
     from safetensors.numpy import load_file
 
     project, work = args.project.resolve(), args.work.resolve()
-    params = base_params(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
     cache = project / "data/cache"
     out: dict = {"batch_size": params["batch_size"]}
     for n in (1, 2):
+        # the cache names the base models by params' relative paths: the same paths here
+        for key in ("prior", "decoder"):
+            link = work / f"train-{n}" / params["model"][key]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(project / params["model"][key])
         stage_args = ["--cache", cache / "train", "--out", "prior"]
         stage_args += ["--checkpoints", "checkpoints", "--summary", "prior.json", "--plot", "curve.csv"]
         rec = run(work, f"train-{n}", params, launcher(n), "train_prior.py", stage_args, cpu=True)
