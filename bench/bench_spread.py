@@ -386,7 +386,8 @@ def why_skipped(args) -> str:
         return "" if args.tiny or torch.cuda.is_available() else "no CUDA device (--fullsize --tiny runs on the CPU)"
     project = args.project.resolve()
     model = yaml.safe_load((project / "params.yaml").read_text())["model"]
-    missing = [p for p in (*PROJECT_OUTPUTS, model["prior"], model["decoder"]) if not (project / p).is_dir()]
+    needed = (*PROJECT_OUTPUTS, model["prior"], model["decoder"], *(["data/cache/train"] if args.train else []))
+    missing = [p for p in needed if not (project / p).is_dir()]
     return f"no `dvc repro` outputs in {project} ({', '.join(missing)}): `make repro` first" if missing else ""
 
 
