@@ -37,39 +37,15 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from fashiondiff.processes import accelerate_launch
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def launcher(processes: int) -> list[str]:
-    """How dvc.yaml would start the stage: compute.launcher for ``processes`` processes."""
-    if processes == 1:
-        return [sys.executable]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-    ]
 
 
 def _tree(root: int) -> list[int]:
@@ -203,7 +179,7 @@ def cpu_figures(args) -> dict:
             work,
             f"embed-{n}",
             params,
-            launcher(n),
+            accelerate_launch(n),
             "embed.py",
             [project / "data/extracted/train", "train", "cache"],
             cpu=True,
@@ -214,7 +190,9 @@ def cpu_figures(args) -> dict:
     configs = {"1 process": (1, 1), "1 process + 2 sampling workers (default)": (1, 2), "2 processes": (2, 2)}
     for label, (n, workers) in configs.items():
         p = {**ev, "evaluate": {**ev["evaluate"], "workers": workers}}
-        rec = run(work, f"evaluate-{n}-{workers}", p, launcher(n), "evaluate.py", evaluate_args(project), cpu=True)
+        rec = run(
+            work, f"evaluate-{n}-{workers}", p, accelerate_launch(n), "evaluate.py", evaluate_args(project), cpu=True
+        )
         sampling = sampling_seconds(rec.pop("log"))
         out["evaluate"][label] = {
             **rec,
@@ -254,7 +232,7 @@ def train_figures(args) -> dict:
                 link.symlink_to(project / params["model"][key])
         stage_args = ["--cache", cache / "train", "--out", "prior"]
         stage_args += ["--checkpoints", "checkpoints", "--summary", "prior.json", "--plot", "curve.csv"]
-        rec = run(work, f"train-{n}", params, launcher(n), "train_prior.py", stage_args, cpu=True)
+        rec = run(work, f"train-{n}", params, accelerate_launch(n), "train_prior.py", stage_args, cpu=True)
         rec.pop("log")
         summary = json.loads((work / f"train-{n}/prior.json").read_text())
         out[f"{n} process{'es' if n > 1 else ''}"] = {**rec, "steps": summary["steps"]}
@@ -277,7 +255,7 @@ def rss_figures(args) -> dict:
     out = {}
     for prompts in (200, 2000):
         p = {**params, "diffusion_steps": 10, "evaluate": {**params["evaluate"], "num_prompts": prompts}}
-        rec = run(work, f"rss-{prompts}", p, launcher(1), "evaluate.py", evaluate_args(project), cpu=True)
+        rec = run(work, f"rss-{prompts}", p, accelerate_launch(1), "evaluate.py", evaluate_args(project), cpu=True)
         rec.pop("log")
         out[f"{prompts} prompts"] = {**rec, "images": images_of(p)}
     a, b = (max(out[k]["peak_rss_bytes"].values()) for k in ("200 prompts", "2000 prompts"))
@@ -333,7 +311,13 @@ def fullsize_figures(args) -> dict:
     }
     for n in args.processes:
         rec = run(
-            work, f"embed-{n}", params, launcher(n), "embed.py", [data / "train", "train", "cache"], cpu=args.tiny
+            work,
+            f"embed-{n}",
+            params,
+            accelerate_launch(n),
+            "embed.py",
+            [data / "train", "train", "cache"],
+            cpu=args.tiny,
         )
         rate = float(re.findall(r"([\d.]+) images/s", rec.pop("log"))[-1])
         out["embed"][n] = {**rec, "images_per_s": rate, "images_per_s_per_gpu": round(rate / n, 2)}
@@ -341,7 +325,7 @@ def fullsize_figures(args) -> dict:
             work,
             f"evaluate-{n}",
             params,
-            launcher(n),
+            accelerate_launch(n),
             "evaluate.py",
             [
                 "--catalogue",

@@ -17,7 +17,7 @@ import torch
 from pipeline_fixtures import REPO, run_stage, stage_params
 from safetensors.torch import load_file
 
-from fashiondiff.processes import free_port, project_env
+from fashiondiff.processes import accelerate_launch, project_env
 
 pytestmark = pytest.mark.slow
 STOP_BOUND_S = 60  # the README's bound on this machine: log_every steps, one checkpoint save, exit
@@ -41,33 +41,13 @@ def train_args(root: Path, cache: Path) -> list[str]:
     ]
 
 
-def launcher(processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable]
-    return [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
-
-
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identical(
     tmp_path, tiny_base, train_cache, processes
 ):
     params = stage_params(tiny_base, epochs=60, **{"train.checkpoint_every": 1000, "train.log_every": 3})
     env = {"ACCELERATE_USE_CPU": "1"} if processes > 1 else {}
-    cmd = launcher(processes)
+    cmd = accelerate_launch(processes)
     straight = tmp_path / "straight"
     run_stage(straight, params, "train_prior.py", *train_args(straight, train_cache), launcher=cmd, **env)
 
@@ -77,7 +57,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identica
     log = stopped / "log.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [*launcher(processes), str(REPO / "stages/train_prior.py"), *train_args(stopped, train_cache)],
+            [*accelerate_launch(processes), str(REPO / "stages/train_prior.py"), *train_args(stopped, train_cache)],
             cwd=stopped,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -104,7 +84,12 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_bit_identica
         assert proc.returncode == 143
 
     resumed = run_stage(
-        stopped, params, "train_prior.py", *train_args(stopped, train_cache), launcher=launcher(processes), **env
+        stopped,
+        params,
+        "train_prior.py",
+        *train_args(stopped, train_cache),
+        launcher=accelerate_launch(processes),
+        **env,
     )
     assert f"resumed from step {step}" in resumed.stdout + resumed.stderr
     a, b = (load_file(root / "models/prior/prior/diffusion_pytorch_model.safetensors") for root in (straight, stopped))

@@ -22,34 +22,15 @@ from conftest import params_tree, replaced, repo_params
 from pipeline_fixtures import REPO, run_stage, stage_params
 from test_evaluate import NAMES, OBJECTS, RecordingTracker, extracted_folder
 
-from fashiondiff.processes import free_port, project_env
+from fashiondiff.processes import accelerate_launch, project_env
 
 PROCESS_TIMEOUT = 120  # compute.timeout_s in these tests: a hang fails the test, not the suite
 GLOO = {"ACCELERATE_USE_CPU": "1"}  # accelerate's processes on the CPU
 
 
-def launcher(n: int) -> list[str]:
-    """`accelerate launch` with ``n`` processes on a free port (run with GLOO in the environment)."""
-    return [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(n),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
-
-
 @pytest.fixture
 def cpu_processes() -> list[str]:
-    return launcher(2)
+    return accelerate_launch(2)
 
 
 def same_files(a: Path, b: Path) -> list[str]:
@@ -302,7 +283,7 @@ def test_evaluate_in_n_processes_writes_the_same_samples_and_metrics(evaluation,
     that cuts across base's and tuned's tasks; every forward pass still sees the batch it sees
     alone."""
     root, params, args, cwd = evaluation
-    run_stage(cwd(f"n{n}"), params, "evaluate.py", *args, "--reports", "reports", launcher=launcher(n), **GLOO)
+    run_stage(cwd(f"n{n}"), params, "evaluate.py", *args, "--reports", "reports", launcher=accelerate_launch(n), **GLOO)
     one, two = root / "one" / "reports", root / f"n{n}" / "reports"
     names = same_files(one / "samples", two / "samples")
     # domains x models x prompts; x (strength 0.5, mix) x 3 edited photos; two real_images.txt, three figures

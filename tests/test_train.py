@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from fashiondiff.cache.reader import open_cache
 from fashiondiff.models.loader import load_decoder, load_prior
-from fashiondiff.processes import free_port, project_env
+from fashiondiff.processes import accelerate_launch, project_env
 from fashiondiff.train.decoder import DecoderTask
 from fashiondiff.train.draws import SampleDraws
 from fashiondiff.train.prior import PriorTask
@@ -233,25 +233,6 @@ def _batch_split(root: Path) -> list[str]:
     return runs[["params.batch_global", "params.batch_per_process", "params.processes"]].values.tolist()[0]
 
 
-def _launcher(n: int) -> list[str]:
-    accelerate = Path(sys.executable).with_name("accelerate")
-    return [
-        str(accelerate),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(n),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "variant", [pytest.param({}, id="full"), pytest.param({"prior.lora_rank": 4, "lr": 0.005}, id="lora")]
@@ -274,7 +255,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_base, train_
         params,
         "train_prior.py",
         *train_args(tmp_path, "prior", train_cache),
-        launcher=_launcher(2),
+        launcher=accelerate_launch(2),
         ACCELERATE_USE_CPU="1",
         FASHIONDIFF_TRACKING="on",
     )

@@ -22,7 +22,7 @@ from pipeline_fixtures import REPO, run_stage, stage_params
 from safetensors.torch import load_file
 from test_train import train_args
 
-from fashiondiff.processes import free_port, project_env
+from fashiondiff.processes import accelerate_launch, project_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")  # mlflow's own
 
@@ -179,31 +179,13 @@ def test_kill_9_and_resume_with_validation_on_repeats_none(tmp_path, watched, tr
     assert files(root / "pictures") == files(tmp_path / "pictures")
 
 
-def _launcher() -> list[str]:
-    return [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
-
-
 def _two_processes(tmp_path: Path, params: dict, args: list, check: bool = True):
     return run_stage(
         tmp_path,
         params,
         "train_decoder.py",
         *args,
-        launcher=_launcher(),
+        launcher=accelerate_launch(2),
         check=check,
         timeout=300,
         ACCELERATE_USE_CPU="1",

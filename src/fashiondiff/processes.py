@@ -38,6 +38,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def accelerate_launch(processes: int) -> list[str]:
+    """The command that starts a stage in ``processes`` processes on this machine, as a
+    multi-process ``compute.launcher`` would: ``accelerate launch`` on a free port, without mixed
+    precision or dynamo (with ACCELERATE_USE_CPU=1 in the environment: gloo on the CPU). One
+    process: ``python`` itself. For tests and benchmarks that run the stages' own scripts."""
+    if processes == 1:
+        return [sys.executable]
+    return [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
 def project_env(src: Path | None = None, **extra: str) -> dict[str, str]:
     """This environment, set up for the project's programs: the package in ``src`` importable (by
     default this one; a copied project names its own), this Python's programs first on PATH (dvc,
