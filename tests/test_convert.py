@@ -364,3 +364,35 @@ def test_sigterm_leaves_no_output_and_no_temp_file(tmp_path):
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err
     assert sorted(os.listdir(tmp_path)) == ["captions.csv", "photos"]
+
+
+FORK_STOP = """
+import os, runpy, signal, sys
+
+def after_fork():  # only once convert's handler is in: the SIGTERM's exception is raised in here
+    if callable(signal.getsignal(signal.SIGTERM)):
+        os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(3):
+        pass
+
+os.register_at_fork(after_in_parent=after_fork)
+sys.argv = ["fashiondiff", *sys.argv[1:]]
+runpy.run_module("fashiondiff", run_name="__main__")
+"""
+
+
+def test_sigterm_while_the_decoders_start_stops_it_all_the_same(shop, tmp_path):
+    """A SIGTERM during the fork of a decoding process: Python drops the exception it raises there;
+    convert stops at its next batch, with its one line and no output, instead of running to its end."""
+    args = ["convert", "--images", shop / "photos", "--captions", shop / "captions.csv"]
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_STOP, *map(str, args), "--out", str(tmp_path / "out.h5"), "--workers", "1"],
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 143 and result.stderr.strip().splitlines()[-1] == "error: stopped by SIGTERM", (
+        result.stdout + result.stderr
+    )
+    assert "Exception ignored" not in result.stderr and os.listdir(tmp_path) == []

@@ -192,13 +192,13 @@ def pending(pid: int, sig: int) -> bool:
     return False
 
 
+def stopped(pid: int) -> bool:
+    """Whether ``pid`` has stopped (SIGSTOP): until then a SIGTERM sent after it may be taken
+    first (the lower signal number), and is no longer pending once it stops."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
 @pytest.mark.slow  # two gloo processes, stopped and resumed
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 30): on the AMD EPYC CI machine, after the relayed SIGTERM, process 0 can wait "
-    "for the process that already stopped longer than the elastic agent's 30 s grace and is killed (one "
-    "stop line instead of two), or the SIGTERM is not pending on both nodes within 30 s; passed in 2 of 9 runs here",
-)
 def test_embed_on_two_nodes_stops_on_sigterm_and_resumes_to_the_one_process_cache(
     tmp_path, tiny_base, extracted, train_cache
 ):
@@ -228,6 +228,7 @@ def test_embed_on_two_nodes_stops_on_sigterm_and_resumes_to_the_one_process_cach
     for group in groups:
         os.killpg(group, signal.SIGSTOP)
     try:
+        wait_for(lambda: all(stopped(pid) for pid in ranks.values()), "both stage processes stopped", 30)
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: all(pending(pid, signal.SIGTERM) for pid in ranks.values()), "SIGTERM on both nodes", 30)
     finally:

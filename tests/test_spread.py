@@ -207,6 +207,44 @@ def test_embed_sigterm_keeps_the_finished_batches_and_the_rerun_resumes(tmp_path
     same_files(train_cache, tmp_path / "cache")
 
 
+SWALLOWED = """
+import os, signal
+from fashiondiff.errors import cli
+from fashiondiff.spread import Ranks, stop_on_signals
+
+def after_fork():  # the SIGTERM's exception is raised in here, where Python drops it
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(3):
+        pass
+
+os.register_at_fork(after_in_parent=after_fork)
+
+@cli
+def main():
+    with stop_on_signals():
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+        print("past the fork", flush=True)
+        Ranks("embed", 60.0).gather(None, "a batch")
+        print("past the hand-over", flush=True)
+
+main()
+"""
+
+
+def test_a_signal_whose_exception_python_dropped_stops_at_the_next_hand_over():
+    """A SIGTERM during a fork's after-fork hooks (a DataLoader starting its workers): Python drops
+    the handler's exception there, silently inside stop_on_signals; the stage stops with its one
+    line at the next hand-over instead of running to its end."""
+    result = subprocess.run(
+        [sys.executable, "-c", SWALLOWED], capture_output=True, text=True, env=project_env(), timeout=60
+    )
+    assert result.stdout.splitlines() == ["past the fork"], result.stdout + result.stderr
+    assert result.returncode == 143 and result.stderr == "error: stopped by SIGTERM\n", result.stderr
+
+
 def test_embed_full_disk_at_the_start_names_the_file(tmp_path, tiny_base, extracted, train_cache):
     """The arrays are reserved on disk before any encoding (a full disk mid-run would otherwise be
     a SIGBUS at a write into a memory map): no room is one line at once, naming the file; an

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class HandOverFailed(PipelineError):
     """Another process died during a hand-over, or did not come within ``timeout_s``."""
 
 
+_received: list[int] = []  # the signals :func:`stop_on_signals` caught in this process, first first
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Inside the block, SIGTERM and SIGINT raise :class:`Interrupted` (a :class:`Stopped` when it
@@ -65,7 +69,13 @@ def stop_on_signals() -> Iterator[None]:
     Past the block (the error being printed, the
     interpreter exiting) the previous handlers are back: a late SIGTERM ends the process, not
     an atexit handler with a traceback. A forked child (a DataLoader worker) inherits the
-    handler and keeps the defaults: SIGINT is KeyboardInterrupt there, SIGTERM ends it."""
+    handler and keeps the defaults: SIGINT is KeyboardInterrupt there, SIGTERM ends it.
+
+    The exception can be lost: Python prints ("Exception ignored in"), and then drops, one raised
+    in a callback it runs itself (seen in tests/test_launch.py: in ``os.fork``'s after-fork hooks,
+    while a DataLoader started its workers; the stage then ran to its end). So the signal is also
+    recorded, every hand-over first calls :func:`raise_if_stopped` (a lost one stops the stage
+    there, at its next batch), and inside the block such a drop prints nothing."""
     owner = os.getpid()
 
     def handler(signum, frame):
@@ -75,9 +85,15 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        _received.append(signum)
         raise Interrupted(signum)
 
+    def unraisable(info):
+        if not isinstance(info.exc_value, Interrupted):
+            previous_hook(info)
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     except Interrupted as exc:  # not inside the stage's resumable work: nothing to add
@@ -85,6 +101,15 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        sys.unraisablehook = previous_hook
+        _received.clear()
+
+
+def raise_if_stopped() -> None:
+    """:class:`Interrupted` if :func:`stop_on_signals` caught a signal: its own exception may have
+    been dropped, and no work is to start once a stop was asked."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def batch_runs(batches) -> list[list[int]]:
@@ -168,7 +193,7 @@ class Ranks:
         """This process's contiguous part of ``items``; the first ``len % count`` take one more."""
         per, extra = divmod(len(items), self.count)
         start = self.index * per + min(self.index, extra)
-        return list(items[start:start + per + (self.index < extra)])
+        return list(items[start : start + per + (self.index < extra)])
 
     def rounds(self, n: int) -> int:
         """Hand-over rounds for ``n`` items shared out by :meth:`shard`: the longest part."""
@@ -176,6 +201,7 @@ class Ranks:
 
     def gather(self, obj, what: str) -> list | None:
         """Process 0: every process's ``obj`` in process order; the others: None."""
+        raise_if_stopped()
         if self.count == 1:
             return [obj]
         import torch.distributed as dist
@@ -187,12 +213,15 @@ class Ranks:
         except RuntimeError as exc:  # a process died during the hand-over itself
             if _foreign(exc):
                 raise
-            raise HandOverFailed(f"{self.stage}: process {self.index} of {self.count} lost another process "
-                                 f"while handing over {what} ({_first_line(exc)})") from None
+            raise HandOverFailed(
+                f"{self.stage}: process {self.index} of {self.count} lost another process "
+                f"while handing over {what} ({_first_line(exc)})"
+            ) from None
         return out
 
     def broadcast(self, obj, what: str):
         """Process 0's ``obj``, on every process."""
+        raise_if_stopped()
         if self.count == 1:
             return obj
         import torch.distributed as dist
@@ -204,8 +233,10 @@ class Ranks:
         except RuntimeError as exc:
             if _foreign(exc):
                 raise
-            raise HandOverFailed(f"{self.stage}: process {self.index} of {self.count} lost another process "
-                                 f"while receiving {what} ({_first_line(exc)})") from None
+            raise HandOverFailed(
+                f"{self.stage}: process {self.index} of {self.count} lost another process "
+                f"while receiving {what} ({_first_line(exc)})"
+            ) from None
         return box[0]
 
     def _meet(self, what: str) -> None:
@@ -214,18 +245,20 @@ class Ranks:
 
         started = time.monotonic()
         try:
-            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=self.timeout_s),
-                                   wait_all_ranks=True)
+            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True)
         except RuntimeError as exc:
             if _foreign(exc):
                 raise
             waited = time.monotonic() - started
             if waited < 0.9 * self.timeout_s:  # gloo words a vanished process as a timeout too
-                raise HandOverFailed(f"{self.stage}: process {self.index} of {self.count} lost another process "
-                                     f"at the hand-over of {what} ({_first_line(exc)})") from None
+                raise HandOverFailed(
+                    f"{self.stage}: process {self.index} of {self.count} lost another process "
+                    f"at the hand-over of {what} ({_first_line(exc)})"
+                ) from None
             raise HandOverFailed(
                 f"{self.stage}: process {self.index} of {self.count} waited {waited:.0f} s (compute.timeout_s "
-                f"{self.timeout_s:g}) at the hand-over of {what}: {_first_line(exc)}") from None
+                f"{self.timeout_s:g}) at the hand-over of {what}: {_first_line(exc)}"
+            ) from None
 
     def close(self) -> None:
         """Leave the process group (after the last hand-over)."""

@@ -66,6 +66,7 @@ from fashiondiff.data.captions import clean
 from fashiondiff.data.fashiongen import ID_KEY, IMAGE_KEY, TEXT_FIELDS
 from fashiondiff.errors import PipelineError, first_line
 from fashiondiff.io import atomic_file
+from fashiondiff.spread import raise_if_stopped
 
 SIZE = 256  # FashionGen's pictures are 256 x 256
 WHITE = (255, 255, 255)  # FashionGen's photos are product shots on white
@@ -393,10 +394,12 @@ def _decoded(batches: list[list[str]], workers: int) -> Iterator[list[np.ndarray
     pending: deque = deque()
     try:
         for batch in batches:
-            pending.append(pool.submit(_load_batch, batch))
+            pending.append(pool.submit(_load_batch, batch))  # may fork: a signal there is dropped
             if len(pending) > 2 * workers:
+                raise_if_stopped()
                 yield pending.popleft().result()
         while pending:
+            raise_if_stopped()
             yield pending.popleft().result()
     except BrokenProcessPool:
         raise PipelineError(
