@@ -245,6 +245,54 @@ def test_a_signal_whose_exception_python_dropped_stops_at_the_next_hand_over():
     assert result.returncode == 143 and result.stderr == "error: stopped by SIGTERM\n", result.stderr
 
 
+LOADER_DIES_TOO = """
+import os, signal, time
+from torch.utils.data._utils import signal_handling
+from fashiondiff.errors import cli
+from fashiondiff.spread import Interrupted, stop_on_signals, with_kept
+
+both = {signal.SIGTERM, signal.SIGCHLD}
+
+@cli
+def main():
+    with stop_on_signals():
+        signal_handling._set_SIGCHLD_handler()  # what a DataLoader with workers installs
+        signal.pthread_sigmask(signal.SIG_BLOCK, both)
+        loader = os.fork()
+        if loader == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+            time.sleep(60)
+            os._exit(0)
+        signal_handling._set_worker_pids(1, (loader,))  # torch watches it, as a loader's
+        os.kill(loader, signal.SIGTERM)  # the agent's killpg: the loader and this process
+        while open(f"/proc/{loader}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, both)  # both at once, SIGTERM's handler first
+            for _ in range(3):
+                pass
+        except Interrupted as exc:
+            for _ in range(3):  # where torch's handler would raise the loader's death
+                pass
+            raise with_kept("embed", exc, "the finished batches are kept") from None
+
+main()
+"""
+
+
+def test_the_loader_dying_of_the_same_sigterm_leaves_the_stop_line():
+    """The agent's SIGTERM goes to the stage process's group: its DataLoader process dies of it
+    too, and torch's SIGCHLD handler raises that death wherever the process is next, here while
+    it words its stop. The stop wins: one line, status 143, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER_DIES_TOO], capture_output=True, text=True, env=project_env(), timeout=60
+    )
+    assert result.returncode == 143, result.stderr
+    assert result.stderr == "error: embed: stopped by SIGTERM; the finished batches are kept\n", result.stderr
+
+
 def test_embed_full_disk_at_the_start_names_the_file(tmp_path, tiny_base, extracted, train_cache):
     """The arrays are reserved on disk before any encoding (a full disk mid-run would otherwise be
     a SIGBUS at a write into a memory map): no room is one line at once, naming the file; an

@@ -75,7 +75,13 @@ def stop_on_signals() -> Iterator[None]:
     in a callback it runs itself (seen in tests/test_launch.py: in ``os.fork``'s after-fork hooks,
     while a DataLoader started its workers; the stage then ran to its end). So the signal is also
     recorded, every hand-over first calls :func:`raise_if_stopped` (a lost one stops the stage
-    there, at its next batch), and inside the block such a drop prints nothing."""
+    there, at its next batch), and inside the block such a drop prints nothing.
+
+    A DataLoader's processes share the stage process's group, so a signal sent to the group
+    (torch elastic's agent: ``killpg``) ends them too, and torch's SIGCHLD handler raises their
+    death ("DataLoader worker ... is killed by signal") wherever this process is next: seen in
+    tests/test_launch.py, in the middle of the stop, a traceback instead of the line. Once a
+    stop is asked, SIGCHLD does nothing for the rest of the process, which is ending."""
     owner = os.getpid()
 
     def handler(signum, frame):
@@ -86,6 +92,7 @@ def stop_on_signals() -> Iterator[None]:
             os.kill(os.getpid(), signum)
             return
         _received.append(signum)
+        _quiet_loader_deaths()
         raise Interrupted(signum)
 
     def unraisable(info):
@@ -103,6 +110,18 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, old)
         sys.unraisablehook = previous_hook
         _received.clear()
+
+
+def _quiet_loader_deaths() -> None:
+    """A handler that does nothing for SIGCHLD, if a Python one (torch's, for DataLoader processes)
+    holds it. Not the default: a SIGCHLD already received would be written out as "ignored due
+    to race condition" when Python comes to run its handler."""
+    if hasattr(signal, "SIGCHLD") and callable(signal.getsignal(signal.SIGCHLD)):
+        signal.signal(signal.SIGCHLD, _nothing)
+
+
+def _nothing(signum, frame) -> None:
+    pass
 
 
 def raise_if_stopped() -> None:
