@@ -38,10 +38,10 @@ browser:
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), each test file in one of them; the
 # tests use one torch thread each (tests/conftest.py), so 2 fills this machine's 2 cores.
-# `make test`: every test, 31 min on an AMD EPYC's 2 cores (360 tests), 13 min 43 s on an Intel Xeon's (340 tests; 3 workers did not help, the
+# `make test`: every test, 33 min on an AMD EPYC's 2 cores (363 tests), 13 min 43 s on an Intel Xeon's (340 tests; 3 workers did not help, the
 # CPU is the limit). `make test-fast`: without the tests marked (pyproject.toml) slow (over ~10 s
 # each), browser (Chromium, so no `make browser`: no apt, no sudo) or e2e (`dvc repro` on copies
-# of the project: 40 % of the suite's time); 2 min 15 s on the AMD EPYC (278 tests), 86 s on the Xeon (195).
+# of the project: 40 % of the suite's time); 2 min 16 s on the AMD EPYC (281 tests), 86 s on the Xeon (195).
 TEST_WORKERS ?= 2
 PYTEST := python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 # The linter and the formatter's check first: a second, and a finding stops the run before the suite's minutes.
