@@ -21,7 +21,7 @@ from test_train import train_args
 
 from fashiondiff.errors import PipelineError
 from fashiondiff.launch import HOST_MARK, PORT_BASE, PORT_SPAN, Layout, fan_out, node_command, on_node, parse
-from fashiondiff.processes import free_port, project_env
+from fashiondiff.processes import accelerate_launch, free_port, project_env
 
 FAKE_SLURM = REPO / "tests" / "fake_slurm"
 GLOO = {"ACCELERATE_USE_CPU": "1"}  # accelerate's processes on the CPU
@@ -47,26 +47,6 @@ def two_nodes() -> tuple[list[str], dict[str, str]]:
         "no",
     ]
     return launcher, {"PATH": f"{FAKE_SLURM}{os.pathsep}{project_env()['PATH']}", **ALLOCATION, **GLOO}
-
-
-def one_machine() -> list[str]:
-    """Plain `accelerate launch`, two processes on this machine."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
 
 
 # --- without processes ------------------------------------------------------------------------
@@ -158,7 +138,12 @@ def test_train_prior_on_two_nodes_trains_what_two_processes_on_one_machine_train
     )
     assert "2 processes ended with identical weights" in result.stdout + result.stderr
     run_stage(
-        machine, params, "train_prior.py", *train_args(machine, "prior", train_cache), launcher=one_machine(), **GLOO
+        machine,
+        params,
+        "train_prior.py",
+        *train_args(machine, "prior", train_cache),
+        launcher=accelerate_launch(2),
+        **GLOO,
     )
     a, b = (json.loads((root / "prior.json").read_text()) for root in (nodes, machine))
     assert a["steps"] == b["steps"] > 0 and a["loss_last_epoch"] == b["loss_last_epoch"]
